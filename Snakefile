@@ -1,0 +1,37 @@
+"""dcp-matrix: save a DCP checkpoint under every layout, load it under every other, verify.
+
+config.yaml -> grid (pipeline_lib.grid) -> save / load jobs -> records -> Parquet.
+"""
+
+import sys
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+# The rules call pipeline_lib from this checkout with this interpreter.
+sys.path.insert(0, workflow.basedir)
+
+from pipeline_lib.snakemake_plan import Plan
+
+
+configfile: "config.yaml"
+
+
+plan = Plan(config, workflow.basedir)
+PYTHON = sys.executable
+
+
+wildcard_constraints:
+    model=plan.wildcard_pattern("models"),
+    layout=plan.wildcard_pattern("layouts"),
+
+
+include: "workflow/rules/matrix.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/matrix.parquet",
+        "results/tensors.parquet",

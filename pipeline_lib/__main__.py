@@ -1,0 +1,3 @@
+from pipeline_lib.cli import main
+
+main()

@@ -1,0 +1,214 @@
+"""One command per job: ``python -m pipeline_lib {save,load,aggregate,check-config} ...``.
+
+save/load take the job's spec (JSON, built by pipeline_lib.grid) and always write their record
+and exit 0 when the job itself failed: a failing cell never stops the matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from pipeline_lib import grid
+from pipeline_lib.atomic import read_json, write_json
+from pipeline_lib.errors import one_line
+from pipeline_lib.launcher import launch
+
+WORK = Path("results") / "work"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _fresh_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _run_worker(spec: dict, work: Path, attempt: int) -> tuple[str, str, str]:
+    """Launch the worker ranks for ``spec``: (status, reason, last progress step)."""
+    spec = {**spec, "work_dir": str(work), "launched_at": time.time()}
+    spec_path = work / f"spec-{attempt}.json"
+    write_json(spec_path, spec)
+    outcome = launch(
+        spec["layout"]["world_size"], [str(spec_path)], work, spec["run"]["cell_timeout_s"]
+    )
+    job_file = work / "results" / "job.json"
+    job_result = read_json(job_file) if job_file.exists() else None
+    job_file.unlink(missing_ok=True)
+    if job_result and job_result["status"] == "skip":
+        return "skip", job_result["reason"], outcome.step
+    if job_result and outcome.status == "error":
+        # Rank 0's own account of its exception is more precise than the exit code.
+        return (
+            "error",
+            f"{job_result['reason']} (during {outcome.step or 'start-up'})",
+            outcome.step,
+        )
+    return outcome.status, outcome.reason, outcome.step
+
+
+def checkpoint_size(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def files_check(checkpoint: str, reference_path: str) -> tuple[dict, str]:
+    """Files vs saver: read the checkpoint back in this process, independently of the saving
+    ranks, and compare every entry bit for bit with the saver's in-memory state."""
+    import torch
+
+    from pipeline_lib.state import checkpoint_entries, compare
+
+    reference = torch.load(reference_path, mmap=True, weights_only=True)
+    entries: dict[str, dict] = {}
+    try:
+        for name, value in checkpoint_entries(checkpoint):
+            if isinstance(value, BaseException):
+                entries[name] = {
+                    "equal": False,
+                    "max_abs_diff": None,
+                    "note": f"unreadable: {one_line(value)}",
+                }
+            elif name not in reference:
+                entries[name] = {
+                    "equal": False,
+                    "max_abs_diff": None,
+                    "note": "not in the saver's state",
+                }
+            else:
+                entries[name] = vars(compare(reference[name], value))
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return {}, f"files vs saver: cannot read checkpoint {checkpoint}: {one_line(exc)}"
+    for name in reference:
+        entries.setdefault(
+            name, {"equal": False, "max_abs_diff": None, "note": "missing in the checkpoint"}
+        )
+    return entries, ""
+
+
+def cmd_save(spec: dict) -> None:
+    from pipeline_lib.faults import CHECKPOINT_FAULTS
+
+    work = _fresh_dir(WORK / "save" / spec["model"] / spec["layout"]["name"])
+    checkpoint = Path(spec["checkpoint"])
+    _fresh_dir(Path(spec["save_dir"]))
+    status, reason, _ = _run_worker(spec, work, 1)
+    record = {
+        "model": spec["model"],
+        "layout": spec["layout"],
+        "checkpoint": spec["checkpoint"],
+        "reference": spec["reference"],
+        "config_hash": spec["config_hash"],
+        "created_at": _now(),
+        "status": status,
+        "reason": reason,
+    }
+    result_file = work / "results" / "save.json"
+    if status == "ok" and not result_file.exists():
+        record.update(status="error", reason="save worker ended without a result")
+    elif status == "ok":
+        record.update(read_json(result_file))
+        fault = spec.get("fault")
+        if fault in CHECKPOINT_FAULTS:
+            record["fault_applied"] = CHECKPOINT_FAULTS[fault](checkpoint)
+        t = time.perf_counter()
+        record["files_check"], record["files_error"] = files_check(
+            spec["checkpoint"], spec["reference"]
+        )
+        record["timing"]["files_check_s"] = time.perf_counter() - t
+        record["checkpoint_bytes"], record["checkpoint_files"] = checkpoint_size(checkpoint)
+    write_json(spec["record"], record)
+
+
+def cmd_load(spec: dict) -> None:
+    from pipeline_lib.records import cell_row, tensor_rows
+
+    work = _fresh_dir(WORK / "load" / spec["model"] / spec["layout"]["name"])
+    saves = {s["layout"]["name"]: read_json(s["save_record"]) for s in spec["sources"]}
+    results: dict[str, dict] = {
+        name: {"status": "not_run", "reason": "the save job failed"}
+        for name, save in saves.items()
+        if save["status"] != "ok"
+    }
+    pending = [
+        {**s, "reference": saves[s["layout"]["name"]]["reference"]}
+        for s in spec["sources"]
+        if s["layout"]["name"] not in results
+    ]
+    attempt = 0
+    # One launch verifies every checkpoint; after a crash or hang, the cell in progress is
+    # recorded as such and the cells not reached run again in a fresh launch.
+    while pending:
+        attempt += 1
+        status, reason, step = _run_worker({**spec, "sources": pending}, work, attempt)
+        for s in pending:
+            cell_file = work / "results" / f"{s['layout']['name']}.json"
+            if cell_file.exists():
+                results[s["layout"]["name"]] = read_json(cell_file)
+        left = [s["layout"]["name"] for s in pending if s["layout"]["name"] not in results]
+        if not left:
+            break
+        current = step.removeprefix("cell ") if step.startswith("cell ") else None
+        if status == "ok":
+            status, reason = "error", "load worker ended without a result for this cell"
+        if current in left and status != "skip":
+            results[current] = {"status": status, "reason": reason}
+        else:  # failed before its first cell: every cell not reached shares the failure
+            results.update({name: {"status": status, "reason": reason} for name in left})
+        pending = [s for s in pending if s["layout"]["name"] not in results]
+
+    cells, tensors = [], []
+    for source in spec["sources"]:
+        name = source["layout"]["name"]
+        save, load = saves[name], {**results[name], "layout": spec["layout"]}
+        cells.append(cell_row(spec["model"], save, load, spec))
+        tensors.extend(tensor_rows(spec["model"], save, load))
+    write_json(spec["record"], {"cells": cells, "tensors": tensors, "launches": attempt})
+
+
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from pipeline_lib.aggregate import aggregate
+
+    aggregate(args.records, args.matrix, args.tensors, git_commit=args.git_commit)
+
+
+def cmd_check_config(args: argparse.Namespace) -> None:
+    from pipeline_lib import config
+
+    cfg = config.load(args.configfile)
+    saves, loads = len(grid.save_layouts(cfg)), len(grid.load_layouts(cfg))
+    print(
+        f"{args.configfile}: valid; {len(grid.cells(cfg))} cells, {len(cfg['models'])} model(s) "
+        f"x {saves} save layout(s) x {loads} load layout(s)"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline_lib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("save", "load"):
+        p = sub.add_parser(name, help=f"run one {name} job")
+        p.add_argument("--spec", required=True, help="the job spec as JSON (pipeline_lib.grid)")
+    p = sub.add_parser("aggregate", help="job records -> matrix.parquet and tensors.parquet")
+    p.add_argument("--matrix", required=True)
+    p.add_argument("--tensors", required=True)
+    p.add_argument("--git-commit", default="unknown")
+    p.add_argument("records", nargs="+")
+    p = sub.add_parser("check-config", help="validate a config file and count its cells")
+    p.add_argument("configfile")
+    args = parser.parse_args(argv)
+    if args.command in ("save", "load"):
+        spec = json.loads(args.spec)
+        (cmd_save if args.command == "save" else cmd_load)(spec)
+    elif args.command == "aggregate":
+        cmd_aggregate(args)
+    else:
+        cmd_check_config(args)

@@ -1,0 +1,40 @@
+"""Parallel frameworks, one module each, registered by module name.
+
+Each module defines ``FRAMEWORK = Framework(...)``. Module import must not import torch (the grid
+and config validation use this metadata without torch); ``parallelize`` imports what it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from pipeline_lib.registry import load_module, module_names
+
+
+@dataclass(frozen=True)
+class Framework:
+    name: str
+    # Names of the device-mesh dims, outermost first; the config's mesh has one size per name.
+    mesh_dims: tuple[str, ...]
+    # parallelize(model, mesh) -> wrapped model; model follows pipeline_lib.models' interface.
+    parallelize: Callable[[Any, Any], Any]
+    # The mesh dim that tensor parallelism uses (its size must divide the model's TP dims).
+    tp_dim: str | None = None
+    # Largest world size the framework supports (single process: 1).
+    max_world_size: int | None = None
+
+    @property
+    def data_parallel_dims(self) -> tuple[str, ...]:
+        return tuple(d for d in self.mesh_dims if d != self.tp_dim)
+
+
+def names() -> list[str]:
+    return module_names(__name__)
+
+
+@cache
+def get(name: str) -> Framework:
+    return load_module(__name__, name).FRAMEWORK

@@ -1,0 +1,98 @@
+"""transformer: a tiny decoder: token and position embeddings, causal attention, MLP, RMSNorm
+and an output head."""
+
+import torch
+from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+from pipeline_lib.models._common import cross_entropy_sum, token_batch
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.head_dim = dim // heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        # -1 heads: under TP each rank holds heads / tp of them.
+        q, k, v = (
+            w(x).view(b, s, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+        )
+        out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w2(nn.functional.gelu(self.w1(x)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(dim)
+        self.attention = Attention(dim, heads)
+        self.ffn_norm = nn.RMSNorm(dim)
+        self.ffn = FeedForward(dim, hidden)
+
+    def forward(self, x):
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab=64, dim=32, heads=4, hidden=64, layers=2, seq_len=8):
+        super().__init__()
+        self.vocab, self.heads, self.hidden, self.seq_len = vocab, heads, hidden, seq_len
+        self.tok_embeddings = nn.Embedding(vocab, dim)
+        self.pos_embeddings = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
+        self.layers = nn.ModuleList(DecoderBlock(dim, heads, hidden) for _ in range(layers))
+        self.norm = nn.RMSNorm(dim)
+        self.output = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.tok_embeddings(tokens) + self.pos_embeddings[: tokens.shape[1]]
+        for layer in self.layers:
+            x = layer(x)
+        return self.output(self.norm(x))
+
+    def make_batch(self, step: int, global_batch: int, seed: int):
+        return token_batch(step, global_batch, seed, self.vocab, self.seq_len)
+
+    def loss_sum(self, outputs, targets):
+        return cross_entropy_sum(outputs, targets)
+
+    def fsdp_units(self):
+        return list(self.layers)
+
+    def tp_plan(self):
+        plan = {
+            "tok_embeddings": RowwiseParallel(
+                input_layouts=Replicate(), output_layouts=Replicate()
+            ),
+            "output": ColwiseParallel(output_layouts=Replicate()),
+        }
+        for i in range(len(self.layers)):
+            for name in ("attention.wq", "attention.wk", "attention.wv", "ffn.w1"):
+                plan[f"layers.{i}.{name}"] = ColwiseParallel()
+            for name in ("attention.wo", "ffn.w2"):
+                plan[f"layers.{i}.{name}"] = RowwiseParallel()
+        return plan
+
+    def tp_dims(self):
+        return {"vocab": self.vocab, "heads": self.heads, "hidden": self.hidden}
+
+
+def build() -> Transformer:
+    return Transformer()

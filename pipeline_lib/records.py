@@ -1,0 +1,236 @@
+"""Cell records: the verdict of a cell from its save and load results, and the Parquet schemas.
+
+Pure logic (no torch): the jobs report facts, this module decides pass/fail and the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow as pa
+
+STATUSES = ("pass", "fail", "error", "crash", "timeout", "skip")
+# Job outcomes (before the cell's checks): ok, or the status the whole cell inherits.
+JOB_FAILURES = ("error", "crash", "timeout")
+
+CELL_KEYS = ["model", "save_layout", "load_layout"]
+
+MATRIX_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("save_layout", pa.string()),
+        ("save_framework", pa.string()),
+        ("save_mesh", pa.string()),
+        ("save_world_size", pa.int64()),
+        ("load_layout", pa.string()),
+        ("load_framework", pa.string()),
+        ("load_mesh", pa.string()),
+        ("load_world_size", pa.int64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("entries_checked", pa.int64()),
+        ("entries_mismatched", pa.int64()),
+        ("files_entries_mismatched", pa.int64()),
+        ("load_entries_mismatched", pa.int64()),
+        ("max_abs_diff", pa.float64()),
+        ("resume_max_rel_diff", pa.float64()),
+        ("save_seconds", pa.float64()),
+        ("load_seconds", pa.float64()),
+        ("verify_seconds", pa.float64()),
+        ("files_check_seconds", pa.float64()),
+        ("save_job_startup_seconds", pa.float64()),
+        ("save_train_seconds", pa.float64()),
+        ("load_job_startup_seconds", pa.float64()),
+        ("load_build_seconds", pa.float64()),
+        ("resume_seconds", pa.float64()),
+        ("checkpoint_bytes", pa.int64()),
+        ("checkpoint_files", pa.int64()),
+        ("save_peak_rss_mb", pa.float64()),
+        ("load_peak_rss_mb", pa.float64()),
+        ("torch_version", pa.string()),
+        ("backend", pa.string()),
+        ("device", pa.string()),
+        ("config_hash", pa.string()),
+        ("git_commit", pa.string()),
+        ("created_at", pa.string()),
+    ]
+)
+
+TENSORS_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("save_layout", pa.string()),
+        ("load_layout", pa.string()),
+        ("entry", pa.string()),
+        ("kind", pa.string()),
+        ("dtype", pa.string()),
+        ("shape", pa.list_(pa.int64())),
+        ("equal", pa.bool_()),
+        ("file_equal", pa.bool_()),
+        ("load_equal", pa.bool_()),
+        ("max_abs_diff", pa.float64()),
+        ("note", pa.string()),
+    ]
+)
+
+
+def summarize(check: str, entries: dict[str, dict]) -> tuple[int, str]:
+    """(mismatch count, reason) of one comparison: entry name -> {equal, note, max_abs_diff}."""
+    bad = [name for name, e in entries.items() if not e["equal"]]
+    if not bad:
+        return 0, ""
+    first = entries[bad[0]]
+    detail = first.get("note") or "differs"
+    if first.get("max_abs_diff") is not None and detail == "bytes differ":
+        detail += f" (max_abs_diff {first['max_abs_diff']:.3g})"
+    return len(
+        bad
+    ), f"{check}: {len(bad)} of {len(entries)} entries differ; first {bad[0]}: {detail}"
+
+
+def resume_rel_diff(saver: list[float], loader: list[float]) -> float | None:
+    if not saver or len(saver) != len(loader):
+        return None
+    diffs = _rel_diffs(saver, loader)
+    return math.nan if any(map(math.isnan, diffs)) else max(diffs)
+
+
+def _rel_diffs(saver: list[float], loader: list[float]) -> list[float]:
+    return [abs(a - b) / max(abs(a), 1e-30) for a, b in zip(saver, loader, strict=True)]
+
+
+def verdict(save: dict, load: dict, rtol: float) -> tuple[str, str]:
+    """The status and one-line reason of a cell from its save record and load result.
+
+    A check that found a difference makes the cell ``fail`` even when the load then errored
+    (a corrupt checkpoint is a finding); a job that died with no check failed names its status.
+    """
+    for side, result in (("save", save), ("load", load)):
+        if result["status"] == "skip":
+            return "skip", f"{side} layout: {result['reason']}"
+    if save["status"] in JOB_FAILURES:
+        return save["status"], f"save: {save['reason']}"
+    reasons = [save.get("files_error") or summarize("files vs saver", save["files_check"])[1]]
+    if load["status"] in JOB_FAILURES:
+        if not any(reasons):
+            return load["status"], f"load: {load['reason']}"
+        return "fail", "; ".join(
+            [*filter(None, reasons), f"load {load['status']}: {load['reason']}"]
+        )
+    reasons.append(summarize("loader vs saver", load["entries"])[1])
+    rel = resume_rel_diff(save["resume_losses"], load["resume_losses"])
+    if rel is None:
+        reasons.append(
+            f"resume: saver recorded {len(save['resume_losses'])} losses, "
+            f"loader {len(load['resume_losses'])}"
+        )
+    elif not rel <= rtol:  # NaN fails too
+        step = _worst_step(save["resume_losses"], load["resume_losses"])
+        reasons.append(
+            f"resume: loss differs by {rel:.3g} (relative) at resume step {step}, "
+            f"above resume_rtol {rtol:g}"
+        )
+    reasons = [r for r in reasons if r]
+    if reasons:
+        return "fail", "; ".join(reasons)
+    return "pass", ""
+
+
+def _worst_step(saver: list[float], loader: list[float]) -> int:
+    diffs = _rel_diffs(saver, loader)
+    return max(range(len(diffs)), key=lambda i: math.inf if math.isnan(diffs[i]) else diffs[i])
+
+
+def _max(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
+    """One matrix.parquet row. ``save`` is the save job's record, ``load`` the load result of
+    this cell (see cli.py); ``spec`` the load job's spec."""
+    status, reason = verdict(save, load, spec["verify"]["resume_rtol"])
+    files, loaded = save.get("files_check", {}), load.get("entries", {})
+    mismatched = {n for n, e in files.items() if not e["equal"]} | {
+        n for n, e in loaded.items() if not e["equal"]
+    }
+    st, lt = save.get("timing", {}), load.get("timing", {})
+    env = load.get("env") or save.get("env") or {}
+    save_layout, load_layout = save["layout"], load["layout"]
+    return {
+        "model": model,
+        "save_layout": save_layout["name"],
+        "save_framework": save_layout["framework"],
+        "save_mesh": "x".join(map(str, save_layout["mesh"])),
+        "save_world_size": save_layout["world_size"],
+        "load_layout": load_layout["name"],
+        "load_framework": load_layout["framework"],
+        "load_mesh": "x".join(map(str, load_layout["mesh"])),
+        "load_world_size": load_layout["world_size"],
+        "status": status,
+        "reason": reason,
+        "entries_checked": len(set(files) | set(loaded)),
+        "entries_mismatched": len(mismatched),
+        "files_entries_mismatched": sum(not e["equal"] for e in files.values()),
+        "load_entries_mismatched": sum(not e["equal"] for e in loaded.values()),
+        "max_abs_diff": _max(e.get("max_abs_diff") for e in [*files.values(), *loaded.values()]),
+        "resume_max_rel_diff": resume_rel_diff(
+            save.get("resume_losses", []), load.get("resume_losses", [])
+        ),
+        "save_seconds": st.get("save_s"),
+        "load_seconds": lt.get("load_s"),
+        "verify_seconds": lt.get("verify_s"),
+        "files_check_seconds": st.get("files_check_s"),
+        "save_job_startup_seconds": st.get("startup_s"),
+        "save_train_seconds": st.get("train_s"),
+        "load_job_startup_seconds": lt.get("startup_s"),
+        "load_build_seconds": lt.get("build_s"),
+        "resume_seconds": lt.get("resume_s"),
+        "checkpoint_bytes": save.get("checkpoint_bytes"),
+        "checkpoint_files": save.get("checkpoint_files"),
+        "save_peak_rss_mb": save.get("peak_rss_mb"),
+        "load_peak_rss_mb": load.get("peak_rss_mb"),
+        "torch_version": env.get("torch_version"),
+        "backend": env.get("backend"),
+        "device": env.get("device"),
+        "config_hash": spec["config_hash"],
+        "git_commit": None,
+        "created_at": load.get("created_at") or save.get("created_at"),
+    }
+
+
+def tensor_rows(model: str, save: dict, load: dict) -> list[dict[str, Any]]:
+    """tensors.parquet rows of one cell: one per state entry seen by either check."""
+    files, loaded, meta = (
+        save.get("files_check", {}),
+        load.get("entries", {}),
+        save.get("entries", {}),
+    )
+    rows = []
+    for name in sorted(set(files) | set(loaded) | set(meta)):
+        f, ld, m = files.get(name), loaded.get(name), meta.get(name, {})
+        notes = []
+        if f and f.get("note"):
+            notes.append(f"files: {f['note']}")
+        if ld and ld.get("note"):
+            notes.append(f"load: {ld['note']}")
+        rows.append(
+            {
+                "model": model,
+                "save_layout": save["layout"]["name"],
+                "load_layout": load["layout"]["name"],
+                "entry": name,
+                "kind": m.get("kind"),
+                "dtype": m.get("dtype"),
+                "shape": m.get("shape"),
+                "equal": bool(f and f["equal"] and ld and ld["equal"]),
+                "file_equal": f["equal"] if f else None,
+                "load_equal": ld["equal"] if ld else None,
+                "max_abs_diff": _max(
+                    [(f or {}).get("max_abs_diff"), (ld or {}).get("max_abs_diff")]
+                ),
+                "note": "; ".join(notes),
+            }
+        )
+    return rows

@@ -1,0 +1,147 @@
+"""State entries: flatten a state dict the way DCP names its entries, gather one entry at a time,
+and compare entries bit for bit. Imports torch."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
+from torch.distributed.tensor import DTensor
+
+
+def flatten(state: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts (and lists holding dicts, lists or tensors) into 'a.b.0.c' keys,
+    matching the entry names DCP writes to .metadata."""
+    flat: dict[str, Any] = {}
+    items = state.items() if isinstance(state, Mapping) else enumerate(state)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) or (isinstance(value, list) and _holds_structure(value)):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _holds_structure(values: list) -> bool:
+    return any(isinstance(v, (Mapping, list, torch.Tensor)) for v in values)
+
+
+def full_value(value: Any) -> Any:
+    """The whole (unsharded) value of an entry on CPU. Collective for a DTensor: every rank must
+    call it for the same entries in the same order."""
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()
+    if isinstance(value, torch.Tensor):
+        if type(value) is not torch.Tensor:
+            raise TypeError(f"unsupported sharded tensor type {type(value).__name__}")
+        return value.detach().cpu()
+    return value
+
+
+def entry_kind(entry: str, param_names: set[str]) -> str:
+    """param, buffer, optim.<state key> (exp_avg, step, ...) or optim.param_groups."""
+    if entry.startswith("model."):
+        return "param" if entry[len("model.") :] in param_names else "buffer"
+    if entry.startswith("optim.state."):
+        return "optim." + entry.rsplit(".", 1)[1]
+    if entry.startswith("optim.param_groups."):
+        return "optim.param_groups"
+    return "other"
+
+
+def describe(value: Any) -> tuple[str, list[int] | None]:
+    """(dtype, shape) of an entry; non-tensor entries have the Python type and no shape."""
+    if isinstance(value, torch.Tensor):
+        return str(value.dtype).removeprefix("torch."), list(value.shape)
+    return type(value).__name__, None
+
+
+@dataclass
+class EntryComparison:
+    equal: bool
+    max_abs_diff: float | None
+    note: str = ""
+
+
+def compare(expected: Any, actual: Any) -> EntryComparison:
+    """Bit-for-bit comparison; max_abs_diff is informative (NaN-aware, in float64)."""
+    exp_is_tensor, act_is_tensor = (
+        isinstance(expected, torch.Tensor),
+        isinstance(actual, torch.Tensor),
+    )
+    if exp_is_tensor != act_is_tensor:
+        return EntryComparison(
+            False, None, f"type {type(expected).__name__} != {type(actual).__name__}"
+        )
+    if not exp_is_tensor:
+        equal = _plain(expected) == _plain(actual)
+        return EntryComparison(equal, None, "" if equal else f"value {expected!r} != {actual!r}")
+    if expected.dtype != actual.dtype:
+        return EntryComparison(False, None, f"dtype {expected.dtype} != {actual.dtype}")
+    if expected.shape != actual.shape:
+        return EntryComparison(False, None, f"shape {list(expected.shape)} != {list(actual.shape)}")
+    equal = torch.equal(_bytes(expected), _bytes(actual))
+    diff = _max_abs_diff(expected, actual)
+    if equal:
+        return EntryComparison(True, diff)
+    return EntryComparison(False, diff, "bytes differ")
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    diff = (a.detach().double() - b.detach().double()).abs()
+    both_nan = (
+        a.isnan() & b.isnan() if a.is_floating_point() else torch.zeros_like(diff, dtype=torch.bool)
+    )
+    diff = torch.where(both_nan, torch.zeros_like(diff), diff)
+    value = diff.nan_to_num(nan=math.inf).max().item()
+    return float(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner unpickles non-tensor entries with weights_only=False; refuse any
+    entry that a weights_only=True load rejects before handing it to the default path."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def checkpoint_entries(path: str) -> Iterator[tuple[str, Any]]:
+    """Read a DCP checkpoint back entry by entry in this one process (no process group), with
+    the whole value of each entry: memory is bounded by the largest entry. An entry that cannot
+    be read yields the exception instead of its value."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(path)
+    metadata = reader.read_metadata()
+    for name, meta in sorted(metadata.state_dict_metadata.items()):
+        if isinstance(meta, TensorStorageMetadata):
+            holder = {name: torch.empty(meta.size, dtype=meta.properties.dtype)}
+        else:
+            holder = {name: None}
+        try:
+            dcp.load(holder, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+        except (Exception, CheckpointException) as exc:
+            yield name, exc
+        else:
+            yield name, holder[name]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned dependencies and the project installed (editable).
+# Usage: bash scripts/setup.sh [--dev]     (--dev adds the test and lint tools)
+# Re-running is cheap: nothing is installed again unless a requirements file changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+reqs=requirements.txt
+[ "${1:-}" = "--dev" ] && reqs=requirements-dev.txt
+stamp=".venv/.installed-$(cat "$reqs" requirements.txt constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if [ ! -f "$stamp" ]; then
+  # torch==2.13.0 is pinned first and alone: an open range would pull a multi-GB CUDA build.
+  .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r "$reqs" -c constraints.txt
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  touch "$stamp"
+fi

@@ -1,0 +1,45 @@
+"""Run save and load jobs through the CLI, as Snakemake does (helpers for the torchrun tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from pipeline_lib import config, grid
+from pipeline_lib.atomic import read_json
+
+
+def cli(command: str, spec: dict) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline_lib", command, "--spec", json.dumps(spec)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def run_matrix(
+    raw_config: dict,
+    model: str = "mlp",
+    save_faults: dict | None = None,
+    load_faults: dict | None = None,
+) -> dict[tuple[str, str], dict]:
+    """Save under every save layout, load under every load layout: {(save, load): row}.
+    ``save_faults``: {save layout: fault}; ``load_faults``: {(save, load layout): fault}."""
+    cfg = config.validate(raw_config)
+    save_faults, load_faults = save_faults or {}, load_faults or {}
+    for layout in grid.save_layouts(cfg):
+        cli("save", {**grid.save_spec(cfg, model, layout), "fault": save_faults.get(layout)})
+    rows = {}
+    for layout in grid.load_layouts(cfg):
+        spec = grid.load_spec(cfg, model, layout)
+        for source in spec["sources"]:
+            source["fault"] = load_faults.get((source["layout"]["name"], layout))
+        cli("load", spec)
+        for row in read_json(grid.load_record(model, layout))["cells"]:
+            rows[row["save_layout"], row["load_layout"]] = row
+    return rows
+
+
+def tensors(model: str, load_layout: str) -> list[dict]:
+    return read_json(grid.load_record(model, load_layout))["tensors"]

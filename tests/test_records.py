@@ -1,0 +1,151 @@
+"""Verdicts and rows: pure logic, every status and every reason."""
+
+import math
+
+import pyarrow as pa
+import pytest
+
+from pipeline_lib import records
+
+LAYOUT_A = {"name": "a", "framework": "ddp", "mesh": [2], "world_size": 2}
+LAYOUT_B = {"name": "b", "framework": "hsdp", "mesh": [2, 2], "world_size": 4}
+SPEC = {"verify": {"resume_rtol": 1e-5}, "config_hash": "abc"}
+
+
+def ok(equal=True):
+    return {
+        "equal": equal,
+        "max_abs_diff": 0.0 if equal else 0.5,
+        "note": "" if equal else "bytes differ",
+    }
+
+
+def save_record(**overrides):
+    record = {
+        "status": "ok", "reason": "", "layout": LAYOUT_A, "files_error": "",
+        "files_check": {"model.w": ok(), "optim.state.w.step": ok()},
+        "entries": {"model.w": {"kind": "param", "dtype": "float32", "shape": [2, 2]},
+                    "optim.state.w.step": {"kind": "optim.step", "dtype": "float32", "shape": []}},
+        "resume_losses": [1.0, 0.5], "timing": {"save_s": 0.1}, "checkpoint_bytes": 10,
+        "checkpoint_files": 3, "env": {"torch_version": "2.13.0", "backend": "gloo", "device": "cpu"},
+    }  # fmt: skip
+    record.update(overrides)
+    return record
+
+
+def load_result(**overrides):
+    result = {
+        "status": "ok", "reason": "", "layout": LAYOUT_B,
+        "entries": {"model.w": ok(), "optim.state.w.step": ok()},
+        "resume_losses": [1.0, 0.5], "timing": {"load_s": 0.2, "verify_s": 0.01},
+    }  # fmt: skip
+    result.update(overrides)
+    return result
+
+
+def verdict(save=None, load=None):
+    return records.verdict(save or save_record(), load or load_result(), 1e-5)
+
+
+def test_pass():
+    assert verdict() == ("pass", "")
+
+
+def test_files_mismatch_fails_and_names_first_entry():
+    save = save_record(files_check={"model.w": ok(False), "optim.state.w.step": ok()})
+    status, reason = verdict(save=save)
+    assert status == "fail"
+    assert (
+        reason
+        == "files vs saver: 1 of 2 entries differ; first model.w: bytes differ (max_abs_diff 0.5)"
+    )
+
+
+def test_unreadable_checkpoint_fails_even_if_load_errors():
+    save = save_record(
+        files_check={},
+        files_error="files vs saver: cannot read checkpoint x: FileNotFoundError: .metadata",
+    )
+    status, reason = verdict(
+        save=save, load=load_result(status="error", reason="CheckpointException: boom")
+    )
+    assert status == "fail"
+    assert "cannot read checkpoint" in reason and "load error: CheckpointException: boom" in reason
+
+
+def test_loader_mismatch_counts_entries():
+    entries = {"model.w": {"equal": False, "max_abs_diff": None, "note": "missing in the loader's state"},
+               "optim.state.w.step": ok(False)}  # fmt: skip
+    status, reason = verdict(load=load_result(entries=entries))
+    assert status == "fail"
+    assert reason.startswith(
+        "loader vs saver: 2 of 2 entries differ; first model.w: missing in the loader's state"
+    )
+
+
+def test_resume_difference_above_rtol_fails():
+    status, reason = verdict(load=load_result(resume_losses=[1.0, 0.51]))
+    assert status == "fail"
+    assert (
+        reason
+        == "resume: loss differs by 0.02 (relative) at resume step 1, above resume_rtol 1e-05"
+    )
+
+
+def test_resume_nan_fails():
+    assert verdict(load=load_result(resume_losses=[1.0, math.nan]))[0] == "fail"
+
+
+def test_resume_within_rtol_passes():
+    assert verdict(load=load_result(resume_losses=[1.0, 0.5 * (1 + 1e-6)]))[0] == "pass"
+
+
+@pytest.mark.parametrize("status", ["error", "crash", "timeout"])
+def test_job_failures_keep_their_status(status):
+    assert verdict(save=save_record(status=status, reason="rank 1 killed by SIGKILL during save")) == (
+        status, "save: rank 1 killed by SIGKILL during save",
+    )  # fmt: skip
+    assert verdict(load=load_result(status=status, reason="x")) == (status, "load: x")
+
+
+def test_skip_wins():
+    assert verdict(save=save_record(status="skip", reason="TP degree 2 does not divide hidden=25")) == (
+        "skip", "save layout: TP degree 2 does not divide hidden=25",
+    )  # fmt: skip
+    assert verdict(load=load_result(status="skip", reason="r"))[0] == "skip"
+
+
+def test_cell_row_matches_schema_and_counts():
+    save = save_record(files_check={"model.w": ok(False), "optim.state.w.step": ok()})
+    row = records.cell_row(
+        "mlp", save, load_result(entries={"model.w": ok(False), "optim.state.w.step": ok()}), SPEC
+    )
+    table = pa.Table.from_pylist([row], schema=records.MATRIX_SCHEMA)
+    assert table.num_rows == 1
+    assert set(row) == set(records.MATRIX_SCHEMA.names)
+    assert row["entries_checked"] == 2 and row["entries_mismatched"] == 1
+    assert row["files_entries_mismatched"] == 1 and row["load_entries_mismatched"] == 1
+    assert row["save_mesh"] == "2" and row["load_mesh"] == "2x2"
+    assert row["max_abs_diff"] == 0.5 and row["status"] == "fail"
+
+
+def test_failed_cell_row_has_no_check_columns():
+    row = records.cell_row(
+        "mlp", save_record(status="crash", reason="r"), load_result(status="not_run"), SPEC
+    )
+    assert row["status"] == "crash" and row["entries_checked"] == 2
+
+
+def test_tensor_rows():
+    save = save_record(files_check={"model.w": ok(False), "optim.state.w.step": ok()})
+    rows = records.tensor_rows("mlp", save, load_result())
+    table = pa.Table.from_pylist(rows, schema=records.TENSORS_SCHEMA)
+    assert table.num_rows == 2
+    w = next(r for r in rows if r["entry"] == "model.w")
+    assert (w["kind"], w["equal"], w["file_equal"], w["load_equal"]) == (
+        "param",
+        False,
+        False,
+        True,
+    )
+    assert w["note"] == "files: bytes differ" and w["shape"] == [2, 2]

@@ -1,0 +1,98 @@
+"""Snakemake end to end: config -> jobs -> matrix.parquet / tensors.parquet, plus lint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
+         "--configfile", str(workdir / "config.yaml"), *args],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    if check:
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.e2e
+def test_small_matrix_end_to_end(tmp_path):
+    cfg = {
+        "models": ["mlp"],
+        "layouts": {
+            "single": {"framework": "single", "mesh": [1]},
+            "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
+            "tp_2": {"framework": "tp", "mesh": [2]},
+        },
+        "pairs": "all",
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path)
+    matrix = pd.read_parquet(tmp_path / "results" / "matrix.parquet")
+    assert len(matrix) == 9
+    assert set(zip(matrix.save_layout, matrix.load_layout, strict=True)) == {
+        (s, d) for s in cfg["layouts"] for d in cfg["layouts"]
+    }
+    assert (matrix.status == "pass").all(), matrix[["save_layout", "load_layout", "reason"]]
+    assert matrix.git_commit.notna().all() and matrix.config_hash.nunique() == 1
+    assert (matrix.torch_version.str.startswith("2.")).all() and set(matrix.backend) == {"gloo"}
+    tensors = pd.read_parquet(tmp_path / "results" / "tensors.parquet")
+    assert len(tensors) == 9 * matrix.entries_checked.iloc[0]
+    assert tensors.equal.all()
+    assert {
+        "param",
+        "optim.exp_avg",
+        "optim.exp_avg_sq",
+        "optim.step",
+        "optim.param_groups",
+    } <= set(tensors.kind)
+
+    # A second run has nothing to do and leaves the table as it was.
+    again = snakemake(tmp_path)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    pd.testing.assert_frame_equal(matrix, pd.read_parquet(tmp_path / "results" / "matrix.parquet"))
+
+
+def test_bad_config_is_refused_before_any_job(tmp_path):
+    cfg = {"models": ["mlp"], "layouts": {"bad": {"framework": "fsdp3", "mesh": [2]}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert "layouts.bad.framework: unknown framework 'fsdp3'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_default_config_dry_run_plans_the_budgeted_jobs(tmp_path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    proc = snakemake(tmp_path, "-n", "--quiet", "rules")
+    out = proc.stdout + proc.stderr
+    assert "save_checkpoint        32" in out and "load_checkpoints       32" in out
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    proc = snakemake(tmp_path, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_snakefmt_and_ruff_are_clean():
+    for command in (
+        ["snakefmt", "--check", "Snakefile", "workflow"],
+        ["ruff", "check", "."],
+        ["ruff", "format", "--check", "."],
+    ):
+        proc = subprocess.run(
+            [str(BIN / command[0]), *command[1:]], cwd=REPO, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, f"{command}: {proc.stdout}{proc.stderr}"

@@ -1,0 +1,150 @@
+"""Real multi-process torchrun jobs: the checks pass on good checkpoints and fail, with a reason
+naming the entry, rank or signal, on every fault injected on purpose."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.jobs import run_matrix, tensors
+
+pytestmark = pytest.mark.torchrun
+
+DDP_TO_FSDP2 = {
+    "models": ["mlp"],
+    "layouts": {
+        "ddp_2": {"framework": "ddp", "mesh": [2]},
+        "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
+    },
+    "pairs": [["ddp_2", "fsdp2_2"]],
+    "run": {"cell_timeout_s": 120},
+}
+CELL = ("ddp_2", "fsdp2_2")
+
+
+def test_cross_layout_cells_pass_bit_for_bit(in_tmp):
+    cfg = {
+        "models": ["tied_embedding"],
+        "layouts": {
+            "fsdp1_hybrid_1x2": {"framework": "fsdp1_hybrid", "mesh": [1, 2]},
+            "fsdp2_tp_1x2": {"framework": "fsdp2_tp", "mesh": [1, 2]},
+            "fsdp2_3": {"framework": "fsdp2", "mesh": [3]},
+        },
+        "pairs": [["fsdp1_hybrid_1x2", "fsdp2_tp_1x2"], ["fsdp2_tp_1x2", "fsdp2_3"]],
+    }
+    rows = run_matrix(cfg, model="tied_embedding")
+    for row in rows.values():
+        assert (row["status"], row["reason"]) == ("pass", "")
+        assert row["entries_checked"] > 10 and row["entries_mismatched"] == 0
+        assert row["checkpoint_files"] >= 3 and row["checkpoint_bytes"] > 0
+    entries = {t["entry"]: t for t in tensors("tied_embedding", "fsdp2_3")}
+    assert entries["model.feature_scale"]["kind"] == "buffer"
+    assert "model.position_bias" not in entries  # not persistent
+    assert (
+        entries["model.output.weight"]["equal"]
+        and entries["model.embedding.weight"]["kind"] == "param"
+    )
+    assert entries["optim.state.block.fc1.weight.step"]["kind"] == "optim.step"
+    assert all(t["equal"] for t in entries.values())
+
+
+def test_tp_degree_that_does_not_divide_is_skip(in_tmp):
+    cfg = {
+        "models": ["mlp_uneven"],
+        "layouts": {
+            "tp_2": {"framework": "tp", "mesh": [2]},
+            "single": {"framework": "single", "mesh": [1]},
+        },
+    }
+    rows = run_matrix(cfg, model="mlp_uneven")
+    assert rows["single", "single"]["status"] == "pass"
+    for cell in [("tp_2", "single"), ("tp_2", "tp_2")]:
+        assert rows[cell]["status"] == "skip"
+        assert (
+            rows[cell]["reason"] == "save layout: TP degree 2 does not divide mlp_uneven hidden=25"
+        )
+    assert (
+        rows["single", "tp_2"]["reason"]
+        == "load layout: TP degree 2 does not divide mlp_uneven hidden=25"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (
+            "flip_byte",
+            "files vs saver: 1 of 52 entries differ; first model.blocks.0.fc1.bias: bytes differ",
+        ),
+        (
+            "drop_entry",
+            "files vs saver: 1 of 52 entries differ; first model.blocks.0.fc1.bias: missing in the checkpoint",
+        ),
+        (
+            "change_shape",
+            "files vs saver: 1 of 52 entries differ; first model.blocks.0.fc1.bias: shape [32] != [33]",
+        ),
+    ],
+)
+def test_checkpoint_faults_fail_the_files_check(in_tmp, fault, reason):
+    row = run_matrix(DDP_TO_FSDP2, save_faults={"ddp_2": fault})[CELL]
+    assert row["status"] == "fail"
+    assert row["reason"].startswith(reason), row["reason"]
+    assert row["files_entries_mismatched"] == 1
+
+
+def test_flipped_bit_also_fails_the_loader_check(in_tmp):
+    row = run_matrix(DDP_TO_FSDP2, save_faults={"ddp_2": "flip_byte"})[CELL]
+    assert (
+        "loader vs saver: 1 of 52 entries differ; first model.blocks.0.fc1.bias: bytes differ"
+        in row["reason"]
+    )
+    assert 0 < row["max_abs_diff"] < 1e-6  # one ulp, still caught
+
+
+def test_skipped_load_fails_the_loader_check(in_tmp):
+    row = run_matrix(DDP_TO_FSDP2, load_faults={CELL: "skip_load"})[CELL]
+    assert row["status"] == "fail"
+    assert row["reason"].startswith("loader vs saver: ")
+    assert row["files_entries_mismatched"] == 0 and row["load_entries_mismatched"] > 20
+
+
+def test_dropped_entry_fails_the_loader_check(in_tmp):
+    row = run_matrix(DDP_TO_FSDP2, load_faults={CELL: "drop_loaded_entry"})[CELL]
+    assert (row["status"], row["reason"]) == (
+        "fail", "loader vs saver: 1 of 52 entries differ; first model.blocks.0.fc1.bias: missing in the loader's state",
+    )  # fmt: skip
+
+
+def test_skewed_resume_fails_the_resume_check(in_tmp):
+    row = run_matrix(DDP_TO_FSDP2, load_faults={CELL: "skew_resume_lr"})[CELL]
+    assert row["status"] == "fail"
+    assert (
+        row["reason"].startswith("resume: loss differs by ") and "at resume step 1" in row["reason"]
+    )
+    assert row["load_entries_mismatched"] == 0
+
+
+def test_killed_saver_is_a_crash_for_its_cells_only(in_tmp):
+    cfg = {**DDP_TO_FSDP2, "pairs": "all"}
+    rows = run_matrix(cfg, save_faults={"ddp_2": "kill_rank_save"})
+    for load in ("ddp_2", "fsdp2_2"):
+        assert rows["ddp_2", load]["status"] == "crash"
+        assert rows["ddp_2", load]["reason"] == "save: rank 1 killed by SIGKILL during save"
+        assert rows["fsdp2_2", load]["status"] == "pass"
+
+
+def test_crash_and_hang_in_a_load_job_keep_the_other_cells(in_tmp):
+    cfg = {
+        "models": ["mlp"],
+        "layouts": {n: {"framework": "fsdp2", "mesh": [2]} for n in ("a", "b", "c", "d")},
+        "pairs": [["a", "d"], ["b", "d"], ["c", "d"]],
+        "run": {"cell_timeout_s": 20},
+    }
+    rows = run_matrix(cfg, load_faults={("a", "d"): "segfault_load", ("b", "d"): "hang_load"})
+    assert (rows["a", "d"]["status"], rows["a", "d"]["reason"]) == (
+        "crash", "load: rank 0 killed by SIGSEGV during cell a",
+    )  # fmt: skip
+    assert (rows["b", "d"]["status"], rows["b", "d"]["reason"]) == (
+        "timeout", "load: no progress for 20 s during cell b; job killed",
+    )  # fmt: skip
+    assert rows["c", "d"]["status"] == "pass"
