@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -16,8 +17,6 @@ from pipeline_lib import grid
 from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.errors import one_line
 from pipeline_lib.launcher import launch
-
-WORK = Path("results") / "work"
 
 
 def _now() -> str:
@@ -32,7 +31,7 @@ def _fresh_dir(path: Path) -> Path:
 
 def _run_worker(spec: dict, work: Path, attempt: int) -> tuple[str, str, str]:
     """Launch the worker ranks for ``spec``: (status, reason, last progress step)."""
-    spec = {**spec, "work_dir": str(work), "launched_at": time.time()}
+    spec = {**spec, "launched_at": time.time()}
     spec_path = work / f"spec-{attempt}.json"
     write_json(spec_path, spec)
     outcome = launch(
@@ -95,9 +94,9 @@ def files_check(checkpoint: str, reference_path: str) -> tuple[dict, str]:
 
 
 def cmd_save(spec: dict) -> None:
-    from pipeline_lib.faults import CHECKPOINT_FAULTS
+    from pipeline_lib.faults import FAULTS
 
-    work = _fresh_dir(WORK / "save" / spec["model"] / spec["layout"]["name"])
+    work = _fresh_dir(Path(spec["work_dir"]))
     checkpoint = Path(spec["checkpoint"])
     _fresh_dir(Path(spec["save_dir"]))
     status, reason, _ = _run_worker(spec, work, 1)
@@ -116,9 +115,9 @@ def cmd_save(spec: dict) -> None:
         record.update(status="error", reason="save worker ended without a result")
     elif status == "ok":
         record.update(read_json(result_file))
-        fault = spec.get("fault")
-        if fault in CHECKPOINT_FAULTS:
-            record["fault_applied"] = CHECKPOINT_FAULTS[fault](checkpoint)
+        fault = FAULTS.get(spec.get("fault"))
+        if fault and fault.stage == "checkpoint":
+            record["fault_applied"] = fault.apply(checkpoint)
         t = time.perf_counter()
         record["files_check"], record["files_error"] = files_check(
             spec["checkpoint"], spec["reference"]
@@ -131,7 +130,7 @@ def cmd_save(spec: dict) -> None:
 def cmd_load(spec: dict) -> None:
     from pipeline_lib.records import cell_row, tensor_rows
 
-    work = _fresh_dir(WORK / "load" / spec["model"] / spec["layout"]["name"])
+    work = _fresh_dir(Path(spec["work_dir"]))
     saves = {s["layout"]["name"]: read_json(s["save_record"]) for s in spec["sources"]}
     results: dict[str, dict] = {
         name: {"status": "not_run", "reason": "the save job failed"}
@@ -171,13 +170,24 @@ def cmd_load(spec: dict) -> None:
         save, load = saves[name], {**results[name], "layout": spec["layout"]}
         cells.append(cell_row(spec["model"], save, load, spec))
         tensors.extend(tensor_rows(spec["model"], save, load))
-    write_json(spec["record"], {"cells": cells, "tensors": tensors, "launches": attempt})
+    record = {"cells": cells, "tensors": tensors, "launches": attempt}
+    if spec.get("fault"):
+        record["fault"] = spec["fault"]
+    write_json(spec["record"], record)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from pipeline_lib.aggregate import aggregate
 
     aggregate(args.records, args.matrix, args.tensors, git_commit=args.git_commit)
+
+
+def cmd_selftest(args: argparse.Namespace) -> None:
+    from pipeline_lib.selftest import check, summarize
+
+    if args.check:
+        sys.exit(check(args.check, args.ok))
+    summarize(args.records, args.table, args.markdown)
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -202,6 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tensors", required=True)
     p.add_argument("--git-commit", default="unknown")
     p.add_argument("records", nargs="+")
+    p = sub.add_parser("selftest", help="fault-campaign records -> selftest.parquet / .md")
+    p.add_argument("--table", help="selftest.parquet to write")
+    p.add_argument("--markdown", help="selftest.md to write")
+    p.add_argument("--check", help="selftest.parquet to check: exit 1 if a fault was missed")
+    p.add_argument("--ok", help="with --check: marker file written when every fault was caught")
+    p.add_argument("records", nargs="*")
     p = sub.add_parser("check-config", help="validate a config file and count its cells")
     p.add_argument("configfile")
     args = parser.parse_args(argv)
@@ -210,5 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         (cmd_save if args.command == "save" else cmd_load)(spec)
     elif args.command == "aggregate":
         cmd_aggregate(args)
+    elif args.command == "selftest":
+        cmd_selftest(args)
     else:
         cmd_check_config(args)

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from pipeline_lib import frameworks, models
+from pipeline_lib import faults, frameworks, models
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -73,6 +73,8 @@ def _fill_defaults(node: dict, schema: dict) -> None:
 
 def _check_semantics(config: dict, source: str) -> None:
     errors = []
+    if not config["models"] and not config["faults"]:
+        errors.append("models: the grid is empty (no models and no faults)")
     known_models = models.names()
     for i, name in enumerate(config["models"]):
         if name not in known_models:
@@ -109,6 +111,16 @@ def _check_semantics(config: dict, source: str) -> None:
             for j, layout_name in enumerate(pair):
                 if layout_name not in config["layouts"]:
                     errors.append(f"pairs.{i}.{j}: unknown layout {layout_name!r}")
+    known_faults = ["all", *faults.FAULTS]
+    for i, entry in enumerate(config["faults"]):
+        if entry["fault"] not in known_faults:
+            known = ", ".join(known_faults)
+            errors.append(f"faults.{i}.fault: unknown fault {entry['fault']!r} (known: {known})")
+        if entry["model"] not in known_models:
+            errors.append(f"faults.{i}.model: unknown model {entry['model']!r}")
+        for key in ("save", "load"):
+            if entry[key] not in config["layouts"]:
+                errors.append(f"faults.{i}.{key}: unknown layout {entry[key]!r}")
     if config["train"]["global_batch"] < max_dp:
         errors.append(
             f"train.global_batch: {config['train']['global_batch']} is smaller than the largest "

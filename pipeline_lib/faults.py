@@ -1,8 +1,12 @@
-"""Faults injected on purpose, to prove each check can fail.
+"""Faults injected on purpose, to prove that every check can fail (the ``faults`` config axis).
 
-Checkpoint faults change the files after the save job wrote them (before any check reads them);
-worker faults change what a save or load job does (below). Each checkpoint
-fault returns a description naming the file and entry it changed.
+Each fault names the status the verifier must give. Stages:
+- ``checkpoint``: change the files right after the save job wrote them, before any check reads
+  them (returns a description naming the file and entry it changed);
+- ``save`` / ``load``: the worker breaks itself at that phase (pipeline_lib.worker.Job.inject and
+  load_one): the last rank is SIGKILLed or hangs, rank 0 dies by SIGSEGV, the load is skipped, an
+  entry is dropped from the loader's state, the resume runs with twice the learning rate;
+- ``source``: the load job reads a checkpoint written by a different model.
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ import pickle
 import struct
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-# Worker faults: the load skips dcp.load / set_state_dict, drops one entry from what it
-# verifies, or resumes with twice the learning rate; the last rank is SIGKILLed or hangs, or
-# rank 0 dies by SIGSEGV, at save or load. A load fault targets one cell of a load job.
-WORKER_FAULTS = (
-    "skip_load", "drop_loaded_entry", "skew_resume_lr", "kill_rank_save", "kill_rank_load",
-    "hang_save", "hang_load", "segfault_save", "segfault_load",
-)  # fmt: skip
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    stage: str  # checkpoint, save, load or source
+    expect: str  # the status a correct verifier gives
+    apply: Callable[[Path], str] | None = None  # checkpoint faults only
 
 
 def _metadata(checkpoint: Path):
@@ -38,9 +43,10 @@ def _first_tensor_item(metadata):
     """(fqn, storage info) of the first non-empty tensor chunk, in a fixed order."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    for index, info in sorted(
-        metadata.storage_data.items(), key=lambda kv: (kv[0].fqn, str(kv[0].offset))
-    ):
+    def key(item):
+        return item[0].fqn, str(item[0].offset)
+
+    for index, info in sorted(metadata.storage_data.items(), key=key):
         meta = metadata.state_dict_metadata[index.fqn]
         if isinstance(meta, TensorStorageMetadata) and meta.size.numel() > 0 and info.length > 0:
             return index.fqn, info
@@ -56,17 +62,37 @@ def flip_byte(checkpoint: Path) -> str:
     # Each chunk is a torch.save zip archive; find the start of its tensor bytes.
     with zipfile.ZipFile(io.BytesIO(item)) as archive:
         data = next(z for z in archive.infolist() if "/data/" in z.filename)
-    name_len, extra_len = struct.unpack(
-        "<HH", item[data.header_offset + 26 : data.header_offset + 30]
-    )
+    header = item[data.header_offset + 26 : data.header_offset + 30]
+    name_len, extra_len = struct.unpack("<HH", header)
     position = info.offset + data.header_offset + 30 + name_len + extra_len
     blob[position] ^= 0x01
     path.write_bytes(bytes(blob))
     return f"flipped one bit of {fqn} in {info.relative_path} at byte {position}"
 
 
+def truncate_shard(checkpoint: Path) -> str:
+    """Cut the shard file that holds the first tensor chunk to half its size."""
+    fqn, info = _first_tensor_item(_metadata(checkpoint))
+    path = checkpoint / info.relative_path
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    return f"truncated {info.relative_path} (holds {fqn}) from {size} to {size // 2} bytes"
+
+
+def delete_shard(checkpoint: Path) -> str:
+    fqn, info = _first_tensor_item(_metadata(checkpoint))
+    (checkpoint / info.relative_path).unlink()
+    return f"deleted {info.relative_path} (holds {fqn})"
+
+
+def delete_metadata(checkpoint: Path) -> str:
+    (checkpoint / ".metadata").unlink()
+    return "deleted .metadata"
+
+
 def drop_entry(checkpoint: Path) -> str:
-    """Remove one tensor entry from the checkpoint's .metadata (its bytes stay in the shard)."""
+    """Remove one tensor entry from .metadata (its bytes stay in the shard)."""
     metadata = _metadata(checkpoint)
     fqn, _ = _first_tensor_item(metadata)
     del metadata.state_dict_metadata[fqn]
@@ -76,23 +102,54 @@ def drop_entry(checkpoint: Path) -> str:
 
 
 def change_shape(checkpoint: Path) -> str:
-    """Record a transposed/grown shape for one tensor entry in .metadata."""
+    """Grow the last dim of one tensor entry's shape in .metadata."""
     import torch
 
     metadata = _metadata(checkpoint)
     fqn, _ = _first_tensor_item(metadata)
     meta = metadata.state_dict_metadata[fqn]
     old = list(meta.size)
-    new = [*old[:-1], old[-1] + 1] if old else [1]
-    meta.size = torch.Size(new)
+    meta.size = torch.Size([*old[:-1], old[-1] + 1])
     _write_metadata(checkpoint, metadata)
-    return f"changed the shape of {fqn} from {old} to {new} in .metadata"
+    return f"changed the shape of {fqn} from {old} to {list(meta.size)} in .metadata"
 
 
-CHECKPOINT_FAULTS: dict[str, Callable[[Path], str]] = {
-    "flip_byte": flip_byte,
-    "drop_entry": drop_entry,
-    "change_shape": change_shape,
+def change_dtype(checkpoint: Path) -> str:
+    """Record float64 instead of float32 for one tensor entry in .metadata."""
+    import torch
+
+    metadata = _metadata(checkpoint)
+    fqn, _ = _first_tensor_item(metadata)
+    properties = metadata.state_dict_metadata[fqn].properties
+    old, properties.dtype = properties.dtype, torch.float64
+    _write_metadata(checkpoint, metadata)
+    return f"changed the dtype of {fqn} from {old} to {properties.dtype} in .metadata"
+
+
+FAULTS: dict[str, Fault] = {
+    f.name: f
+    for f in [
+        Fault("flip_byte", "checkpoint", "fail", flip_byte),
+        Fault("truncate_shard", "checkpoint", "fail", truncate_shard),
+        Fault("delete_shard", "checkpoint", "fail", delete_shard),
+        Fault("delete_metadata", "checkpoint", "fail", delete_metadata),
+        Fault("drop_entry", "checkpoint", "fail", drop_entry),
+        Fault("change_shape", "checkpoint", "fail", change_shape),
+        Fault("change_dtype", "checkpoint", "fail", change_dtype),
+        Fault("foreign_checkpoint", "source", "error"),
+        Fault("skip_load", "load", "fail"),
+        Fault("drop_loaded_entry", "load", "fail"),
+        Fault("skew_resume_lr", "load", "fail"),
+        Fault("kill_rank_save", "save", "crash"),
+        Fault("kill_rank_load", "load", "crash"),
+        Fault("segfault_save", "save", "crash"),
+        Fault("segfault_load", "load", "crash"),
+        Fault("hang_save", "save", "timeout"),
+        Fault("hang_load", "load", "timeout"),
+    ]
 }
 
-ALL_FAULTS = (*CHECKPOINT_FAULTS, *WORKER_FAULTS)
+
+def foreign_model(model: str) -> str:
+    """The model whose checkpoint a ``foreign_checkpoint`` fault hands to ``model``'s loader."""
+    return "mlp_uneven" if model == "mlp" else "mlp"

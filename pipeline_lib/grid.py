@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import PurePosixPath
 
-from pipeline_lib import frameworks
+from pipeline_lib import faults, frameworks
 from pipeline_lib.config import config_hash
 
-RESULTS = PurePosixPath("results")
+RESULTS = "results"
 
 
 @dataclass(frozen=True)
@@ -88,29 +87,29 @@ def sources_of(config: dict, load_layout: str) -> list[str]:
     return [s for s, d in layout_pairs(config) if d == load_layout]
 
 
-def save_dir(model: str, layout: str) -> str:
+def save_dir(model: str, layout: str, root: str = RESULTS) -> str:
     """What a save job leaves behind for the load jobs: the checkpoint and the reference."""
-    return str(RESULTS / "save" / model / layout)
+    return f"{root}/save/{model}/{layout}"
 
 
-def checkpoint_dir(model: str, layout: str) -> str:
-    return str(PurePosixPath(save_dir(model, layout)) / "checkpoint")
+def checkpoint_dir(model: str, layout: str, root: str = RESULTS) -> str:
+    return f"{save_dir(model, layout, root)}/checkpoint"
 
 
-def save_record(model: str, layout: str) -> str:
-    return str(RESULTS / "save" / model / f"{layout}.json")
-
-
-def reference_file(model: str, layout: str) -> str:
+def reference_file(model: str, layout: str, root: str = RESULTS) -> str:
     """The saver's in-memory state, entry by entry (torch.save, read with weights_only=True)."""
-    return str(PurePosixPath(save_dir(model, layout)) / "reference.pt")
+    return f"{save_dir(model, layout, root)}/reference.pt"
 
 
-def load_record(model: str, layout: str) -> str:
-    return str(RESULTS / "load" / model / f"{layout}.json")
+def save_record(model: str, layout: str, root: str = RESULTS) -> str:
+    return f"{root}/save/{model}/{layout}.json"
 
 
-def save_spec(config: dict, model: str, layout: str) -> dict:
+def load_record(model: str, layout: str, root: str = RESULTS) -> str:
+    return f"{root}/load/{model}/{layout}.json"
+
+
+def save_spec(config: dict, model: str, layout: str, root: str = RESULTS) -> dict:
     """Everything the save job of (model, layout) needs; its JSON is the job's only argument."""
     return {
         "kind": "save",
@@ -119,14 +118,19 @@ def save_spec(config: dict, model: str, layout: str) -> dict:
         "train": config["train"],
         "run": config["run"],
         "config_hash": config_hash(config),
-        "checkpoint": checkpoint_dir(model, layout),
-        "record": save_record(model, layout),
-        "save_dir": save_dir(model, layout),
-        "reference": reference_file(model, layout),
+        "record": save_record(model, layout, root),
+        "work_dir": f"{root}/work/save/{model}/{layout}",
+        "save_dir": save_dir(model, layout, root),
+        "checkpoint": checkpoint_dir(model, layout, root),
+        "reference": reference_file(model, layout, root),
     }
 
 
-def load_spec(config: dict, model: str, layout: str) -> dict:
+def load_spec(
+    config: dict, model: str, layout: str, sources: list[str] | None = None, root: str = RESULTS
+) -> dict:
+    """The load job of (model, layout): it verifies the checkpoint of every source layout
+    (default: every save layout paired with ``layout``)."""
     by_name = layouts(config)
     return {
         "kind": "load",
@@ -139,10 +143,77 @@ def load_spec(config: dict, model: str, layout: str) -> dict:
         "sources": [
             {
                 "layout": by_name[src].to_dict(),
-                "checkpoint": checkpoint_dir(model, src),
-                "save_record": save_record(model, src),
+                "checkpoint": checkpoint_dir(model, src, root),
+                "save_record": save_record(model, src, root),
             }
-            for src in sources_of(config, layout)
+            for src in (sources if sources is not None else sources_of(config, layout))
         ],
-        "record": load_record(model, layout),
+        "record": load_record(model, layout, root),
+        "work_dir": f"{root}/work/load/{model}/{layout}",
     }
+
+
+# --- the fault campaign (config key ``faults``) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaultCell:
+    """One cell broken on purpose: its own save and load job under ``results/faults/<id>``."""
+
+    fault: str
+    model: str
+    save: str
+    load: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.fault}.{self.model}.{self.save}.{self.load}"
+
+    @property
+    def root(self) -> str:
+        return f"{RESULTS}/faults/{self.id}"
+
+    @property
+    def load_record(self) -> str:
+        return f"{self.root}/load.json"
+
+    @property
+    def save_model(self) -> str:
+        """A foreign_checkpoint cell loads a checkpoint written by another model."""
+        return (
+            faults.foreign_model(self.model) if self.fault == "foreign_checkpoint" else self.model
+        )
+
+
+def fault_cells(config: dict) -> list[FaultCell]:
+    cells = []
+    for entry in config["faults"]:
+        names = list(faults.FAULTS) if entry["fault"] == "all" else [entry["fault"]]
+        cells += [FaultCell(name, entry["model"], entry["save"], entry["load"]) for name in names]
+    return list(dict.fromkeys(cells))
+
+
+def fault_cell(config: dict, fault_id: str) -> FaultCell:
+    return next(c for c in fault_cells(config) if c.id == fault_id)
+
+
+def fault_save_spec(config: dict, cell: FaultCell) -> dict:
+    spec = save_spec(config, cell.save_model, cell.save, cell.root)
+    if faults.FAULTS[cell.fault].stage in ("checkpoint", "save"):
+        spec["fault"] = cell.fault
+    return spec
+
+
+def fault_load_spec(config: dict, cell: FaultCell) -> dict:
+    fault = faults.FAULTS[cell.fault]
+    spec = load_spec(config, cell.model, cell.load, [cell.save], cell.root)
+    source = spec["sources"][0]
+    source.update(
+        checkpoint=checkpoint_dir(cell.save_model, cell.save, cell.root),
+        save_record=save_record(cell.save_model, cell.save, cell.root),
+    )
+    if fault.stage == "load":
+        source["fault"] = cell.fault
+    spec["fault"] = {"name": cell.fault, "expect": fault.expect, "id": cell.id}
+    spec["record"] = cell.load_record
+    return spec

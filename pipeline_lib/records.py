@@ -200,6 +200,15 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
     }
 
 
+def _both_equal(files: dict | None, loaded: dict | None) -> bool | None:
+    """False if a check found this entry different, True if both checks ran and found it
+    equal, None (unknown) otherwise."""
+    ran = [c["equal"] for c in (files, loaded) if c is not None]
+    if False in ran:
+        return False
+    return True if len(ran) == 2 else None
+
+
 def tensor_rows(model: str, save: dict, load: dict) -> list[dict[str, Any]]:
     """tensors.parquet rows of one cell: one per state entry seen by either check."""
     files, loaded, meta = (
@@ -224,7 +233,7 @@ def tensor_rows(model: str, save: dict, load: dict) -> list[dict[str, Any]]:
                 "kind": m.get("kind"),
                 "dtype": m.get("dtype"),
                 "shape": m.get("shape"),
-                "equal": bool(f and f["equal"] and ld and ld["equal"]),
+                "equal": _both_equal(f, ld),
                 "file_equal": f["equal"] if f else None,
                 "load_equal": ld["equal"] if ld else None,
                 "max_abs_diff": _max(

@@ -49,6 +49,38 @@ class Plan:
             for layout in grid.load_layouts(self.config)
         ]
 
+    def targets(self) -> list[str]:
+        """What ``rule all`` asks for: the matrix if the grid has cells, the fault campaign's
+        verdict if the config has faults."""
+        targets = []
+        if self.config["models"]:
+            targets += ["results/matrix.parquet", "results/tensors.parquet"]
+        if self.config["faults"]:
+            targets += ["results/selftest.md", "results/selftest.ok"]
+        return targets
+
+    # --- the fault campaign ---------------------------------------------------------------
+    def fault_save_spec(self, wildcards) -> str:
+        cell = grid.fault_cell(self.config, wildcards.fault_id)
+        return json.dumps(grid.fault_save_spec(self.config, cell))
+
+    def fault_load_spec(self, wildcards) -> str:
+        cell = grid.fault_cell(self.config, wildcards.fault_id)
+        return json.dumps(grid.fault_load_spec(self.config, cell))
+
+    def fault_load_inputs(self, wildcards) -> list[str]:
+        cell = grid.fault_cell(self.config, wildcards.fault_id)
+        return [
+            grid.save_record(cell.save_model, cell.save, cell.root),
+            grid.save_dir(cell.save_model, cell.save, cell.root),
+        ]
+
+    def fault_load_threads(self, wildcards) -> int:
+        return self.layouts[grid.fault_cell(self.config, wildcards.fault_id).load].world_size
+
+    def fault_records(self) -> list[str]:
+        return [cell.load_record for cell in grid.fault_cells(self.config)]
+
     def ranks(self, wildcards) -> int:
         return self.layouts[wildcards.layout].world_size
 

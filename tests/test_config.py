@@ -41,7 +41,17 @@ def test_defaults_fill_missing_sections(small_config):
             lambda c: c["layouts"].update({"bad/name": {"framework": "ddp", "mesh": [2]}}),
             "'bad/name' does not match",
         ),
-        (lambda c: c["models"].clear(), "models: [] should be non-empty"),
+        (lambda c: c["models"].clear(), "models: the grid is empty (no models and no faults)"),
+        (
+            lambda c: c.update(
+                faults=[{"fault": "melt", "model": "mlp", "save": "x", "load": "y"}]
+            ),
+            "faults.0.fault: unknown fault 'melt'",
+        ),
+        (
+            lambda c: c.update(faults=[{"fault": "all", "model": "mlp", "save": "x", "load": "y"}]),
+            "faults.0.load: unknown layout 'y'",
+        ),
         (lambda c: c["layouts"].clear(), "layouts: {} should be non-empty"),
         (
             lambda c: c["layouts"].update(s={"framework": "single", "mesh": [2]}),

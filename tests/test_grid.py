@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline_lib import config, grid
+from pipeline_lib import config, faults, grid
 from tests.conftest import REPO
 
 
@@ -49,7 +49,7 @@ def test_pairs_same_and_explicit(small_config):
     assert grid.save_layouts(cfg) == ["single"]
     assert (
         grid.load_spec(cfg, "mlp", "fsdp2_2")["sources"][0]["checkpoint"]
-        == "results/checkpoints/mlp/single"
+        == "results/save/mlp/single/checkpoint"
     )
 
 
@@ -76,7 +76,34 @@ def test_any_world_size(framework, mesh, world, tp):
 def test_specs_carry_what_the_job_needs(small_config):
     cfg = config.validate(small_config)
     spec = grid.save_spec(cfg, "mlp", "fsdp2_2")
-    assert spec["checkpoint"] == "results/checkpoints/mlp/fsdp2_2"
+    assert spec["checkpoint"] == "results/save/mlp/fsdp2_2/checkpoint"
     assert spec["layout"]["mesh_dims"] == ("shard",)
     assert spec["train"]["steps"] == 2
     assert spec["config_hash"] == config.config_hash(cfg)
+
+
+def test_fault_cells_get_their_own_jobs(small_config):
+    small_config["faults"] = [{"fault": "all", "model": "mlp", "save": "single", "load": "fsdp2_2"}]
+    cfg = config.validate(small_config)
+    cells = grid.fault_cells(cfg)
+    assert len(cells) == len(faults.FAULTS)
+    by_fault = {c.fault: c for c in cells}
+    flip = by_fault["flip_byte"]
+    assert grid.fault_save_spec(cfg, flip)["fault"] == "flip_byte"
+    assert (
+        grid.fault_save_spec(cfg, flip)["checkpoint"]
+        == f"results/faults/{flip.id}/save/mlp/single/checkpoint"
+    )
+    load = grid.fault_load_spec(cfg, by_fault["hang_load"])
+    assert "fault" not in grid.fault_save_spec(cfg, by_fault["hang_load"])
+    assert [s["fault"] for s in load["sources"]] == ["hang_load"]
+    assert load["fault"] == {
+        "name": "hang_load",
+        "expect": "timeout",
+        "id": by_fault["hang_load"].id,
+    }
+    foreign = grid.fault_load_spec(cfg, by_fault["foreign_checkpoint"])
+    assert (
+        foreign["model"] == "mlp"
+        and "/save/mlp_uneven/single/" in foreign["sources"][0]["checkpoint"]
+    )

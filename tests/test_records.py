@@ -149,3 +149,9 @@ def test_tensor_rows():
         True,
     )
     assert w["note"] == "files: bytes differ" and w["shape"] == [2, 2]
+
+
+def test_tensor_rows_of_a_cell_whose_load_never_ran_are_not_equal_or_unequal():
+    rows = records.tensor_rows("mlp", save_record(), load_result(status="skip", entries={}))
+    assert [r["equal"] for r in rows] == [None, None]
+    assert [r["file_equal"] for r in rows] == [True, True]

@@ -63,6 +63,16 @@ def test_small_matrix_end_to_end(tmp_path):
     assert "Nothing to be done" in again.stdout + again.stderr
     pd.testing.assert_frame_equal(matrix, pd.read_parquet(tmp_path / "results" / "matrix.parquet"))
 
+    # A job killed before it wrote its record: the next run redoes only that job (and the
+    # aggregate), and the table has the same cells and verdicts.
+    (tmp_path / "results" / "load" / "mlp" / "tp_2.json").unlink()
+    rerun = snakemake(tmp_path)
+    assert "load_checkpoints        1" in rerun.stdout + rerun.stderr
+    assert "save_checkpoint" not in rerun.stdout + rerun.stderr
+    keys = ["model", "save_layout", "load_layout", "status", "reason", "entries_checked"]
+    after = pd.read_parquet(tmp_path / "results" / "matrix.parquet")
+    pd.testing.assert_frame_equal(matrix[keys], after[keys])
+
 
 def test_bad_config_is_refused_before_any_job(tmp_path):
     cfg = {"models": ["mlp"], "layouts": {"bad": {"framework": "fsdp3", "mesh": [2]}}}
