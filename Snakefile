@@ -33,5 +33,4 @@ include: "workflow/rules/matrix.smk"
 rule all:
     default_target: True
     input:
-        "results/matrix.parquet",
-        "results/tensors.parquet",
+        plan.targets(),
