@@ -6,16 +6,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from pipeline_lib.models._common import cross_entropy_sum, token_batch
-
-
-class TiedMLPBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return x + self.fc2(nn.functional.gelu(self.fc1(x)))
+from pipeline_lib.models.mlp import Block
 
 
 class TiedEmbedding(nn.Module):
@@ -23,7 +14,7 @@ class TiedEmbedding(nn.Module):
         super().__init__()
         self.vocab, self.hidden, self.seq_len = vocab, hidden, seq_len
         self.embedding = nn.Embedding(vocab, dim)
-        self.block = TiedMLPBlock(dim, hidden)
+        self.block = Block(dim, hidden)
         self.output = nn.Linear(dim, vocab, bias=False)
         self.output.weight = self.embedding.weight
         # Random init, so a loader with a different seed differs until the load restores it.
