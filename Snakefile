@@ -18,6 +18,9 @@ from pipeline_lib.snakemake_plan import Plan
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 plan = Plan(config, workflow.basedir)
 PYTHON = sys.executable
 
@@ -28,9 +31,12 @@ wildcard_constraints:
 
 
 include: "workflow/rules/matrix.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
     input:
         plan.targets(),
+        # The report needs a matrix: a faults-only config (no models) has none.
+        ["results/report.html", "results/summary.md"] if config["models"] else [],

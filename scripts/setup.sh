@@ -17,3 +17,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   touch "$stamp"
 fi
+if [ "${1:-}" = "--dev" ]; then
+  # The report's browser test opens report.html in headless Chromium (Debian's package).
+  command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+fi

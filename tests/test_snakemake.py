@@ -63,9 +63,10 @@ def test_small_matrix_end_to_end(tmp_path):
     assert "Nothing to be done" in again.stdout + again.stderr
     pd.testing.assert_frame_equal(matrix, pd.read_parquet(tmp_path / "results" / "matrix.parquet"))
 
-    # A job killed before it wrote its record: the next run redoes only that job (and the
-    # aggregate), and the table has the same cells and verdicts.
+    # A run killed during a load job (before it wrote its record, so before the aggregate): the
+    # next run redoes only that job and the aggregate, and the table has the same verdicts.
     (tmp_path / "results" / "load" / "mlp" / "tp_2.json").unlink()
+    (tmp_path / "results" / "matrix.parquet").unlink()
     rerun = snakemake(tmp_path)
     assert "load_checkpoints        1" in rerun.stdout + rerun.stderr
     assert "save_checkpoint" not in rerun.stdout + rerun.stderr

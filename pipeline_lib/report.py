@@ -1,0 +1,416 @@
+"""The matrix report: matrix.parquet + tensors.parquet -> report.html and summary.md.
+
+Reads the results only, never runs a job. HTML is rendered by Jinja2 with autoescape, so every
+string taken from the results is escaped; the charts are matplotlib SVG inlined in the page, and
+there is no JavaScript: report.html opens from disk with no network.
+
+    python -m pipeline_lib.report --matrix results/matrix.parquet --tensors results/tensors.parquet
+        --configfile config.yaml --html results/report.html --markdown results/summary.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import re
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import matplotlib
+import pandas as pd
+import yaml
+from markupsafe import Markup, escape
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from pipeline_lib import grid
+from pipeline_lib.atomic import write_with
+from pipeline_lib.config import config_hash, load, validate
+from pipeline_lib.records import CELL_KEYS, STATUSES
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# The check names records.verdict puts at the start of each part of a `fail` reason.
+CHECKS = ("files vs saver", "loader vs saver", "resume")
+# Skipped cells are left out of the shared-status findings: they are counted by reason.
+STATUS_VERBS = {
+    "pass": "passes",
+    "fail": "fails",
+    "error": "errors",
+    "crash": "crashes",
+    "timeout": "times out",
+}
+SIDE_VERBS = {"save": "saved", "load": "loaded"}
+
+
+@dataclass(frozen=True)
+class Order:
+    """Models and layouts in config order (then any the results name that the config does not)."""
+
+    models: list[str]
+    save_layouts: list[str]
+    load_layouts: list[str]
+
+    @classmethod
+    def of(cls, matrix: pd.DataFrame, config: dict) -> Order:
+        def merged(first: list[str], then: pd.Series) -> list[str]:
+            return list(dict.fromkeys([*first, *then]))
+
+        return cls(
+            merged(config["models"], matrix.model),
+            merged(grid.save_layouts(config), matrix.save_layout),
+            merged(grid.load_layouts(config), matrix.load_layout),
+        )
+
+    def sort(self, matrix: pd.DataFrame) -> pd.DataFrame:
+        ranks = {
+            "model": self.models,
+            "save_layout": self.save_layouts,
+            "load_layout": self.load_layouts,
+        }
+        return matrix.sort_values(
+            list(ranks), key=lambda col: col.map({n: i for i, n in enumerate(ranks[col.name])})
+        )
+
+
+@dataclass(frozen=True)
+class Chart:
+    title: str
+    caption: str
+    svg: Markup
+
+
+def fmt(value: Any, spec: str = ".3g") -> str:
+    """A number for the page; missing values (None, NaN) as an em dash."""
+    return "—" if pd.isna(value) else format(value, spec)
+
+
+def _count(n: int, noun: str = "cell") -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def tooltip(cell: dict) -> str:
+    lines = [
+        f"{cell['model']}: saved under {cell['save_layout']}, loaded under {cell['load_layout']}",
+        f"status: {cell['status']}",
+    ]
+    if cell["reason"]:
+        lines.append(f"reason: {cell['reason']}")
+    lines += [
+        f"resume_max_rel_diff: {fmt(cell['resume_max_rel_diff'])}",
+        f"save {fmt(cell['save_seconds'])} s, load {fmt(cell['load_seconds'])} s",
+    ]
+    return "\n".join(lines)
+
+
+def heatmaps(matrix: pd.DataFrame, order: Order) -> list[dict]:
+    """Per model: rows of (save layout, [cell or None per load layout]); None = not in pairs."""
+    cells = {
+        (c["model"], c["save_layout"], c["load_layout"]): {**c, "tooltip": tooltip(c)}
+        for c in matrix.to_dict("records")
+    }
+    return [
+        {
+            "model": model,
+            "rows": [
+                (save, [cells.get((model, save, load)) for load in order.load_layouts])
+                for save in order.save_layouts
+            ],
+        }
+        for model in order.models
+    ]
+
+
+def layout_titles(matrix: pd.DataFrame) -> dict[str, str]:
+    """Layout name -> "framework fsdp2, mesh 4" (header tooltips)."""
+    titles = {}
+    for side in SIDE_VERBS:
+        for name, framework, mesh in matrix[
+            [f"{side}_layout", f"{side}_framework", f"{side}_mesh"]
+        ].itertuples(index=False):
+            titles[name] = f"framework {framework}, mesh {mesh}"
+    return titles
+
+
+def status_counts(matrix: pd.DataFrame) -> list[tuple[str, int]]:
+    counts = matrix.status.value_counts()
+    return [(s, int(counts[s])) for s in STATUSES if s in counts]
+
+
+def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[str]:
+    """Short statements computed from the results, most general first."""
+    ran = matrix[matrix.status != "skip"]
+    skipped = len(matrix) - len(ran)
+    found = []
+    # A status shared by a whole group of cells is one finding; a group inside a group already
+    # reported is not repeated (an FSDP2 save crash is not listed again per model).
+    statuses = set(ran.status)
+    if len(statuses) == 1:
+        (status,) = statuses
+        more = f"; {skipped} more skipped" if skipped else ""
+        found.append(f"Every cell {STATUS_VERBS[status]} ({_count(len(ran))}{more})")
+    else:
+        covered: set = set()
+        for side, verb in SIDE_VERBS.items():
+            for keys, what in (
+                ([f"{side}_framework"], "by framework {}"),
+                ([f"{side}_layout"], "under {}"),
+                (["model", f"{side}_layout"], "under {1} ({0})"),
+            ):
+                for key, group in ran.groupby(keys, sort=False):
+                    statuses = set(group.status)
+                    if statuses == {"pass"} or len(statuses) > 1 or len(group) < 2:
+                        continue
+                    if set(group.index) <= covered:
+                        continue
+                    covered |= set(group.index)
+                    where = what.format(*key)
+                    found.append(
+                        f"Every cell {verb} {where} {STATUS_VERBS[group.status.iloc[0]]}"
+                        f" ({_count(len(group))})"
+                    )
+    failed = matrix[matrix.status == "fail"]
+    for check in CHECKS:
+        pattern = rf"(?:^|; ){re.escape(check)}:"
+        n = int(failed.reason.str.contains(pattern).sum())
+        if n:
+            found.append(f"Check {check} finds a difference in {_count(n)}")
+    # equal is None where a check did not run: only False is a difference.
+    differing = tensors[tensors.equal.eq(False)].merge(failed[CELL_KEYS])
+    if len(differing):
+        kinds = differing.kind.fillna("unknown").value_counts()
+        kinds = sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+        found.append(
+            "Differing state entries in failing cells, by kind: "
+            + ", ".join(f"{kind} {n}" for kind, n in kinds)
+        )
+    skips = matrix[matrix.status == "skip"].reason.value_counts()
+    for reason, n in sorted(skips.items(), key=lambda kv: (-kv[1], kv[0])):
+        found.append(f"{_count(n)} skipped ({reason})")
+    resume = matrix[matrix.status == "pass"].resume_max_rel_diff.dropna()
+    if len(resume):
+        found.append(
+            f"Largest resume_max_rel_diff among passing cells: {resume.max():.3g}"
+            f" (resume_rtol {config['verify']['resume_rtol']:g})"
+        )
+    hashes = sorted(matrix.config_hash.dropna().unique())
+    if len(hashes) > 1:
+        found.append(f"The rows come from {len(hashes)} configs (hashes {', '.join(hashes)})")
+    if hashes and config_hash(config) not in hashes:
+        found.append(
+            f"The config shown (hash {config_hash(config)}) is not the one the rows were made"
+            f" with ({', '.join(hashes)})"
+        )
+    return found
+
+
+def _grouped_bars(
+    ax, table: pd.DataFrame, colours: dict[str, str], ylabel: str, title: str
+) -> None:
+    """One bar per model (columns) in each layout (index) group."""
+    width = 0.8 / max(len(table.columns), 1)
+    for i, model in enumerate(table.columns):
+        xs = [x + (i - (len(table.columns) - 1) / 2) * width for x in range(len(table.index))]
+        ax.bar(xs, table[model], width, color=colours[model])
+    ax.set_xticks(range(len(table.index)), table.index, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def _svg(fig: Figure, salt: str) -> Markup:
+    buf = io.StringIO()
+    # A salt per chart keeps the SVG element ids of different charts apart in one page.
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
+        fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+    svg = buf.getvalue()
+    # Inline SVG in HTML takes the <svg> element only, not the XML prolog and doctype.
+    return Markup(svg[svg.index("<svg") :])  # matplotlib's own markup; labels are escaped
+
+
+def cost_charts(matrix: pd.DataFrame, order: Order) -> list[Chart]:
+    ran = matrix[matrix.status != "skip"]
+    colours = {model: f"C{i % 10}" for i, model in enumerate(order.models)}
+    # Save figures repeat in every cell of a checkpoint: one value per (model, save layout).
+    saves = ran.groupby(["model", "save_layout"], sort=False).first().reset_index()
+    saves["throughput_mb_s"] = saves.checkpoint_bytes / 1e6 / saves.save_seconds
+    saves["checkpoint_mb"] = saves.checkpoint_bytes / 1e6
+    loads = ran.groupby(["model", "load_layout"], sort=False).agg(
+        load_seconds=("load_seconds", "median"), load_peak_rss_mb=("load_peak_rss_mb", "max")
+    )
+    loads = loads.reset_index()
+
+    def per_layout(frame: pd.DataFrame, side: str, column: str) -> pd.DataFrame:
+        layouts = order.save_layouts if side == "save" else order.load_layouts
+        return frame.pivot(index=f"{side}_layout", columns="model", values=column).reindex(
+            index=layouts, columns=[m for m in order.models if m in set(frame.model)]
+        )
+
+    specs = [
+        (
+            "Save and load time",
+            "dcp.save per save layout; dcp.load + set_state_dict per load layout (median over"
+            " the checkpoints it loaded).",
+            [
+                (per_layout(saves, "save", "save_seconds"), "seconds", "save (by save layout)"),
+                (per_layout(loads, "load", "load_seconds"), "seconds", "load (by load layout)"),
+            ],
+        ),
+        (
+            "Save throughput",
+            "checkpoint_bytes / save_seconds per save layout.",
+            [(per_layout(saves, "save", "throughput_mb_s"), "MB/s", "save throughput")],
+        ),
+        (
+            "Checkpoint size",
+            "Bytes and files of the checkpoint directory per save layout.",
+            [
+                (per_layout(saves, "save", "checkpoint_mb"), "MB", "checkpoint size"),
+                (per_layout(saves, "save", "checkpoint_files"), "files", "checkpoint files"),
+            ],
+        ),
+        (
+            "Peak memory",
+            "Peak resident memory of the busiest rank: save job per save layout; load job per"
+            " load layout (largest over its cells).",
+            [
+                (per_layout(saves, "save", "save_peak_rss_mb"), "MB", "save (by save layout)"),
+                (per_layout(loads, "load", "load_peak_rss_mb"), "MB", "load (by load layout)"),
+            ],
+        ),
+    ]
+    charts = []
+    for title, caption, panels in specs:
+        fig = Figure(figsize=(5.5 * len(panels), 3.4), layout="constrained")
+        for ax, (table, ylabel, panel_title) in zip(
+            fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
+        ):
+            _grouped_bars(ax, table, colours, ylabel, panel_title)
+        # One legend for all panels: a model has the same colour in each.
+        shown = [m for m in order.models if any(m in table for table, *_ in panels)]
+        if shown:
+            fig.legend(
+                [Patch(color=colours[m]) for m in shown], shown, title="model",
+                loc="outside right upper", fontsize=8, title_fontsize=8,
+            )  # fmt: skip
+        charts.append(Chart(title, caption, _svg(fig, title)))
+    return charts
+
+
+def _values(matrix: pd.DataFrame, column: str) -> str:
+    return ", ".join(map(str, matrix[column].dropna().unique())) or "—"
+
+
+def environment(matrix: pd.DataFrame, snakemake_version: str | None) -> list[tuple[str, str, str]]:
+    """(what, value, where the value comes from) for the environment block."""
+    created = matrix.created_at.dropna()
+    rows = [
+        ("torch", _values(matrix, "torch_version"), "matrix rows (torch_version)"),
+        ("backend", _values(matrix, "backend"), "matrix rows"),
+        ("device", _values(matrix, "device"), "matrix rows"),
+        ("config hash", _values(matrix, "config_hash"), "matrix rows"),
+        ("git commit", _values(matrix, "git_commit"), "matrix rows"),
+        (
+            "records created",
+            f"{created.min()} … {created.max()}" if len(created) else "—",
+            "matrix rows (created_at, first … last)",
+        ),
+        ("report generated", time.strftime("%Y-%m-%dT%H:%M:%S%z"), "report process"),
+        ("Python", platform.python_version(), "report process"),
+    ]
+    if snakemake_version:
+        rows.append(("snakemake", snakemake_version, "the Snakemake running the workflow"))
+    else:
+        rows.append(("snakemake", metadata.version("snakemake"), "installed beside the report"))
+    return rows
+
+
+def breakable(name: str) -> Markup:
+    """A layout name that may wrap after its underscores (narrow heatmap columns)."""
+    return escape(name).replace("_", Markup("_<wbr>"))
+
+
+def markdown_cell(value: Any) -> str:
+    """A table cell for summary.md: HTML-escaped (Markdown renders raw HTML), one line, no |."""
+    return str(escape(str(value))).replace("|", "\\|").replace("\n", " ")
+
+
+def context(
+    matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict, snakemake_version: str | None
+) -> dict:
+    order = Order.of(matrix, config)
+    matrix = order.sort(matrix)
+    return {
+        "order": order,
+        "total": len(matrix),
+        "counts": status_counts(matrix),
+        "statuses": STATUSES,
+        "findings": findings(matrix, tensors, config),
+        "heatmaps": heatmaps(matrix, order),
+        "layout_titles": layout_titles(matrix),
+        # Problems first: the non-pass list in status order (skips last), then grid order.
+        "non_pass": matrix[matrix.status != "pass"]
+        .sort_values("status", key=lambda s: s.map(STATUSES.index), kind="stable")
+        .to_dict("records"),
+        "charts": cost_charts(matrix, order),
+        "environment": environment(matrix, snakemake_version),
+        "config_yaml": yaml.safe_dump(config, sort_keys=False, default_flow_style=None),
+    }
+
+
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=jinja2.select_autoescape(["html"]),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters.update(fmt=fmt, md=markdown_cell, breakable=breakable)
+    return env
+
+
+def write_report(
+    matrix_path: str,
+    tensors_path: str,
+    config: dict,
+    html_path: str,
+    markdown_path: str,
+    snakemake_version: str | None = None,
+) -> None:
+    matrix, tensors = pd.read_parquet(matrix_path), pd.read_parquet(tensors_path)
+    ctx = context(matrix, tensors, config, snakemake_version)
+    env = _templates()
+    for path, template in ((html_path, "report.html"), (markdown_path, "summary.md")):
+        text = env.get_template(template).render(ctx)
+        write_with(path, lambda tmp, text=text: tmp.write_text(text))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline_lib.report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--matrix", required=True, help="results/matrix.parquet")
+    parser.add_argument("--tensors", required=True, help="results/tensors.parquet")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--configfile", help="the grid config (YAML) the results were made with")
+    source.add_argument("--config-json", help="the same, as JSON (the Snakemake rule's config)")
+    parser.add_argument("--snakemake-version", help="the Snakemake running the workflow")
+    parser.add_argument("--html", required=True, help="report.html to write")
+    parser.add_argument("--markdown", required=True, help="summary.md to write")
+    args = parser.parse_args(argv)
+    config = load(args.configfile) if args.configfile else validate(json.loads(args.config_json))
+    write_report(
+        args.matrix, args.tensors, config, args.html, args.markdown, args.snakemake_version
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,324 @@
+"""The matrix report: report.html and summary.md from a results fixture with every status."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline_lib.config import config_hash, validate
+from pipeline_lib.records import MATRIX_SCHEMA, STATUSES, TENSORS_SCHEMA
+from pipeline_lib.report import findings, main, markdown_cell
+from tests.conftest import REPO
+
+CONFIG = validate(
+    {
+        "models": ["mlp", "mlp_uneven"],
+        "layouts": {
+            "single": {"framework": "single", "mesh": [1]},
+            "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
+            "tp_2": {"framework": "tp", "mesh": [2]},
+        },
+    }
+)
+LAYOUTS = list(CONFIG["layouts"])
+# Per model: rows = save layout, columns = load layout, both in config order.
+GRID = {
+    "mlp": [
+        ["pass", "pass", "fail"],
+        ["crash", "crash", "crash"],
+        ["error", "timeout", "pass"],
+    ],
+    "mlp_uneven": [
+        ["pass", "fail", "skip"],
+        ["crash", "crash", "skip"],
+        ["skip", "skip", "skip"],
+    ],
+}
+XSS = "<script>alert(1)</script>"
+SKIP_SAVE = "save layout: TP degree 2 does not divide mlp_uneven hidden=25"
+SKIP_LOAD = "load layout: TP degree 2 does not divide mlp_uneven hidden=25"
+FAIL_REASONS = {
+    ("mlp", "single", "tp_2"): "files vs saver: 1 of 3 entries differ; first model.fc.weight: "
+    f"bytes differ {XSS}",
+    ("mlp_uneven", "single", "fsdp2_2"): "loader vs saver: 1 of 3 entries differ; first "
+    "optim.state.fc.weight.exp_avg: bytes differ (max_abs_diff 1e-08); resume: loss differs by "
+    "0.01 (relative) at resume step 0, above resume_rtol 1e-05",
+}
+OTHER_REASONS = {
+    "crash": "save: rank 1 killed by SIGKILL during save",
+    "error": "load: RuntimeError: size mismatch for fc.weight (during cell tp_2)",
+    "timeout": "load: no progress for 20 s during cell tp_2; job killed",
+}
+ENTRIES = {  # entry -> (kind, the failing cell that finds it different)
+    "model.fc.weight": ("param", ("mlp", "single", "tp_2")),
+    "optim.state.fc.weight.exp_avg": ("optim.exp_avg", ("mlp_uneven", "single", "fsdp2_2")),
+    "optim.state.fc.weight.step": ("optim.step", None),
+}
+
+
+def grid_cells():
+    for model, rows in GRID.items():
+        for save, statuses in zip(LAYOUTS, rows, strict=True):
+            for load, status in zip(LAYOUTS, statuses, strict=True):
+                yield model, save, load, status
+
+
+def reason(model: str, save: str, load: str, status: str) -> str:
+    if status == "skip":
+        return SKIP_SAVE if save == "tp_2" else SKIP_LOAD
+    if status == "fail":
+        return FAIL_REASONS[model, save, load]
+    return OTHER_REASONS.get(status, "")
+
+
+def matrix_row(i: int, model: str, save: str, load: str, status: str) -> dict:
+    ran = status != "skip"
+    layout = {
+        name: (spec["framework"], spec["mesh"][0]) for name, spec in CONFIG["layouts"].items()
+    }
+    return {
+        "model": model,
+        "save_layout": save,
+        "save_framework": layout[save][0],
+        "save_mesh": str(layout[save][1]),
+        "save_world_size": layout[save][1],
+        "load_layout": load,
+        "load_framework": layout[load][0],
+        "load_mesh": str(layout[load][1]),
+        "load_world_size": layout[load][1],
+        "status": status,
+        "reason": reason(model, save, load, status),
+        "entries_checked": len(ENTRIES) if ran else 0,
+        "entries_mismatched": int(status == "fail"),
+        "files_entries_mismatched": int((model, save, load) == ("mlp", "single", "tp_2")),
+        "load_entries_mismatched": int(
+            (model, save) == ("mlp_uneven", "single") and status == "fail"
+        ),
+        "resume_max_rel_diff": {"pass": 2e-8 * (i % 2), "fail": 0.01}.get(status),
+        "save_seconds": 0.1 + 0.01 * i if ran else None,
+        "load_seconds": 0.2 + 0.01 * i if ran else None,
+        "checkpoint_bytes": 100_000 * layout[save][1] if ran else None,
+        "checkpoint_files": layout[save][1] if ran else None,
+        "save_peak_rss_mb": 300.0 + i if ran else None,
+        "load_peak_rss_mb": 310.0 + i if ran else None,
+        "torch_version": "2.13.0+cpu",
+        "backend": "gloo",
+        "device": "cpu",
+        "config_hash": config_hash(CONFIG),
+        "git_commit": "0123456789ab",
+        "created_at": f"2026-11-23T11:{i:02d}:00+0000",
+    }
+
+
+def tensor_rows(model: str, save: str, load: str, status: str) -> list[dict]:
+    if status == "skip":
+        return []
+    return [
+        {
+            "model": model,
+            "save_layout": save,
+            "load_layout": load,
+            "entry": entry,
+            "kind": kind,
+            "dtype": "float32",
+            "shape": [4],
+            "equal": differs != (model, save, load),
+            "file_equal": True,
+            "load_equal": True,
+            "max_abs_diff": 0.0,
+            "note": "",
+        }
+        for entry, (kind, differs) in ENTRIES.items()
+    ]
+
+
+def results_tables() -> tuple[pa.Table, pa.Table]:
+    cells = list(grid_cells())
+    matrix = [matrix_row(i, *cell) for i, cell in enumerate(cells)]
+    tensors = [row for cell in cells for row in tensor_rows(*cell)]
+    return (
+        pa.Table.from_pylist(matrix, schema=MATRIX_SCHEMA),
+        pa.Table.from_pylist(tensors, schema=TENSORS_SCHEMA),
+    )
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict[str, Path]:
+    """The fixture's results, rendered once through the command line."""
+    out = tmp_path_factory.mktemp("report")
+    matrix, tensors = results_tables()
+    paths = {name: out / name for name in ("matrix.parquet", "tensors.parquet", "config.yaml")}
+    pq.write_table(matrix, paths["matrix.parquet"])
+    pq.write_table(tensors, paths["tensors.parquet"])
+    paths["config.yaml"].write_text(yaml.safe_dump(CONFIG, sort_keys=False))
+    paths |= {"html": out / "report.html", "markdown": out / "summary.md"}
+    main(
+        ["--matrix", str(paths["matrix.parquet"]), "--tensors", str(paths["tensors.parquet"]),
+         "--configfile", str(paths["config.yaml"]), "--snakemake-version", "9.27.1",
+         "--html", str(paths["html"]), "--markdown", str(paths["markdown"])]
+    )  # fmt: skip
+    return paths
+
+
+def test_fixture_has_every_status():
+    assert {status for *_, status in grid_cells()} == set(STATUSES)
+
+
+def test_markdown_has_one_row_per_save_layout_per_model(report):
+    text = report["markdown"].read_text()
+    for model, rows in GRID.items():
+        section = text.split(f"### {model}\n", 1)[1].split("\n#", 1)[0]
+        table = [line for line in section.splitlines() if line.startswith("|")]
+        assert table[0] == "| save ↓ load → | single | fsdp2_2 | tp_2 |"
+        assert [line.strip("| ").split(" | ") for line in table[2:]] == [
+            [save, *statuses] for save, statuses in zip(LAYOUTS, rows, strict=True)
+        ]
+
+
+def test_markdown_lists_every_non_pass_cell_problems_first(report):
+    text = report["markdown"].read_text()
+    listed = re.findall(r"^\| (mlp\S*) \| (\S+) \| (\S+) \| (\w+) \| (.*) \|$", text, re.M)
+    expected = [(m, s, d, st) for m, s, d, st in grid_cells() if st != "pass"]
+    assert sorted(row[:4] for row in listed) == sorted(expected)
+    assert [row[3] for row in listed] == sorted((row[3] for row in listed), key=STATUSES.index)
+    assert (
+        "| mlp | tp_2 | fsdp2_2 | timeout | load: no progress for 20 s during cell tp_2; job killed |"
+        in text
+    )
+
+
+def test_findings():
+    matrix, tensors = (t.to_pandas() for t in results_tables())
+    assert findings(matrix, tensors, CONFIG) == [
+        "Every cell saved by framework fsdp2 crashes (5 cells)",
+        "Check files vs saver finds a difference in 1 cell",
+        "Check loader vs saver finds a difference in 1 cell",
+        "Check resume finds a difference in 1 cell",
+        "Differing state entries in failing cells, by kind: optim.exp_avg 1, param 1",
+        f"3 cells skipped ({SKIP_SAVE})",
+        f"2 cells skipped ({SKIP_LOAD})",
+        "Largest resume_max_rel_diff among passing cells: 2e-08 (resume_rtol 1e-05)",
+    ]
+
+
+def test_findings_of_a_matrix_that_passes_and_of_stale_rows():
+    matrix, tensors = (t.to_pandas() for t in results_tables())
+    matrix = matrix[matrix.status == "pass"]
+    other_config = {**CONFIG, "verify": {"resume_rtol": 1e-3}}
+    assert findings(matrix, tensors, other_config) == [
+        "Every cell passes (4 cells)",
+        "Largest resume_max_rel_diff among passing cells: 2e-08 (resume_rtol 0.001)",
+        f"The config shown (hash {config_hash(other_config)}) is not the one the rows were made"
+        f" with ({config_hash(CONFIG)})",
+    ]
+
+
+def test_strings_from_the_results_are_escaped(report):
+    html, markdown = report["html"].read_text(), report["markdown"].read_text()
+    assert XSS not in html and XSS not in markdown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in markdown
+
+
+def test_markdown_cell_keeps_a_table_row_whole():
+    assert markdown_cell("a | b\n<c> & d") == "a \\| b &lt;c&gt; &amp; d"
+
+
+def test_html_is_self_contained(report):
+    html = report["html"].read_text()
+    assert "<script" not in html.lower()
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?[^"'#\s>]""", html), "no external resources"
+    assert not re.search(r"url\((?!#)|@import", html)
+    assert html.count("<svg") == 4  # time, throughput, size, memory
+    assert "<h3>Config</h3>" in html and "resume_rtol: 1.0e-05" in html
+    for value in ("2.13.0+cpu", "gloo", "cpu", config_hash(CONFIG), "0123456789ab", "9.27.1"):
+        assert f"<td>{value}</td>" in html
+
+
+class HeatmapCells(HTMLParser):
+    """(data-model, data-save, data-load, data-status, text) of every heatmap cell, and the
+    tooltip (title) of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells: list[list[str]] = []
+        self.titles: dict[tuple[str, ...], str] = {}
+        self._open: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "td" and "cell" in (attrs.get("class") or "").split():
+            self._open = [attrs[f"data-{k}"] for k in ("model", "save", "load", "status")] + [""]
+            self.cells.append(self._open)
+            self.titles[tuple(self._open[:3])] = attrs["title"]
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._open = None
+
+    def handle_data(self, data):
+        if self._open is not None:
+            self._open[-1] += data.strip()
+
+
+def test_heatmap_in_headless_chromium(report, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.fail("chromium not found: `bash scripts/setup.sh --dev` installs Debian's chromium")
+    screenshot = tmp_path / "report.png"
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={screenshot}", "--window-size=1400,2000", "--dump-dom",
+         report["html"].as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    artifact = REPO / "results" / "test-artifacts" / "report-screenshot.png"
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(screenshot, artifact)
+    assert screenshot.read_bytes().startswith(b"\x89PNG") and screenshot.stat().st_size > 10_000
+
+    parser = HeatmapCells()
+    parser.feed(proc.stdout)
+    expected = [[m, s, d, st, st] for m, s, d, st in grid_cells()]
+    assert parser.cells == expected
+    assert parser.titles["mlp", "single", "tp_2"] == (
+        "mlp: saved under single, loaded under tp_2\n"
+        "status: fail\n"
+        f"reason: {FAIL_REASONS['mlp', 'single', 'tp_2']}\n"
+        "resume_max_rel_diff: 0.01\n"
+        "save 0.12 s, load 0.22 s"
+    )
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in proc.stdout  # still text in the DOM
+
+
+@pytest.mark.e2e
+def test_report_rule_and_snakemake_report(tmp_path):
+    """The rule renders from the two Parquet files alone; `snakemake --report` embeds both."""
+    matrix, tensors = results_tables()
+    (tmp_path / "results").mkdir()
+    pq.write_table(matrix, tmp_path / "results" / "matrix.parquet")
+    pq.write_table(tensors, tmp_path / "results" / "tensors.parquet")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(CONFIG, sort_keys=False))
+    snakemake = [str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"),
+                 "-d", str(tmp_path), "--cores", "1"]  # fmt: skip
+    for args in (
+        ["--allowed-rules", "render_report", "--", "results/report.html"],
+        ["--report", str(tmp_path / "snakemake-report.html")],
+    ):
+        proc = subprocess.run([*snakemake, *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'data-status="timeout"' in (tmp_path / "results" / "report.html").read_text()
+    assert "| mlp | tp_2 | fsdp2_2 | timeout |" in (tmp_path / "results" / "summary.md").read_text()
+    assert "Adding report.html" in proc.stderr and "Adding summary.md" in proc.stderr
