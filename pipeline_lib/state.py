@@ -125,23 +125,50 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
+# Entries read back together by one dcp.load call (its fixed cost is paid per batch, not per
+# entry); memory stays bounded by max(this, the largest entry).
+READ_BATCH_BYTES = 256 * 2**20
+
+
 def checkpoint_entries(path: str) -> Iterator[tuple[str, Any]]:
-    """Read a DCP checkpoint back entry by entry in this one process (no process group), with
-    the whole value of each entry: memory is bounded by the largest entry. An entry that cannot
-    be read yields the exception instead of its value."""
+    """Read a DCP checkpoint back in this one process (no process group), with the whole value
+    of each entry, a batch of entries at a time. An entry that cannot be read yields the
+    exception instead of its value (a failing batch is read again entry by entry to say which)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = dcp.FileSystemReader(path)
     metadata = reader.read_metadata()
-    for name, meta in sorted(metadata.state_dict_metadata.items()):
+
+    def empty(meta):
         if isinstance(meta, TensorStorageMetadata):
-            holder = {name: torch.empty(meta.size, dtype=meta.properties.dtype)}
-        else:
-            holder = {name: None}
+            return torch.empty(meta.size, dtype=meta.properties.dtype)
+        return None
+
+    def read(names: list[str]) -> dict[str, Any]:
+        holder = {n: empty(metadata.state_dict_metadata[n]) for n in names}
+        dcp.load(holder, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+        return holder
+
+    for batch in _batches(metadata.state_dict_metadata):
         try:
-            dcp.load(holder, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
-        except (Exception, CheckpointException) as exc:
-            yield name, exc
-        else:
-            yield name, holder[name]
+            yield from read(batch).items()
+        except (Exception, CheckpointException):
+            for name in batch:
+                try:
+                    yield name, read([name])[name]
+                except (Exception, CheckpointException) as exc:
+                    yield name, exc
+
+
+def _batches(entries: Mapping) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for name, meta in sorted(entries.items()):
+        nbytes = meta.size.numel() * meta.properties.dtype.itemsize if hasattr(meta, "size") else 0
+        if batch and size + nbytes > READ_BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(name)
+        size += nbytes
+    if batch:
+        yield batch

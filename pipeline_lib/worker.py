@@ -103,7 +103,8 @@ class Job:
     def build(self, seed: int):
         """(wrapped model, base model, optimizer, names of the parameters)."""
         torch.manual_seed(seed)
-        base = self.model_module.build()
+        # model_kwargs (benchmarks only) resize a model, e.g. a 1 GB mlp.
+        base = self.model_module.build(**self.spec.get("model_kwargs", {}))
         for dim, size in base.tp_dims().items():
             if size % self.tp_degree:
                 raise Incompatible(

@@ -1,0 +1,58 @@
+"""The floor a cell is measured against, started by torchrun from bench/benchmark.py.
+
+``noop``: import torch, init gloo, pass a barrier (the cost of any torchrun job).
+``dcp WIDTH HIDDEN``: the benchmark's mlp under FSDP2 with Adam state, then only a bare
+``dcp.save`` and ``dcp.load`` of that state; rank 0 prints one JSON line with the seconds.
+"""
+
+import json
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def bare_save_load(dim: int, hidden: int) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pipeline_lib.frameworks import fsdp2
+    from pipeline_lib.models import mlp
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("shard",))
+    model = fsdp2.shard(mlp.build(dim=dim, hidden=hidden), mesh)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    inputs, targets = model.make_batch(0, 8, 0)
+    model.loss_sum(model(inputs), targets)[0].backward()
+    optimizer.step()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    directory = [tempfile.mkdtemp(prefix="bare-dcp-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(directory)
+    dist.barrier()
+    t = time.perf_counter()
+    dcp.save(state, checkpoint_id=directory[0])
+    save_s = time.perf_counter() - t
+    dist.barrier()
+    t = time.perf_counter()
+    dcp.load(state, checkpoint_id=directory[0])
+    load_s = time.perf_counter() - t
+    return {"save_s": save_s, "load_s": load_s, "checkpoint": directory[0]}
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    result = {}
+    if sys.argv[1] == "dcp":
+        result = bare_save_load(int(sys.argv[2]), int(sys.argv[3]))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
