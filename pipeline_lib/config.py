@@ -103,6 +103,13 @@ def _check_semantics(config: dict, source: str) -> None:
                 f"{where}.mesh: framework {fw.name} runs on at most {fw.max_world_size} "
                 f"process(es), mesh {mesh} has {world}"
             )
+        gpus_per_node = config["run"]["gpus_per_node"]
+        if gpus_per_node and world % math.ceil(world / gpus_per_node):
+            nodes = math.ceil(world / gpus_per_node)
+            errors.append(
+                f"{where}.mesh: world size {world} does not split evenly over {nodes} nodes of "
+                f"run.gpus_per_node={gpus_per_node} (every node runs the same number of ranks)"
+            )
         dp = math.prod(s for s, d in zip(mesh, fw.mesh_dims, strict=True) if d != fw.tp_dim)
         max_dp = max(max_dp, dp)
     pairs = config["pairs"]

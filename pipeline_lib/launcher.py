@@ -1,28 +1,54 @@
 """Start a job's ranks with torchrun and watch them: a hang becomes ``timeout``, a death by
 signal becomes ``crash`` with the signal and rank named, any other failure becomes ``error``.
 
-The job's own process is the torchrun agent (``torch.distributed.run.run``, in process): one
-Python start-up and torch import less per job than a ``torchrun`` subprocess, and failures come
-back as structured ``ChildFailedError`` records instead of log text. On a workstation the
-rendezvous is ``--standalone`` (a free port per job, so jobs run side by side).
+Two launchers, one outcome (:class:`Outcome`, classified by :func:`describe_failure`):
+
+- **standalone** (a workstation, and a Slurm job on one node): the job's own process is the
+  torchrun agent (``torch.distributed.run.run``, in process): one Python start-up and torch
+  import less per job than a ``torchrun`` subprocess, and failures come back as structured
+  ``ChildFailedError`` records instead of log text. The rendezvous is ``--standalone`` (a free
+  port per job, so jobs run side by side).
+- **srun** (a Slurm job on several nodes): ``srun --ntasks-per-node=1`` starts one torchrun
+  agent per node (``python -m pipeline_lib.launcher node-agent``, the same in-process agent)
+  with a c10d rendezvous on the allocation's first node, at a port derived from the job id.
+  Each agent writes its ``ChildFailedError`` records to ``work_dir/agents-N/``; the launching
+  process reads them back, so a crash still names its rank and signal.
+
+``DCP_MATRIX_LAUNCHER`` (``auto``, ``standalone`` or ``srun``) overrides the choice; ``auto``
+(the default) takes ``srun`` only inside a Slurm allocation of more than one node.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import itertools
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 
-from pipeline_lib.atomic import read_json
+from pipeline_lib.atomic import read_json, write_json
 
 POLL_S = 0.1
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
+LAUNCHER_ENV = "DCP_MATRIX_LAUNCHER"
+# Rendezvous ports of the srun launcher: below Linux's ephemeral range (32768-60999). Jobs
+# whose ids differ by less than RDZV_SLOTS never share a port; each job has RDZV_PER_JOB ports
+# for its successive launches (a load job launches again after a crash).
+RDZV_BASE, RDZV_SLOTS, RDZV_PER_JOB = 20000, 2500, 4
+# After the watchdog's SIGTERM, srun and its agents get this long to stop the ranks.
+SRUN_GRACE_S = 15.0
+_LAUNCHES = itertools.count(1)
 
 
 @dataclass
@@ -61,12 +87,21 @@ def describe_failure(failures: dict) -> tuple[str, str, str]:
     return "error", f"rank {rank} exited with code {failure.exitcode}", last_exception(str(message))
 
 
-class Watchdog(threading.Thread):
-    """Kill every child process when the progress file has not changed for ``timeout_s``."""
+def kill_children() -> None:
+    """SIGKILL every descendant of this process (the ranks, or srun and its agents)."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signal.SIGKILL)
 
-    def __init__(self, progress: Path, timeout_s: float):
+
+class Watchdog(threading.Thread):
+    """Stop the ranks (``kill``, by default SIGKILL to every child process) when the progress
+    file has not changed for ``timeout_s``."""
+
+    def __init__(self, progress: Path, timeout_s: float, kill: Callable[[], None] | None = None):
         super().__init__(daemon=True)
         self.progress, self.timeout_s = progress, timeout_s
+        self.kill = kill or kill_children
         self.fired = False
         self._done = threading.Event()
 
@@ -78,9 +113,7 @@ class Watchdog(threading.Thread):
                 last_change, last_mtime = time.monotonic(), mtime
             elif time.monotonic() - last_change > self.timeout_s:
                 self.fired = True
-                for child in psutil.Process().children(recursive=True):
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        child.send_signal(signal.SIGKILL)
+                self.kill()
                 last_change = time.monotonic()
 
     def stop(self) -> None:
@@ -88,29 +121,174 @@ class Watchdog(threading.Thread):
         self.join()
 
 
-def launch(world_size: int, worker_args: list[str], work_dir: Path, timeout_s: float) -> Outcome:
-    """Run ``python -m pipeline_lib.worker ARGS`` on ``world_size`` ranks under torchrun."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
+# --- where the job runs ---------------------------------------------------------------------
+@dataclass
+class Allocation:
+    """The Slurm allocation this job runs in (``scontrol show job``)."""
 
-    progress = work_dir / "progress.json"
-    progress.unlink(missing_ok=True)
-    args = get_args_parser().parse_args(
-        [
-            "--standalone",
-            f"--nproc-per-node={world_size}",
-            "-m",
-            "pipeline_lib.worker",
-            *worker_args,
-        ]
+    job_id: str
+    hosts: list[str]
+    cpus_per_task: int
+
+
+def _scontrol(*args: str) -> str:
+    return subprocess.run(
+        ["scontrol", *args], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+
+
+def slurm_allocation(environ: dict | None = None) -> Allocation | None:
+    """The allocation of ``SLURM_JOB_ID``, or None outside Slurm. The Snakemake job step
+    keeps only SLURM_JOB_ID of the allocation's variables, so the rest comes from scontrol."""
+    environ = os.environ if environ is None else environ
+    job_id = environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    fields = dict(
+        item.split("=", 1) for item in _scontrol("show", "job", "-o", job_id).split() if "=" in item
     )
-    watchdog = Watchdog(progress, timeout_s)
-    watchdog.start()
+    nodelist = environ.get("SLURM_JOB_NODELIST") or fields["NodeList"]
+    hosts = _scontrol("show", "hostnames", nodelist).split()
+    cpus = fields.get("CPUs/Task", "1")
+    return Allocation(job_id, hosts, int(cpus) if cpus.isdigit() else 1)
+
+
+def choose_launcher(allocation: Allocation | None, environ: dict | None = None) -> str:
+    environ = os.environ if environ is None else environ
+    mode = environ.get(LAUNCHER_ENV, "auto") or "auto"
+    if mode not in ("auto", "standalone", "srun"):
+        raise ValueError(f"{LAUNCHER_ENV}={mode!r}: expected auto, standalone or srun")
+    if mode == "srun" and allocation is None:
+        raise ValueError(f"{LAUNCHER_ENV}=srun needs a Slurm allocation (no SLURM_JOB_ID)")
+    if mode == "auto":
+        mode = "srun" if allocation is not None and len(allocation.hosts) > 1 else "standalone"
+    return mode
+
+
+def rendezvous_port(job_id: str, launch: int) -> int:
+    """A c10d port for launch ``launch`` of job ``job_id``: two jobs running at the same time
+    (ids less than RDZV_SLOTS apart) never get the same one."""
+    return RDZV_BASE + (int(job_id) % RDZV_SLOTS) * RDZV_PER_JOB + launch % RDZV_PER_JOB
+
+
+def srun_command(
+    allocation: Allocation, world_size: int, worker_args: list[str], agents_dir: Path, launch: int
+) -> list[str]:
+    """One torchrun agent per node of the allocation, c10d rendezvous on the first node."""
+    nodes = len(allocation.hosts)
+    if world_size % nodes:
+        raise ValueError(f"world size {world_size} does not split evenly over {nodes} nodes")
+    endpoint = f"{allocation.hosts[0]}:{rendezvous_port(allocation.job_id, launch)}"
+    return [
+        "srun",
+        f"--nodes={nodes}",
+        f"--ntasks={nodes}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={allocation.cpus_per_task}",
+        # A step of its own beside the job's (one-node jobs run inside Snakemake's step).
+        "--overlap",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "pipeline_lib.launcher",
+        "node-agent",
+        "--out-dir",
+        str(agents_dir),
+        "--",
+        f"--nnodes={nodes}",
+        f"--nproc-per-node={world_size // nodes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id=dcp-matrix-{allocation.job_id}-{launch}",
+        "-m",
+        "pipeline_lib.worker",
+        *worker_args,
+    ]
+
+
+# --- the two launchers: (status, cause, detail) ---------------------------------------------
+def _torchrun_args(argv: list[str]):
+    from torch.distributed.run import get_args_parser
+
+    return get_args_parser().parse_args(argv)
+
+
+def _run_standalone(world_size: int, worker_args: list[str]) -> tuple[str, str, str]:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
+    argv = ["--standalone", f"--nproc-per-node={world_size}", "-m", "pipeline_lib.worker"]
+    args = _torchrun_args([*argv, *worker_args])
     try:
         run(args)
-        status, cause, detail = "ok", "", ""
     except ChildFailedError as exc:
-        status, cause, detail = describe_failure(exc.failures)
+        return describe_failure(exc.failures)
+    return "ok", "", ""
+
+
+def read_agent_failures(agents_dir: Path) -> dict:
+    """Every node agent's per-rank failures (global ranks), as ``describe_failure`` takes them."""
+    failures = {}
+    for path in sorted(agents_dir.glob("node-*.json")):
+        for rank, failure in read_json(path).items():
+            failures[int(rank)] = SimpleNamespace(**failure)
+    return failures
+
+
+class _SrunLauncher:
+    def __init__(self, allocation: Allocation, world_size: int, worker_args: list[str], work_dir):
+        self.launch_id = next(_LAUNCHES)
+        self.agents_dir = Path(work_dir) / f"agents-{self.launch_id}"
+        self.agents_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.agents_dir.glob("node-*.json"):
+            stale.unlink()
+        self.command = srun_command(
+            allocation, world_size, worker_args, self.agents_dir, self.launch_id
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def kill(self) -> None:
+        """srun forwards SIGTERM to the agents, which stop their ranks; SIGKILL if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            kill_children()
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(SRUN_GRACE_S)
+        except subprocess.TimeoutExpired:
+            kill_children()
+
+    def run(self) -> tuple[str, str, str]:
+        print("launcher: " + " ".join(self.command), file=sys.stderr, flush=True)
+        self.proc = subprocess.Popen(self.command)
+        returncode = self.proc.wait()
+        failures = read_agent_failures(self.agents_dir)
+        if failures:
+            return describe_failure(failures)
+        if returncode == 0:
+            return "ok", "", ""
+        if returncode < 0:
+            return "crash", f"srun killed by {signal_name(-returncode)}", ""
+        # srun itself or a node agent failed before any rank did (rendezvous, allocation).
+        return "error", f"srun exited with code {returncode}", "see the job log"
+
+
+def launch(world_size: int, worker_args: list[str], work_dir: Path, timeout_s: float) -> Outcome:
+    """Run ``python -m pipeline_lib.worker ARGS`` on ``world_size`` ranks under torchrun."""
+    progress = work_dir / "progress.json"
+    progress.unlink(missing_ok=True)
+    try:
+        allocation = slurm_allocation()
+        srun = None
+        if choose_launcher(allocation) == "srun":
+            srun = _SrunLauncher(allocation, world_size, worker_args, work_dir)
+    except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+        return Outcome("error", f"cannot launch: {exc}", "")
+    watchdog = Watchdog(progress, timeout_s, kill=srun.kill if srun else None)
+    watchdog.start()
+    try:
+        status, cause, detail = srun.run() if srun else _run_standalone(world_size, worker_args)
     finally:
         watchdog.stop()
     step = read_json(progress)["step"] if progress.exists() else ""
@@ -120,3 +298,41 @@ def launch(world_size: int, worker_args: list[str], work_dir: Path, timeout_s: f
     if status == "ok":
         return Outcome(status, "", step)
     return Outcome(status, f"{cause} {where}" + (f": {detail}" if detail else ""), step)
+
+
+# --- the per-node agent of the srun launcher --------------------------------------------------
+def node_agent(out_dir: Path, torchrun_argv: list[str]) -> int:
+    """Run torchrun's agent in process on this node; on failure, write its per-rank failures
+    to ``out_dir/node-<node>.json`` (read by :func:`read_agent_failures`) and exit 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
+    args = _torchrun_args(torchrun_argv)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        node = os.environ.get("SLURM_NODEID") or os.environ.get("SLURM_PROCID", "0")
+        failures = {
+            str(rank): {"exitcode": f.exitcode, "timestamp": f.timestamp, "message": f.message}
+            for rank, f in exc.failures.items()
+        }
+        write_json(Path(out_dir) / f"node-{node}.json", failures)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline_lib.launcher")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("node-agent", help="one node's torchrun agent (started by srun)")
+    p.add_argument("--out-dir", required=True, type=Path)
+    p.add_argument("torchrun_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    torchrun_args = args.torchrun_args
+    if torchrun_args and torchrun_args[0] == "--":
+        torchrun_args = torchrun_args[1:]
+    sys.exit(node_agent(args.out_dir, torchrun_args))
+
+
+if __name__ == "__main__":
+    main()

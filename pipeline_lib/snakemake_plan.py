@@ -87,6 +87,66 @@ class Plan:
     def threads(self, wildcards) -> int:
         return self.ranks(wildcards)
 
+    # --- Slurm resources (profiles/slurm; the local executor ignores them) ------------------
+    # A job of world size W runs on ceil(W / run.gpus_per_node) nodes, the same number of
+    # ranks (and GPUs) on each; run.gpus_per_node = 0 (CPU jobs) keeps every rank on one node.
+    # Values of None leave a resource unset.
+    def _world(self, wildcards) -> int:
+        layout = getattr(wildcards, "layout", None)
+        if layout is None:  # load_fault_checkpoint: the fault cell's load layout
+            return self.fault_load_threads(wildcards)
+        return self.layouts[layout].world_size
+
+    def _placement(self, wildcards) -> tuple[int, int, int]:
+        """(nodes, ranks per node, GPUs per node) of the job."""
+        world, gpus_per_node = self._world(wildcards), self.config["run"]["gpus_per_node"]
+        if not gpus_per_node:
+            return 1, world, 0
+        nodes = -(-world // gpus_per_node)
+        return nodes, world // nodes, world // nodes
+
+    def slurm_nodes(self, wildcards) -> int:
+        return self._placement(wildcards)[0]
+
+    def slurm_tasks(self, wildcards) -> int | None:
+        """One task per node (a torchrun agent each) for a multi-node job."""
+        nodes = self._placement(wildcards)[0]
+        return nodes if nodes > 1 else None
+
+    def slurm_mpi(self, wildcards) -> str | None:
+        """Multi-node jobs: the plugin runs the command in the batch script unwrapped and the
+        launcher calls srun itself (pipeline_lib.launcher)."""
+        return "srun" if self._placement(wildcards)[0] > 1 else None
+
+    def slurm_gres(self, wildcards) -> str | None:
+        """``--gres=gpu:N``: N GPUs on every node of the job, one per rank."""
+        gpus = self._placement(wildcards)[2]
+        return f"gpu:{gpus}" if gpus else None
+
+    def slurm_tasks_per_gpu(self, wildcards) -> int | None:
+        """0 for GPU jobs: no ``--ntasks-per-gpu`` (which would start the command per GPU)."""
+        return 0 if self._placement(wildcards)[2] else None
+
+    def slurm_cpus_per_task(self, wildcards) -> int | None:
+        """Multi-node jobs: one CPU per rank of a node (one-node jobs: ``threads``)."""
+        nodes, per_node, _ = self._placement(wildcards)
+        return per_node if nodes > 1 else None
+
+    def slurm_mem_mb(self, wildcards) -> int:
+        """Memory per node: 1 GB for the agent and the job's own checks, 2 GB per rank."""
+        return 1000 + 2000 * self._placement(wildcards)[1]
+
+    def slurm_runtime(self, wildcards, attempt) -> int:
+        """Minutes: twice the watchdog's worst case (start-up, training, the save and every
+        checkpoint a load job verifies, each taking ``run.cell_timeout_s``), plus 10; more on
+        each retry. A save job of a layout gets the limit of that layout's load job."""
+        layout = getattr(wildcards, "layout", None)
+        cells = 1
+        if layout is not None and getattr(wildcards, "fault_id", None) is None:
+            cells = len(grid.sources_of(self.config, layout))
+        worst_s = (cells + 3) * self.config["run"]["cell_timeout_s"]
+        return (10 + -(-2 * int(worst_s) // 60)) * attempt
+
     @property
     def git_commit(self) -> str:
         try:

@@ -20,4 +20,14 @@ fi
 if [ "${1:-}" = "--dev" ]; then
   # The report's browser test opens report.html in headless Chromium (Debian's package).
   command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+  # tests/test_slurm.py brings up a real single-node Slurm (scripts/slurm_up.sh): Debian's
+  # munge and Slurm daemons and client, no daemon started here.
+  for bin in munged slurmctld slurmd sbatch; do
+    command -v "$bin" >/dev/null || {
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        munge slurmctld slurmd slurm-client
+      break
+    }
+  done
 fi

@@ -9,6 +9,14 @@ rule save_checkpoint:
     threads: plan.threads
     resources:
         ranks=plan.ranks,
+        nodes=plan.slurm_nodes,
+        tasks=plan.slurm_tasks,
+        mpi=plan.slurm_mpi,
+        gres=plan.slurm_gres,
+        tasks_per_gpu=plan.slurm_tasks_per_gpu,
+        cpus_per_task=plan.slurm_cpus_per_task,
+        mem_mb=plan.slurm_mem_mb,
+        runtime=plan.slurm_runtime,
     params:
         python=PYTHON,
         spec=plan.save_spec,
@@ -28,6 +36,14 @@ rule load_checkpoints:
     threads: plan.threads
     resources:
         ranks=plan.ranks,
+        nodes=plan.slurm_nodes,
+        tasks=plan.slurm_tasks,
+        mpi=plan.slurm_mpi,
+        gres=plan.slurm_gres,
+        tasks_per_gpu=plan.slurm_tasks_per_gpu,
+        cpus_per_task=plan.slurm_cpus_per_task,
+        mem_mb=plan.slurm_mem_mb,
+        runtime=plan.slurm_runtime,
     params:
         python=PYTHON,
         spec=plan.load_spec,
@@ -65,6 +81,14 @@ rule save_fault_checkpoint:
     threads: plan.threads
     resources:
         ranks=plan.ranks,
+        nodes=plan.slurm_nodes,
+        tasks=plan.slurm_tasks,
+        mpi=plan.slurm_mpi,
+        gres=plan.slurm_gres,
+        tasks_per_gpu=plan.slurm_tasks_per_gpu,
+        cpus_per_task=plan.slurm_cpus_per_task,
+        mem_mb=plan.slurm_mem_mb,
+        runtime=plan.slurm_runtime,
     params:
         python=PYTHON,
         spec=plan.fault_save_spec,
@@ -84,6 +108,14 @@ rule load_fault_checkpoint:
     threads: plan.fault_load_threads
     resources:
         ranks=plan.fault_load_threads,
+        nodes=plan.slurm_nodes,
+        tasks=plan.slurm_tasks,
+        mpi=plan.slurm_mpi,
+        gres=plan.slurm_gres,
+        tasks_per_gpu=plan.slurm_tasks_per_gpu,
+        cpus_per_task=plan.slurm_cpus_per_task,
+        mem_mb=plan.slurm_mem_mb,
+        runtime=plan.slurm_runtime,
     params:
         python=PYTHON,
         spec=plan.fault_load_spec,
