@@ -28,6 +28,8 @@ PYTHON = sys.executable
 wildcard_constraints:
     model=plan.wildcard_pattern("models"),
     layout=plan.wildcard_pattern("layouts"),
+    root=plan.root_pattern,
+    version=plan.wildcard_pattern("torch_versions"),
 
 
 include: "workflow/rules/matrix.smk"

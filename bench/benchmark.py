@@ -61,6 +61,11 @@ def torchrun(world_size: int, *args: str, cwd: Path) -> tuple[float, dict]:
     return elapsed, json.loads(line.removeprefix("RESULT "))
 
 
+def snakemake_command(run_dir: Path, *extra: str) -> list[str]:
+    return [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
+            "--cores", "2", "--configfile", str(run_dir / "config.yaml"), *extra]  # fmt: skip
+
+
 def floors(world_sizes: set[int], repeats: int, work: Path) -> dict[int, float]:
     return {
         n: statistics.median(torchrun(n, "noop", cwd=work)[0] for _ in range(repeats))
@@ -81,20 +86,7 @@ def bench_matrix(config_path: Path, repeats: int, work: Path) -> None:
     run_dir = work / "matrix"
     run_dir.mkdir()
     shutil.copy(config_path, run_dir / "config.yaml")
-    wall, _ = timed(
-        [
-            str(BIN / "snakemake"),
-            "-s",
-            str(REPO / "Snakefile"),
-            "-d",
-            str(run_dir),
-            "--cores",
-            "2",
-            "--configfile",
-            str(run_dir / "config.yaml"),
-        ],
-        work,
-    )
+    wall, _ = timed(snakemake_command(run_dir), work)
     print("1. matrix wall time vs the torchrun floor")
     for n in sorted(floor):
         print(
@@ -181,22 +173,7 @@ def bench_dry_run(work: Path) -> None:
     run_dir = work / "dry-run"
     run_dir.mkdir()
     cfg = ten_thousand_cell_config(run_dir / "config.yaml")
-    wall, _ = timed(
-        [
-            str(BIN / "snakemake"),
-            "-s",
-            str(REPO / "Snakefile"),
-            "-d",
-            str(run_dir),
-            "--cores",
-            "2",
-            "-n",
-            "--quiet",
-            "--configfile",
-            str(run_dir / "config.yaml"),
-        ],
-        work,
-    )
+    wall, _ = timed(snakemake_command(run_dir, "-n", "--quiet"), work)
     print(f"3. snakemake -n on {len(grid.cells(cfg))} cells: {wall:.1f} s (target <= 30 s)")
 
 

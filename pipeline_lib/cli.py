@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 from pipeline_lib import grid
@@ -93,6 +94,11 @@ def files_check(checkpoint: str, reference_path: str) -> tuple[dict, str]:
     return entries, ""
 
 
+def torch_version() -> str:
+    """The torch this job runs (its environment's; known even when every rank crashed)."""
+    return metadata.version("torch")
+
+
 def cmd_save(spec: dict) -> None:
     from pipeline_lib.faults import FAULTS
 
@@ -109,6 +115,7 @@ def cmd_save(spec: dict) -> None:
         "created_at": _now(),
         "status": status,
         "reason": reason,
+        "torch_version": torch_version(),
     }
     result_file = work / "results" / "save.json"
     if status == "ok" and not result_file.exists():
@@ -131,16 +138,16 @@ def cmd_load(spec: dict) -> None:
     from pipeline_lib.records import cell_row, tensor_rows
 
     work = _fresh_dir(Path(spec["work_dir"]))
-    saves = {s["layout"]["name"]: read_json(s["save_record"]) for s in spec["sources"]}
+    saves = {s["id"]: read_json(s["save_record"]) for s in spec["sources"]}
     results: dict[str, dict] = {
         name: {"status": "not_run", "reason": "the save job failed"}
         for name, save in saves.items()
         if save["status"] != "ok"
     }
     pending = [
-        {**s, "reference": saves[s["layout"]["name"]]["reference"]}
+        {**s, "reference": saves[s["id"]]["reference"]}
         for s in spec["sources"]
-        if s["layout"]["name"] not in results
+        if s["id"] not in results
     ]
     attempt = 0
     # One launch verifies every checkpoint; after a crash or hang, the cell in progress is
@@ -149,10 +156,10 @@ def cmd_load(spec: dict) -> None:
         attempt += 1
         status, reason, step = _run_worker({**spec, "sources": pending}, work, attempt)
         for s in pending:
-            cell_file = work / "results" / f"{s['layout']['name']}.json"
+            cell_file = work / "results" / f"{s['id']}.json"
             if cell_file.exists():
-                results[s["layout"]["name"]] = read_json(cell_file)
-        left = [s["layout"]["name"] for s in pending if s["layout"]["name"] not in results]
+                results[s["id"]] = read_json(cell_file)
+        left = [s["id"] for s in pending if s["id"] not in results]
         if not left:
             break
         current = step.removeprefix("cell ") if step.startswith("cell ") else None
@@ -162,12 +169,13 @@ def cmd_load(spec: dict) -> None:
             results[current] = {"status": status, "reason": reason}
         else:  # failed before its first cell: every cell not reached shares the failure
             results.update({name: {"status": status, "reason": reason} for name in left})
-        pending = [s for s in pending if s["layout"]["name"] not in results]
+        pending = [s for s in pending if s["id"] not in results]
 
     cells, tensors = [], []
     for source in spec["sources"]:
-        name = source["layout"]["name"]
-        save, load = saves[name], {**results[name], "layout": spec["layout"]}
+        name = source["id"]
+        load = {**results[name], "layout": spec["layout"], "torch_version": torch_version()}
+        save = saves[name]
         cells.append(cell_row(spec["model"], save, load, spec))
         tensors.extend(tensor_rows(spec["model"], save, load))
     record = {"cells": cells, "tensors": tensors, "launches": attempt}
@@ -188,6 +196,12 @@ def cmd_selftest(args: argparse.Namespace) -> None:
     if args.check:
         sys.exit(check(args.check, args.ok))
     summarize(args.records, args.table, args.markdown)
+
+
+def cmd_make_env(args: argparse.Namespace) -> None:
+    from pipeline_lib.environments import make_env
+
+    make_env(Path(args.prefix), args.requirement)
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
@@ -218,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check", help="selftest.parquet to check: exit 1 if a fault was missed")
     p.add_argument("--ok", help="with --check: marker file written when every fault was caught")
     p.add_argument("records", nargs="*")
+    p = sub.add_parser("make-env", help="build a torch_versions environment (venv + project)")
+    p.add_argument("--requirement", required=True, help='pip requirement, e.g. "torch==2.14.1"')
+    p.add_argument("--prefix", required=True, help="the environment's folder")
     p = sub.add_parser("check-config", help="validate a config file and count its cells")
     p.add_argument("configfile")
     args = parser.parse_args(argv)
@@ -228,5 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd_aggregate(args)
     elif args.command == "selftest":
         cmd_selftest(args)
+    elif args.command == "make-env":
+        cmd_make_env(args)
     else:
         cmd_check_config(args)

@@ -112,12 +112,10 @@ def _check_semantics(config: dict, source: str) -> None:
             )
         dp = math.prod(s for s, d in zip(mesh, fw.mesh_dims, strict=True) if d != fw.tp_dim)
         max_dp = max(max_dp, dp)
-    pairs = config["pairs"]
-    if isinstance(pairs, list):
-        for i, pair in enumerate(pairs):
-            for j, layout_name in enumerate(pair):
-                if layout_name not in config["layouts"]:
-                    errors.append(f"pairs.{i}.{j}: unknown layout {layout_name!r}")
+    errors += _unknown_pair_names(config, "pairs", config["layouts"], "layout")
+    errors += _unknown_pair_names(
+        config, "version_pairs", config["torch_versions"], "torch version"
+    )
     known_faults = ["all", *faults.FAULTS]
     for i, entry in enumerate(config["faults"]):
         if entry["fault"] not in known_faults:
@@ -135,3 +133,14 @@ def _check_semantics(config: dict, source: str) -> None:
         )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{source}: {e}" for e in errors))
+
+
+def _unknown_pair_names(config: dict, key: str, known, what: str) -> list[str]:
+    """Errors for the names in a list of [save, load] pairs (``pairs``, ``version_pairs``)."""
+    pairs = config[key] if isinstance(config[key], list) else []
+    return [
+        f"{key}.{i}.{j}: unknown {what} {name!r}"
+        for i, pair in enumerate(pairs)
+        for j, name in enumerate(pair)
+        if name not in known
+    ]

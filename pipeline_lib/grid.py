@@ -45,6 +45,9 @@ class Cell:
     model: str
     save: Layout
     load: Layout
+    # torch environments (config torch_versions); None: the one the pipeline runs in
+    save_version: str | None = None
+    load_version: str | None = None
 
 
 def layouts(config: dict) -> dict[str, Layout]:
@@ -56,21 +59,74 @@ def layouts(config: dict) -> dict[str, Layout]:
 
 
 def layout_pairs(config: dict) -> list[tuple[str, str]]:
-    names = list(config["layouts"])
-    pairs = config["pairs"]
-    if pairs == "all":
+    return _pairs(config["pairs"], list(config["layouts"]))
+
+
+def _pairs(setting, names: list) -> list[tuple]:
+    """Ordered (save, load) pairs of ``names`` for a setting: all, same, or an explicit list."""
+    if setting == "all":
         return [(s, d) for s in names for d in names]
-    if pairs == "same":
+    if setting == "same":
         return [(n, n) for n in names]
-    return [tuple(p) for p in dict.fromkeys(tuple(p) for p in pairs)]
+    return [tuple(p) for p in dict.fromkeys(tuple(p) for p in setting)]
 
 
 def cells(config: dict) -> list[Cell]:
     by_name = layouts(config)
     return [
-        Cell(model, by_name[s], by_name[d])
+        Cell(model, by_name[s], by_name[d], sv, lv)
         for model in config["models"]
+        for sv, lv in version_pairs(config)
         for s, d in layout_pairs(config)
+    ]
+
+
+def torch_versions(config: dict) -> list[str | None]:
+    """Named torch environments, or [None]: every job runs in the pipeline's own environment."""
+    return list(config["torch_versions"]) or [None]
+
+
+def version_pairs(config: dict) -> list[tuple[str | None, str | None]]:
+    names = torch_versions(config)
+    return [(None, None)] if names == [None] else _pairs(config["version_pairs"], names)
+
+
+def version_root(version: str | None) -> str:
+    """Where the jobs of one torch environment write (the default keeps the plain layout)."""
+    return RESULTS if version is None else f"{RESULTS}/torch/{version}"
+
+
+def env_dir(config: dict, version: str) -> str:
+    return f"{config['run']['torch_env_dir']}/{version}"
+
+
+def env_python(config: dict, version: str) -> str:
+    return f"{env_dir(config, version)}/bin/python"
+
+
+def env_marker(config: dict, version: str) -> str:
+    """The environment's exact package list, written last when it is built."""
+    return f"{env_dir(config, version)}/packages.txt"
+
+
+def save_jobs(config: dict) -> list[tuple[str | None, str, str]]:
+    """(torch version, model, layout) of every save job."""
+    versions = dict.fromkeys(s for s, _ in version_pairs(config))
+    return [(v, m, s) for v in versions for m in config["models"] for s in save_layouts(config)]
+
+
+def load_jobs(config: dict) -> list[tuple[str | None, str, str]]:
+    versions = dict.fromkeys(d for _, d in version_pairs(config))
+    return [(v, m, d) for v in versions for m in config["models"] for d in load_layouts(config)]
+
+
+def load_sources(config: dict, layout: str, version: str | None) -> list[tuple[str, str | None]]:
+    """(save layout, save torch version) of every checkpoint a load job verifies."""
+    return [
+        (src, sv)
+        for sv, lv in version_pairs(config)
+        if lv == version
+        for src in sources_of(config, layout)
     ]
 
 
@@ -127,11 +183,17 @@ def save_spec(config: dict, model: str, layout: str, root: str = RESULTS) -> dic
 
 
 def load_spec(
-    config: dict, model: str, layout: str, sources: list[str] | None = None, root: str = RESULTS
+    config: dict,
+    model: str,
+    layout: str,
+    sources: list[tuple[str, str | None]] | None = None,
+    root: str = RESULTS,
 ) -> dict:
-    """The load job of (model, layout): it verifies the checkpoint of every source layout
-    (default: every save layout paired with ``layout``)."""
+    """The load job of (model, layout): it verifies the checkpoint of every source, a (save
+    layout, save torch version) pair (default: every one paired with ``layout``)."""
     by_name = layouts(config)
+    if sources is None:
+        sources = [(src, None) for src in sources_of(config, layout)]
     return {
         "kind": "load",
         "model": model,
@@ -142,15 +204,28 @@ def load_spec(
         "config_hash": config_hash(config),
         "sources": [
             {
+                # Unique within the job: the same layout may come from two torch versions.
+                "id": src if version is None else f"{version}.{src}",
                 "layout": by_name[src].to_dict(),
-                "checkpoint": checkpoint_dir(model, src, root),
-                "save_record": save_record(model, src, root),
+                "checkpoint": checkpoint_dir(model, src, version_root(version)),
+                "save_record": save_record(model, src, version_root(version)),
             }
-            for src in (sources if sources is not None else sources_of(config, layout))
+            for src, version in sources
         ],
         "record": load_record(model, layout, root),
         "work_dir": f"{root}/work/load/{model}/{layout}",
     }
+
+
+def job_save_spec(config: dict, version: str | None, model: str, layout: str) -> dict:
+    """The save job of (model, layout) in one torch environment (None: the pipeline's own)."""
+    return {**save_spec(config, model, layout, version_root(version)), "torch_env": version}
+
+
+def job_load_spec(config: dict, version: str | None, model: str, layout: str) -> dict:
+    sources = load_sources(config, layout, version)
+    spec = load_spec(config, model, layout, sources, version_root(version))
+    return {**spec, "torch_env": version}
 
 
 # --- the fault campaign (config key ``faults``) --------------------------------------------
@@ -206,7 +281,7 @@ def fault_save_spec(config: dict, cell: FaultCell) -> dict:
 
 def fault_load_spec(config: dict, cell: FaultCell) -> dict:
     fault = faults.FAULTS[cell.fault]
-    spec = load_spec(config, cell.model, cell.load, [cell.save], cell.root)
+    spec = load_spec(config, cell.model, cell.load, [(cell.save, None)], cell.root)
     source = spec["sources"][0]
     source.update(
         checkpoint=checkpoint_dir(cell.save_model, cell.save, cell.root),

@@ -14,7 +14,7 @@ STATUSES = ("pass", "fail", "error", "crash", "timeout", "skip")
 # Job outcomes (before the cell's checks): ok, or the status the whole cell inherits.
 JOB_FAILURES = ("error", "crash", "timeout")
 
-CELL_KEYS = ["model", "save_layout", "load_layout"]
+CELL_KEYS = ["model", "save_layout", "load_layout", "save_torch_version", "load_torch_version"]
 
 MATRIX_SCHEMA = pa.schema(
     [
@@ -49,6 +49,8 @@ MATRIX_SCHEMA = pa.schema(
         ("save_peak_rss_mb", pa.float64()),
         ("load_peak_rss_mb", pa.float64()),
         ("torch_version", pa.string()),
+        ("save_torch_version", pa.string()),
+        ("load_torch_version", pa.string()),
         ("backend", pa.string()),
         ("device", pa.string()),
         ("config_hash", pa.string()),
@@ -62,6 +64,8 @@ TENSORS_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("save_layout", pa.string()),
         ("load_layout", pa.string()),
+        ("save_torch_version", pa.string()),
+        ("load_torch_version", pa.string()),
         ("entry", pa.string()),
         ("kind", pa.string()),
         ("dtype", pa.string()),
@@ -192,6 +196,8 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
         "save_peak_rss_mb": save.get("peak_rss_mb"),
         "load_peak_rss_mb": load.get("peak_rss_mb"),
         "torch_version": env.get("torch_version"),
+        "save_torch_version": save.get("torch_version"),
+        "load_torch_version": load.get("torch_version"),
         "backend": env.get("backend"),
         "device": env.get("device"),
         "config_hash": spec["config_hash"],
@@ -229,6 +235,8 @@ def tensor_rows(model: str, save: dict, load: dict) -> list[dict[str, Any]]:
                 "model": model,
                 "save_layout": save["layout"]["name"],
                 "load_layout": load["layout"]["name"],
+                "save_torch_version": save.get("torch_version"),
+                "load_torch_version": load.get("torch_version"),
                 "entry": name,
                 "kind": m.get("kind"),
                 "dtype": m.get("dtype"),

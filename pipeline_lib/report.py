@@ -96,7 +96,8 @@ def _count(n: int, noun: str = "cell") -> str:
 
 def tooltip(cell: dict) -> str:
     lines = [
-        f"{cell['model']}: saved under {cell['save_layout']}, loaded under {cell['load_layout']}",
+        f"{cell['model']}: saved under {cell['save_layout']} (torch {cell['save_torch_version']}),"
+        f" loaded under {cell['load_layout']} (torch {cell['load_torch_version']})",
         f"status: {cell['status']}",
     ]
     if cell["reason"]:
@@ -109,20 +110,33 @@ def tooltip(cell: dict) -> str:
 
 
 def heatmaps(matrix: pd.DataFrame, order: Order) -> list[dict]:
-    """Per model: rows of (save layout, [cell or None per load layout]); None = not in pairs."""
+    """Per model (and per torch version pair, when the matrix has several): rows of (save
+    layout, [cell or None per load layout]); None = not in pairs."""
+    records = matrix.to_dict("records")
     cells = {
-        (c["model"], c["save_layout"], c["load_layout"]): {**c, "tooltip": tooltip(c)}
-        for c in matrix.to_dict("records")
-    }
+        (c["model"], c["save_torch_version"], c["load_torch_version"], c["save_layout"],
+         c["load_layout"]): {**c, "tooltip": tooltip(c)}
+        for c in records
+    }  # fmt: skip
+    versions = list(
+        dict.fromkeys((c["save_torch_version"], c["load_torch_version"]) for c in records)
+    )
     return [
         {
             "model": model,
+            "title": model if len(versions) == 1 else f"{model}: torch {saved} → {loaded}",
+            "anchor": model if len(versions) == 1 else f"{model}-{saved}-{loaded}",
             "rows": [
-                (save, [cells.get((model, save, load)) for load in order.load_layouts])
+                (
+                    save,
+                    [cells.get((model, saved, loaded, save, load)) for load in order.load_layouts],
+                )
                 for save in order.save_layouts
             ],
         }
         for model in order.models
+        for saved, loaded in versions
+        if any(key[:3] == (model, saved, loaded) for key in cells)
     ]
 
 

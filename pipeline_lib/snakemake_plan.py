@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 
 from pipeline_lib import grid
 from pipeline_lib.config import validate
@@ -26,27 +27,61 @@ class Plan:
     def wildcard_pattern(self, key: str) -> str:
         return "|".join(re.escape(name) for name in self.config[key])
 
+    @property
+    def root_pattern(self) -> str:
+        """The {root} wildcard of the matrix rules: results or results/torch/<version>."""
+        names = [v for v in grid.torch_versions(self.config) if v is not None]
+        return "|".join(re.escape(grid.version_root(v)) for v in [None, *names])
+
+    def _version(self, wildcards) -> str | None:
+        prefix = grid.version_root("")
+        return wildcards.root.removeprefix(prefix) if wildcards.root.startswith(prefix) else None
+
+    @property
+    def env_dir(self) -> str:
+        return self.config["run"]["torch_env_dir"]
+
+    def torch_requirement(self, wildcards) -> str:
+        return self.config["torch_versions"][wildcards.version]
+
+    def torch_env_prefix(self, wildcards) -> str:
+        return grid.env_dir(self.config, wildcards.version)
+
+    def torch_env_inputs(self, wildcards) -> list[str]:
+        version = self._version(wildcards)
+        return [] if version is None else [grid.env_marker(self.config, version)]
+
+    def python(self, wildcards) -> str:
+        version = self._version(wildcards)
+        return sys.executable if version is None else grid.env_python(self.config, version)
+
     def save_spec(self, wildcards) -> str:
-        return json.dumps(grid.save_spec(self.config, wildcards.model, wildcards.layout))
+        version = self._version(wildcards)
+        return json.dumps(
+            grid.job_save_spec(self.config, version, wildcards.model, wildcards.layout)
+        )
 
     def load_spec(self, wildcards) -> str:
-        return json.dumps(grid.load_spec(self.config, wildcards.model, wildcards.layout))
+        version = self._version(wildcards)
+        return json.dumps(
+            grid.job_load_spec(self.config, version, wildcards.model, wildcards.layout)
+        )
 
     def load_inputs(self, wildcards) -> list[str]:
+        version = self._version(wildcards)
         return [
             path
-            for src in grid.sources_of(self.config, wildcards.layout)
+            for src, save_version in grid.load_sources(self.config, wildcards.layout, version)
             for path in (
-                grid.save_record(wildcards.model, src),
-                grid.save_dir(wildcards.model, src),
+                grid.save_record(wildcards.model, src, grid.version_root(save_version)),
+                grid.save_dir(wildcards.model, src, grid.version_root(save_version)),
             )
-        ]
+        ] + self.torch_env_inputs(wildcards)
 
     def load_records(self) -> list[str]:
         return [
-            grid.load_record(model, layout)
-            for model in self.config["models"]
-            for layout in grid.load_layouts(self.config)
+            grid.load_record(model, layout, grid.version_root(version))
+            for version, model, layout in grid.load_jobs(self.config)
         ]
 
     def targets(self) -> list[str]:

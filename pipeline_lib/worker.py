@@ -269,7 +269,7 @@ def load_one(job: Job, source: dict) -> dict:
 def run_load(job: Job) -> None:
     startup_s = time.time() - job.spec["launched_at"]
     for source in job.spec["sources"]:
-        name = source["layout"]["name"]
+        name = source["id"]
         job.progress(f"cell {name}")
         try:
             result = load_one(job, source)

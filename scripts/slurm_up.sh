@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Bring up a real single-node Slurm on localhost for tests/test_slurm.py (Debian, root, no
 # systemd): munged, slurmctld and slurmd, no slurmdbd (the Slurm profile checks job status with
-# squeue; MinJobAge=300 keeps finished jobs visible to it).
+# squeue; MinJobAge=3600 keeps finished jobs visible to it for the whole test run).
 # Every daemon started is recorded as $SLURM_BASE/pids/<daemon>.pid; scripts/slurm_down.sh stops
 # exactly those, by PID. Usage: bash scripts/slurm_up.sh   (SLURM_BASE defaults to /tmp/slurm)
 set -euo pipefail
@@ -75,7 +75,7 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 # Finished jobs stay visible to squeue for 5 min: the plugin's squeue status mode needs that.
-MinJobAge=300
+MinJobAge=3600
 InactiveLimit=0
 KillWait=5
 Waittime=0

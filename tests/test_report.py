@@ -9,11 +9,13 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline_lib import report as report_lib
 from pipeline_lib.config import config_hash, validate
 from pipeline_lib.records import MATRIX_SCHEMA, STATUSES, TENSORS_SCHEMA
 from pipeline_lib.report import findings, main, markdown_cell
@@ -111,6 +113,8 @@ def matrix_row(i: int, model: str, save: str, load: str, status: str) -> dict:
         "save_peak_rss_mb": 300.0 + i if ran else None,
         "load_peak_rss_mb": 310.0 + i if ran else None,
         "torch_version": "2.13.0+cpu",
+        "save_torch_version": "2.13.0+cpu",
+        "load_torch_version": "2.13.0+cpu",
         "backend": "gloo",
         "device": "cpu",
         "config_hash": config_hash(CONFIG),
@@ -127,6 +131,8 @@ def tensor_rows(model: str, save: str, load: str, status: str) -> list[dict]:
             "model": model,
             "save_layout": save,
             "load_layout": load,
+            "save_torch_version": "2.13.0+cpu",
+            "load_torch_version": "2.13.0+cpu",
             "entry": entry,
             "kind": kind,
             "dtype": "float32",
@@ -294,7 +300,7 @@ def test_heatmap_in_headless_chromium(report, tmp_path):
     expected = [[m, s, d, st, st] for m, s, d, st in grid_cells()]
     assert parser.cells == expected
     assert parser.titles["mlp", "single", "tp_2"] == (
-        "mlp: saved under single, loaded under tp_2\n"
+        "mlp: saved under single (torch 2.13.0+cpu), loaded under tp_2 (torch 2.13.0+cpu)\n"
         "status: fail\n"
         f"reason: {FAIL_REASONS['mlp', 'single', 'tp_2']}\n"
         "resume_max_rel_diff: 0.01\n"
@@ -322,3 +328,21 @@ def test_report_rule_and_snakemake_report(tmp_path):
     assert 'data-status="timeout"' in (tmp_path / "results" / "report.html").read_text()
     assert "| mlp | tp_2 | fsdp2_2 | timeout |" in (tmp_path / "results" / "summary.md").read_text()
     assert "Adding report.html" in proc.stderr and "Adding summary.md" in proc.stderr
+
+
+def test_one_heatmap_per_model_and_torch_version_pair():
+    rows = [matrix_row(i, "mlp", "single", "single", "pass") for i in range(3)]
+    for row, (saved, loaded) in zip(
+        rows, [("2.13.0", "2.14.1"), ("2.14.1", "2.13.0"), ("2.13.0", "2.13.0")], strict=True
+    ):
+        row.update(save_torch_version=saved, load_torch_version=loaded)
+    matrix = pd.DataFrame(rows)
+    maps = report_lib.heatmaps(matrix, report_lib.Order.of(matrix, CONFIG))
+    assert [m["title"] for m in maps] == [
+        "mlp: torch 2.13.0 → 2.14.1", "mlp: torch 2.14.1 → 2.13.0", "mlp: torch 2.13.0 → 2.13.0",
+    ]  # fmt: skip
+    assert all(m["rows"][0][1][0]["status"] == "pass" for m in maps)
+    # A single version pair keeps the plain per-model heading.
+    assert [
+        m["title"] for m in report_lib.heatmaps(matrix[2:], report_lib.Order.of(matrix[2:], CONFIG))
+    ] == ["mlp"]

@@ -128,8 +128,8 @@ def slurm_run(workdir: Path, cfg: dict, env: dict | None = None) -> str:
 
 
 def slurm_jobs(cluster: SlurmCluster) -> pd.DataFrame:
-    """Every job the cluster still knows (MinJobAge=300): comment (rule, wildcards), state,
-    CPUs and nodes."""
+    """Every job the cluster still knows (MinJobAge=3600 in scripts/slurm_up.sh): comment
+    (rule, wildcards), state, CPUs and nodes."""
     out = subprocess.run(
         ["squeue", "-h", "--states=all", "-o", "%i|%k|%T|%C|%D"],
         env=cluster.env, capture_output=True, text=True, check=True,

@@ -1,9 +1,12 @@
+# {root}: results, or results/torch/<version> for a torch_versions environment.
 rule save_checkpoint:
+    input:
+        plan.torch_env_inputs,
     output:
-        record="results/save/{model}/{layout}.json",
-        save_dir=directory("results/save/{model}/{layout}"),
+        record="{root}/save/{model}/{layout}.json",
+        save_dir=directory("{root}/save/{model}/{layout}"),
     log:
-        "results/logs/save/{model}/{layout}.log",
+        "{root}/logs/save/{model}/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: plan.threads
@@ -18,7 +21,7 @@ rule save_checkpoint:
         mem_mb=plan.slurm_mem_mb,
         runtime=plan.slurm_runtime,
     params:
-        python=PYTHON,
+        python=plan.python,
         spec=plan.save_spec,
     shell:
         "{params.python} -m pipeline_lib save --spec {params.spec:q} > {log} 2>&1"
@@ -28,9 +31,9 @@ rule load_checkpoints:
     input:
         plan.load_inputs,
     output:
-        record="results/load/{model}/{layout}.json",
+        record="{root}/load/{model}/{layout}.json",
     log:
-        "results/logs/load/{model}/{layout}.log",
+        "{root}/logs/load/{model}/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: plan.threads
@@ -45,10 +48,26 @@ rule load_checkpoints:
         mem_mb=plan.slurm_mem_mb,
         runtime=plan.slurm_runtime,
     params:
-        python=PYTHON,
+        python=plan.python,
         spec=plan.load_spec,
     shell:
         "{params.python} -m pipeline_lib load --spec {params.spec:q} > {log} 2>&1"
+
+
+rule torch_env:
+    output:
+        packages=f"{plan.env_dir}/{{version}}/packages.txt",
+    log:
+        "results/logs/torch_env/{version}.log",
+    conda:
+        "../envs/pipeline.yaml"
+    params:
+        python=PYTHON,
+        requirement=plan.torch_requirement,
+        prefix=plan.torch_env_prefix,
+    shell:
+        "{params.python} -m pipeline_lib make-env --requirement {params.requirement:q}"
+        " --prefix {params.prefix} > {log} 2>&1"
 
 
 rule aggregate:

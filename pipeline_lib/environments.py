@@ -1,0 +1,43 @@
+"""Build the virtual environment of one ``torch_versions`` entry: that torch, the packages the
+jobs import (at the project's pins), and this project installed editable, so the save and load
+jobs run the same pipeline code under another PyTorch release."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline_lib.atomic import write_with
+
+REPO = Path(__file__).resolve().parent.parent
+# What a save or load job imports besides torch (numpy: torch wheels other than the local CPU
+# build do not pull it in).
+JOB_PACKAGES = ("numpy", "pyarrow", "jsonschema", "PyYAML", "psutil")
+
+
+def pinned(names: tuple[str, ...]) -> list[str]:
+    """The project's pins (requirements.txt, constraints.txt) for ``names``; a bare name if none."""
+    pins = {}
+    for file in ("requirements.txt", "constraints.txt"):
+        for line in (REPO / file).read_text().splitlines():
+            match = re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line.strip())
+            if match:
+                pins[match.group(1).lower()] = match.group(0)
+    return [pins.get(name.lower(), name) for name in names]
+
+
+def make_env(prefix: Path, requirement: str) -> None:
+    """(Re)build ``prefix``; its ``packages.txt`` (pip freeze) is written last, atomically."""
+    shutil.rmtree(prefix, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(prefix)], check=True)
+    pip = [str(prefix / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
+    subprocess.run([*pip, requirement, *pinned(JOB_PACKAGES)], check=True)
+    subprocess.run([*pip, "--no-deps", "--no-build-isolation", "-e", str(REPO)], check=True)
+    freeze = subprocess.run(
+        [str(prefix / "bin" / "python"), "-m", "pip", "freeze", "--exclude-editable"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    write_with(prefix / "packages.txt", lambda tmp: Path(tmp).write_text(freeze))
