@@ -14,8 +14,10 @@ sys.path.insert(0, workflow.basedir)
 
 from pipeline_lib.snakemake_plan import Plan
 
+# The default grid, unless --configfile names another (Snakemake would merge the two).
+if not workflow.overwrite_configfiles:
 
-configfile: "config.yaml"
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"

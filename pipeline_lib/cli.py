@@ -32,11 +32,18 @@ def _fresh_dir(path: Path) -> Path:
 
 def _run_worker(spec: dict, work: Path, attempt: int) -> tuple[str, str, str]:
     """Launch the worker ranks for ``spec``: (status, reason, last progress step)."""
+    if spec["skip"]:  # the variant cannot run on this layout: no launch
+        return "skip", spec["skip"], ""
     spec = {**spec, "launched_at": time.time()}
     spec_path = work / f"spec-{attempt}.json"
     write_json(spec_path, spec)
+    run = spec["run"]
     outcome = launch(
-        spec["layout"]["world_size"], [str(spec_path)], work, spec["run"]["cell_timeout_s"]
+        spec["layout"]["world_size"],
+        [str(spec_path)],
+        work,
+        run["cell_timeout_s"],
+        run["startup_timeout_s"],
     )
     job_file = work / "results" / "job.json"
     job_result = read_json(job_file) if job_file.exists() else None
@@ -54,21 +61,29 @@ def _run_worker(spec: dict, work: Path, attempt: int) -> tuple[str, str, str]:
 
 
 def checkpoint_size(path: Path) -> tuple[int, int]:
-    files = [p for p in path.rglob("*") if p.is_file()]
+    """(bytes, files) of a checkpoint folder or file."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files), len(files)
 
 
-def files_check(checkpoint: str, reference_path: str) -> tuple[dict, str]:
-    """Files vs saver: read the checkpoint back in this process, independently of the saving
-    ranks, and compare every entry bit for bit with the saver's in-memory state."""
+def files_check(spec: dict) -> tuple[dict, str]:
+    """Files vs saver: read what the load jobs will read back in this process, independently of
+    the saving ranks, and compare every entry bit for bit with the saver's in-memory state."""
     import torch
 
-    from pipeline_lib.state import checkpoint_entries, compare
+    from pipeline_lib.axes import Variant
+    from pipeline_lib.state import checkpoint_entries, compare, file_entries
 
-    reference = torch.load(reference_path, mmap=True, weights_only=True)
+    variant = Variant(**spec["variant"])
+    reference = torch.load(spec["reference"], mmap=True, weights_only=True)
     entries: dict[str, dict] = {}
+    path = spec["full_state"] if variant.reads_full_state else spec["checkpoint"]
     try:
-        for name, value in checkpoint_entries(checkpoint):
+        if variant.reads_full_state:
+            read = file_entries(path)
+        else:
+            read = checkpoint_entries(path, variant.format.startswith("safetensors"))
+        for name, value in read:
             if isinstance(value, BaseException):
                 entries[name] = {
                     "equal": False,
@@ -86,12 +101,24 @@ def files_check(checkpoint: str, reference_path: str) -> tuple[dict, str]:
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):
             raise
-        return {}, f"files vs saver: cannot read checkpoint {checkpoint}: {one_line(exc)}"
+        return {}, f"files vs saver: cannot read checkpoint {path}: {one_line(exc)}"
     for name in reference:
         entries.setdefault(
             name, {"equal": False, "max_abs_diff": None, "note": "missing in the checkpoint"}
         )
     return entries, ""
+
+
+def convert(spec: dict) -> None:
+    """The conversions of formats torch_save (DCP -> torch.save file) and torch_save_to_dcp
+    (torch.save file -> DCP), in this one process as a user runs them offline."""
+    from torch.distributed.checkpoint import format_utils
+
+    fmt = spec["variant"]["format"]
+    if fmt == "torch_save":
+        format_utils.dcp_to_torch_save(spec["checkpoint"], spec["full_state"])
+    elif fmt == "torch_save_to_dcp":
+        format_utils.torch_save_to_dcp(spec["full_state"], spec["checkpoint"])
 
 
 def torch_version() -> str:
@@ -100,8 +127,10 @@ def torch_version() -> str:
 
 
 def cmd_save(spec: dict) -> None:
+    from pipeline_lib.axes import Variant
     from pipeline_lib.faults import FAULTS
 
+    variant = Variant(**spec["variant"])
     work = _fresh_dir(Path(spec["work_dir"]))
     checkpoint = Path(spec["checkpoint"])
     _fresh_dir(Path(spec["save_dir"]))
@@ -122,15 +151,21 @@ def cmd_save(spec: dict) -> None:
         record.update(status="error", reason="save worker ended without a result")
     elif status == "ok":
         record.update(read_json(result_file))
+        t = time.perf_counter()
+        try:
+            convert(spec)
+        except Exception as exc:
+            record.update(status="error", reason=f"conversion: {one_line(exc)}")
+        record["timing"]["convert_s"] = time.perf_counter() - t
+    if record["status"] == "ok":
         fault = FAULTS.get(spec.get("fault"))
         if fault and fault.stage == "checkpoint":
             record["fault_applied"] = fault.apply(checkpoint)
         t = time.perf_counter()
-        record["files_check"], record["files_error"] = files_check(
-            spec["checkpoint"], spec["reference"]
-        )
+        record["files_check"], record["files_error"] = files_check(spec)
         record["timing"]["files_check_s"] = time.perf_counter() - t
-        record["checkpoint_bytes"], record["checkpoint_files"] = checkpoint_size(checkpoint)
+        read = spec["full_state"] if variant.reads_full_state else spec["checkpoint"]
+        record["checkpoint_bytes"], record["checkpoint_files"] = checkpoint_size(Path(read))
     write_json(spec["record"], record)
 
 
@@ -177,7 +212,7 @@ def cmd_load(spec: dict) -> None:
         load = {**results[name], "layout": spec["layout"], "torch_version": torch_version()}
         save = saves[name]
         cells.append(cell_row(spec["model"], save, load, spec))
-        tensors.extend(tensor_rows(spec["model"], save, load))
+        tensors.extend(tensor_rows(spec["model"], save, load, spec["variant"]))
     record = {"cells": cells, "tensors": tensors, "launches": attempt}
     if spec.get("fault"):
         record["fault"] = spec["fault"]

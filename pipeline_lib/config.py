@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from pipeline_lib import faults, frameworks, models
+from pipeline_lib import axes, faults, frameworks, models
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -77,8 +77,8 @@ def _check_semantics(config: dict, source: str) -> None:
         errors.append("models: the grid is empty (no models and no faults)")
     known_models = models.names()
     for i, name in enumerate(config["models"]):
-        if name not in known_models:
-            errors.append(f"models.{i}: unknown model {name!r} (known: {', '.join(known_models)})")
+        if error := _model_error(name, known_models):
+            errors.append(f"models.{i}: {error}")
     known_frameworks = frameworks.names()
     max_dp = 1
     for name, layout in config["layouts"].items():
@@ -116,6 +116,13 @@ def _check_semantics(config: dict, source: str) -> None:
     errors += _unknown_pair_names(
         config, "version_pairs", config["torch_versions"], "torch version"
     )
+    single_optimizer = isinstance(config["train"]["optimizer"], str)
+    for axis, values in axes.axis_values(config).items():
+        key, known = axes.CONFIG_KEYS[axis], axes.AXES[axis]
+        for i, value in enumerate(values):
+            if value not in known:
+                where = key if axis == "optimizer" and single_optimizer else f"{key}.{i}"
+                errors.append(f"{where}: unknown {axis} {value!r} (known: {', '.join(known)})")
     known_faults = ["all", *faults.FAULTS]
     for i, entry in enumerate(config["faults"]):
         if entry["fault"] not in known_faults:
@@ -133,6 +140,21 @@ def _check_semantics(config: dict, source: str) -> None:
         )
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{source}: {e}" for e in errors))
+
+
+def _model_error(name: str, known_models: list[str]) -> str | None:
+    """Why ``name`` is not a usable model: unknown, or an import path that does not import or
+    lacks the contract (imports the user's module, and so torch, now: before any job runs)."""
+    if models.is_import_path(name):
+        try:
+            models.get(name)
+        except models.UserModelError as exc:
+            return str(exc)
+        return None
+    if name not in known_models:
+        known = ", ".join(known_models)
+        return f"unknown model {name!r} (known: {known}; or your own: package.module:callable)"
+    return None
 
 
 def _unknown_pair_names(config: dict, key: str, known, what: str) -> list[str]:

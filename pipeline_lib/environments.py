@@ -15,7 +15,7 @@ from pipeline_lib.atomic import write_with
 REPO = Path(__file__).resolve().parent.parent
 # What a save or load job imports besides torch (numpy: torch wheels other than the local CPU
 # build do not pull it in).
-JOB_PACKAGES = ("numpy", "pyarrow", "jsonschema", "PyYAML", "psutil")
+JOB_PACKAGES = ("numpy", "pyarrow", "jsonschema", "PyYAML", "psutil", "safetensors")
 
 
 def pinned(names: tuple[str, ...]) -> list[str]:

@@ -12,3 +12,8 @@ def one_line(exc: BaseException) -> str:
         return f"CheckpointException on rank(s) {sorted(failures)}: {one_line(failures[rank][0])}"
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:400]
+
+
+class Incompatible(Exception):
+    """This model cannot run under this layout (the cell becomes ``skip``). Torch-free, so a
+    model adapter can raise it without importing the worker (which runs as ``__main__``)."""

@@ -1,8 +1,9 @@
 """Expand a validated config into cells and jobs: a pure function of the config (no torch).
 
-A cell is (model, save layout, load layout). Jobs: one save job per (model, save layout) and one
-load job per (model, load layout) that verifies every checkpoint paired with that load layout, so
-``pairs: all`` takes 2 x models x layouts torchrun launches.
+A cell is (model, save layout, load layout, torch versions, variant of the axes). Jobs: one save
+job per (version, variant, model, save layout) and one load job per (version, variant, model,
+load layout) that verifies every checkpoint paired with that load layout, so ``pairs: all`` takes
+2 x models x layouts torchrun launches per version and variant.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from pipeline_lib import faults, frameworks
+from pipeline_lib.axes import DEFAULT, Variant, conflict, layout_conflict, variants
 from pipeline_lib.config import config_hash
 
 RESULTS = "results"
@@ -48,6 +50,7 @@ class Cell:
     # torch environments (config torch_versions); None: the one the pipeline runs in
     save_version: str | None = None
     load_version: str | None = None
+    variant: Variant = DEFAULT
 
 
 def layouts(config: dict) -> dict[str, Layout]:
@@ -74,7 +77,8 @@ def _pairs(setting, names: list) -> list[tuple]:
 def cells(config: dict) -> list[Cell]:
     by_name = layouts(config)
     return [
-        Cell(model, by_name[s], by_name[d], sv, lv)
+        Cell(model, by_name[s], by_name[d], sv, lv, variant)
+        for variant in variants(config)
         for model in config["models"]
         for sv, lv in version_pairs(config)
         for s, d in layout_pairs(config)
@@ -91,9 +95,20 @@ def version_pairs(config: dict) -> list[tuple[str | None, str | None]]:
     return [(None, None)] if names == [None] else _pairs(config["version_pairs"], names)
 
 
-def version_root(version: str | None) -> str:
-    """Where the jobs of one torch environment write (the default keeps the plain layout)."""
-    return RESULTS if version is None else f"{RESULTS}/torch/{version}"
+def job_root(version: str | None, variant: Variant = DEFAULT) -> str:
+    """Where the jobs of one torch environment and variant write (the pipeline's own torch and
+    the default variant keep the plain layout)."""
+    root = RESULTS if version is None else f"{RESULTS}/torch/{version}"
+    return f"{root}/axes/{variant.id}" if variant.id else root
+
+
+def job_roots(config: dict) -> dict[str, tuple[str | None, Variant]]:
+    """Every job root of the grid -> (torch version, variant)."""
+    return {
+        job_root(version, variant): (version, variant)
+        for version in torch_versions(config)
+        for variant in variants(config)
+    }
 
 
 def env_dir(config: dict, version: str) -> str:
@@ -109,15 +124,27 @@ def env_marker(config: dict, version: str) -> str:
     return f"{env_dir(config, version)}/packages.txt"
 
 
-def save_jobs(config: dict) -> list[tuple[str | None, str, str]]:
-    """(torch version, model, layout) of every save job."""
+def save_jobs(config: dict) -> list[tuple[str, str, str]]:
+    """(job root, model, layout) of every save job."""
     versions = dict.fromkeys(s for s, _ in version_pairs(config))
-    return [(v, m, s) for v in versions for m in config["models"] for s in save_layouts(config)]
+    return [
+        (job_root(v, variant), m, s)
+        for v in versions
+        for variant in variants(config)
+        for m in config["models"]
+        for s in save_layouts(config)
+    ]
 
 
-def load_jobs(config: dict) -> list[tuple[str | None, str, str]]:
+def load_jobs(config: dict) -> list[tuple[str, str, str]]:
     versions = dict.fromkeys(d for _, d in version_pairs(config))
-    return [(v, m, d) for v in versions for m in config["models"] for d in load_layouts(config)]
+    return [
+        (job_root(v, variant), m, d)
+        for v in versions
+        for variant in variants(config)
+        for m in config["models"]
+        for d in load_layouts(config)
+    ]
 
 
 def load_sources(config: dict, layout: str, version: str | None) -> list[tuple[str, str | None]]:
@@ -157,6 +184,11 @@ def reference_file(model: str, layout: str, root: str = RESULTS) -> str:
     return f"{save_dir(model, layout, root)}/reference.pt"
 
 
+def full_state_file(model: str, layout: str, root: str = RESULTS) -> str:
+    """A full state dict written with torch.save (mode full, formats torch_save*)."""
+    return f"{save_dir(model, layout, root)}/full_state.pt"
+
+
 def save_record(model: str, layout: str, root: str = RESULTS) -> str:
     return f"{root}/save/{model}/{layout}.json"
 
@@ -165,12 +197,22 @@ def load_record(model: str, layout: str, root: str = RESULTS) -> str:
     return f"{root}/load/{model}/{layout}.json"
 
 
-def save_spec(config: dict, model: str, layout: str, root: str = RESULTS) -> dict:
+def skip_reason(variant: Variant, side: str, layout: Layout) -> str | None:
+    """Why a job cannot run this variant on this layout (its cells are ``skip``), or None."""
+    return conflict(variant) or layout_conflict(variant, side, layout.world_size)
+
+
+def save_spec(
+    config: dict, model: str, layout: str, root: str = RESULTS, variant: Variant = DEFAULT
+) -> dict:
     """Everything the save job of (model, layout) needs; its JSON is the job's only argument."""
+    by_name = layouts(config)
     return {
         "kind": "save",
         "model": model,
-        "layout": layouts(config)[layout].to_dict(),
+        "layout": by_name[layout].to_dict(),
+        "variant": variant.to_dict(),
+        "skip": skip_reason(variant, "save", by_name[layout]),
         "train": config["train"],
         "run": config["run"],
         "config_hash": config_hash(config),
@@ -178,6 +220,7 @@ def save_spec(config: dict, model: str, layout: str, root: str = RESULTS) -> dic
         "work_dir": f"{root}/work/save/{model}/{layout}",
         "save_dir": save_dir(model, layout, root),
         "checkpoint": checkpoint_dir(model, layout, root),
+        "full_state": full_state_file(model, layout, root),
         "reference": reference_file(model, layout, root),
     }
 
@@ -188,6 +231,7 @@ def load_spec(
     layout: str,
     sources: list[tuple[str, str | None]] | None = None,
     root: str = RESULTS,
+    variant: Variant = DEFAULT,
 ) -> dict:
     """The load job of (model, layout): it verifies the checkpoint of every source, a (save
     layout, save torch version) pair (default: every one paired with ``layout``)."""
@@ -198,6 +242,8 @@ def load_spec(
         "kind": "load",
         "model": model,
         "layout": by_name[layout].to_dict(),
+        "variant": variant.to_dict(),
+        "skip": skip_reason(variant, "load", by_name[layout]),
         "train": config["train"],
         "verify": config["verify"],
         "run": config["run"],
@@ -207,8 +253,9 @@ def load_spec(
                 # Unique within the job: the same layout may come from two torch versions.
                 "id": src if version is None else f"{version}.{src}",
                 "layout": by_name[src].to_dict(),
-                "checkpoint": checkpoint_dir(model, src, version_root(version)),
-                "save_record": save_record(model, src, version_root(version)),
+                "checkpoint": checkpoint_dir(model, src, job_root(version, variant)),
+                "full_state": full_state_file(model, src, job_root(version, variant)),
+                "save_record": save_record(model, src, job_root(version, variant)),
             }
             for src, version in sources
         ],
@@ -217,15 +264,30 @@ def load_spec(
     }
 
 
-def job_save_spec(config: dict, version: str | None, model: str, layout: str) -> dict:
-    """The save job of (model, layout) in one torch environment (None: the pipeline's own)."""
-    return {**save_spec(config, model, layout, version_root(version)), "torch_env": version}
+def job_save_spec(config: dict, root: str, model: str, layout: str) -> dict:
+    """The save job of (model, layout) under a job root (a torch environment and variant)."""
+    version, variant = job_roots(config)[root]
+    return {**save_spec(config, model, layout, root, variant), "torch_env": version}
 
 
-def job_load_spec(config: dict, version: str | None, model: str, layout: str) -> dict:
+def job_load_spec(config: dict, root: str, model: str, layout: str) -> dict:
+    version, variant = job_roots(config)[root]
     sources = load_sources(config, layout, version)
-    spec = load_spec(config, model, layout, sources, version_root(version))
+    spec = load_spec(config, model, layout, sources, root, variant)
     return {**spec, "torch_env": version}
+
+
+def load_inputs(config: dict, root: str, model: str, layout: str) -> list[str]:
+    """What the load job under ``root`` reads: the save record and folder of every source."""
+    version, variant = job_roots(config)[root]
+    return [
+        path
+        for src, save_version in load_sources(config, layout, version)
+        for path in (
+            save_record(model, src, job_root(save_version, variant)),
+            save_dir(model, src, job_root(save_version, variant)),
+        )
+    ]
 
 
 # --- the fault campaign (config key ``faults``) --------------------------------------------

@@ -96,11 +96,19 @@ def kill_children() -> None:
 
 class Watchdog(threading.Thread):
     """Stop the ranks (``kill``, by default SIGKILL to every child process) when the progress
-    file has not changed for ``timeout_s``."""
+    file has not changed for ``timeout_s``, or has not appeared within ``startup_timeout_s``
+    (start-up on a loaded machine can take far longer than a step)."""
 
-    def __init__(self, progress: Path, timeout_s: float, kill: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        progress: Path,
+        timeout_s: float,
+        startup_timeout_s: float,
+        kill: Callable[[], None] | None = None,
+    ):
         super().__init__(daemon=True)
         self.progress, self.timeout_s = progress, timeout_s
+        self.startup_timeout_s = startup_timeout_s
         self.kill = kill or kill_children
         self.fired = False
         self._done = threading.Event()
@@ -111,7 +119,9 @@ class Watchdog(threading.Thread):
             mtime = self.progress.stat().st_mtime_ns if self.progress.exists() else None
             if mtime != last_mtime:
                 last_change, last_mtime = time.monotonic(), mtime
-            elif time.monotonic() - last_change > self.timeout_s:
+            elif time.monotonic() - last_change > (
+                self.timeout_s if mtime is not None else self.startup_timeout_s
+            ):
                 self.fired = True
                 self.kill()
                 last_change = time.monotonic()
@@ -274,7 +284,13 @@ class _SrunLauncher:
         return "error", f"srun exited with code {returncode}", "see the job log"
 
 
-def launch(world_size: int, worker_args: list[str], work_dir: Path, timeout_s: float) -> Outcome:
+def launch(
+    world_size: int,
+    worker_args: list[str],
+    work_dir: Path,
+    timeout_s: float,
+    startup_timeout_s: float,
+) -> Outcome:
     """Run ``python -m pipeline_lib.worker ARGS`` on ``world_size`` ranks under torchrun."""
     progress = work_dir / "progress.json"
     progress.unlink(missing_ok=True)
@@ -285,7 +301,7 @@ def launch(world_size: int, worker_args: list[str], work_dir: Path, timeout_s: f
             srun = _SrunLauncher(allocation, world_size, worker_args, work_dir)
     except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
         return Outcome("error", f"cannot launch: {exc}", "")
-    watchdog = Watchdog(progress, timeout_s, kill=srun.kill if srun else None)
+    watchdog = Watchdog(progress, timeout_s, startup_timeout_s, kill=srun.kill if srun else None)
     watchdog.start()
     try:
         status, cause, detail = srun.run() if srun else _run_standalone(world_size, worker_args)
@@ -294,7 +310,8 @@ def launch(world_size: int, worker_args: list[str], work_dir: Path, timeout_s: f
     step = read_json(progress)["step"] if progress.exists() else ""
     where = f"during {step}" if step else "during start-up"
     if watchdog.fired:
-        return Outcome("timeout", f"no progress for {timeout_s:g} s {where}; job killed", step)
+        limit = timeout_s if step else startup_timeout_s
+        return Outcome("timeout", f"no progress for {limit:g} s {where}; job killed", step)
     if status == "ok":
         return Outcome(status, "", step)
     return Outcome(status, f"{cause} {where}" + (f": {detail}" if detail else ""), step)

@@ -14,7 +14,16 @@ STATUSES = ("pass", "fail", "error", "crash", "timeout", "skip")
 # Job outcomes (before the cell's checks): ok, or the status the whole cell inherits.
 JOB_FAILURES = ("error", "crash", "timeout")
 
-CELL_KEYS = ["model", "save_layout", "load_layout", "save_torch_version", "load_torch_version"]
+# The variant's axes (pipeline_lib.axes) are columns of their own, after the layouts.
+AXIS_COLUMNS = ["mode", "format", "async_save", "optimizer", "param_dtype", "load_init"]
+CELL_KEYS = [
+    "model",
+    "save_layout",
+    "load_layout",
+    "save_torch_version",
+    "load_torch_version",
+    *AXIS_COLUMNS,
+]
 
 MATRIX_SCHEMA = pa.schema(
     [
@@ -27,6 +36,7 @@ MATRIX_SCHEMA = pa.schema(
         ("load_framework", pa.string()),
         ("load_mesh", pa.string()),
         ("load_world_size", pa.int64()),
+        *((axis, pa.string()) for axis in AXIS_COLUMNS),
         ("status", pa.string()),
         ("reason", pa.string()),
         ("entries_checked", pa.int64()),
@@ -35,7 +45,9 @@ MATRIX_SCHEMA = pa.schema(
         ("load_entries_mismatched", pa.int64()),
         ("max_abs_diff", pa.float64()),
         ("resume_max_rel_diff", pa.float64()),
+        ("missing_entries", pa.string()),
         ("save_seconds", pa.float64()),
+        ("save_blocked_seconds", pa.float64()),
         ("load_seconds", pa.float64()),
         ("verify_seconds", pa.float64()),
         ("files_check_seconds", pa.float64()),
@@ -66,6 +78,7 @@ TENSORS_SCHEMA = pa.schema(
         ("load_layout", pa.string()),
         ("save_torch_version", pa.string()),
         ("load_torch_version", pa.string()),
+        *((axis, pa.string()) for axis in AXIS_COLUMNS),
         ("entry", pa.string()),
         ("kind", pa.string()),
         ("dtype", pa.string()),
@@ -104,11 +117,13 @@ def _rel_diffs(saver: list[float], loader: list[float]) -> list[float]:
     return [abs(a - b) / max(abs(a), 1e-30) for a, b in zip(saver, loader, strict=True)]
 
 
-def verdict(save: dict, load: dict, rtol: float) -> tuple[str, str]:
+def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple[str, str]:
     """The status and one-line reason of a cell from its save record and load result.
 
     A check that found a difference makes the cell ``fail`` even when the load then errored
     (a corrupt checkpoint is a finding); a job that died with no check failed names its status.
+    Modes strict and non_strict (the saver left an entry out on purpose) check the load's
+    account of the missing entry instead of the resumed losses, which differ by design.
     """
     for side, result in (("save", save), ("load", load)):
         if result["status"] == "skip":
@@ -116,15 +131,25 @@ def verdict(save: dict, load: dict, rtol: float) -> tuple[str, str]:
     if save["status"] in JOB_FAILURES:
         return save["status"], f"save: {save['reason']}"
     reasons = [save.get("files_error") or summarize("files vs saver", save["files_check"])[1]]
+    if save.get("frozen_saved"):
+        reasons.append(
+            f"ignore_frozen_params: the saver's state holds {len(save['frozen_saved'])} frozen "
+            f"parameter(s); first {save['frozen_saved'][0]}"
+        )
     if load["status"] in JOB_FAILURES:
         if not any(reasons):
             return load["status"], f"load: {load['reason']}"
         return "fail", "; ".join(
             [*filter(None, reasons), f"load {load['status']}: {load['reason']}"]
         )
+    if mode == "strict":
+        reasons.append(strict_load_reason(save["dropped_entries"], load.get("strict_error")))
+        return ("fail", "; ".join(filter(None, reasons))) if any(reasons) else ("pass", "")
     reasons.append(summarize("loader vs saver", load["entries"])[1])
     rel = resume_rel_diff(save["resume_losses"], load["resume_losses"])
-    if rel is None:
+    if mode == "non_strict":
+        reasons.append(missing_reason(save["dropped_entries"], load["missing_entries"]))
+    elif rel is None:
         reasons.append(
             f"resume: saver recorded {len(save['resume_losses'])} losses, "
             f"loader {len(load['resume_losses'])}"
@@ -141,6 +166,25 @@ def verdict(save: dict, load: dict, rtol: float) -> tuple[str, str]:
     return "pass", ""
 
 
+def strict_load_reason(dropped: list[str], error: str | None) -> str:
+    """'' if the strict load of a checkpoint without ``dropped`` failed naming it."""
+    if error is None:
+        return f"strict load: a checkpoint without {dropped[0]} loaded without an error"
+    if dropped[0] not in error:
+        return f"strict load: failed without naming the missing entry {dropped[0]}: {error}"
+    return ""
+
+
+def missing_reason(dropped: list[str], reported: list[str]) -> str:
+    """'' if a non-strict load reported exactly the entries the saver left out."""
+    if sorted(reported) == sorted(dropped):
+        return ""
+    return (
+        f"non-strict load: reported missing [{', '.join(reported)}], "
+        f"the saver left out [{', '.join(dropped)}]"
+    )
+
+
 def _worst_step(saver: list[float], loader: list[float]) -> int:
     diffs = _rel_diffs(saver, loader)
     return max(range(len(diffs)), key=lambda i: math.inf if math.isnan(diffs[i]) else diffs[i])
@@ -154,7 +198,10 @@ def _max(values) -> float | None:
 def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
     """One matrix.parquet row. ``save`` is the save job's record, ``load`` the load result of
     this cell (see cli.py); ``spec`` the load job's spec."""
-    status, reason = verdict(save, load, spec["verify"]["resume_rtol"])
+    variant = spec["variant"]
+    verify = spec["verify"]
+    rtol = verify["resume_rtol_bfloat16" if variant["param_dtype"] == "bfloat16" else "resume_rtol"]
+    status, reason = verdict(save, load, rtol, variant["mode"])
     files, loaded = save.get("files_check", {}), load.get("entries", {})
     mismatched = {n for n, e in files.items() if not e["equal"]} | {
         n for n, e in loaded.items() if not e["equal"]
@@ -172,6 +219,7 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
         "load_framework": load_layout["framework"],
         "load_mesh": "x".join(map(str, load_layout["mesh"])),
         "load_world_size": load_layout["world_size"],
+        **{axis: variant[axis] for axis in AXIS_COLUMNS},
         "status": status,
         "reason": reason,
         "entries_checked": len(set(files) | set(loaded)),
@@ -179,10 +227,13 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
         "files_entries_mismatched": sum(not e["equal"] for e in files.values()),
         "load_entries_mismatched": sum(not e["equal"] for e in loaded.values()),
         "max_abs_diff": _max(e.get("max_abs_diff") for e in [*files.values(), *loaded.values()]),
-        "resume_max_rel_diff": resume_rel_diff(
-            save.get("resume_losses", []), load.get("resume_losses", [])
-        ),
+        # The resumed losses of a run that lost an entry on purpose differ by design.
+        "resume_max_rel_diff": None
+        if variant["mode"] in ("strict", "non_strict")
+        else resume_rel_diff(save.get("resume_losses", []), load.get("resume_losses", [])),
+        "missing_entries": ", ".join(load.get("missing_entries", [])) or None,
         "save_seconds": st.get("save_s"),
+        "save_blocked_seconds": st.get("save_blocked_s"),
         "load_seconds": lt.get("load_s"),
         "verify_seconds": lt.get("verify_s"),
         "files_check_seconds": st.get("files_check_s"),
@@ -215,7 +266,7 @@ def _both_equal(files: dict | None, loaded: dict | None) -> bool | None:
     return True if len(ran) == 2 else None
 
 
-def tensor_rows(model: str, save: dict, load: dict) -> list[dict[str, Any]]:
+def tensor_rows(model: str, save: dict, load: dict, variant: dict) -> list[dict[str, Any]]:
     """tensors.parquet rows of one cell: one per state entry seen by either check."""
     files, loaded, meta = (
         save.get("files_check", {}),
@@ -237,6 +288,7 @@ def tensor_rows(model: str, save: dict, load: dict) -> list[dict[str, Any]]:
                 "load_layout": load["layout"]["name"],
                 "save_torch_version": save.get("torch_version"),
                 "load_torch_version": load.get("torch_version"),
+                **{axis: variant[axis] for axis in AXIS_COLUMNS},
                 "entry": name,
                 "kind": m.get("kind"),
                 "dtype": m.get("dtype"),

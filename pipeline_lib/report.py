@@ -32,7 +32,7 @@ from matplotlib.patches import Patch
 from pipeline_lib import grid
 from pipeline_lib.atomic import write_with
 from pipeline_lib.config import config_hash, load, validate
-from pipeline_lib.records import CELL_KEYS, STATUSES
+from pipeline_lib.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The check names records.verdict puts at the start of each part of a `fail` reason.
@@ -109,35 +109,51 @@ def tooltip(cell: dict) -> str:
     return "\n".join(lines)
 
 
+# Beyond model and layouts, what makes a heatmap: torch version pair and the axes' values.
+GROUP_KEYS = ["save_torch_version", "load_torch_version", *AXIS_COLUMNS]
+
+
+def group_title(group: dict, varying: list[str]) -> str:
+    """The parts of a heatmap's group that differ between groups ('' if nothing does)."""
+    parts = []
+    if {"save_torch_version", "load_torch_version"} & set(varying):
+        parts.append(f"torch {group['save_torch_version']} → {group['load_torch_version']}")
+    parts += [f"{key}={group[key]}" for key in AXIS_COLUMNS if key in varying]
+    return ", ".join(parts)
+
+
 def heatmaps(matrix: pd.DataFrame, order: Order) -> list[dict]:
-    """Per model (and per torch version pair, when the matrix has several): rows of (save
-    layout, [cell or None per load layout]); None = not in pairs."""
+    """Per model (and per torch version pair and axis values, when the matrix has several):
+    rows of (save layout, [cell or None per load layout]); None = not in pairs."""
     records = matrix.to_dict("records")
     cells = {
-        (c["model"], c["save_torch_version"], c["load_torch_version"], c["save_layout"],
-         c["load_layout"]): {**c, "tooltip": tooltip(c)}
-        for c in records
-    }  # fmt: skip
-    versions = list(
-        dict.fromkeys((c["save_torch_version"], c["load_torch_version"]) for c in records)
-    )
-    return [
-        {
-            "model": model,
-            "title": model if len(versions) == 1 else f"{model}: torch {saved} → {loaded}",
-            "anchor": model if len(versions) == 1 else f"{model}-{saved}-{loaded}",
-            "rows": [
-                (
-                    save,
-                    [cells.get((model, saved, loaded, save, load)) for load in order.load_layouts],
-                )
-                for save in order.save_layouts
-            ],
+        (c["model"], *(c[k] for k in GROUP_KEYS), c["save_layout"], c["load_layout"]): {
+            **c,
+            "tooltip": tooltip(c),
         }
-        for model in order.models
-        for saved, loaded in versions
-        if any(key[:3] == (model, saved, loaded) for key in cells)
-    ]
+        for c in records
+    }
+    groups = list(dict.fromkeys(tuple(c[k] for k in GROUP_KEYS) for c in records))
+    varying = [k for i, k in enumerate(GROUP_KEYS) if len({g[i] for g in groups}) > 1]
+    maps = []
+    for model in order.models:
+        for group in groups:
+            if not any(key[: 1 + len(group)] == (model, *group) for key in cells):
+                continue
+            title = group_title(dict(zip(GROUP_KEYS, group, strict=True)), varying)
+            rows = [
+                (save, [cells.get((model, *group, save, load)) for load in order.load_layouts])
+                for save in order.save_layouts
+            ]
+            maps.append(
+                {
+                    "model": model,
+                    "title": f"{model}: {title}" if title else model,
+                    "anchor": re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{model}-{title}").strip("-"),
+                    "rows": rows,
+                }
+            )
+    return maps
 
 
 def layout_titles(matrix: pd.DataFrame) -> dict[str, str]:
@@ -170,24 +186,30 @@ def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[
         found.append(f"Every cell {STATUS_VERBS[status]} ({_count(len(ran))}{more})")
     else:
         covered: set = set()
+        # Axes with several values: a status shared by one value (everywhere, or under one
+        # framework) is a finding of its own, e.g. every mode=full cell saved by FSDP1 crashes.
+        axes = [a for a in AXIS_COLUMNS if ran[a].nunique() > 1]
+        groupings = [([a], f"with {a}={{}}") for a in axes]
         for side, verb in SIDE_VERBS.items():
-            for keys, what in (
-                ([f"{side}_framework"], "by framework {}"),
-                ([f"{side}_layout"], "under {}"),
-                (["model", f"{side}_layout"], "under {1} ({0})"),
-            ):
-                for key, group in ran.groupby(keys, sort=False):
-                    statuses = set(group.status)
-                    if statuses == {"pass"} or len(statuses) > 1 or len(group) < 2:
-                        continue
-                    if set(group.index) <= covered:
-                        continue
-                    covered |= set(group.index)
-                    where = what.format(*key)
-                    found.append(
-                        f"Every cell {verb} {where} {STATUS_VERBS[group.status.iloc[0]]}"
-                        f" ({_count(len(group))})"
-                    )
+            groupings += [([a, f"{side}_framework"], f"with {a}={{}} {verb} by framework {{}}")
+                          for a in axes]  # fmt: skip
+            groupings += [
+                ([f"{side}_framework"], f"{verb} by framework {{}}"),
+                ([f"{side}_layout"], f"{verb} under {{}}"),
+                (["model", f"{side}_layout"], f"{verb} under {{1}} ({{0}})"),
+            ]
+        for keys, what in groupings:
+            for key, group in ran.groupby(keys, sort=False):
+                statuses = set(group.status)
+                if statuses == {"pass"} or len(statuses) > 1 or len(group) < 2:
+                    continue
+                if set(group.index) <= covered:
+                    continue
+                covered |= set(group.index)
+                found.append(
+                    f"Every cell {what.format(*key)} {STATUS_VERBS[group.status.iloc[0]]}"
+                    f" ({_count(len(group))})"
+                )
     failed = matrix[matrix.status == "fail"]
     for check in CHECKS:
         pattern = rf"(?:^|; ){re.escape(check)}:"

@@ -29,13 +29,12 @@ class Plan:
 
     @property
     def root_pattern(self) -> str:
-        """The {root} wildcard of the matrix rules: results or results/torch/<version>."""
-        names = [v for v in grid.torch_versions(self.config) if v is not None]
-        return "|".join(re.escape(grid.version_root(v)) for v in [None, *names])
+        """The {root} wildcard of the matrix rules: results, or results/torch/<version> and
+        .../axes/<variant> (grid.job_root)."""
+        return "|".join(re.escape(root) for root in grid.job_roots(self.config))
 
     def _version(self, wildcards) -> str | None:
-        prefix = grid.version_root("")
-        return wildcards.root.removeprefix(prefix) if wildcards.root.startswith(prefix) else None
+        return grid.job_roots(self.config)[wildcards.root][0]
 
     @property
     def env_dir(self) -> str:
@@ -56,33 +55,23 @@ class Plan:
         return sys.executable if version is None else grid.env_python(self.config, version)
 
     def save_spec(self, wildcards) -> str:
-        version = self._version(wildcards)
         return json.dumps(
-            grid.job_save_spec(self.config, version, wildcards.model, wildcards.layout)
+            grid.job_save_spec(self.config, wildcards.root, wildcards.model, wildcards.layout)
         )
 
     def load_spec(self, wildcards) -> str:
-        version = self._version(wildcards)
         return json.dumps(
-            grid.job_load_spec(self.config, version, wildcards.model, wildcards.layout)
+            grid.job_load_spec(self.config, wildcards.root, wildcards.model, wildcards.layout)
         )
 
     def load_inputs(self, wildcards) -> list[str]:
-        version = self._version(wildcards)
-        return [
-            path
-            for src, save_version in grid.load_sources(self.config, wildcards.layout, version)
-            for path in (
-                grid.save_record(wildcards.model, src, grid.version_root(save_version)),
-                grid.save_dir(wildcards.model, src, grid.version_root(save_version)),
-            )
-        ] + self.torch_env_inputs(wildcards)
+        return grid.load_inputs(
+            self.config, wildcards.root, wildcards.model, wildcards.layout
+        ) + self.torch_env_inputs(wildcards)
 
     def load_records(self) -> list[str]:
-        return [
-            grid.load_record(model, layout, grid.version_root(version))
-            for version, model, layout in grid.load_jobs(self.config)
-        ]
+        jobs = grid.load_jobs(self.config)
+        return [grid.load_record(model, layout, root) for root, model, layout in jobs]
 
     def targets(self) -> list[str]:
         """What ``rule all`` asks for: the matrix if the grid has cells, the fault campaign's
@@ -172,14 +161,16 @@ class Plan:
         return 1000 + 2000 * self._placement(wildcards)[1]
 
     def slurm_runtime(self, wildcards, attempt) -> int:
-        """Minutes: twice the watchdog's worst case (start-up, training, the save and every
-        checkpoint a load job verifies, each taking ``run.cell_timeout_s``), plus 10; more on
+        """Minutes: twice the watchdog's worst case (start-up taking ``run.startup_timeout_s``;
+        training, the save and every checkpoint a load job verifies, each taking
+        ``run.cell_timeout_s``), plus 10; more on
         each retry. A save job of a layout gets the limit of that layout's load job."""
         layout = getattr(wildcards, "layout", None)
         cells = 1
         if layout is not None and getattr(wildcards, "fault_id", None) is None:
             cells = len(grid.sources_of(self.config, layout))
-        worst_s = (cells + 3) * self.config["run"]["cell_timeout_s"]
+        run = self.config["run"]
+        worst_s = run["startup_timeout_s"] + (cells + 2) * run["cell_timeout_s"]
         return (10 + -(-2 * int(worst_s) // 60)) * attempt
 
     @property

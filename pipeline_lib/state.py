@@ -130,14 +130,15 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 READ_BATCH_BYTES = 256 * 2**20
 
 
-def checkpoint_entries(path: str) -> Iterator[tuple[str, Any]]:
-    """Read a DCP checkpoint back in this one process (no process group), with the whole value
-    of each entry, a batch of entries at a time. An entry that cannot be read yields the
-    exception instead of its value (a failing batch is read again entry by entry to say which)."""
+def checkpoint_entries(path: str, safetensors: bool = False) -> Iterator[tuple[str, Any]]:
+    """Read a DCP checkpoint (``safetensors``: one written by HuggingFaceStorageWriter) back in
+    this one process (no process group), with the whole value of each entry, a batch of entries
+    at a time. An entry that cannot be read yields the exception instead of its value (a failing
+    batch is read again entry by entry to say which)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(path)
+    reader = dcp.HuggingFaceStorageReader(path) if safetensors else dcp.FileSystemReader(path)
     metadata = reader.read_metadata()
 
     def empty(meta):
@@ -172,3 +173,10 @@ def _batches(entries: Mapping) -> Iterator[list[str]]:
         size += nbytes
     if batch:
         yield batch
+
+
+def file_entries(path: str) -> Iterator[tuple[str, Any]]:
+    """The entries of a full state dict written with torch.save, in name order."""
+    flat = flatten(torch.load(path, mmap=True, weights_only=True))
+    for name in sorted(flat):
+        yield name, flat[name]

@@ -7,34 +7,33 @@ a rank does is in step with the other ranks: every collective runs on all ranks 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from pipeline_lib import frameworks, models
+from pipeline_lib import checkpoint_io, frameworks, models, optimizers
 from pipeline_lib.atomic import read_json, write_json, write_with
-from pipeline_lib.errors import one_line
-from pipeline_lib.state import SafeLoadPlanner, compare, describe, entry_kind, flatten, full_value
+from pipeline_lib.axes import Variant
+from pipeline_lib.errors import Incompatible, one_line
+from pipeline_lib.state import compare, describe, entry_kind, flatten, full_value
 
 # The loader's model starts from a different init, so an entry the load misses cannot pass.
 LOADER_SEED_OFFSET = 1_000_003
-
-
-class Incompatible(Exception):
-    """This model cannot run under this layout (the cell becomes ``skip``)."""
 
 
 class Job:
@@ -67,6 +66,7 @@ class Job:
             self.dp_size *= self.mesh[dim].size()
         self.tp_degree = self.mesh[layout["tp_dim"]].size() if layout["tp_dim"] else 1
         self.model_module = models.get(spec["model"])
+        self.variant = Variant(**spec["variant"])
         self.env = {
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
@@ -100,82 +100,117 @@ class Job:
         return round(float(peak), 1)
 
     # --- model, optimizer, training --------------------------------------------------------
-    def build(self, seed: int):
-        """(wrapped model, base model, optimizer, names of the parameters)."""
+    def build(self, seed: int, meta: bool = False) -> Trainee:
+        """The model of the variant's dtype under the layout, its optimizer and scheduler.
+        ``meta``: built on the meta device and materialized empty (no values until a load)."""
         torch.manual_seed(seed)
         # model_kwargs (benchmarks only) resize a model, e.g. a 1 GB mlp.
-        base = self.model_module.build(**self.spec.get("model_kwargs", {}))
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            base = self.model_module.build(**self.spec.get("model_kwargs", {}))
         for dim, size in base.tp_dims().items():
             if size % self.tp_degree:
                 raise Incompatible(
                     f"TP degree {self.tp_degree} does not divide {self.spec['model']} {dim}={size}"
                 )
-        param_names = {name for name, _ in base.named_parameters(remove_duplicate=False)}
-        base.to(self.device)
+        params = dict(base.named_parameters(remove_duplicate=False))
+        frozen = {name for name, p in params.items() if not p.requires_grad}
+        base.to(getattr(torch, self.variant.param_dtype))
+        if meta and not self.framework.shards_meta_model:
+            base.to_empty(device=self.device)
+        else:
+            base.to(self.device)
         model = self.framework.parallelize(base, self.mesh)
-        optimizer = make_optimizer(model, self.spec["train"])
-        return model, base, optimizer, param_names
+        if meta and self.framework.shards_meta_model:
+            model.to_empty(device=self.device)
+        if meta and hasattr(base, "init_non_persistent_buffers"):
+            base.init_non_persistent_buffers()
+        optimizer, scheduler = optimizers.make(
+            self.variant.optimizer, model, self.spec["train"]["lr"]
+        )
+        return Trainee(model, base, optimizer, scheduler, set(params), frozen)
 
-    def train(self, model, base, optimizer, first_step: int, steps: int) -> list[float]:
+    def train(self, t: Trainee, first_step: int, steps: int) -> list[float]:
         """Train ``steps`` steps on the global batches from ``first_step``; the global mean loss
         of each step. Each data-parallel rank takes its slice of the same global batch."""
         cfg = self.spec["train"]
+        dtype = getattr(torch, self.variant.param_dtype)
         losses = []
         for step in range(first_step, first_step + steps):
-            inputs, targets = base.make_batch(step, cfg["global_batch"], cfg["seed"])
+            inputs, targets = t.base.make_batch(step, cfg["global_batch"], cfg["seed"])
             count = targets.numel()
             x = inputs.tensor_split(self.dp_size)[self.dp_rank].to(self.device)
+            if x.is_floating_point():
+                x = x.to(dtype)
             y = targets.tensor_split(self.dp_size)[self.dp_rank].to(self.device)
-            loss_sum, _ = base.loss_sum(model(x), y)
+            # The loss in float32 whatever the parameters' dtype.
+            loss_sum, _ = t.base.loss_sum(t.model(x).float(), y)
             # Gradients are averaged over data-parallel ranks: scale so the result is the
             # gradient of the global mean, whatever the slices' sizes.
             (loss_sum * (self.dp_size / count)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            t.optimizer.step()
+            t.optimizer.zero_grad(set_to_none=True)
+            if t.scheduler is not None:
+                t.scheduler.step()
             total = loss_sum.detach().reshape(1).float().clone()
             dist.all_reduce(total)
             losses.append(float(total) / (self.tp_degree * count))
         return losses
 
+    def state(self, t: Trainee, full: bool = False) -> dict:
+        """The state a checkpoint holds: model, optimizer and (Stateful) LR scheduler."""
+        opts = checkpoint_io.options(self.variant, bool(t.frozen), full)
+        model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
+        state = {"model": model_state, "optim": optim_state}
+        if t.scheduler is not None:
+            state["scheduler"] = t.scheduler
+        return state
+
     def gathered(self, state: dict):
         """(name, whole value) of every entry, in one order on all ranks; value only on rank 0."""
-        flat = flatten(state)
+        flat = flatten(checkpoint_io.plain(state))
         for name in sorted(flat):
             value = full_value(flat[name])
             yield name, value if self.rank == 0 else None
 
 
-def make_optimizer(model, train: dict):
-    params = model.parameters()
-    if train["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=train["lr"])
-    if train["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=train["lr"])
-    return torch.optim.SGD(params, lr=train["lr"], momentum=0.9)
+@dataclass
+class Trainee:
+    model: torch.nn.Module  # wrapped by the layout's framework
+    base: torch.nn.Module  # the model module's own object (make_batch, loss_sum)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    param_names: set[str]
+    frozen: set[str]  # frozen parameters (saved and loaded with ignore_frozen_params)
 
 
 def run_save(job: Job) -> None:
-    spec, cfg = job.spec, job.spec["train"]
+    spec, cfg, variant = job.spec, job.spec["train"], job.variant
     timing = {"startup_s": time.time() - spec["launched_at"]}
     t = time.perf_counter()
     job.progress("build")
-    model, base, optimizer, param_names = job.build(cfg["seed"])
+    trainee = job.build(cfg["seed"])
     timing["build_s"] = time.perf_counter() - t
     job.progress("train")
     t = time.perf_counter()
-    train_losses = job.train(model, base, optimizer, 0, cfg["steps"])
+    train_losses = job.train(trainee, 0, cfg["steps"])
     timing["train_s"] = time.perf_counter() - t
 
     job.progress("reference")
     t = time.perf_counter()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    state = checkpoint_io.saved(variant, job.state(trainee, full=variant.writes_full_state))
+    dropped = []
+    if variant.drops_entry:
+        key = checkpoint_io.dropped_entry(state["model"])
+        del state["model"][key]
+        dropped = [f"model.{key}"]
+    # The reference is what the saver means to write, entry by entry.
     reference, entries = {}, {}
     for name, value in job.gathered(state):
         if job.rank == 0:
             reference[name] = value
             dtype, shape = describe(value)
-            entries[name] = {"kind": entry_kind(name, param_names), "dtype": dtype, "shape": shape}
+            kind = entry_kind(name, trainee.param_names)
+            entries[name] = {"kind": kind, "dtype": dtype, "shape": shape}
     if job.rank == 0:
         write_with(spec["reference"], lambda tmp: torch.save(reference, tmp))
     reference.clear()
@@ -183,14 +218,14 @@ def run_save(job: Job) -> None:
 
     job.progress("save")
     job.inject("save", spec.get("fault"))
-    t = time.perf_counter()
-    dcp.save(state, checkpoint_id=spec["checkpoint"])
-    timing["save_s"] = time.perf_counter() - t
+    wait = checkpoint_io.write(variant, state, spec, timing)
 
     job.progress("resume")
     t = time.perf_counter()
-    resume_losses = job.train(model, base, optimizer, cfg["steps"], cfg["resume_steps"])
+    # An async save is still writing while the training loop goes on.
+    resume_losses = job.train(trainee, cfg["steps"], cfg["resume_steps"])
     timing["resume_s"] = time.perf_counter() - t
+    wait()
     job.write_result(
         "save",
         {
@@ -199,6 +234,11 @@ def run_save(job: Job) -> None:
             "train_losses": train_losses,
             "resume_losses": resume_losses,
             "entries": entries,
+            "dropped_entries": dropped,
+            # ignore_frozen_params: none of these may be in the state the saver wrote.
+            "frozen_saved": sorted(
+                name for name in entries if name.removeprefix("model.") in trainee.frozen
+            ),
             "timing": timing,
             "peak_rss_mb": job.peak_rss_mb(),
             "env": job.env,
@@ -207,33 +247,43 @@ def run_save(job: Job) -> None:
 
 
 def load_one(job: Job, source: dict) -> dict:
-    cfg, fault = job.spec["train"], source.get("fault")
+    cfg, fault, variant = job.spec["train"], source.get("fault"), job.variant
     timing = {}
     t = time.perf_counter()
-    model, base, optimizer, _ = job.build(cfg["seed"] + LOADER_SEED_OFFSET)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    trainee = job.build(cfg["seed"] + LOADER_SEED_OFFSET, meta=variant.load_init == "meta")
+    state = job.state(trainee)
     timing["build_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     job.inject("load", fault)
+    opts = checkpoint_io.options(variant, bool(trainee.frozen), full=False)
+    missing, strict_error = [], None
     if fault != "skip_load":
-        dcp.load(state, checkpoint_id=source["checkpoint"], planner=SafeLoadPlanner())
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-        )
+        strict = variant.mode != "non_strict"
+        try:
+            missing = checkpoint_io.read(
+                variant, trainee.model, trainee.optimizer, state, source, opts, strict
+            )
+        except CheckpointException as exc:
+            if variant.mode != "strict":
+                raise
+            # The expected outcome of a strict load of a checkpoint with an entry left out.
+            strict_error = one_line(exc)
     timing["load_s"] = time.perf_counter() - t
+    if strict_error is not None:
+        return {"status": "ok", "reason": "", "strict_error": strict_error, "timing": timing}
 
     t = time.perf_counter()
     reference = (
         torch.load(source["reference"], mmap=True, weights_only=True) if job.rank == 0 else {}
     )
-    model_state, optim_state = get_state_dict(model, optimizer)
     entries = {}
-    for name, value in job.gathered({"model": model_state, "optim": optim_state}):
+    for name, value in job.gathered(checkpoint_io.saved(variant, job.state(trainee))):
         if job.rank != 0:
             continue
         if fault == "drop_loaded_entry" and name == min(reference):
+            continue
+        if name in missing:  # reported by the non-strict load, and checked against the saver's
             continue
         if name in reference:
             result = compare(reference[name], value)
@@ -253,14 +303,15 @@ def load_one(job: Job, source: dict) -> dict:
 
     t = time.perf_counter()
     if fault == "skew_resume_lr":
-        for group in optimizer.param_groups:
+        for group in trainee.optimizer.param_groups:
             group["lr"] *= 2
-    resume_losses = job.train(model, base, optimizer, cfg["steps"], cfg["resume_steps"])
+    resume_losses = job.train(trainee, cfg["steps"], cfg["resume_steps"])
     timing["resume_s"] = time.perf_counter() - t
     return {
         "status": "ok",
         "reason": "",
         "entries": entries,
+        "missing_entries": missing,
         "resume_losses": resume_losses,
         "timing": timing,
     }

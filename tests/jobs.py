@@ -43,3 +43,18 @@ def run_matrix(
 
 def tensors(model: str, load_layout: str) -> list[dict]:
     return read_json(grid.load_record(model, load_layout))["tensors"]
+
+
+def run_grid(raw_config: dict) -> dict[tuple[str, str, str, str], dict]:
+    """Every save job, then every load job, of a config's grid (all variants and models):
+    {(variant id, model, save layout, load layout): row}."""
+    cfg = config.validate(raw_config)
+    for root, model, layout in grid.save_jobs(cfg):
+        cli("save", grid.job_save_spec(cfg, root, model, layout))
+    rows = {}
+    for root, model, layout in grid.load_jobs(cfg):
+        cli("load", grid.job_load_spec(cfg, root, model, layout))
+        variant = grid.job_roots(cfg)[root][1]
+        for row in read_json(grid.load_record(model, layout, root))["cells"]:
+            rows[variant.id, model, row["save_layout"], row["load_layout"]] = row
+    return rows

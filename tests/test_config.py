@@ -65,6 +65,17 @@ def test_defaults_fill_missing_sections(small_config):
         (lambda c: c["train"].update(steps=0), "train.steps: 0 is less than the minimum of 1"),
         (lambda c: c.update(extra=1), "Additional properties are not allowed ('extra'"),
         (lambda c: c["run"].update(device="tpu"), "run.device: 'tpu' is not one of"),
+        (lambda c: c.update(modes=["sharded", "zip"]), "modes.1: unknown mode 'zip'"),
+        (lambda c: c.update(formats=["onnx"]), "formats.0: unknown format 'onnx'"),
+        (lambda c: c.update(async_save=[]), "async_save: [] should be non-empty"),
+        (lambda c: c.update(dtypes=["float32", "float32"]), "dtypes: ['float32', 'float32']"),
+        (lambda c: c.update(load_init=["lazy"]), "load_init.0: unknown load_init 'lazy'"),
+        (lambda c: c["train"].update(optimizer="lion"), "train.optimizer: unknown optimizer"),
+        (
+            lambda c: c["train"].update(optimizer=["adam", "lamb"]),
+            "train.optimizer.1: unknown optimizer 'lamb'",
+        ),
+        (lambda c: c.update(combine_axes="zip"), "combine_axes: 'zip' is not one of"),
     ],
 )
 def test_bad_config_names_the_field(mutate, expected):

@@ -6,10 +6,16 @@ import pyarrow as pa
 import pytest
 
 from pipeline_lib import records
+from pipeline_lib.axes import Variant
 
 LAYOUT_A = {"name": "a", "framework": "ddp", "mesh": [2], "world_size": 2}
 LAYOUT_B = {"name": "b", "framework": "hsdp", "mesh": [2, 2], "world_size": 4}
-SPEC = {"verify": {"resume_rtol": 1e-5}, "config_hash": "abc"}
+VARIANT = Variant().to_dict()
+SPEC = {
+    "verify": {"resume_rtol": 1e-5, "resume_rtol_bfloat16": 1e-3},
+    "config_hash": "abc",
+    "variant": VARIANT,
+}
 
 
 def ok(equal=True):
@@ -138,7 +144,7 @@ def test_failed_cell_row_has_no_check_columns():
 
 def test_tensor_rows():
     save = save_record(files_check={"model.w": ok(False), "optim.state.w.step": ok()})
-    rows = records.tensor_rows("mlp", save, load_result())
+    rows = records.tensor_rows("mlp", save, load_result(), VARIANT)
     table = pa.Table.from_pylist(rows, schema=records.TENSORS_SCHEMA)
     assert table.num_rows == 2
     w = next(r for r in rows if r["entry"] == "model.w")
@@ -152,6 +158,47 @@ def test_tensor_rows():
 
 
 def test_tensor_rows_of_a_cell_whose_load_never_ran_are_not_equal_or_unequal():
-    rows = records.tensor_rows("mlp", save_record(), load_result(status="skip", entries={}))
+    rows = records.tensor_rows(
+        "mlp", save_record(), load_result(status="skip", entries={}), VARIANT
+    )
     assert [r["equal"] for r in rows] == [None, None]
     assert [r["file_equal"] for r in rows] == [True, True]
+
+
+DROPPED = ["model.a.bias"]
+
+
+def test_strict_load_must_fail_naming_the_missing_entry():
+    save = save_record(dropped_entries=DROPPED)
+    named = "CheckpointException: Missing key in checkpoint state_dict: model.a.bias."
+    assert records.verdict(save, load_result(strict_error=named), 1e-5, "strict") == ("pass", "")
+    status, reason = records.verdict(save, load_result(), 1e-5, "strict")
+    assert status == "fail"
+    assert reason == "strict load: a checkpoint without model.a.bias loaded without an error"
+    status, reason = records.verdict(save, load_result(strict_error="Boom"), 1e-5, "strict")
+    assert (status, reason) == (
+        "fail", "strict load: failed without naming the missing entry model.a.bias: Boom",
+    )  # fmt: skip
+
+
+def test_non_strict_load_must_report_exactly_the_missing_entry():
+    save = save_record(dropped_entries=DROPPED)
+    # The resumed losses differ by design (the entry kept the loader's init): not a failure.
+    load = load_result(missing_entries=DROPPED, resume_losses=[2.0, 1.0])
+    assert records.verdict(save, load, 1e-5, "non_strict") == ("pass", "")
+    status, reason = records.verdict(save, load_result(missing_entries=[]), 1e-5, "non_strict")
+    assert status == "fail"
+    assert reason == "non-strict load: reported missing [], the saver left out [model.a.bias]"
+    row = records.cell_row(
+        "mlp", save, load, {**SPEC, "variant": {**VARIANT, "mode": "non_strict"}}
+    )
+    assert row["missing_entries"] == "model.a.bias" and row["resume_max_rel_diff"] is None
+    assert row["mode"] == "non_strict" and row["format"] == "dcp"
+
+
+def test_a_saved_frozen_parameter_fails_the_cell():
+    status, reason = verdict(save=save_record(frozen_saved=["model.a.weight"]))
+    assert status == "fail"
+    assert reason == (
+        "ignore_frozen_params: the saver's state holds 1 frozen parameter(s); first model.a.weight"
+    )

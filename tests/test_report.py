@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from pipeline_lib import report as report_lib
+from pipeline_lib.axes import DEFAULT
 from pipeline_lib.config import config_hash, validate
 from pipeline_lib.records import MATRIX_SCHEMA, STATUSES, TENSORS_SCHEMA
 from pipeline_lib.report import findings, main, markdown_cell
@@ -97,6 +98,7 @@ def matrix_row(i: int, model: str, save: str, load: str, status: str) -> dict:
         "load_framework": layout[load][0],
         "load_mesh": str(layout[load][1]),
         "load_world_size": layout[load][1],
+        **DEFAULT.to_dict(),
         "status": status,
         "reason": reason(model, save, load, status),
         "entries_checked": len(ENTRIES) if ran else 0,
@@ -133,6 +135,7 @@ def tensor_rows(model: str, save: str, load: str, status: str) -> list[dict]:
             "load_layout": load,
             "save_torch_version": "2.13.0+cpu",
             "load_torch_version": "2.13.0+cpu",
+            **DEFAULT.to_dict(),
             "entry": entry,
             "kind": kind,
             "dtype": "float32",

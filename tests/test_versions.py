@@ -33,7 +33,7 @@ def test_version_pairs_expand_the_grid():
     cfg = config.validate(versions_config())
     cells = grid.cells(cfg)
     assert len(cells) == 4 * 4  # 2 x 2 version pairs x 2 x 2 layout pairs
-    spec = grid.job_load_spec(cfg, "t2_14", "mlp", "fsdp2_2")
+    spec = grid.job_load_spec(cfg, "results/torch/t2_14", "mlp", "fsdp2_2")
     assert [s["id"] for s in spec["sources"]] == [
         "t2_13.single",
         "t2_13.fsdp2_2",
@@ -44,7 +44,10 @@ def test_version_pairs_expand_the_grid():
     assert spec["record"] == "results/torch/t2_14/load/mlp/fsdp2_2.json"
     cfg = config.validate(versions_config(version_pairs=[["t2_13", "t2_14"]]))
     assert {(c.save_version, c.load_version) for c in grid.cells(cfg)} == {("t2_13", "t2_14")}
-    assert grid.save_jobs(cfg) == [("t2_13", "mlp", "single"), ("t2_13", "mlp", "fsdp2_2")]
+    assert grid.save_jobs(cfg) == [
+        ("results/torch/t2_13", "mlp", "single"),
+        ("results/torch/t2_13", "mlp", "fsdp2_2"),
+    ]
 
 
 def test_unknown_version_in_pairs_is_refused():

@@ -25,6 +25,9 @@ class Framework:
     tp_dim: str | None = None
     # Largest world size the framework supports (single process: 1).
     max_world_size: int | None = None
+    # A model built on the meta device is parallelized as is and materialized afterwards
+    # (to_empty allocates only this rank's shards); otherwise it is materialized first.
+    shards_meta_model: bool = False
 
     @property
     def data_parallel_dims(self) -> tuple[str, ...]:

@@ -12,4 +12,4 @@ def shard(model, mesh):
     return model
 
 
-FRAMEWORK = Framework(name="fsdp2", mesh_dims=("shard",), parallelize=shard)
+FRAMEWORK = Framework(name="fsdp2", mesh_dims=("shard",), parallelize=shard, shards_meta_model=True)

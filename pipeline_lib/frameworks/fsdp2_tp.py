@@ -8,4 +8,10 @@ def parallelize(model, mesh):
     return fsdp2.shard(model, mesh["dp"])
 
 
-FRAMEWORK = Framework(name="fsdp2_tp", mesh_dims=("dp", "tp"), parallelize=parallelize, tp_dim="tp")
+FRAMEWORK = Framework(
+    name="fsdp2_tp",
+    mesh_dims=("dp", "tp"),
+    parallelize=parallelize,
+    tp_dim="tp",
+    shards_meta_model=True,
+)

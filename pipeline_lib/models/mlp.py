@@ -52,5 +52,8 @@ class MLP(nn.Module):
         return {"hidden": self.hidden}
 
 
+DIMS = {"dim": 16, "hidden": 32, "out": 8}
+
+
 def build(**dims) -> MLP:
-    return MLP(**{"dim": 16, "hidden": 32, "out": 8, **dims})
+    return MLP(**{**DIMS, **dims})

@@ -1,0 +1,1 @@
+"""Worked examples: your own model, named in a config as ``examples.my_model:build``."""

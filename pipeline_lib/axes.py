@@ -1,0 +1,132 @@
+"""The checkpointing axes of a cell beyond model and layouts: how state is saved and loaded.
+
+Pure (no torch): the config's axis lists -> variants, a variant's path-safe id, and the reason a
+variant cannot run with a layout (the cell becomes ``skip``). The jobs implement each value in
+pipeline_lib.checkpoint_io (mode, format, async save), pipeline_lib.optimizers and worker.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, fields
+
+# Axis -> its values, the default first. Config keys: modes, formats, async_save, dtypes,
+# load_init (lists) and train.optimizer (a name or a list).
+AXES: dict[str, tuple[str, ...]] = {
+    # sharded: DCP of get_state_dict; full: full state dict written by rank 0 with torch.save and
+    # loaded with broadcast_from_rank0; flattened_optim: flatten_optimizer_state_dict=True;
+    # strict / non_strict: the saver leaves one model entry out on purpose, a strict load must
+    # fail naming it, a non-strict one must report exactly it as missing.
+    "mode": ("sharded", "full", "flattened_optim", "strict", "non_strict"),
+    # dcp: FileSystemWriter; safetensors(_consolidated): HuggingFaceStorageWriter (sharded
+    # files, and also one consolidated file); torch_save: DCP converted with dcp_to_torch_save
+    # and loaded in a single-process layout; torch_save_to_dcp: a torch.save full state dict
+    # converted with torch_save_to_dcp and loaded under any layout.
+    "format": ("dcp", "safetensors", "safetensors_consolidated", "torch_save", "torch_save_to_dcp"),
+    # sync: dcp.save; thread / process: dcp.async_save with that checkpointer type.
+    "async_save": ("sync", "thread", "process"),
+    # pipeline_lib.optimizers
+    "optimizer": ("adam", "adamw", "sgd", "adamw_param_groups", "adam_lr_warmup"),
+    "param_dtype": ("float32", "bfloat16"),
+    # device: the loading model is built with its values; meta: built on the meta device and
+    # materialized empty (to_empty), so only the load can give it values.
+    "load_init": ("device", "meta"),
+}
+CONFIG_KEYS = {
+    "mode": "modes",
+    "format": "formats",
+    "async_save": "async_save",
+    "optimizer": "train.optimizer",
+    "param_dtype": "dtypes",
+    "load_init": "load_init",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    mode: str = "sharded"
+    format: str = "dcp"
+    async_save: str = "sync"
+    optimizer: str = "adam"
+    param_dtype: str = "float32"
+    load_init: str = "device"
+
+    @property
+    def id(self) -> str:
+        """Path-safe and unique: the values that differ from the defaults ('' for none)."""
+        return "+".join(
+            f"{f.name}-{getattr(self, f.name)}"
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(DEFAULT, f.name)
+        )
+
+    @property
+    def label(self) -> str:
+        return self.id.replace("+", ", ").replace("-", "=", 1) if self.id else "default"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def writes_full_state(self) -> bool:
+        """Rank 0 writes the full state dict with torch.save (and no DCP of its own)."""
+        return self.mode == "full" or self.format == "torch_save_to_dcp"
+
+    @property
+    def reads_full_state(self) -> bool:
+        """The loader reads a torch.save file of the full state dict."""
+        return self.mode == "full" or self.format == "torch_save"
+
+    @property
+    def drops_entry(self) -> bool:
+        return self.mode in ("strict", "non_strict")
+
+
+DEFAULT = Variant()
+
+
+def axis_values(config: dict) -> dict[str, list[str]]:
+    values = {axis: config[key] for axis, key in CONFIG_KEYS.items() if axis != "optimizer"}
+    optimizer = config["train"]["optimizer"]
+    values["optimizer"] = [optimizer] if isinstance(optimizer, str) else optimizer
+    return values
+
+
+def variants(config: dict) -> list[Variant]:
+    """``combine_axes: product``: every combination of the axis values; ``one_at_a_time``: the
+    first value of every axis, then each other value of one axis with the others at their
+    first value."""
+    values = axis_values(config)
+    if config["combine_axes"] == "product":
+        combos = [dict(zip(values, c, strict=True)) for c in itertools.product(*values.values())]
+    else:
+        base = {axis: vals[0] for axis, vals in values.items()}
+        combos = [base] + [
+            {**base, axis: value} for axis, vals in values.items() for value in vals[1:]
+        ]
+    return list(dict.fromkeys(Variant(**c) for c in combos))
+
+
+def variant_by_id(config: dict, variant_id: str) -> Variant:
+    return next(v for v in variants(config) if v.id == variant_id)
+
+
+def conflict(variant: Variant) -> str | None:
+    """Why these axis values cannot combine (every cell of the variant is ``skip``)."""
+    if variant.format != "dcp" and variant.mode != "sharded":
+        return f"format {variant.format} is tested with mode sharded only (mode {variant.mode})"
+    if variant.format.startswith("safetensors") and variant.optimizer == "adam_lr_warmup":
+        return f"format {variant.format} holds tensors only, not the LR scheduler's state"
+    if variant.async_save != "sync" and (variant.format != "dcp" or variant.mode == "full"):
+        return (
+            f"async_save {variant.async_save} writes DCP with the default writer "
+            f"(mode {variant.mode}, format {variant.format})"
+        )
+    return None
+
+
+def layout_conflict(variant: Variant, side: str, world_size: int) -> str | None:
+    """Why a variant cannot run on one side (save or load) of a layout of this world size."""
+    if side == "load" and variant.format == "torch_save" and world_size != 1:
+        return "format torch_save is loaded in a single-process layout only (world size 1)"
+    return None

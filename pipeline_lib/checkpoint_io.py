@@ -1,0 +1,164 @@
+"""Write and read a job's state the way a variant says (pipeline_lib.axes): state-dict options,
+sharded DCP or a full state dict on rank 0, the storage format, sync or async save. Imports torch.
+
+Every function here runs on all ranks of a job; collectives happen in the same order everywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+from pipeline_lib.axes import Variant
+from pipeline_lib.state import SafeLoadPlanner
+
+
+def options(variant: Variant, frozen: bool, full: bool) -> StateDictOptions:
+    """The state-dict options of a variant; ``full``: the full state dict on rank 0 (CPU)."""
+    return StateDictOptions(
+        full_state_dict=full,
+        cpu_offload=full,
+        ignore_frozen_params=frozen,
+        flatten_optimizer_state_dict=variant.mode == "flattened_optim",
+    )
+
+
+def saved(variant: Variant, state: dict) -> dict:
+    """The part of ``state`` the variant's format holds (nested dicts shared with ``state``):
+    safetensors holds tensors only, so not the optimizer's param_groups."""
+    if variant.format.startswith("safetensors"):
+        return {"model": state["model"], "optim": {"state": state["optim"]["state"]}}
+    return state
+
+
+def dropped_entry(model_state: dict) -> str:
+    """The model entry a strict / non_strict saver leaves out on purpose (the same on every
+    rank and layout: the first in name order)."""
+    return min(model_state)
+
+
+def _hf_writer(path: str, consolidate: bool):
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    return HuggingFaceStorageWriter(path, save_distributed=True, enable_consolidation=consolidate)
+
+
+def write(variant: Variant, state: dict, spec: dict, timing: dict):
+    """Write ``state``; returns a wait() to call once the training loop has moved on, which
+    waits for an async save to complete. ``timing``: ``save_blocked_s``, the time the training
+    loop was blocked, and ``save_s``, until the checkpoint was written."""
+    t = time.perf_counter()
+    pending = None
+    if variant.writes_full_state:
+        if dist.get_rank() == 0:
+            torch.save(plain(state), spec["full_state"])
+        dist.barrier()
+    elif variant.format.startswith("safetensors"):
+        writer = _hf_writer(spec["checkpoint"], variant.format == "safetensors_consolidated")
+        dcp.save(state, storage_writer=writer)
+    elif variant.async_save != "sync":
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        kind = AsyncCheckpointerType[variant.async_save.upper()]
+        # A process group of its own: the background save's collectives must not interleave
+        # with the training loop's on the default group (gloo aborts the process).
+        group = dist.new_group(backend="gloo")
+        pending = dcp.async_save(
+            state,
+            checkpoint_id=spec["checkpoint"],
+            process_group=group,
+            async_checkpointer_type=kind,
+        )
+    else:
+        dcp.save(state, checkpoint_id=spec["checkpoint"])
+    timing["save_blocked_s"] = timing["save_s"] = time.perf_counter() - t
+    if pending is None:
+        return lambda: None
+    # torch returns a Future, or an AsyncSaveResponse holding one for the upload.
+    future = getattr(pending, "upload_completion", pending)
+    written = threading.Event()
+
+    def on_written(_) -> None:
+        timing["save_s"] = time.perf_counter() - t
+        written.set()
+
+    future.add_done_callback(on_written)
+
+    def wait() -> None:
+        future.result()
+        written.wait()  # callbacks may run just after result() returns
+
+    return wait
+
+
+def read(variant: Variant, model, optimizer, state: dict, source: dict, opts, strict: bool):
+    """Load the checkpoint of ``source`` into model and optimizer (and the Stateful entries of
+    ``state``). Returns the model entries the load reported missing (non-strict loads)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if variant.reads_full_state:
+        full = torch.load(source["full_state"], weights_only=True) if dist.get_rank() == 0 else {}
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=full.get("model", {}),
+            optim_state_dict=full.get("optim", {}),
+            options=replace(opts, full_state_dict=True, broadcast_from_rank0=True),
+        )
+        _load_stateful_from_rank0(state, full)
+        return []
+    missing = []
+    if not strict:
+        present = set(_reader(variant, source).read_metadata().state_dict_metadata)
+        missing = [k for k in state["model"] if f"model.{k}" not in present]
+        for key in missing:
+            del state["model"][key]
+    if variant.format.startswith("safetensors"):
+        reader = _reader(variant, source)
+        dcp.load(saved(variant, state), storage_reader=reader, planner=SafeLoadPlanner())
+    else:
+        dcp.load(
+            state,
+            checkpoint_id=source["checkpoint"],
+            planner=SafeLoadPlanner(allow_partial_load=not strict),
+        )
+    result = set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        # The state left out frozen parameters: a strict set_state_dict would want them.
+        options=replace(opts, strict=strict and not opts.ignore_frozen_params),
+    )
+    if strict:
+        return []
+    return sorted(f"model.{k}" for k in result.missing_keys)
+
+
+def plain(state: dict) -> dict:
+    """``state`` with its Stateful entries (the LR scheduler) as their state dicts."""
+    return {k: v if k in ("model", "optim") else v.state_dict() for k, v in state.items()}
+
+
+def _reader(variant: Variant, source: dict):
+    if variant.format.startswith("safetensors"):
+        from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+        return HuggingFaceStorageReader(source["checkpoint"])
+    return dcp.FileSystemReader(source["checkpoint"])
+
+
+def _load_stateful_from_rank0(state: dict, full: dict) -> None:
+    """Entries beyond model and optimizer (the LR scheduler) from rank 0's full state."""
+    for key, target in state.items():
+        if key in ("model", "optim"):
+            continue
+        value = [full.get(key)]
+        dist.broadcast_object_list(value, src=0)
+        target.load_state_dict(value[0])
