@@ -122,8 +122,6 @@ class Job:
         model = self.framework.parallelize(base, self.mesh)
         if meta and self.framework.shards_meta_model:
             model.to_empty(device=self.device)
-        if meta and hasattr(base, "init_non_persistent_buffers"):
-            base.init_non_persistent_buffers()
         optimizer, scheduler = optimizers.make(
             self.variant.optimizer, model, self.spec["train"]["lr"]
         )

@@ -126,7 +126,7 @@ def test_every_axis_value_passes_fsdp2_to_single(in_tmp):
 @pytest.mark.torchrun
 def test_meta_init_loads_into_sharded_and_replicated_layouts(in_tmp):
     cfg = {
-        "models": ["tied_embedding"],
+        "models": ["mlp"],
         "layouts": {
             "ddp_2": {"framework": "ddp", "mesh": [2]},
             "tp_2": {"framework": "tp", "mesh": [2]},

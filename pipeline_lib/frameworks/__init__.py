@@ -26,7 +26,8 @@ class Framework:
     # Largest world size the framework supports (single process: 1).
     max_world_size: int | None = None
     # A model built on the meta device is parallelized as is and materialized afterwards
-    # (to_empty allocates only this rank's shards); otherwise it is materialized first.
+    # (to_empty allocates only this rank's shards); otherwise it is materialized first (TP's
+    # distribute_tensor copies a meta tensor to the mesh device and fails, torch 2.13 CPU).
     shards_meta_model: bool = False
 
     @property

@@ -13,5 +13,4 @@ FRAMEWORK = Framework(
     mesh_dims=("dp", "tp"),
     parallelize=parallelize,
     tp_dim="tp",
-    shards_meta_model=True,
 )

@@ -9,6 +9,4 @@ def parallelize(model, mesh):
     return parallelize_module(model, mesh, model.tp_plan())
 
 
-FRAMEWORK = Framework(
-    name="tp", mesh_dims=("tp",), parallelize=parallelize, tp_dim="tp", shards_meta_model=True
-)
+FRAMEWORK = Framework(name="tp", mesh_dims=("tp",), parallelize=parallelize, tp_dim="tp")
