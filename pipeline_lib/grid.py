@@ -126,24 +126,20 @@ def env_marker(config: dict, version: str) -> str:
 
 def save_jobs(config: dict) -> list[tuple[str, str, str]]:
     """(job root, model, layout) of every save job."""
-    versions = dict.fromkeys(s for s, _ in version_pairs(config))
-    return [
-        (job_root(v, variant), m, s)
-        for v in versions
-        for variant in variants(config)
-        for m in config["models"]
-        for s in save_layouts(config)
-    ]
+    return _jobs(config, [s for s, _ in version_pairs(config)], save_layouts(config))
 
 
 def load_jobs(config: dict) -> list[tuple[str, str, str]]:
-    versions = dict.fromkeys(d for _, d in version_pairs(config))
+    return _jobs(config, [d for _, d in version_pairs(config)], load_layouts(config))
+
+
+def _jobs(config: dict, versions: list, layout_names: list[str]) -> list[tuple[str, str, str]]:
     return [
-        (job_root(v, variant), m, d)
-        for v in versions
+        (job_root(v, variant), m, name)
+        for v in dict.fromkeys(versions)
         for variant in variants(config)
         for m in config["models"]
-        for d in load_layouts(config)
+        for name in layout_names
     ]
 
 
