@@ -100,17 +100,20 @@ def write(variant: Variant, state: dict, spec: dict, timing: dict):
 def read(variant: Variant, model, optimizer, state: dict, source: dict, opts, strict: bool):
     """Load the checkpoint of ``source`` into model and optimizer (and the Stateful entries of
     ``state``). Returns the model entries the load reported missing (non-strict loads)."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+        set_state_dict,
+    )
 
     if variant.reads_full_state:
         full = torch.load(source["full_state"], weights_only=True) if dist.get_rank() == 0 else {}
-        set_state_dict(
-            model,
-            optimizer,
-            model_state_dict=full.get("model", {}),
-            optim_state_dict=full.get("optim", {}),
-            options=replace(opts, full_state_dict=True, broadcast_from_rank0=True),
-        )
+        broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
+        # Model and optimizer one call each: set_state_dict takes the other ranks' empty model
+        # state as "optimizer only" and skips the model broadcast rank 0 joins (a hang,
+        # torch 2.13).
+        set_model_state_dict(model, full.get("model", {}), options=broadcast)
+        set_optimizer_state_dict(model, optimizer, full.get("optim", {}), options=broadcast)
         _load_stateful_from_rank0(state, full)
         return []
     missing = []

@@ -112,9 +112,12 @@ def files_check(spec: dict) -> tuple[dict, str]:
 def convert(spec: dict) -> None:
     """The conversions of formats torch_save (DCP -> torch.save file) and torch_save_to_dcp
     (torch.save file -> DCP), in this one process as a user runs them offline."""
+    fmt = spec["variant"]["format"]
+    if fmt not in ("torch_save", "torch_save_to_dcp"):
+        return
+    # Imported only here: it costs a save job about a second.
     from torch.distributed.checkpoint import format_utils
 
-    fmt = spec["variant"]["format"]
     if fmt == "torch_save":
         format_utils.dcp_to_torch_save(spec["checkpoint"], spec["full_state"])
     elif fmt == "torch_save_to_dcp":

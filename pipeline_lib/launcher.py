@@ -217,10 +217,25 @@ def srun_command(
 
 
 # --- the two launchers: (status, cause, detail) ---------------------------------------------
-def _torchrun_args(argv: list[str]):
+def threads_per_rank(ranks_on_node: int, environ: dict | None = None) -> int:
+    """The job's CPU threads (Snakemake's ``OMP_NUM_THREADS`` for the job, else this process's
+    CPUs) shared among the ranks on this node. Snakemake hands every rank the job's whole
+    thread count, so 4 ranks on 2 cores ran 8 spinning OpenMP threads: steps 6x slower."""
+    environ = os.environ if environ is None else environ
+    cpus = len(os.sched_getaffinity(0))
+    job_threads = environ.get("OMP_NUM_THREADS", "")
+    available = min(cpus, int(job_threads)) if job_threads.isdigit() else cpus
+    return max(1, available // ranks_on_node)
+
+
+def _prepare_torchrun(argv: list[str]):
+    """torchrun's parsed ``argv``, with the ranks' thread count set in the environment they
+    inherit."""
     from torch.distributed.run import get_args_parser
 
-    return get_args_parser().parse_args(argv)
+    args = get_args_parser().parse_args(argv)
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_rank(int(args.nproc_per_node)))
+    return args
 
 
 def _run_standalone(world_size: int, worker_args: list[str]) -> tuple[str, str, str]:
@@ -228,7 +243,7 @@ def _run_standalone(world_size: int, worker_args: list[str]) -> tuple[str, str, 
     from torch.distributed.run import run
 
     argv = ["--standalone", f"--nproc-per-node={world_size}", "-m", "pipeline_lib.worker"]
-    args = _torchrun_args([*argv, *worker_args])
+    args = _prepare_torchrun([*argv, *worker_args])
     try:
         run(args)
     except ChildFailedError as exc:
@@ -324,7 +339,7 @@ def node_agent(out_dir: Path, torchrun_argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run
 
-    args = _torchrun_args(torchrun_argv)
+    args = _prepare_torchrun(torchrun_argv)
     try:
         run(args)
     except ChildFailedError as exc:

@@ -73,6 +73,7 @@ class Job:
             "backend": backend,
             "device": device_type,
             "hostname": platform.node(),
+            "threads_per_rank": torch.get_num_threads(),
         }
 
     # --- progress and results (rank 0 writes) -------------------------------------------

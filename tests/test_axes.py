@@ -144,6 +144,28 @@ def test_meta_init_loads_into_sharded_and_replicated_layouts(in_tmp):
 
 
 @pytest.mark.torchrun
+def test_full_state_dict_loads_into_multi_rank_layouts(in_tmp):
+    """Rank 0 reads the file and broadcasts; the other ranks pass empty state dicts (a single
+    set_state_dict call took theirs as optimizer-only and hung)."""
+    cfg = {
+        **FSDP2_TO_SINGLE,
+        "layouts": {
+            "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
+            "ddp_2": {"framework": "ddp", "mesh": [2]},
+            "single": {"framework": "single", "mesh": [1]},
+        },
+        "pairs": [["fsdp2_2", "ddp_2"], ["single", "fsdp2_2"]],
+        "modes": ["full"],
+    }
+    rows = run_grid(cfg)
+    assert {k[2:]: (r["status"], r["reason"]) for k, r in rows.items()} == {
+        ("fsdp2_2", "ddp_2"): ("pass", ""),
+        ("single", "fsdp2_2"): ("pass", ""),
+    }
+    assert all(r["entries_checked"] > 10 for r in rows.values())
+
+
+@pytest.mark.torchrun
 def test_fsdp1_full_state_dict_crash_is_a_crash_row(in_tmp):
     """torch 2.13 CPU: FSDP1 segfaults on rank 0 gathering a full state dict with cpu_offload."""
     cfg = {

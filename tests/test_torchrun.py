@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline_lib import grid
+from pipeline_lib.atomic import read_json
 from tests.jobs import run_matrix, tensors
 
 pytestmark = pytest.mark.torchrun
@@ -21,7 +23,9 @@ DDP_TO_FSDP2 = {
 CELL = ("ddp_2", "fsdp2_2")
 
 
-def test_cross_layout_cells_pass_bit_for_bit(in_tmp):
+def test_cross_layout_cells_pass_bit_for_bit(in_tmp, monkeypatch):
+    # As under Snakemake, which gives every rank the job's whole thread count.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
     cfg = {
         "models": ["tied_embedding"],
         "layouts": {
@@ -45,6 +49,9 @@ def test_cross_layout_cells_pass_bit_for_bit(in_tmp):
     )
     assert entries["optim.state.block.fc1.weight.step"]["kind"] == "optim.step"
     assert all(t["equal"] for t in entries.values())
+    # The launcher shares the job's 2 threads among its 2 ranks.
+    save = read_json(grid.save_record("tied_embedding", "fsdp1_hybrid_1x2"))
+    assert save["env"]["threads_per_rank"] == 1
 
 
 def test_tp_degree_that_does_not_divide_is_skip(in_tmp):
