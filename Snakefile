@@ -30,7 +30,7 @@ PYTHON = sys.executable
 wildcard_constraints:
     model=plan.wildcard_pattern("models"),
     layout=plan.wildcard_pattern("layouts"),
-    root=plan.root_pattern,
+    vroot=plan.vroot_pattern,
     version=plan.wildcard_pattern("torch_versions"),
 
 

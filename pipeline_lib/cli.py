@@ -17,7 +17,7 @@ from pathlib import Path
 from pipeline_lib import grid
 from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.errors import one_line
-from pipeline_lib.launcher import launch
+from pipeline_lib.launcher import Outcome, launch
 
 
 def _now() -> str:
@@ -30,10 +30,9 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _run_worker(spec: dict, work: Path, attempt: int) -> tuple[str, str, str]:
-    """Launch the worker ranks for ``spec``: (status, reason, last progress step)."""
-    if spec["skip"]:  # the variant cannot run on this layout: no launch
-        return "skip", spec["skip"], ""
+def _run_worker(spec: dict, work: Path, attempt: int) -> Outcome:
+    """Launch the worker ranks for ``spec`` (a job): the launcher's outcome, with rank 0's
+    own account of a job-level exception, which is more precise than the exit code."""
     spec = {**spec, "launched_at": time.time()}
     spec_path = work / f"spec-{attempt}.json"
     write_json(spec_path, spec)
@@ -46,18 +45,53 @@ def _run_worker(spec: dict, work: Path, attempt: int) -> tuple[str, str, str]:
         run["startup_timeout_s"],
     )
     job_file = work / "results" / "job.json"
-    job_result = read_json(job_file) if job_file.exists() else None
+    if job_file.exists() and outcome.status == "error":
+        reason = read_json(job_file)["reason"]
+        outcome.reason = f"{reason} (during {outcome.step or 'start-up'})"
     job_file.unlink(missing_ok=True)
-    if job_result and job_result["status"] == "skip":
-        return "skip", job_result["reason"], outcome.step
-    if job_result and outcome.status == "error":
-        # Rank 0's own account of its exception is more precise than the exit code.
-        return (
-            "error",
-            f"{job_result['reason']} (during {outcome.step or 'start-up'})",
-            outcome.step,
-        )
-    return outcome.status, outcome.reason, outcome.step
+    return outcome
+
+
+def _narrowed(spec: dict, pending: set[str]) -> dict:
+    """The job with only the units in ``pending``: items of a save job, cells (item.source)
+    of a load job."""
+    items = []
+    for item in spec["items"]:
+        if spec["kind"] == "save":
+            if item["id"] in pending:
+                items.append(item)
+            continue
+        sources = [s for s in item["sources"] if f"{item['id']}.{s['id']}" in pending]
+        if sources:
+            items.append({**item, "sources": sources})
+    return {**spec, "items": items}
+
+
+def run_units(spec: dict, work: Path, pending: list[str]) -> tuple[dict[str, dict], int]:
+    """A result for every pending unit of the job, and the number of launches it took. One
+    launch runs them all; after a crash or hang, the unit in progress is recorded as such and
+    the units not reached run again in a fresh launch."""
+    results: dict[str, dict] = {}
+    attempt = 0
+    while pending:
+        attempt += 1
+        outcome = _run_worker(_narrowed(spec, set(pending)), work, attempt)
+        for unit in pending:
+            path = work / "results" / f"{unit}.json"
+            if path.exists():
+                results[unit] = read_json(path)
+        left = [unit for unit in pending if unit not in results]
+        if not left:
+            break
+        status, reason = outcome.status, outcome.reason
+        if status == "ok":
+            status, reason = "error", "worker ended without a result for this cell"
+        if outcome.unit in left:
+            results[outcome.unit] = {"status": status, "reason": reason}
+        else:  # failed before its first unit: every unit not reached shares the failure
+            results.update({unit: {"status": status, "reason": reason} for unit in left})
+        pending = [unit for unit in left if unit not in results]
+    return results, attempt
 
 
 def checkpoint_size(path: Path) -> tuple[int, int]:
@@ -130,96 +164,88 @@ def torch_version() -> str:
 
 
 def cmd_save(spec: dict) -> None:
+    """Every item of a save job: one launch (more after a crash), then per item the offline
+    conversion, the checkpoint fault, the files check and its record."""
+    work = _fresh_dir(Path(spec["work_dir"]))
+    for item in spec["items"]:
+        _fresh_dir(Path(item["save_dir"]))
+    skipped = {i["id"]: {"status": "skip", "reason": i["skip"]} for i in spec["items"] if i["skip"]}
+    results, _ = run_units(spec, work, [i["id"] for i in spec["items"] if not i["skip"]])
+    for item in spec["items"]:
+        result = skipped.get(item["id"]) or results[item["id"]]
+        write_json(item["record"], save_record(item, result))
+
+
+def save_record(item: dict, result: dict) -> dict:
+    """The record of one save item from the worker's result (or the job's failure)."""
     from pipeline_lib.axes import Variant
     from pipeline_lib.faults import FAULTS
 
-    variant = Variant(**spec["variant"])
-    work = _fresh_dir(Path(spec["work_dir"]))
-    checkpoint = Path(spec["checkpoint"])
-    _fresh_dir(Path(spec["save_dir"]))
-    status, reason, _ = _run_worker(spec, work, 1)
+    variant = Variant(**item["variant"])
     record = {
-        "model": spec["model"],
-        "layout": spec["layout"],
-        "checkpoint": spec["checkpoint"],
-        "reference": spec["reference"],
-        "config_hash": spec["config_hash"],
+        "model": item["model"],
+        "layout": item["layout"],
+        "checkpoint": item["checkpoint"],
+        "reference": item["reference"],
+        "config_hash": item["config_hash"],
         "created_at": _now(),
-        "status": status,
-        "reason": reason,
         "torch_version": torch_version(),
+        **result,
     }
-    result_file = work / "results" / "save.json"
-    if status == "ok" and not result_file.exists():
-        record.update(status="error", reason="save worker ended without a result")
-    elif status == "ok":
-        record.update(read_json(result_file))
-        t = time.perf_counter()
-        try:
-            convert(spec)
-        except Exception as exc:
-            record.update(status="error", reason=f"conversion: {one_line(exc)}")
-        record["timing"]["convert_s"] = time.perf_counter() - t
-    if record["status"] == "ok":
-        fault = FAULTS.get(spec.get("fault"))
-        if fault and fault.stage == "checkpoint":
-            record["fault_applied"] = fault.apply(checkpoint)
-        t = time.perf_counter()
-        record["files_check"], record["files_error"] = files_check(spec)
-        record["timing"]["files_check_s"] = time.perf_counter() - t
-        read = spec["full_state"] if variant.reads_full_state else spec["checkpoint"]
-        record["checkpoint_bytes"], record["checkpoint_files"] = checkpoint_size(Path(read))
-    write_json(spec["record"], record)
+    if record["status"] != "ok":
+        return record
+    t = time.perf_counter()
+    try:
+        convert(item)
+    except Exception as exc:
+        record.update(status="error", reason=f"conversion: {one_line(exc)}")
+        return record
+    record["timing"]["convert_s"] = time.perf_counter() - t
+    fault = FAULTS.get(item.get("fault"))
+    if fault and fault.stage == "checkpoint":
+        record["fault_applied"] = fault.apply(Path(item["checkpoint"]))
+    t = time.perf_counter()
+    record["files_check"], record["files_error"] = files_check(item)
+    record["timing"]["files_check_s"] = time.perf_counter() - t
+    read = item["full_state"] if variant.reads_full_state else item["checkpoint"]
+    record["checkpoint_bytes"], record["checkpoint_files"] = checkpoint_size(Path(read))
+    return record
 
 
 def cmd_load(spec: dict) -> None:
+    """Every cell of a load job (item x source): one launch (more after a crash or hang),
+    then one record per item."""
     from pipeline_lib.records import cell_row, tensor_rows
 
     work = _fresh_dir(Path(spec["work_dir"]))
-    saves = {s["id"]: read_json(s["save_record"]) for s in spec["sources"]}
-    results: dict[str, dict] = {
-        name: {"status": "not_run", "reason": "the save job failed"}
-        for name, save in saves.items()
-        if save["status"] != "ok"
-    }
-    pending = [
-        {**s, "reference": saves[s["id"]]["reference"]}
-        for s in spec["sources"]
-        if s["id"] not in results
-    ]
-    attempt = 0
-    # One launch verifies every checkpoint; after a crash or hang, the cell in progress is
-    # recorded as such and the cells not reached run again in a fresh launch.
-    while pending:
-        attempt += 1
-        status, reason, step = _run_worker({**spec, "sources": pending}, work, attempt)
-        for s in pending:
-            cell_file = work / "results" / f"{s['id']}.json"
-            if cell_file.exists():
-                results[s["id"]] = read_json(cell_file)
-        left = [s["id"] for s in pending if s["id"] not in results]
-        if not left:
-            break
-        current = step.removeprefix("cell ") if step.startswith("cell ") else None
-        if status == "ok":
-            status, reason = "error", "load worker ended without a result for this cell"
-        if current in left and status != "skip":
-            results[current] = {"status": status, "reason": reason}
-        else:  # failed before its first cell: every cell not reached shares the failure
-            results.update({name: {"status": status, "reason": reason} for name in left})
-        pending = [s for s in pending if s["id"] not in results]
+    saves, results, items = {}, {}, []
+    for item in spec["items"]:
+        sources = []
+        for source in item["sources"]:
+            unit = f"{item['id']}.{source['id']}"
+            save = saves[unit] = read_json(source["save_record"])
+            if save["status"] != "ok":
+                results[unit] = {"status": "not_run", "reason": "the save job failed"}
+            elif item["skip"]:
+                results[unit] = {"status": "skip", "reason": item["skip"]}
+            else:
+                sources.append({**source, "reference": save["reference"]})
+        items.append({**item, "sources": sources})
+    pending = [f"{i['id']}.{s['id']}" for i in items for s in i["sources"]]
+    launched, launches = run_units({**spec, "items": items}, work, pending)
+    results.update(launched)
 
-    cells, tensors = [], []
-    for source in spec["sources"]:
-        name = source["id"]
-        load = {**results[name], "layout": spec["layout"], "torch_version": torch_version()}
-        save = saves[name]
-        cells.append(cell_row(spec["model"], save, load, spec))
-        tensors.extend(tensor_rows(spec["model"], save, load, spec["variant"]))
-    record = {"cells": cells, "tensors": tensors, "launches": attempt}
-    if spec.get("fault"):
-        record["fault"] = spec["fault"]
-    write_json(spec["record"], record)
+    for item in spec["items"]:
+        cells, tensors = [], []
+        for source in item["sources"]:
+            unit = f"{item['id']}.{source['id']}"
+            load = {**results[unit], "layout": item["layout"], "torch_version": torch_version()}
+            cells.append(cell_row(item["model"], saves[unit], load, item))
+            tensors.extend(tensor_rows(item["model"], saves[unit], load, item["variant"]))
+        record = {"cells": cells, "tensors": tensors, "launches": launches}
+        if item.get("fault"):
+            record["fault"] = item["fault"]
+        write_json(item["record"], record)
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
@@ -258,7 +284,14 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("save", "load"):
         p = sub.add_parser(name, help=f"run one {name} job")
-        p.add_argument("--spec", required=True, help="the job spec as JSON (pipeline_lib.grid)")
+        given = p.add_mutually_exclusive_group(required=True)
+        given.add_argument("--spec", help="the job spec as JSON (pipeline_lib.grid.job_spec)")
+        # A grid's job spec can exceed the 128 KiB a command-line argument may hold.
+        given.add_argument(
+            "--grid", help="the validated config as JSON: the job of --root, --layout"
+        )
+        p.add_argument("--root", help="with --grid: the job's version root (results, ...)")
+        p.add_argument("--layout", help="with --grid: the job's layout")
     p = sub.add_parser("aggregate", help="job records -> matrix.parquet and tensors.parquet")
     p.add_argument("--matrix", required=True)
     p.add_argument("--tensors", required=True)
@@ -277,7 +310,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("configfile")
     args = parser.parse_args(argv)
     if args.command in ("save", "load"):
-        spec = json.loads(args.spec)
+        if args.spec:
+            spec = json.loads(args.spec)
+        elif not (args.root and args.layout):
+            parser.error("--grid needs --root and --layout")
+        else:
+            job = grid.save_job_spec if args.command == "save" else grid.load_job_spec
+            spec = job(json.loads(args.grid), args.root, args.layout)
         (cmd_save if args.command == "save" else cmd_load)(spec)
     elif args.command == "aggregate":
         cmd_aggregate(args)

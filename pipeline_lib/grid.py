@@ -1,9 +1,11 @@
 """Expand a validated config into cells and jobs: a pure function of the config (no torch).
 
-A cell is (model, save layout, load layout, torch versions, variant of the axes). Jobs: one save
-job per (version, variant, model, save layout) and one load job per (version, variant, model,
-load layout) that verifies every checkpoint paired with that load layout, so ``pairs: all`` takes
-2 x models x layouts torchrun launches per version and variant.
+A cell is (model, save layout, load layout, torch versions, variant of the axes). A job is one
+torchrun launch: one save job per (torch version, save layout) and one load job per (torch
+version, load layout). Its items are every (variant, model) of the grid: a save job writes their
+checkpoints one after the other, a load job verifies every checkpoint paired with its layout, so
+``pairs: all`` takes 2 x layouts launches per torch version, whatever the models and axes. (The
+start-up of a launch costs more than most of its cells.)
 """
 
 from __future__ import annotations
@@ -95,15 +97,29 @@ def version_pairs(config: dict) -> list[tuple[str | None, str | None]]:
     return [(None, None)] if names == [None] else _pairs(config["version_pairs"], names)
 
 
+def version_root(version: str | None) -> str:
+    """Where the jobs of one torch environment write (the pipeline's own: results/)."""
+    return RESULTS if version is None else f"{RESULTS}/torch/{version}"
+
+
+def version_roots(config: dict) -> dict[str, str | None]:
+    """Every version root of the grid -> its torch version."""
+    return {version_root(version): version for version in torch_versions(config)}
+
+
+def variant_dir(variant: Variant) -> str:
+    """A variant's folder below its version root ('' for the default variant)."""
+    return f"/axes/{variant.id}" if variant.id else ""
+
+
 def job_root(version: str | None, variant: Variant = DEFAULT) -> str:
-    """Where the jobs of one torch environment and variant write (the pipeline's own torch and
+    """Where the items of one torch environment and variant write (the pipeline's own torch and
     the default variant keep the plain layout)."""
-    root = RESULTS if version is None else f"{RESULTS}/torch/{version}"
-    return f"{root}/axes/{variant.id}" if variant.id else root
+    return version_root(version) + variant_dir(variant)
 
 
 def job_roots(config: dict) -> dict[str, tuple[str | None, Variant]]:
-    """Every job root of the grid -> (torch version, variant)."""
+    """Every item root of the grid -> (torch version, variant)."""
     return {
         job_root(version, variant): (version, variant)
         for version in torch_versions(config)
@@ -124,23 +140,22 @@ def env_marker(config: dict, version: str) -> str:
     return f"{env_dir(config, version)}/packages.txt"
 
 
-def save_jobs(config: dict) -> list[tuple[str, str, str]]:
-    """(job root, model, layout) of every save job."""
-    return _jobs(config, [s for s, _ in version_pairs(config)], save_layouts(config))
+def save_jobs(config: dict) -> list[tuple[str, str]]:
+    """(version root, layout) of every save job."""
+    return _jobs([s for s, _ in version_pairs(config)], save_layouts(config))
 
 
-def load_jobs(config: dict) -> list[tuple[str, str, str]]:
-    return _jobs(config, [d for _, d in version_pairs(config)], load_layouts(config))
+def load_jobs(config: dict) -> list[tuple[str, str]]:
+    return _jobs([d for _, d in version_pairs(config)], load_layouts(config))
 
 
-def _jobs(config: dict, versions: list, layout_names: list[str]) -> list[tuple[str, str, str]]:
-    return [
-        (job_root(v, variant), m, name)
-        for v in dict.fromkeys(versions)
-        for variant in variants(config)
-        for m in config["models"]
-        for name in layout_names
-    ]
+def _jobs(versions: list, layout_names: list[str]) -> list[tuple[str, str]]:
+    return [(version_root(v), name) for v in dict.fromkeys(versions) for name in layout_names]
+
+
+def items(config: dict) -> list[tuple[Variant, str]]:
+    """(variant, model) of every item of a job, in the order the job runs them."""
+    return [(variant, model) for variant in variants(config) for model in config["models"]]
 
 
 def load_sources(config: dict, layout: str, version: str | None) -> list[tuple[str, str | None]]:
@@ -201,7 +216,7 @@ def skip_reason(variant: Variant, side: str, layout: Layout) -> str | None:
 def save_spec(
     config: dict, model: str, layout: str, root: str = RESULTS, variant: Variant = DEFAULT
 ) -> dict:
-    """Everything the save job of (model, layout) needs; its JSON is the job's only argument."""
+    """Everything a save job needs to save (model, layout) under ``root``: one item."""
     by_name = layouts(config)
     return {
         "kind": "save",
@@ -213,7 +228,6 @@ def save_spec(
         "run": config["run"],
         "config_hash": config_hash(config),
         "record": save_record(model, layout, root),
-        "work_dir": f"{root}/work/save/{model}/{layout}",
         "save_dir": save_dir(model, layout, root),
         "checkpoint": checkpoint_dir(model, layout, root),
         "full_state": full_state_file(model, layout, root),
@@ -229,8 +243,8 @@ def load_spec(
     root: str = RESULTS,
     variant: Variant = DEFAULT,
 ) -> dict:
-    """The load job of (model, layout): it verifies the checkpoint of every source, a (save
-    layout, save torch version) pair (default: every one paired with ``layout``)."""
+    """One item of a load job: verify the checkpoint of (model, save layout) for every source,
+    a (save layout, save torch version) pair (default: every one paired with ``layout``)."""
     by_name = layouts(config)
     if sources is None:
         sources = [(src, None) for src in sources_of(config, layout)]
@@ -256,28 +270,69 @@ def load_spec(
             for src, version in sources
         ],
         "record": load_record(model, layout, root),
-        "work_dir": f"{root}/work/load/{model}/{layout}",
     }
 
 
-def job_save_spec(config: dict, root: str, model: str, layout: str) -> dict:
-    """The save job of (model, layout) under a job root (a torch environment and variant)."""
-    version, variant = job_roots(config)[root]
-    return {**save_spec(config, model, layout, root, variant), "torch_env": version}
+def job_spec(config: dict, kind: str, layout: str, work_dir: str, items: list[dict]) -> dict:
+    """One torchrun launch of ``layout`` running ``items`` (save_spec or load_spec) in order;
+    an item's ``id`` is its index."""
+    return {
+        "kind": kind,
+        "layout": layout_dict(config, layout),
+        "run": config["run"],
+        "work_dir": work_dir,
+        "items": [{**item, "id": str(i)} for i, item in enumerate(items)],
+    }
 
 
-def job_load_spec(config: dict, root: str, model: str, layout: str) -> dict:
-    version, variant = job_roots(config)[root]
-    sources = load_sources(config, layout, version)
-    spec = load_spec(config, model, layout, sources, root, variant)
+def layout_dict(config: dict, layout: str) -> dict:
+    return layouts(config)[layout].to_dict()
+
+
+def save_job_spec(config: dict, vroot: str, layout: str) -> dict:
+    """The save job of ``layout`` in the torch environment of version root ``vroot``."""
+    version = version_roots(config)[vroot]
+    specs = [
+        save_spec(config, model, layout, job_root(version, variant), variant)
+        for variant, model in items(config)
+    ]
+    spec = job_spec(config, "save", layout, f"{vroot}/work/save/{layout}", specs)
     return {**spec, "torch_env": version}
 
 
-def load_inputs(config: dict, root: str, model: str, layout: str) -> list[str]:
-    """What the load job under ``root`` reads: the save record and folder of every source."""
-    version, variant = job_roots(config)[root]
+def load_job_spec(config: dict, vroot: str, layout: str) -> dict:
+    version = version_roots(config)[vroot]
+    sources = load_sources(config, layout, version)
+    specs = [
+        load_spec(config, model, layout, sources, job_root(version, variant), variant)
+        for variant, model in items(config)
+    ]
+    spec = job_spec(config, "load", layout, f"{vroot}/work/load/{layout}", specs)
+    return {**spec, "torch_env": version}
+
+
+def save_outputs(config: dict, vroot: str, layout: str) -> tuple[list[str], list[str]]:
+    """(records, save folders) a save job writes, one each per item."""
+    roots = [(vroot + variant_dir(variant), model) for variant, model in items(config)]
+    return (
+        [save_record(model, layout, root) for root, model in roots],
+        [save_dir(model, layout, root) for root, model in roots],
+    )
+
+
+def load_outputs(config: dict, vroot: str, layout: str) -> list[str]:
+    """The records a load job writes, one per item."""
+    return [
+        load_record(model, layout, vroot + variant_dir(variant)) for variant, model in items(config)
+    ]
+
+
+def load_inputs(config: dict, vroot: str, layout: str) -> list[str]:
+    """What a load job reads: the save record and folder of every item's every source."""
+    version = version_roots(config)[vroot]
     return [
         path
+        for variant, model in items(config)
         for src, save_version in load_sources(config, layout, version)
         for path in (
             save_record(model, src, job_root(save_version, variant)),
@@ -331,13 +386,21 @@ def fault_cell(config: dict, fault_id: str) -> FaultCell:
 
 
 def fault_save_spec(config: dict, cell: FaultCell) -> dict:
+    """The save job of a fault cell (one item)."""
     spec = save_spec(config, cell.save_model, cell.save, cell.root)
     if faults.FAULTS[cell.fault].stage in ("checkpoint", "save"):
         spec["fault"] = cell.fault
-    return spec
+    return job_spec(config, "save", cell.save, f"{cell.root}/work/save", [spec])
 
 
 def fault_load_spec(config: dict, cell: FaultCell) -> dict:
+    """The load job of a fault cell (one item)."""
+    return job_spec(
+        config, "load", cell.load, f"{cell.root}/work/load", [_fault_load_item(config, cell)]
+    )
+
+
+def _fault_load_item(config: dict, cell: FaultCell) -> dict:
     fault = faults.FAULTS[cell.fault]
     spec = load_spec(config, cell.model, cell.load, [(cell.save, None)], cell.root)
     source = spec["sources"][0]

@@ -56,6 +56,7 @@ class Outcome:
     status: str  # ok, error, crash or timeout
     reason: str
     step: str  # the worker's last progress mark ("" before the first)
+    unit: str = ""  # the save item or load cell of that mark
 
 
 def signal_name(number: int) -> str:
@@ -322,14 +323,15 @@ def launch(
         status, cause, detail = srun.run() if srun else _run_standalone(world_size, worker_args)
     finally:
         watchdog.stop()
-    step = read_json(progress)["step"] if progress.exists() else ""
+    mark = read_json(progress) if progress.exists() else {"step": "", "unit": ""}
+    step, unit = mark["step"], mark["unit"]
     where = f"during {step}" if step else "during start-up"
     if watchdog.fired:
         limit = timeout_s if step else startup_timeout_s
-        return Outcome("timeout", f"no progress for {limit:g} s {where}; job killed", step)
+        return Outcome("timeout", f"no progress for {limit:g} s {where}; job killed", step, unit)
     if status == "ok":
-        return Outcome(status, "", step)
-    return Outcome(status, f"{cause} {where}" + (f": {detail}" if detail else ""), step)
+        return Outcome(status, "", step, unit)
+    return Outcome(status, f"{cause} {where}" + (f": {detail}" if detail else ""), step, unit)
 
 
 # --- the per-node agent of the srun launcher --------------------------------------------------

@@ -13,6 +13,9 @@ import sys
 from pipeline_lib import grid
 from pipeline_lib.config import validate
 
+# Progress marks of a save item (build, train, reference, save, resume: pipeline_lib.worker).
+SAVE_STEPS = 5
+
 
 class Plan:
     def __init__(self, config: dict, basedir: str):
@@ -28,13 +31,13 @@ class Plan:
         return "|".join(re.escape(name) for name in self.config[key])
 
     @property
-    def root_pattern(self) -> str:
-        """The {root} wildcard of the matrix rules: results, or results/torch/<version> and
-        .../axes/<variant> (grid.job_root)."""
-        return "|".join(re.escape(root) for root in grid.job_roots(self.config))
+    def vroot_pattern(self) -> str:
+        """The {vroot} wildcard of the matrix rules: results, or results/torch/<version>
+        (grid.version_root)."""
+        return "|".join(re.escape(vroot) for vroot in grid.version_roots(self.config))
 
     def _version(self, wildcards) -> str | None:
-        return grid.job_roots(self.config)[wildcards.root][0]
+        return grid.version_roots(self.config)[wildcards.vroot]
 
     @property
     def env_dir(self) -> str:
@@ -54,24 +57,35 @@ class Plan:
         version = self._version(wildcards)
         return sys.executable if version is None else grid.env_python(self.config, version)
 
-    def save_spec(self, wildcards) -> str:
-        return json.dumps(
-            grid.job_save_spec(self.config, wildcards.root, wildcards.model, wildcards.layout)
-        )
+    @property
+    def grid_json(self) -> str:
+        """The validated config: a job's CLI expands its own spec from it (grid.*_job_spec)."""
+        return json.dumps(self.config)
 
-    def load_spec(self, wildcards) -> str:
-        return json.dumps(
-            grid.job_load_spec(self.config, wildcards.root, wildcards.model, wildcards.layout)
-        )
+    # Output patterns of the matrix jobs: one record (and save folder) per item.
+    @property
+    def save_records(self) -> list[str]:
+        return grid.save_outputs(self.config, "{vroot}", "{layout}")[0]
+
+    @property
+    def save_dirs(self) -> list[str]:
+        return grid.save_outputs(self.config, "{vroot}", "{layout}")[1]
+
+    @property
+    def load_outputs(self) -> list[str]:
+        return grid.load_outputs(self.config, "{vroot}", "{layout}")
 
     def load_inputs(self, wildcards) -> list[str]:
         return grid.load_inputs(
-            self.config, wildcards.root, wildcards.model, wildcards.layout
+            self.config, wildcards.vroot, wildcards.layout
         ) + self.torch_env_inputs(wildcards)
 
     def load_records(self) -> list[str]:
-        jobs = grid.load_jobs(self.config)
-        return [grid.load_record(model, layout, root) for root, model, layout in jobs]
+        return [
+            record
+            for vroot, layout in grid.load_jobs(self.config)
+            for record in grid.load_outputs(self.config, vroot, layout)
+        ]
 
     def targets(self) -> list[str]:
         """What ``rule all`` asks for: the matrix if the grid has cells, the fault campaign's
@@ -164,13 +178,15 @@ class Plan:
         """Minutes: twice the watchdog's worst case (start-up taking ``run.startup_timeout_s``;
         training, the save and every checkpoint a load job verifies, each taking
         ``run.cell_timeout_s``), plus 10; more on
-        each retry. A save job of a layout gets the limit of that layout's load job."""
+        each retry. Every item of a save job reports SAVE_STEPS steps, a load job one per
+        source; a save job of a layout gets the limit of that layout's load job if longer."""
         layout = getattr(wildcards, "layout", None)
-        cells = 1
+        steps = SAVE_STEPS
         if layout is not None and getattr(wildcards, "fault_id", None) is None:
-            cells = len(grid.sources_of(self.config, layout))
+            per_item = max(SAVE_STEPS, len(grid.sources_of(self.config, layout)))
+            steps = len(grid.items(self.config)) * per_item
         run = self.config["run"]
-        worst_s = run["startup_timeout_s"] + (cells + 2) * run["cell_timeout_s"]
+        worst_s = run["startup_timeout_s"] + (steps + 2) * run["cell_timeout_s"]
         return (10 + -(-2 * int(worst_s) // 60)) * attempt
 
     @property

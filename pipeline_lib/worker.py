@@ -1,8 +1,10 @@
 """The per-rank program of a save or load job, started by torchrun (see launcher.py).
 
-Usage: python -m pipeline_lib.worker SPEC.json. Rank 0 writes progress marks (the launcher's
-watchdog reads them) and one result file per step (``results/`` layout in cli.py). Everything
-a rank does is in step with the other ranks: every collective runs on all ranks in one order.
+Usage: python -m pipeline_lib.worker SPEC.json. The process group and device mesh are made once;
+then the job's items (variant, model) run one after the other. Rank 0 writes progress marks
+(the launcher's watchdog reads them; ``unit`` names the save item or load cell in progress) and
+one result file per unit (``results/<unit>.json``, read by cli.py). Everything a rank does is in
+step with the other ranks: every collective runs on all ranks in one order.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pipeline_lib import checkpoint_io, frameworks, models, optimizers
 from pipeline_lib.atomic import read_json, write_json, write_with
 from pipeline_lib.axes import Variant
 from pipeline_lib.errors import Incompatible, one_line
-from pipeline_lib.state import compare, describe, entry_kind, flatten, full_value
+from pipeline_lib.state import compare_local, describe, entry_kind, flatten, full_value, merge
 
 # The loader's model starts from a different init, so an entry the load misses cannot pass.
 LOADER_SEED_OFFSET = 1_000_003
@@ -65,8 +67,6 @@ class Job:
             self.dp_rank = self.dp_rank * self.mesh[dim].size() + self.mesh.get_local_rank(dim)
             self.dp_size *= self.mesh[dim].size()
         self.tp_degree = self.mesh[layout["tp_dim"]].size() if layout["tp_dim"] else 1
-        self.model_module = models.get(spec["model"])
-        self.variant = Variant(**spec["variant"])
         self.env = {
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
@@ -77,9 +77,9 @@ class Job:
         }
 
     # --- progress and results (rank 0 writes) -------------------------------------------
-    def progress(self, step: str) -> None:
+    def progress(self, step: str, unit: str) -> None:
         if self.rank == 0:
-            write_json(self.work / "progress.json", {"step": step, "at": time.time()})
+            write_json(self.work / "progress.json", {"step": step, "unit": unit, "at": time.time()})
 
     def write_result(self, name: str, result: dict) -> None:
         if self.rank == 0:
@@ -101,21 +101,22 @@ class Job:
         return round(float(peak), 1)
 
     # --- model, optimizer, training --------------------------------------------------------
-    def build(self, seed: int, meta: bool = False) -> Trainee:
-        """The model of the variant's dtype under the layout, its optimizer and scheduler.
-        ``meta``: built on the meta device and materialized empty (no values until a load)."""
+    def build(self, item: Item, seed: int, meta: bool = False) -> Trainee:
+        """The item's model, of its variant's dtype, under the layout, its optimizer and
+        scheduler. ``meta``: built on the meta device and materialized empty (no values until a
+        load)."""
         torch.manual_seed(seed)
         # model_kwargs (benchmarks only) resize a model, e.g. a 1 GB mlp.
         with torch.device("meta") if meta else contextlib.nullcontext():
-            base = self.model_module.build(**self.spec.get("model_kwargs", {}))
+            base = item.model_module.build(**item.spec.get("model_kwargs", {}))
         for dim, size in base.tp_dims().items():
             if size % self.tp_degree:
                 raise Incompatible(
-                    f"TP degree {self.tp_degree} does not divide {self.spec['model']} {dim}={size}"
+                    f"TP degree {self.tp_degree} does not divide {item.spec['model']} {dim}={size}"
                 )
         params = dict(base.named_parameters(remove_duplicate=False))
         frozen = {name for name, p in params.items() if not p.requires_grad}
-        base.to(getattr(torch, self.variant.param_dtype))
+        base.to(getattr(torch, item.variant.param_dtype))
         if meta and not self.framework.shards_meta_model:
             base.to_empty(device=self.device)
         else:
@@ -123,16 +124,14 @@ class Job:
         model = self.framework.parallelize(base, self.mesh)
         if meta and self.framework.shards_meta_model:
             model.to_empty(device=self.device)
-        optimizer, scheduler = optimizers.make(
-            self.variant.optimizer, model, self.spec["train"]["lr"]
-        )
+        optimizer, scheduler = optimizers.make(item.variant.optimizer, model, item.train["lr"])
         return Trainee(model, base, optimizer, scheduler, set(params), frozen)
 
-    def train(self, t: Trainee, first_step: int, steps: int) -> list[float]:
+    def train(self, item: Item, t: Trainee, first_step: int, steps: int) -> list[float]:
         """Train ``steps`` steps on the global batches from ``first_step``; the global mean loss
         of each step. Each data-parallel rank takes its slice of the same global batch."""
-        cfg = self.spec["train"]
-        dtype = getattr(torch, self.variant.param_dtype)
+        cfg = item.train
+        dtype = getattr(torch, item.variant.param_dtype)
         losses = []
         for step in range(first_step, first_step + steps):
             inputs, targets = t.base.make_batch(step, cfg["global_batch"], cfg["seed"])
@@ -155,14 +154,41 @@ class Job:
             losses.append(float(total) / (self.tp_degree * count))
         return losses
 
-    def state(self, t: Trainee, full: bool = False) -> dict:
+    def state(self, item: Item, t: Trainee, full: bool = False) -> dict:
         """The state a checkpoint holds: model, optimizer and (Stateful) LR scheduler."""
-        opts = checkpoint_io.options(self.variant, bool(t.frozen), full)
+        opts = checkpoint_io.options(item.variant, bool(t.frozen), full)
         model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
         state = {"model": model_state, "optim": optim_state}
         if t.scheduler is not None:
             state["scheduler"] = t.scheduler
         return state
+
+    def verify(self, state: dict, reference_path: str, skip: set[str], drop_first: bool) -> dict:
+        """Loader vs saver: every rank compares its part of every entry of ``state`` with the
+        saver's reference (one entry at a time, no collective per entry); rank 0 gets the
+        merged comparison of each entry ({} on the other ranks). ``skip``: entries not to
+        compare; ``drop_first`` (fault drop_loaded_entry): leave out the first on purpose."""
+        reference = torch.load(reference_path, mmap=True, weights_only=True)
+        flat = flatten(checkpoint_io.plain(state))
+        names = sorted(set(flat) - skip - ({min(reference)} if drop_first else set()))
+        mine = {
+            name: compare_local(reference[name], flat[name]) for name in names if name in reference
+        }
+        every_rank = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(mine, every_rank, dst=0)
+        if self.rank != 0:
+            return {}
+        entries = {name: vars(merge([part[name] for part in every_rank])) for name in mine}
+        for name in names:
+            entries.setdefault(
+                name, {"equal": False, "max_abs_diff": None, "note": "not in the saver's state"}
+            )
+        for name in reference:
+            entries.setdefault(
+                name,
+                {"equal": False, "max_abs_diff": None, "note": "missing in the loader's state"},
+            )
+        return entries
 
     def gathered(self, state: dict):
         """(name, whole value) of every entry, in one order on all ranks; value only on rank 0."""
@@ -170,6 +196,19 @@ class Job:
         for name in sorted(flat):
             value = full_value(flat[name])
             yield name, value if self.rank == 0 else None
+
+
+@dataclass
+class Item:
+    """One (variant, model) of a job: its spec (grid.save_spec or grid.load_spec)."""
+
+    spec: dict
+
+    def __post_init__(self) -> None:
+        self.model_module = models.get(self.spec["model"])
+        self.variant = Variant(**self.spec["variant"])
+        self.train = self.spec["train"]
+        self.id = self.spec["id"]
 
 
 @dataclass
@@ -182,21 +221,21 @@ class Trainee:
     frozen: set[str]  # frozen parameters (saved and loaded with ignore_frozen_params)
 
 
-def run_save(job: Job) -> None:
-    spec, cfg, variant = job.spec, job.spec["train"], job.variant
-    timing = {"startup_s": time.time() - spec["launched_at"]}
+def run_save(job: Job, item: Item, startup_s: float) -> None:
+    spec, cfg, variant = item.spec, item.train, item.variant
+    timing = {"startup_s": startup_s}
     t = time.perf_counter()
-    job.progress("build")
-    trainee = job.build(cfg["seed"])
+    job.progress("build", item.id)
+    trainee = job.build(item, cfg["seed"])
     timing["build_s"] = time.perf_counter() - t
-    job.progress("train")
+    job.progress("train", item.id)
     t = time.perf_counter()
-    train_losses = job.train(trainee, 0, cfg["steps"])
+    train_losses = job.train(item, trainee, 0, cfg["steps"])
     timing["train_s"] = time.perf_counter() - t
 
-    job.progress("reference")
+    job.progress("reference", item.id)
     t = time.perf_counter()
-    state = checkpoint_io.saved(variant, job.state(trainee, full=variant.writes_full_state))
+    state = checkpoint_io.saved(variant, job.state(item, trainee, full=variant.writes_full_state))
     dropped = []
     if variant.drops_entry:
         key = checkpoint_io.dropped_entry(state["model"])
@@ -215,18 +254,18 @@ def run_save(job: Job) -> None:
     reference.clear()
     timing["reference_s"] = time.perf_counter() - t
 
-    job.progress("save")
+    job.progress("save", item.id)
     job.inject("save", spec.get("fault"))
     wait = checkpoint_io.write(variant, state, spec, timing)
 
-    job.progress("resume")
+    job.progress("resume", item.id)
     t = time.perf_counter()
     # An async save is still writing while the training loop goes on.
-    resume_losses = job.train(trainee, cfg["steps"], cfg["resume_steps"])
+    resume_losses = job.train(item, trainee, cfg["steps"], cfg["resume_steps"])
     timing["resume_s"] = time.perf_counter() - t
     wait()
     job.write_result(
-        "save",
+        item.id,
         {
             "status": "ok",
             "reason": "",
@@ -245,12 +284,12 @@ def run_save(job: Job) -> None:
     )
 
 
-def load_one(job: Job, source: dict) -> dict:
-    cfg, fault, variant = job.spec["train"], source.get("fault"), job.variant
+def load_one(job: Job, item: Item, source: dict) -> dict:
+    cfg, fault, variant = item.train, source.get("fault"), item.variant
     timing = {}
     t = time.perf_counter()
-    trainee = job.build(cfg["seed"] + LOADER_SEED_OFFSET, meta=variant.load_init == "meta")
-    state = job.state(trainee)
+    trainee = job.build(item, cfg["seed"] + LOADER_SEED_OFFSET, meta=variant.load_init == "meta")
+    state = job.state(item, trainee)
     timing["build_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -273,38 +312,20 @@ def load_one(job: Job, source: dict) -> dict:
         return {"status": "ok", "reason": "", "strict_error": strict_error, "timing": timing}
 
     t = time.perf_counter()
-    reference = (
-        torch.load(source["reference"], mmap=True, weights_only=True) if job.rank == 0 else {}
+    entries = job.verify(
+        checkpoint_io.saved(variant, job.state(item, trainee)),
+        source["reference"],
+        # Reported missing by the non-strict load (and checked against the saver's account).
+        skip=set(missing),
+        drop_first=fault == "drop_loaded_entry",
     )
-    entries = {}
-    for name, value in job.gathered(checkpoint_io.saved(variant, job.state(trainee))):
-        if job.rank != 0:
-            continue
-        if fault == "drop_loaded_entry" and name == min(reference):
-            continue
-        if name in missing:  # reported by the non-strict load, and checked against the saver's
-            continue
-        if name in reference:
-            result = compare(reference[name], value)
-            entries[name] = vars(result)
-        else:
-            entries[name] = {
-                "equal": False,
-                "max_abs_diff": None,
-                "note": "not in the saver's state",
-            }
-    for name in reference:
-        entries.setdefault(
-            name, {"equal": False, "max_abs_diff": None, "note": "missing in the loader's state"}
-        )
-    del reference
     timing["verify_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     if fault == "skew_resume_lr":
         for group in trainee.optimizer.param_groups:
             group["lr"] *= 2
-    resume_losses = job.train(trainee, cfg["steps"], cfg["resume_steps"])
+    resume_losses = job.train(item, trainee, cfg["steps"], cfg["resume_steps"])
     timing["resume_s"] = time.perf_counter() - t
     return {
         "status": "ok",
@@ -316,20 +337,31 @@ def load_one(job: Job, source: dict) -> dict:
     }
 
 
-def run_load(job: Job) -> None:
-    startup_s = time.time() - job.spec["launched_at"]
-    for source in job.spec["sources"]:
-        name = source["id"]
-        job.progress(f"cell {name}")
+def run_load(job: Job, item: Item, startup_s: float) -> None:
+    for source in item.spec["sources"]:
+        unit = f"{item.id}.{source['id']}"
+        job.progress(f"cell {source['id']}", unit)
         try:
-            result = load_one(job, source)
+            result = load_one(job, item, source)
         except Incompatible:
             raise
         except (Exception, CheckpointException) as exc:
             result = {"status": "error", "reason": one_line(exc)}
         result["timing"] = {**result.get("timing", {}), "startup_s": startup_s}
         result.update(peak_rss_mb=job.peak_rss_mb(), env=job.env, created_at=now())
-        job.write_result(name, result)
+        job.write_result(unit, result)
+
+
+def run_item(job: Job, item: Item, startup_s: float) -> None:
+    """One item; a model the layout cannot hold makes every unit of the item ``skip``."""
+    try:
+        (run_save if job.spec["kind"] == "save" else run_load)(job, item, startup_s)
+    except Incompatible as exc:
+        units = [item.id]
+        if job.spec["kind"] == "load":
+            units = [f"{item.id}.{source['id']}" for source in item.spec["sources"]]
+        for unit in units:
+            job.write_result(unit, {"status": "skip", "reason": str(exc)})
 
 
 def now() -> str:
@@ -341,10 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     spec = read_json(argv[0])
     job = Job(spec)
+    startup_s = time.time() - spec["launched_at"]
     try:
-        (run_save if spec["kind"] == "save" else run_load)(job)
-    except Incompatible as exc:
-        job.write_result("job", {"status": "skip", "reason": str(exc)})
+        for item in spec["items"]:
+            run_item(job, Item(item), startup_s)
     except (Exception, CheckpointException) as exc:
         job.write_result("job", {"status": "error", "reason": one_line(exc)})
         raise

@@ -24,17 +24,23 @@ def run_matrix(
     save_faults: dict | None = None,
     load_faults: dict | None = None,
 ) -> dict[tuple[str, str], dict]:
-    """Save under every save layout, load under every load layout: {(save, load): row}.
-    ``save_faults``: {save layout: fault}; ``load_faults``: {(save, load layout): fault}."""
+    """Save under every save layout, load under every load layout, one job each as Snakemake
+    runs them, for a config of one model: {(save, load): row}. ``save_faults``: {save layout:
+    fault}; ``load_faults``: {(save, load layout): fault}."""
     cfg = config.validate(raw_config)
+    assert cfg["models"] == [model], "run_matrix takes a config of that one model"
     save_faults, load_faults = save_faults or {}, load_faults or {}
-    for layout in grid.save_layouts(cfg):
-        cli("save", {**grid.save_spec(cfg, model, layout), "fault": save_faults.get(layout)})
+    for _, layout in grid.save_jobs(cfg):
+        spec = grid.save_job_spec(cfg, grid.RESULTS, layout)
+        for item in spec["items"]:
+            item["fault"] = save_faults.get(layout)
+        cli("save", spec)
     rows = {}
-    for layout in grid.load_layouts(cfg):
-        spec = grid.load_spec(cfg, model, layout)
-        for source in spec["sources"]:
-            source["fault"] = load_faults.get((source["layout"]["name"], layout))
+    for _, layout in grid.load_jobs(cfg):
+        spec = grid.load_job_spec(cfg, grid.RESULTS, layout)
+        for item in spec["items"]:
+            for source in item["sources"]:
+                source["fault"] = load_faults.get((source["layout"]["name"], layout))
         cli("load", spec)
         for row in read_json(grid.load_record(model, layout))["cells"]:
             rows[row["save_layout"], row["load_layout"]] = row
@@ -49,12 +55,13 @@ def run_grid(raw_config: dict) -> dict[tuple[str, str, str, str], dict]:
     """Every save job, then every load job, of a config's grid (all variants and models):
     {(variant id, model, save layout, load layout): row}."""
     cfg = config.validate(raw_config)
-    for root, model, layout in grid.save_jobs(cfg):
-        cli("save", grid.job_save_spec(cfg, root, model, layout))
+    for vroot, layout in grid.save_jobs(cfg):
+        cli("save", grid.save_job_spec(cfg, vroot, layout))
     rows = {}
-    for root, model, layout in grid.load_jobs(cfg):
-        cli("load", grid.job_load_spec(cfg, root, model, layout))
-        variant = grid.job_roots(cfg)[root][1]
-        for row in read_json(grid.load_record(model, layout, root))["cells"]:
-            rows[variant.id, model, row["save_layout"], row["load_layout"]] = row
+    for vroot, layout in grid.load_jobs(cfg):
+        cli("load", grid.load_job_spec(cfg, vroot, layout))
+        records = grid.load_outputs(cfg, vroot, layout)
+        for (variant, model), record in zip(grid.items(cfg), records, strict=True):
+            for row in read_json(record)["cells"]:
+                rows[variant.id, model, row["save_layout"], row["load_layout"]] = row
     return rows

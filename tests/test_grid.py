@@ -30,10 +30,19 @@ def test_pairs_all_covers_every_ordered_pair(default_config):
 
 def test_job_budget(default_config):
     cfg = config.validate(default_config)
-    jobs = len(cfg["models"]) * (len(grid.save_layouts(cfg)) + len(grid.load_layouts(cfg)))
-    assert jobs <= 2 * len(cfg["models"]) * len(cfg["layouts"])
-    spec = grid.load_spec(cfg, "mlp", "tp_2")
-    assert [s["layout"]["name"] for s in spec["sources"]] == list(cfg["layouts"])
+    # One launch per layout and side, whatever the models and axes.
+    assert len(grid.save_jobs(cfg)) + len(grid.load_jobs(cfg)) == 2 * len(cfg["layouts"])
+    job = grid.load_job_spec(cfg, "results", "tp_2")
+    assert [item["model"] for item in job["items"]] == cfg["models"]
+    assert [item["id"] for item in job["items"]] == ["0", "1", "2", "3"]
+    assert job["layout"]["world_size"] == 2 and job["work_dir"] == "results/work/load/tp_2"
+    for item in job["items"]:
+        assert [s["layout"]["name"] for s in item["sources"]] == list(cfg["layouts"])
+        assert item["record"] == f"results/load/{item['model']}/tp_2.json"
+    records, dirs = grid.save_outputs(cfg, "results", "tp_2")
+    assert records == [f"results/save/{m}/tp_2.json" for m in cfg["models"]]
+    assert dirs == [f"results/save/{m}/tp_2" for m in cfg["models"]]
+    assert len(grid.load_inputs(cfg, "results", "tp_2")) == 2 * 4 * len(cfg["layouts"])
 
 
 def test_pairs_same_and_explicit(small_config):
@@ -89,20 +98,18 @@ def test_fault_cells_get_their_own_jobs(small_config):
     assert len(cells) == len(faults.FAULTS)
     by_fault = {c.fault: c for c in cells}
     flip = by_fault["flip_byte"]
-    assert grid.fault_save_spec(cfg, flip)["fault"] == "flip_byte"
-    assert (
-        grid.fault_save_spec(cfg, flip)["checkpoint"]
-        == f"results/faults/{flip.id}/save/mlp/single/checkpoint"
-    )
-    load = grid.fault_load_spec(cfg, by_fault["hang_load"])
-    assert "fault" not in grid.fault_save_spec(cfg, by_fault["hang_load"])
+    (save,) = grid.fault_save_spec(cfg, flip)["items"]
+    assert save["fault"] == "flip_byte"
+    assert save["checkpoint"] == f"results/faults/{flip.id}/save/mlp/single/checkpoint"
+    (load,) = grid.fault_load_spec(cfg, by_fault["hang_load"])["items"]
+    assert "fault" not in grid.fault_save_spec(cfg, by_fault["hang_load"])["items"][0]
     assert [s["fault"] for s in load["sources"]] == ["hang_load"]
     assert load["fault"] == {
         "name": "hang_load",
         "expect": "timeout",
         "id": by_fault["hang_load"].id,
     }
-    foreign = grid.fault_load_spec(cfg, by_fault["foreign_checkpoint"])
+    (foreign,) = grid.fault_load_spec(cfg, by_fault["foreign_checkpoint"])["items"]
     assert (
         foreign["model"] == "mlp"
         and "/save/mlp_uneven/single/" in foreign["sources"][0]["checkpoint"]

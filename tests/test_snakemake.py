@@ -69,7 +69,7 @@ def test_small_matrix_end_to_end(tmp_path):
     (tmp_path / "results" / "matrix.parquet").unlink()
     rerun = snakemake(tmp_path)
     assert "load_checkpoints        1" in rerun.stdout + rerun.stderr
-    assert "save_checkpoint" not in rerun.stdout + rerun.stderr
+    assert "save_checkpoints" not in rerun.stdout + rerun.stderr
     keys = ["model", "save_layout", "load_layout", "status", "reason", "entries_checked"]
     after = pd.read_parquet(tmp_path / "results" / "matrix.parquet")
     pd.testing.assert_frame_equal(matrix[keys], after[keys])
@@ -88,7 +88,7 @@ def test_default_config_dry_run_plans_the_budgeted_jobs(tmp_path):
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     proc = snakemake(tmp_path, "-n", "--quiet", "rules")
     out = proc.stdout + proc.stderr
-    assert "save_checkpoint        32" in out and "load_checkpoints       32" in out
+    assert "save_checkpoints        8" in out and "load_checkpoints        8" in out
 
 
 def test_snakemake_lint_is_clean(tmp_path):

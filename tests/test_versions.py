@@ -33,7 +33,7 @@ def test_version_pairs_expand_the_grid():
     cfg = config.validate(versions_config())
     cells = grid.cells(cfg)
     assert len(cells) == 4 * 4  # 2 x 2 version pairs x 2 x 2 layout pairs
-    spec = grid.job_load_spec(cfg, "results/torch/t2_14", "mlp", "fsdp2_2")
+    (spec,) = grid.load_job_spec(cfg, "results/torch/t2_14", "fsdp2_2")["items"]
     assert [s["id"] for s in spec["sources"]] == [
         "t2_13.single",
         "t2_13.fsdp2_2",
@@ -45,8 +45,8 @@ def test_version_pairs_expand_the_grid():
     cfg = config.validate(versions_config(version_pairs=[["t2_13", "t2_14"]]))
     assert {(c.save_version, c.load_version) for c in grid.cells(cfg)} == {("t2_13", "t2_14")}
     assert grid.save_jobs(cfg) == [
-        ("results/torch/t2_13", "mlp", "single"),
-        ("results/torch/t2_13", "mlp", "fsdp2_2"),
+        ("results/torch/t2_13", "single"),
+        ("results/torch/t2_13", "fsdp2_2"),
     ]
 
 

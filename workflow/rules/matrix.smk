@@ -1,12 +1,13 @@
-# {root}: results, or results/torch/<version> for a torch_versions environment.
-rule save_checkpoint:
+# {vroot}: results, or results/torch/<version> for a torch_versions environment. One job per
+# layout runs every (variant, model) item: one record (and save folder) each.
+rule save_checkpoints:
     input:
         plan.torch_env_inputs,
     output:
-        record="{root}/save/{model}/{layout}.json",
-        save_dir=directory("{root}/save/{model}/{layout}"),
+        records=plan.save_records,
+        save_dirs=directory(plan.save_dirs),
     log:
-        "{root}/logs/save/{model}/{layout}.log",
+        "{vroot}/logs/save/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: plan.threads
@@ -22,18 +23,19 @@ rule save_checkpoint:
         runtime=plan.slurm_runtime,
     params:
         python=plan.python,
-        spec=plan.save_spec,
+        grid=plan.grid_json,
     shell:
-        "{params.python} -m pipeline_lib save --spec {params.spec:q} > {log} 2>&1"
+        "{params.python} -m pipeline_lib save --grid {params.grid:q}"
+        " --root {wildcards.vroot} --layout {wildcards.layout} > {log} 2>&1"
 
 
 rule load_checkpoints:
     input:
         plan.load_inputs,
     output:
-        record="{root}/load/{model}/{layout}.json",
+        records=plan.load_outputs,
     log:
-        "{root}/logs/load/{model}/{layout}.log",
+        "{vroot}/logs/load/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: plan.threads
@@ -49,9 +51,10 @@ rule load_checkpoints:
         runtime=plan.slurm_runtime,
     params:
         python=plan.python,
-        spec=plan.load_spec,
+        grid=plan.grid_json,
     shell:
-        "{params.python} -m pipeline_lib load --spec {params.spec:q} > {log} 2>&1"
+        "{params.python} -m pipeline_lib load --grid {params.grid:q}"
+        " --root {wildcards.vroot} --layout {wildcards.layout} > {log} 2>&1"
 
 
 rule torch_env:
