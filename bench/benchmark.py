@@ -3,6 +3,7 @@
     .venv/bin/python bench/benchmark.py                # all four, default matrix included (~15 min)
     .venv/bin/python bench/benchmark.py --skip-matrix  # the three quick ones
     .venv/bin/python bench/benchmark.py --state-gb 1 --repeats 3
+    .venv/bin/python bench/benchmark.py --only aggregate  # one of them alone
 
 1. matrix: wall time of the matrix (``--config``) ÷ Σ over its jobs of the no-op torchrun floor at
    that job's world size (the floors measured here, median of ``--repeats``);
@@ -77,9 +78,7 @@ def bench_matrix(config_path: Path, repeats: int, work: Path) -> None:
     cfg = config_lib.load(config_path)
     layouts = grid.layouts(cfg)
     jobs = Counter(
-        layouts[name].world_size
-        for _ in cfg["models"]
-        for name in [*grid.save_layouts(cfg), *grid.load_layouts(cfg)]
+        layouts[name].world_size for _, name in [*grid.save_jobs(cfg), *grid.load_jobs(cfg)]
     )
     floor = floors(set(jobs), repeats, work)
     floor_sum = sum(floor[n] * count for n, count in jobs.items())
@@ -116,10 +115,11 @@ def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
         cell_dir = work / f"cell-{attempt}"
         cell_dir.mkdir()
         for command, spec in (
-            ("save", grid.save_spec(cfg, "mlp", "fsdp2_2")),
-            ("load", grid.load_spec(cfg, "mlp", "fsdp2_2")),
+            ("save", grid.save_job_spec(cfg, grid.RESULTS, "fsdp2_2")),
+            ("load", grid.load_job_spec(cfg, grid.RESULTS, "fsdp2_2")),
         ):
-            spec["model_kwargs"] = {"dim": dim, "hidden": hidden, "out": 8}
+            (item,) = spec["items"]
+            item["model_kwargs"] = {"dim": dim, "hidden": hidden, "out": 8}
             timed(
                 [sys.executable, "-m", "pipeline_lib", command, "--spec", json.dumps(spec)],
                 cell_dir,
@@ -237,6 +237,9 @@ def bench_aggregate(work: Path, template_record: Path) -> None:
     )
 
 
+BENCHMARKS = ("matrix", "big-cell", "dry-run", "aggregate")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,15 +250,21 @@ def main() -> None:
     )
     parser.add_argument("--state-gb", type=float, default=1.0, help="state size of the big cell")
     parser.add_argument("--repeats", type=int, default=3, help="runs per floor and big cell")
+    parser.add_argument("--only", choices=BENCHMARKS, help="run this benchmark alone")
     args = parser.parse_args()
+    skipped = {"matrix"} if args.skip_matrix else set()
+    run = {args.only} if args.only else set(BENCHMARKS) - skipped
     work = Path(tempfile.mkdtemp(prefix="dcp-matrix-bench-"))
     try:
-        if not args.skip_matrix:
+        if "matrix" in run:
             bench_matrix(args.config.resolve(), args.repeats, work)
-        bench_big_cell(args.state_gb, args.repeats, work)
-        bench_dry_run(work)
-        # A real record of the default matrix (transformer, ddp_2 -> fsdp2_4) as the template.
-        bench_aggregate(work, REPO / "bench" / "load_record.json")
+        if "big-cell" in run:
+            bench_big_cell(args.state_gb, args.repeats, work)
+        if "dry-run" in run:
+            bench_dry_run(work)
+        if "aggregate" in run:
+            # A real record of the default matrix (transformer, ddp_2 -> fsdp2_4) as the template.
+            bench_aggregate(work, REPO / "bench" / "load_record.json")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

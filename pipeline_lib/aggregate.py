@@ -1,25 +1,64 @@
-"""Load-job records -> results/matrix.parquet and results/tensors.parquet (written atomically)."""
+"""Load-job records -> results/matrix.parquet and results/tensors.parquet (written atomically).
+
+A record is one JSON object whose ``cells`` and ``tensors`` are lists of rows (cli.cmd_load).
+pyarrow's JSON reader parses it in C++ straight into columns of the two schemas, records in
+parallel: for 10,000 cells of 108 entries each (bench/benchmark.py) the stdlib parser and
+``Table.from_pylist`` took 23 s on 2 cores, this takes 3 s.
+"""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from pipeline_lib.atomic import read_json, write_with
+from pipeline_lib.atomic import write_with
 from pipeline_lib.records import MATRIX_SCHEMA, TENSORS_SCHEMA
+
+# A record as pyarrow reads it: one row, each list holding that record's rows.
+RECORD_SCHEMA = pa.schema(
+    [
+        ("cells", pa.list_(pa.struct(list(MATRIX_SCHEMA)))),
+        ("tensors", pa.list_(pa.struct(list(TENSORS_SCHEMA)))),
+    ]
+)
+
+
+def read_record(path: str) -> pa.Table:
+    """One record as a one-row table of RECORD_SCHEMA; keys outside it are ignored, a key
+    a row lacks is null (as with ``Table.from_pylist``)."""
+    return pa_json.read_json(
+        path,
+        # The whole object in one block: pyarrow never splits a row across blocks.
+        read_options=pa_json.ReadOptions(use_threads=False, block_size=os.path.getsize(path) + 1),
+        parse_options=pa_json.ParseOptions(
+            explicit_schema=RECORD_SCHEMA,
+            unexpected_field_behavior="ignore",
+            newlines_in_values=True,  # write_json indents
+        ),
+    )
+
+
+def rows(records: pa.Table, column: str) -> pa.Table:
+    """The rows of every record's ``column`` list, as one table (of that list's row schema)."""
+    return pa.Table.from_struct_array(pc.list_flatten(records[column]))
 
 
 def aggregate(
     record_paths: list[str], matrix_path: str, tensors_path: str, git_commit: str
 ) -> None:
-    cells, tensors = [], []
-    for path in record_paths:
-        record = read_json(path)
-        cells.extend({**row, "git_commit": git_commit} for row in record["cells"])
-        tensors.extend(record["tensors"])
-    for path, rows, schema in (
-        (matrix_path, cells, MATRIX_SCHEMA),
-        (tensors_path, tensors, TENSORS_SCHEMA),
-    ):
-        table = pa.Table.from_pylist(rows, schema=schema)
+    # pyarrow releases the GIL while it parses, so the threads run in parallel.
+    with ThreadPoolExecutor() as pool:
+        records = pa.concat_tables(pool.map(read_record, record_paths))
+    cells = rows(records, "cells")
+    cells = cells.set_column(
+        MATRIX_SCHEMA.get_field_index("git_commit"),
+        MATRIX_SCHEMA.field("git_commit"),
+        pa.array([git_commit] * cells.num_rows, pa.string()),
+    )
+    for path, table in ((matrix_path, cells), (tensors_path, rows(records, "tensors"))):
         write_with(path, lambda tmp, table=table: pq.write_table(table, tmp))

@@ -1,8 +1,9 @@
 """The matrix report: matrix.parquet + tensors.parquet -> report.html and summary.md.
 
 Reads the results only, never runs a job. HTML is rendered by Jinja2 with autoescape, so every
-string taken from the results is escaped; the charts are matplotlib SVG inlined in the page, and
-there is no JavaScript: report.html opens from disk with no network.
+string taken from the results is escaped; the charts are SVG drawn here (matplotlib took seconds
+per chart at 10,000 cells) and inlined in the page, and there is no JavaScript: report.html
+opens from disk with no network.
 
     python -m pipeline_lib.report --matrix results/matrix.parquet --tensors results/tensors.parquet
         --configfile config.yaml --html results/report.html --markdown results/summary.md
@@ -11,8 +12,8 @@ there is no JavaScript: report.html opens from disk with no network.
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import math
 import platform
 import re
 import time
@@ -22,12 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import matplotlib
 import pandas as pd
 import yaml
 from markupsafe import Markup, escape
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from pipeline_lib import grid
 from pipeline_lib.atomic import write_with
@@ -122,10 +120,18 @@ def group_title(group: dict, varying: list[str]) -> str:
     return ", ".join(parts)
 
 
+def row_dicts(frame: pd.DataFrame) -> list[dict]:
+    """``frame.to_dict("records")``, the same values, built column by column: to_dict reads
+    pyarrow-backed strings one element at a time (0.7 s for a 10,000-cell matrix)."""
+    columns = list(frame.columns)
+    values = zip(*(frame[c].tolist() for c in columns), strict=True)
+    return [dict(zip(columns, row, strict=True)) for row in values]
+
+
 def heatmaps(matrix: pd.DataFrame, order: Order) -> list[dict]:
     """Per model (and per torch version pair and axis values, when the matrix has several):
     rows of (save layout, [cell or None per load layout]); None = not in pairs."""
-    records = matrix.to_dict("records")
+    records = row_dicts(matrix)
     cells = {
         (c["model"], *(c[k] for k in GROUP_KEYS), c["save_layout"], c["load_layout"]): {
             **c,
@@ -160,9 +166,10 @@ def layout_titles(matrix: pd.DataFrame) -> dict[str, str]:
     """Layout name -> "framework fsdp2, mesh 4" (header tooltips)."""
     titles = {}
     for side in SIDE_VERBS:
-        for name, framework, mesh in matrix[
-            [f"{side}_layout", f"{side}_framework", f"{side}_mesh"]
-        ].itertuples(index=False):
+        columns = [f"{side}_layout", f"{side}_framework", f"{side}_mesh"]
+        # Each distinct row once, at its last place: the last row naming a layout still wins.
+        distinct = matrix[columns].drop_duplicates(keep="last")
+        for name, framework, mesh in distinct.itertuples(index=False):
             titles[name] = f"framework {framework}, mesh {mesh}"
     return titles
 
@@ -245,34 +252,144 @@ def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[
     return found
 
 
-def _grouped_bars(
-    ax, table: pd.DataFrame, colours: dict[str, str], ylabel: str, title: str
-) -> None:
-    """One bar per model (columns) in each layout (index) group."""
-    width = 0.8 / max(len(table.columns), 1)
-    for i, model in enumerate(table.columns):
-        xs = [x + (i - (len(table.columns) - 1) / 2) * width for x in range(len(table.index))]
-        ax.bar(xs, table[model], width, color=colours[model])
-    ax.set_xticks(range(len(table.index)), table.index, rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
+# One colour per model in config order: matplotlib's "tab10" cycle.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
+# Chart geometry in SVG pixels. Text is not measured: a character is taken as CHAR_EM font sizes
+# wide, a little over the average of a sans-serif font, so the margins err on the wide side.
+FONT_PX, CHAR_EM, TICK_PX = 11, 0.6, 4
+PLOT_HEIGHT_PX, MIN_PLOT_WIDTH_PX, MIN_SLOT_PX, PANEL_GAP_PX = 220, 320, 16, 24
+BAR_FILL = 0.8  # of a layout's slot; the rest is the gap between layouts
+# The layout names under the bars slant down to the left, at this angle.
+LABEL_DEGREES = 45
+LABEL_SIN, LABEL_COS = math.sin(math.radians(LABEL_DEGREES)), math.cos(math.radians(LABEL_DEGREES))
+TITLE_PX = 2 * FONT_PX  # above the plots
 
 
-def _svg(fig: Figure, salt: str) -> Markup:
-    buf = io.StringIO()
-    # A salt per chart keeps the SVG element ids of different charts apart in one page.
-    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
-        fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
-    svg = buf.getvalue()
-    # Inline SVG in HTML takes the <svg> element only, not the XML prolog and doctype.
-    return Markup(svg[svg.index("<svg") :])  # matplotlib's own markup; labels are escaped
+def nice_ticks(top: float) -> list[float]:
+    """0 up to at least ``top`` in about five steps of 1, 2, 2.5 or 5 x 10^k."""
+    if not top > 0:  # no bars, or zeros only
+        return [0.0, 1.0]
+    magnitude = 10 ** math.floor(math.log10(top / 5))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= top / 5)
+    # round(): 3 x 0.1 would be labelled 0.30000000000000004.
+    return [round(i * step, 12) for i in range(math.ceil(top / step - 1e-9) + 1)]
+
+
+def _text_px(text: str) -> float:
+    return len(text) * CHAR_EM * FONT_PX
+
+
+def _text(x: float, y: float, text: str, **attrs: Any) -> str:
+    """A <text> element; ``attrs`` (ours, not from the results) with _ for -."""
+    extra = "".join(f' {name.replace("_", "-")}="{value}"' for name, value in attrs.items())
+    return f'<text x="{x:.1f}" y="{y:.1f}"{extra}>{escape(text)}</text>'
+
+
+def _line(x: float, y: float, path: str, colour: str = "#333") -> str:
+    return f'<path d="M{x:.1f} {y:.1f}{path}" stroke="{colour}"/>'
+
+
+def _panel(
+    table: pd.DataFrame, unit: str, title: str, colours: dict[str, str], x: float
+) -> tuple[list[str], float]:
+    """The SVG elements of one panel starting at ``x``, and where it ends: one bar per model
+    (columns) in each layout (index) group, y axis from 0."""
+    ticks = nice_ticks(table.max().max())
+    tick_labels = [f"{t:g}" for t in ticks]
+    width = max(MIN_PLOT_WIDTH_PX, MIN_SLOT_PX * len(table.index))
+    slot = width / max(len(table.index), 1)
+    # Room for the unit, the tick labels and the first layout name, which slants to the left.
+    axis_px = 1.6 * FONT_PX + TICK_PX + 2 + max(map(_text_px, tick_labels))
+    first_px = _text_px(str(table.index[0])) * LABEL_COS - slot / 2 if len(table.index) else 0
+    left, bottom = x + max(axis_px, first_px), TITLE_PX + PLOT_HEIGHT_PX
+    scale = PLOT_HEIGHT_PX / ticks[-1]
+    parts = [
+        _text(left + width / 2, TITLE_PX - 0.7 * FONT_PX, title, text_anchor="middle",
+              font_size=FONT_PX + 1),
+        _text(x + FONT_PX, TITLE_PX + PLOT_HEIGHT_PX / 2, unit, text_anchor="middle",
+              transform=f"rotate(-90 {x + FONT_PX:.1f} {TITLE_PX + PLOT_HEIGHT_PX / 2:.1f})"),
+    ]  # fmt: skip
+    for tick, label in zip(ticks, tick_labels, strict=True):
+        y = bottom - tick * scale
+        parts += [
+            _line(left, y, f"H{left + width:.1f}", "#e3e3e3"),  # grid line
+            _line(left - TICK_PX, y, f"h{TICK_PX}"),
+            _text(left - TICK_PX - 2, y + 0.35 * FONT_PX, label, text_anchor="end"),
+        ]
+    bar = slot * BAR_FILL / max(len(table.columns), 1)
+    values = table.to_numpy(dtype=float, na_value=math.nan)
+    for i, layout in enumerate(table.index):
+        centre = left + (i + 0.5) * slot
+        for j, model in enumerate(table.columns):
+            value = values[i, j]
+            if math.isnan(value):  # no cell of this model under this layout
+                continue
+            parts.append(
+                f'<rect x="{centre + (j - len(table.columns) / 2) * bar:.2f}" '
+                f'y="{bottom - value * scale:.2f}" width="{bar:.2f}" '
+                f'height="{value * scale:.2f}" fill="{colours[model]}">'
+                f"<title>{escape(model)} under {escape(layout)}: {fmt(value)} "
+                f"{escape(unit)}</title></rect>"
+            )
+        label_y = bottom + TICK_PX + FONT_PX
+        parts += [
+            _line(centre, bottom, f"v{TICK_PX}"),
+            _text(centre + 0.35 * FONT_PX, label_y, str(layout), text_anchor="end",
+                  transform=f"rotate(-{LABEL_DEGREES} {centre:.1f} {label_y:.1f})"),
+        ]  # fmt: skip
+    parts.append(
+        f'<rect x="{left:.1f}" y="{TITLE_PX}" width="{width:.1f}" height="{PLOT_HEIGHT_PX}" '
+        'fill="none" stroke="#333"/>'
+    )
+    return parts, left + width
+
+
+def _legend(models: list[str], colours: dict[str, str], x: float) -> tuple[list[str], float]:
+    """The legend's SVG elements, starting at ``x``, and where it ends."""
+    row = 1.5 * FONT_PX
+    width = 3 * FONT_PX + max(map(_text_px, ["model", *models]))  # swatch and margins
+    parts = [
+        f'<rect x="{x:.1f}" y="{TITLE_PX}" width="{width:.1f}" '
+        f'height="{(len(models) + 1.5) * row:.1f}" fill="#fff" stroke="#ccc"/>',
+        _text(x + width / 2, TITLE_PX + row, "model", text_anchor="middle"),
+    ]
+    for k, model in enumerate(models):
+        y = TITLE_PX + (k + 1.6) * row
+        parts += [
+            f'<rect x="{x + 0.5 * FONT_PX:.1f}" y="{y:.1f}" width="{FONT_PX}" '
+            f'height="{0.7 * FONT_PX:.1f}" fill="{colours[model]}"/>',
+            _text(x + 2 * FONT_PX, y + 0.7 * FONT_PX, model),
+        ]
+    return parts, x + width + 1  # + its right border
+
+
+def bar_chart(panels: list[tuple[pd.DataFrame, str, str]], colours: dict[str, str]) -> Markup:
+    """Inline SVG: the panels (table, unit, title) side by side, then one legend for all (a
+    model has the same colour in each). Hover a bar for its model, layout and value."""
+    parts, x = [], 0.0
+    for table, unit, title in panels:
+        elements, right = _panel(table, unit, title, colours, x)
+        parts += elements
+        x = right + PANEL_GAP_PX
+    # The models of any panel, in config (column) order.
+    models = list(dict.fromkeys(m for table, *_ in panels for m in table.columns))
+    if models:
+        elements, x = _legend(models, colours, x)
+        parts += elements
+    names = [str(name) for table, *_ in panels for name in table.index]
+    label_px = max(map(_text_px, names), default=0) * LABEL_SIN + FONT_PX * LABEL_COS
+    height = TITLE_PX + PLOT_HEIGHT_PX + 2 * TICK_PX + FONT_PX + label_px
+    return Markup(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{x:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {x:.0f} {height:.0f}" font-family="system-ui, sans-serif" '
+        f'font-size="{FONT_PX}" fill="#222">{"".join(parts)}</svg>'
+    )
 
 
 def cost_charts(matrix: pd.DataFrame, order: Order) -> list[Chart]:
     ran = matrix[matrix.status != "skip"]
-    colours = {model: f"C{i % 10}" for i, model in enumerate(order.models)}
+    colours = {model: PALETTE[i % len(PALETTE)] for i, model in enumerate(order.models)}
     # Save figures repeat in every cell of a checkpoint: one value per (model, save layout).
     saves = ran.groupby(["model", "save_layout"], sort=False).first().reset_index()
     saves["throughput_mb_s"] = saves.checkpoint_bytes / 1e6 / saves.save_seconds
@@ -321,22 +438,7 @@ def cost_charts(matrix: pd.DataFrame, order: Order) -> list[Chart]:
             ],
         ),
     ]
-    charts = []
-    for title, caption, panels in specs:
-        fig = Figure(figsize=(5.5 * len(panels), 3.4), layout="constrained")
-        for ax, (table, ylabel, panel_title) in zip(
-            fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
-        ):
-            _grouped_bars(ax, table, colours, ylabel, panel_title)
-        # One legend for all panels: a model has the same colour in each.
-        shown = [m for m in order.models if any(m in table for table, *_ in panels)]
-        if shown:
-            fig.legend(
-                [Patch(color=colours[m]) for m in shown], shown, title="model",
-                loc="outside right upper", fontsize=8, title_fontsize=8,
-            )  # fmt: skip
-        charts.append(Chart(title, caption, _svg(fig, title)))
-    return charts
+    return [Chart(title, caption, bar_chart(panels, colours)) for title, caption, panels in specs]
 
 
 def _values(matrix: pd.DataFrame, column: str) -> str:
@@ -393,7 +495,7 @@ def context(
         # Problems first: the non-pass list in status order (skips last), then grid order.
         "non_pass": matrix[matrix.status != "pass"]
         .sort_values("status", key=lambda s: s.map(STATUSES.index), kind="stable")
-        .to_dict("records"),
+        .pipe(row_dicts),
         "charts": cost_charts(matrix, order),
         "environment": environment(matrix, snakemake_version),
         "config_yaml": yaml.safe_dump(config, sort_keys=False, default_flow_style=None),
@@ -421,7 +523,11 @@ def write_report(
     markdown_path: str,
     snakemake_version: str | None = None,
 ) -> None:
-    matrix, tensors = pd.read_parquet(matrix_path), pd.read_parquet(tensors_path)
+    matrix = pd.read_parquet(matrix_path)
+    # The report reads only the differing entries (findings), a few of a million rows.
+    tensors = pd.read_parquet(
+        tensors_path, columns=[*CELL_KEYS, "kind", "equal"], filters=[("equal", "==", False)]
+    )
     ctx = context(matrix, tensors, config, snakemake_version)
     env = _templates()
     for path, template in ((html_path, "report.html"), (markdown_path, "summary.md")):

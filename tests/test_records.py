@@ -1,11 +1,14 @@
-"""Verdicts and rows: pure logic, every status and every reason."""
+"""Verdicts and rows: pure logic, every status and every reason; rows -> Parquet."""
 
 import math
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline_lib import records
+from pipeline_lib.aggregate import aggregate
+from pipeline_lib.atomic import write_json
 from pipeline_lib.axes import Variant
 
 LAYOUT_A = {"name": "a", "framework": "ddp", "mesh": [2], "world_size": 2}
@@ -202,3 +205,43 @@ def test_a_saved_frozen_parameter_fails_the_cell():
     assert reason == (
         "ignore_frozen_params: the saver's state holds 1 frozen parameter(s); first model.a.weight"
     )
+
+
+def test_aggregate_writes_the_rows_of_every_record(tmp_path):
+    """pyarrow reads the records as from_pylist would build them: every value, NaN and missing
+    keys included, in record order; keys outside the schemas are ignored."""
+    nan_resume = load_result(resume_losses=[1.0, math.nan])
+    not_run = load_result(status="not_run", reason="the save job failed", entries={})
+    cells = [
+        (save_record(files_check={"model.w": ok(False), "optim.state.w.step": ok()}), nan_resume),
+        (save_record(status="crash", reason="r", files_check={}, entries={}), not_run),
+    ]
+    first = {
+        "cells": [records.cell_row("mlp", save, load, SPEC) for save, load in cells],
+        "tensors": [r for s, ld in cells for r in records.tensor_rows("mlp", s, ld, VARIANT)],
+        "launches": 2,
+        "fault": {"kind": "kill"},
+    }
+    # A record of an older layout: keys the schemas have since gained are missing.
+    second = {"cells": [{"model": "old", "status": "pass"}], "tensors": []}
+    paths = [str(tmp_path / "first.json"), str(tmp_path / "second.json")]
+    for path, record in zip(paths, (first, second), strict=True):
+        write_json(path, record)  # indented, NaN written as NaN, as the load jobs write it
+    matrix_path, tensors_path = tmp_path / "matrix.parquet", tmp_path / "tensors.parquet"
+    aggregate(paths, str(matrix_path), str(tensors_path), git_commit="abc123")
+
+    expected_cells = [
+        {**row, "git_commit": "abc123"} for row in [*first["cells"], *second["cells"]]
+    ]
+    for path, expected, schema in (
+        (matrix_path, expected_cells, records.MATRIX_SCHEMA),
+        (tensors_path, first["tensors"], records.TENSORS_SCHEMA),
+    ):
+        # The file from_pylist + write_table makes of the same rows, read back the same way.
+        expected_path = tmp_path / f"expected-{path.name}"
+        pq.write_table(pa.Table.from_pylist(expected, schema=schema), expected_path)
+        table, expected_table = pq.read_table(path), pq.read_table(expected_path)
+        assert table.schema.equals(expected_table.schema, check_metadata=True)
+        # repr: NaN == NaN there (the first cell's resume_max_rel_diff is NaN).
+        assert repr(table.to_pylist()) == repr(expected_table.to_pylist())
+    assert math.isnan(first["cells"][0]["resume_max_rel_diff"])

@@ -349,3 +349,33 @@ def test_one_heatmap_per_model_and_torch_version_pair():
     assert [
         m["title"] for m in report_lib.heatmaps(matrix[2:], report_lib.Order.of(matrix[2:], CONFIG))
     ] == ["mlp"]
+
+
+def test_row_dicts_are_to_dict_records():
+    matrix = results_tables()[0].to_pandas()
+    # repr: NaN == NaN there (missing_entries is null in every row, a float NaN in both).
+    assert repr(report_lib.row_dicts(matrix)) == repr(matrix.to_dict("records"))
+
+
+def test_nice_ticks():
+    assert report_lib.nice_ticks(0.22) == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25]
+    assert report_lib.nice_ticks(1.6) == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert report_lib.nice_ticks(3000.0) == [0.0, 1000.0, 2000.0, 3000.0]
+    assert report_lib.nice_ticks(float("nan")) == report_lib.nice_ticks(0.0) == [0.0, 1.0]
+
+
+def test_bar_chart_has_one_bar_per_value_with_its_tooltip():
+    table = pd.DataFrame(
+        {"mlp": [0.5, 2.0], XSS: [1.0, float("nan")]}, index=pd.Index(["single", "tp_2"])
+    )
+    svg = str(report_lib.bar_chart([(table, "seconds", "save")], {"mlp": "#111", XSS: "#222"}))
+    titles = re.findall(r"<rect [^>]*><title>([^<]*)</title></rect>", svg)
+    assert titles == [
+        "mlp under single: 0.5 seconds",
+        "&lt;script&gt;alert(1)&lt;/script&gt; under single: 1 seconds",
+        "mlp under tp_2: 2 seconds",  # the missing value has no bar
+    ]
+    assert XSS not in svg and svg.count("<svg") == 1
+    heights = [float(h) for h in re.findall(r'<rect [^>]*height="([\d.]+)" fill="#', svg)]
+    # The y axis ends at 2 (nice_ticks): the 2-second bar is the whole plot's height.
+    assert heights[:3] == [pytest.approx(h * report_lib.PLOT_HEIGHT_PX) for h in (0.25, 0.5, 1)]

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline_lib import grid
+from pipeline_lib import config, grid
 from pipeline_lib.atomic import read_json
-from tests.jobs import run_matrix, tensors
+from tests.jobs import cli, run_matrix, tensors
 
 pytestmark = pytest.mark.torchrun
 
@@ -108,3 +108,30 @@ def test_crash_and_hang_in_a_load_job_keep_the_other_cells(in_tmp):
         "timeout", "load: no progress for 20 s during cell b; job killed",
     )  # fmt: skip
     assert rows["c", "d"]["status"] == "pass"
+
+
+def test_a_crashed_item_keeps_the_other_items_of_its_job(in_tmp):
+    """One save job runs every (variant, model) item: a rank killed in the first item makes
+    that item a crash, and a fresh launch saves the rest."""
+    cfg = config.validate(
+        {
+            "models": ["mlp", "mlp_uneven"],
+            "layouts": {
+                "ddp_2": {"framework": "ddp", "mesh": [2]},
+                "single": {"framework": "single", "mesh": [1]},
+            },
+            "pairs": [["ddp_2", "single"]],
+            "run": {"cell_timeout_s": 60},
+        }
+    )
+    save = grid.save_job_spec(cfg, grid.RESULTS, "ddp_2")
+    save["items"][0]["fault"] = "kill_rank_save"
+    cli("save", save)
+    cli("load", grid.load_job_spec(cfg, grid.RESULTS, "single"))
+    first, second = (read_json(grid.load_record(m, "single")) for m in cfg["models"])
+    ((crashed,), (passed,)) = first["cells"], second["cells"]
+    assert (crashed["model"], crashed["status"], crashed["reason"]) == (
+        "mlp", "crash", "save: rank 1 killed by SIGKILL during save",
+    )  # fmt: skip
+    assert (passed["model"], passed["status"], passed["reason"]) == ("mlp_uneven", "pass", "")
+    assert read_json(grid.save_record("mlp_uneven", "ddp_2"))["status"] == "ok"
