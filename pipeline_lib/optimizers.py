@@ -12,6 +12,13 @@ import torch
 WARMUP_STEPS = 8
 
 
+def no_decay(name: str) -> bool:
+    """Biases and norm weights, told by name as Hugging Face's trainers do: under FSDP1 every
+    parameter is a flat shard, so its shape cannot tell a matrix from a bias."""
+    module, _, leaf = name.rpartition(".")
+    return leaf == "bias" or module.endswith("norm")
+
+
 def make(name: str, model: torch.nn.Module, lr: float):
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adam":
@@ -22,11 +29,18 @@ def make(name: str, model: torch.nn.Module, lr: float):
         return torch.optim.SGD(params, lr=lr, momentum=0.9), None
     if name == "adamw_param_groups":
         # Matrices decay at lr; biases and norms do not, at lr / 10 (two groups, two lrs).
-        matrices = [p for p in params if p.ndim >= 2]
-        others = [p for p in params if p.ndim < 2]
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [
-            {"params": matrices, "lr": lr, "weight_decay": 0.01},
-            {"params": others, "lr": lr / 10, "weight_decay": 0.0},
+            {
+                "params": [p for n, p in trainable if not no_decay(n)],
+                "lr": lr,
+                "weight_decay": 0.01,
+            },
+            {
+                "params": [p for n, p in trainable if no_decay(n)],
+                "lr": lr / 10,
+                "weight_decay": 0.0,
+            },
         ]
         return torch.optim.AdamW(groups), None
     if name == "adam_lr_warmup":

@@ -117,7 +117,7 @@ def compare(expected: Any, actual: Any) -> EntryComparison:
         return EntryComparison(False, None, f"dtype {expected.dtype} != {actual.dtype}")
     if expected.shape != actual.shape:
         return EntryComparison(False, None, f"shape {list(expected.shape)} != {list(actual.shape)}")
-    if torch.equal(_bytes(expected), _bytes(actual)):
+    if _bytes_equal(expected, actual):
         # Equal bytes differ by 0; the float64 difference costs more than the comparison.
         return EntryComparison(True, 0.0)
     return EntryComparison(False, _max_abs_diff(expected, actual), "bytes differ")
@@ -125,6 +125,19 @@ def compare(expected: Any, actual: Any) -> EntryComparison:
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _bytes_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The bytes of two tensors of one dtype and shape are equal, compared as the widest
+    integers both views allow (int64 compares about 7x faster than uint8)."""
+    a, b = _bytes(a), _bytes(b)
+    for word in (torch.int64, torch.int32, torch.int16):
+        if a.numel() % word.itemsize == 0:
+            try:
+                return torch.equal(a.view(word), b.view(word))
+            except RuntimeError:  # a storage offset not aligned to the word
+                continue
+    return torch.equal(a, b)
 
 
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

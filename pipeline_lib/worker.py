@@ -117,10 +117,10 @@ class Job:
         params = dict(base.named_parameters(remove_duplicate=False))
         frozen = {name for name, p in params.items() if not p.requires_grad}
         base.to(getattr(torch, item.variant.param_dtype))
-        if meta and not self.framework.shards_meta_model:
-            base.to_empty(device=self.device)
-        else:
+        if not meta:
             base.to(self.device)
+        elif not self.framework.shards_meta_model:
+            base.to_empty(device=self.device)
         model = self.framework.parallelize(base, self.mesh)
         if meta and self.framework.shards_meta_model:
             model.to_empty(device=self.device)
@@ -198,17 +198,13 @@ class Job:
             yield name, value if self.rank == 0 else None
 
 
-@dataclass
 class Item:
-    """One (variant, model) of a job: its spec (grid.save_spec or grid.load_spec)."""
+    """One (variant, model) of a job, from its spec (grid.save_spec or grid.load_spec)."""
 
-    spec: dict
-
-    def __post_init__(self) -> None:
-        self.model_module = models.get(self.spec["model"])
-        self.variant = Variant(**self.spec["variant"])
-        self.train = self.spec["train"]
-        self.id = self.spec["id"]
+    def __init__(self, spec: dict):
+        self.spec, self.id, self.train = spec, spec["id"], spec["train"]
+        self.model_module = models.get(spec["model"])
+        self.variant = Variant(**spec["variant"])
 
 
 @dataclass

@@ -4,8 +4,9 @@ they expand to (pure), and real torchrun jobs for every value with a cross-frame
 from __future__ import annotations
 
 import pytest
+import torch
 
-from pipeline_lib import axes, config, grid
+from pipeline_lib import axes, config, grid, optimizers
 from pipeline_lib.axes import Variant
 from tests.jobs import run_grid
 
@@ -134,8 +135,10 @@ def test_meta_init_loads_into_sharded_and_replicated_layouts(in_tmp):
             "ddp_2": {"framework": "ddp", "mesh": [2]},
             "tp_2": {"framework": "tp", "mesh": [2]},
             "fsdp1_2": {"framework": "fsdp1", "mesh": [2]},
+            "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
         },
-        "pairs": [["ddp_2", "tp_2"], ["tp_2", "fsdp1_2"]],
+        # fsdp2_2 shards the meta model first and materializes only its shards.
+        "pairs": [["ddp_2", "tp_2"], ["tp_2", "fsdp1_2"], ["fsdp1_2", "fsdp2_2"]],
         "load_init": ["meta"],
         "run": {"cell_timeout_s": 120},
     }
@@ -143,7 +146,45 @@ def test_meta_init_loads_into_sharded_and_replicated_layouts(in_tmp):
     assert {k[2:]: (r["status"], r["reason"]) for k, r in rows.items()} == {
         ("ddp_2", "tp_2"): ("pass", ""),
         ("tp_2", "fsdp1_2"): ("pass", ""),
+        ("fsdp1_2", "fsdp2_2"): ("pass", ""),
     }
+
+
+def test_no_decay_is_told_by_name():
+    assert optimizers.no_decay("blocks.0.fc1.bias") and optimizers.no_decay("norm.weight")
+    assert optimizers.no_decay("_fsdp_wrapped_module.layers.0.attention_norm.weight")
+    assert not optimizers.no_decay("module.blocks.0.fc1.weight")
+    assert not optimizers.no_decay("embedding.weight")
+
+
+@pytest.mark.torchrun
+def test_two_param_groups_survive_fsdp1(in_tmp):
+    """FSDP1 flattens every parameter: groups told by shape put them all in one group and
+    the other layouts could not load the checkpoint (nor FSDP1 theirs)."""
+    cfg = {
+        **FSDP2_TO_SINGLE,
+        "layouts": {
+            "fsdp1_2": {"framework": "fsdp1", "mesh": [2]},
+            "ddp_2": {"framework": "ddp", "mesh": [2]},
+        },
+        "pairs": [["fsdp1_2", "ddp_2"], ["ddp_2", "fsdp1_2"]],
+        "train": {"optimizer": "adamw_param_groups"},
+    }
+    rows = run_grid(cfg)
+    assert {k[2:]: (r["status"], r["reason"]) for k, r in rows.items()} == {
+        ("fsdp1_2", "ddp_2"): ("pass", ""),
+        ("ddp_2", "fsdp1_2"): ("pass", ""),
+    }
+    reference = torch.load(
+        grid.reference_file("mlp", "fsdp1_2", "results/axes/optimizer-adamw_param_groups"),
+        weights_only=True,
+    )
+    matrices, others = (reference[f"optim.param_groups.{i}.params"] for i in (0, 1))
+    assert matrices == [
+        f"{p}.weight"
+        for p in ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head")
+    ]
+    assert others == [m.replace("weight", "bias") for m in matrices]
 
 
 @pytest.mark.torchrun

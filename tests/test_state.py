@@ -1,5 +1,6 @@
 """Entry flattening and bit-exact comparison (torch, single process)."""
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -13,6 +14,26 @@ def test_compare_is_bit_exact():
     b.view(torch.int32)[0] ^= 1  # one ulp
     result = compare(a, b)
     assert not result.equal and result.note == "bytes differ" and 0 < result.max_abs_diff < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("dtype", "numel", "offset"),
+    [
+        (torch.float32, 1024, 0),  # compared as int64
+        (torch.float32, 1023, 0),  # odd count: int32
+        (torch.bfloat16, 1023, 0),  # int16
+        (torch.uint8, 1023, 0),  # bytes
+        (torch.float32, 1024, 1),  # a view starting 4 bytes in: not int64-aligned
+    ],
+)
+def test_compare_sees_one_flipped_bit_at_any_width(dtype, numel, offset):
+    base = torch.arange(numel + offset).to(dtype)[offset:]
+    for position in (0, numel // 2, numel - 1):
+        flipped = base.clone()
+        flipped.view(torch.uint8)[position * base.element_size()] ^= 1
+        assert compare(base, base.clone()).equal
+        assert not compare(base, flipped).equal, (dtype, numel, offset, position)
+        assert not compare(flipped, base).equal
 
 
 def test_compare_sees_signed_zero_and_nan_payload():
