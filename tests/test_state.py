@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pipeline_lib.state import checkpoint_entries, compare, entry_kind, flatten
+from pipeline_lib.state import (
+    EntryComparison,
+    checkpoint_entries,
+    compare,
+    entry_kind,
+    flatten,
+    merge,
+)
 
 
 def test_compare_is_bit_exact():
@@ -78,3 +85,12 @@ def test_entry_kinds():
     assert entry_kind("model.scale", params) == "buffer"
     assert entry_kind("optim.state.fc.weight.exp_avg_sq", params) == "optim.exp_avg_sq"
     assert entry_kind("optim.param_groups.0.lr", params) == "optim.param_groups"
+
+
+def test_merged_comparison_fails_if_any_rank_differs():
+    same, differs = EntryComparison(True, 0.0), EntryComparison(False, 0.5, "bytes differ")
+    assert merge([same, same]) == EntryComparison(True, 0.0, "")
+    merged = merge([same, differs, same])
+    assert not merged.equal and merged.max_abs_diff == 0.5 and merged.note == "bytes differ"
+    # A rank that could not compare (a type or shape difference) leaves the diff unknown.
+    assert merge([same, EntryComparison(False, None, "shape [2] != [3]")]).max_abs_diff is None
