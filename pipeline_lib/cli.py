@@ -106,7 +106,7 @@ def files_check(spec: dict) -> tuple[dict, str]:
     import torch
 
     from pipeline_lib.axes import Variant
-    from pipeline_lib.state import checkpoint_entries, compare, file_entries
+    from pipeline_lib.state import checkpoint_entries, compare, file_entries, unmatched
 
     variant = Variant(**spec["variant"])
     reference = torch.load(spec["reference"], mmap=True, weights_only=True)
@@ -119,17 +119,9 @@ def files_check(spec: dict) -> tuple[dict, str]:
             read = checkpoint_entries(path, variant.format.startswith("safetensors"))
         for name, value in read:
             if isinstance(value, BaseException):
-                entries[name] = {
-                    "equal": False,
-                    "max_abs_diff": None,
-                    "note": f"unreadable: {one_line(value)}",
-                }
+                entries[name] = unmatched(f"unreadable: {one_line(value)}")
             elif name not in reference:
-                entries[name] = {
-                    "equal": False,
-                    "max_abs_diff": None,
-                    "note": "not in the saver's state",
-                }
+                entries[name] = unmatched("not in the saver's state")
             else:
                 entries[name] = vars(compare(reference[name], value))
     except BaseException as exc:
@@ -137,9 +129,7 @@ def files_check(spec: dict) -> tuple[dict, str]:
             raise
         return {}, f"files vs saver: cannot read checkpoint {path}: {one_line(exc)}"
     for name in reference:
-        entries.setdefault(
-            name, {"equal": False, "max_abs_diff": None, "note": "missing in the checkpoint"}
-        )
+        entries.setdefault(name, unmatched("missing in the checkpoint"))
     return entries, ""
 
 

@@ -118,15 +118,6 @@ def job_root(version: str | None, variant: Variant = DEFAULT) -> str:
     return version_root(version) + variant_dir(variant)
 
 
-def job_roots(config: dict) -> dict[str, tuple[str | None, Variant]]:
-    """Every item root of the grid -> (torch version, variant)."""
-    return {
-        job_root(version, variant): (version, variant)
-        for version in torch_versions(config)
-        for variant in variants(config)
-    }
-
-
 def env_dir(config: dict, version: str) -> str:
     return f"{config['run']['torch_env_dir']}/{version}"
 
@@ -278,15 +269,11 @@ def job_spec(config: dict, kind: str, layout: str, work_dir: str, items: list[di
     an item's ``id`` is its index."""
     return {
         "kind": kind,
-        "layout": layout_dict(config, layout),
+        "layout": layouts(config)[layout].to_dict(),
         "run": config["run"],
         "work_dir": work_dir,
         "items": [{**item, "id": str(i)} for i, item in enumerate(items)],
     }
-
-
-def layout_dict(config: dict, layout: str) -> dict:
-    return layouts(config)[layout].to_dict()
 
 
 def save_job_spec(config: dict, vroot: str, layout: str) -> dict:

@@ -100,6 +100,12 @@ class EntryComparison:
     note: str = ""
 
 
+def unmatched(note: str) -> dict:
+    """The record of an entry only one side holds, or that could not be read: not equal, with
+    no difference to measure."""
+    return vars(EntryComparison(False, None, note))
+
+
 def compare(expected: Any, actual: Any) -> EntryComparison:
     """Bit-for-bit comparison; max_abs_diff is informative (NaN-aware, in float64)."""
     exp_is_tensor, act_is_tensor = (

@@ -32,7 +32,15 @@ from pipeline_lib import checkpoint_io, frameworks, models, optimizers
 from pipeline_lib.atomic import read_json, write_json, write_with
 from pipeline_lib.axes import Variant
 from pipeline_lib.errors import Incompatible, one_line
-from pipeline_lib.state import compare_local, describe, entry_kind, flatten, full_value, merge
+from pipeline_lib.state import (
+    compare_local,
+    describe,
+    entry_kind,
+    flatten,
+    full_value,
+    merge,
+    unmatched,
+)
 
 # The loader's model starts from a different init, so an entry the load misses cannot pass.
 LOADER_SEED_OFFSET = 1_000_003
@@ -180,14 +188,9 @@ class Job:
             return {}
         entries = {name: vars(merge([part[name] for part in every_rank])) for name in mine}
         for name in names:
-            entries.setdefault(
-                name, {"equal": False, "max_abs_diff": None, "note": "not in the saver's state"}
-            )
+            entries.setdefault(name, unmatched("not in the saver's state"))
         for name in reference:
-            entries.setdefault(
-                name,
-                {"equal": False, "max_abs_diff": None, "note": "missing in the loader's state"},
-            )
+            entries.setdefault(name, unmatched("missing in the loader's state"))
         return entries
 
     def gathered(self, state: dict):

@@ -34,7 +34,7 @@ def test_defaults_are_one_variant_with_the_plain_paths(small_config):
     cfg = config.validate(small_config)
     assert axes.variants(cfg) == [Variant()]
     assert Variant().id == "" and Variant().label == "default"
-    assert grid.job_roots(cfg) == {"results": (None, Variant())}
+    assert grid.version_roots(cfg) == {"results": None} and grid.job_root(None) == "results"
 
 
 def test_one_at_a_time_varies_each_axis_alone(small_config):
