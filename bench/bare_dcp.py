@@ -2,10 +2,12 @@
 
 ``noop``: import torch, init gloo, pass a barrier (the cost of any torchrun job).
 ``dcp WIDTH HIDDEN``: the benchmark's mlp under FSDP2 with Adam state, then only a bare
-``dcp.save`` and ``dcp.load`` of that state; rank 0 prints one JSON line with the seconds.
+``dcp.save`` and ``dcp.load`` of that state; rank 0 prints one JSON line with the seconds and
+the peak RSS of the ranks.
 """
 
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -40,7 +42,14 @@ def bare_save_load(dim: int, hidden: int) -> dict:
     t = time.perf_counter()
     dcp.load(state, checkpoint_id=directory[0])
     load_s = time.perf_counter() - t
-    return {"save_s": save_s, "load_s": load_s, "checkpoint": directory[0]}
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return {
+        "save_s": save_s,
+        "load_s": load_s,
+        "checkpoint": directory[0],
+        "peak_rss_mb": float(peak),
+    }
 
 
 def main() -> None:

@@ -144,6 +144,20 @@ def read(variant: Variant, model, optimizer, state: dict, source: dict, opts, st
     return sorted(f"model.{k}" for k in result.missing_keys)
 
 
+def convert(variant: Variant, spec: dict) -> None:
+    """The conversions of formats torch_save (DCP -> torch.save file) and torch_save_to_dcp
+    (torch.save file -> DCP), in one process, no process group, as a user runs them offline."""
+    if variant.format not in ("torch_save", "torch_save_to_dcp"):
+        return
+    # Imported only here: it costs a save job about a second.
+    from torch.distributed.checkpoint import format_utils
+
+    if variant.format == "torch_save":
+        format_utils.dcp_to_torch_save(spec["checkpoint"], spec["full_state"])
+    else:
+        format_utils.torch_save_to_dcp(spec["full_state"], spec["checkpoint"])
+
+
 def plain(state: dict) -> dict:
     """``state`` with its Stateful entries (the LR scheduler) as their state dicts."""
     return {k: v if k in ("model", "optim") else v.state_dict() for k, v in state.items()}

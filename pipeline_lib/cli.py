@@ -16,7 +16,6 @@ from pathlib import Path
 
 from pipeline_lib import grid
 from pipeline_lib.atomic import read_json, write_json
-from pipeline_lib.errors import one_line
 from pipeline_lib.launcher import Outcome, launch
 
 
@@ -100,62 +99,13 @@ def checkpoint_size(path: Path) -> tuple[int, int]:
     return sum(p.stat().st_size for p in files), len(files)
 
 
-def files_check(spec: dict) -> tuple[dict, str]:
-    """Files vs saver: read what the load jobs will read back in this process, independently of
-    the saving ranks, and compare every entry bit for bit with the saver's in-memory state."""
-    import torch
-
-    from pipeline_lib.axes import Variant
-    from pipeline_lib.state import checkpoint_entries, compare, file_entries, unmatched
-
-    variant = Variant(**spec["variant"])
-    reference = torch.load(spec["reference"], mmap=True, weights_only=True)
-    entries: dict[str, dict] = {}
-    path = spec["full_state"] if variant.reads_full_state else spec["checkpoint"]
-    try:
-        if variant.reads_full_state:
-            read = file_entries(path)
-        else:
-            read = checkpoint_entries(path, variant.format.startswith("safetensors"))
-        for name, value in read:
-            if isinstance(value, BaseException):
-                entries[name] = unmatched(f"unreadable: {one_line(value)}")
-            elif name not in reference:
-                entries[name] = unmatched("not in the saver's state")
-            else:
-                entries[name] = vars(compare(reference[name], value))
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        return {}, f"files vs saver: cannot read checkpoint {path}: {one_line(exc)}"
-    for name in reference:
-        entries.setdefault(name, unmatched("missing in the checkpoint"))
-    return entries, ""
-
-
-def convert(spec: dict) -> None:
-    """The conversions of formats torch_save (DCP -> torch.save file) and torch_save_to_dcp
-    (torch.save file -> DCP), in this one process as a user runs them offline."""
-    fmt = spec["variant"]["format"]
-    if fmt not in ("torch_save", "torch_save_to_dcp"):
-        return
-    # Imported only here: it costs a save job about a second.
-    from torch.distributed.checkpoint import format_utils
-
-    if fmt == "torch_save":
-        format_utils.dcp_to_torch_save(spec["checkpoint"], spec["full_state"])
-    elif fmt == "torch_save_to_dcp":
-        format_utils.torch_save_to_dcp(spec["full_state"], spec["checkpoint"])
-
-
 def torch_version() -> str:
     """The torch this job runs (its environment's; known even when every rank crashed)."""
     return metadata.version("torch")
 
 
 def cmd_save(spec: dict) -> None:
-    """Every item of a save job: one launch (more after a crash), then per item the offline
-    conversion, the checkpoint fault, the files check and its record."""
+    """Every item of a save job: one launch (more after a crash), then a record per item."""
     work = _fresh_dir(Path(spec["work_dir"]))
     for item in spec["items"]:
         _fresh_dir(Path(item["save_dir"]))
@@ -169,7 +119,6 @@ def cmd_save(spec: dict) -> None:
 def save_record(item: dict, result: dict) -> dict:
     """The record of one save item from the worker's result (or the job's failure)."""
     from pipeline_lib.axes import Variant
-    from pipeline_lib.faults import FAULTS
 
     variant = Variant(**item["variant"])
     record = {
@@ -184,19 +133,6 @@ def save_record(item: dict, result: dict) -> dict:
     }
     if record["status"] != "ok":
         return record
-    t = time.perf_counter()
-    try:
-        convert(item)
-    except Exception as exc:
-        record.update(status="error", reason=f"conversion: {one_line(exc)}")
-        return record
-    record["timing"]["convert_s"] = time.perf_counter() - t
-    fault = FAULTS.get(item.get("fault"))
-    if fault and fault.stage == "checkpoint":
-        record["fault_applied"] = fault.apply(Path(item["checkpoint"]))
-    t = time.perf_counter()
-    record["files_check"], record["files_error"] = files_check(item)
-    record["timing"]["files_check_s"] = time.perf_counter() - t
     read = item["full_state"] if variant.reads_full_state else item["checkpoint"]
     record["checkpoint_bytes"], record["checkpoint_files"] = checkpoint_size(Path(read))
     return record

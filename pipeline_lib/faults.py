@@ -1,8 +1,8 @@
 """Faults injected on purpose, to prove that every check can fail (the ``faults`` config axis).
 
 Each fault names the status the verifier must give. Stages:
-- ``checkpoint``: change the files right after the save job wrote them, before any check reads
-  them (returns a description naming the file and entry it changed);
+- ``checkpoint``: change the files right after the save wrote them (rank 0 of the save job),
+  before any check reads them (returns a description naming the file and entry it changed);
 - ``save`` / ``load``: the worker breaks itself at that phase (pipeline_lib.worker.Job.inject and
   load_one): the last rank is SIGKILLed or hangs, rank 0 dies by SIGSEGV, the load is skipped, an
   entry is dropped from the loader's state, the resume runs with twice the learning rate;

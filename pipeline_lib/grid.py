@@ -181,9 +181,9 @@ def checkpoint_dir(model: str, layout: str, root: str = RESULTS) -> str:
     return f"{save_dir(model, layout, root)}/checkpoint"
 
 
-def reference_file(model: str, layout: str, root: str = RESULTS) -> str:
+def reference_dir(model: str, layout: str, root: str = RESULTS) -> str:
     """The saver's in-memory state, entry by entry (torch.save, read with weights_only=True)."""
-    return f"{save_dir(model, layout, root)}/reference.pt"
+    return f"{save_dir(model, layout, root)}/reference"
 
 
 def full_state_file(model: str, layout: str, root: str = RESULTS) -> str:
@@ -222,7 +222,7 @@ def save_spec(
         "save_dir": save_dir(model, layout, root),
         "checkpoint": checkpoint_dir(model, layout, root),
         "full_state": full_state_file(model, layout, root),
-        "reference": reference_file(model, layout, root),
+        "reference": reference_dir(model, layout, root),
     }
 
 

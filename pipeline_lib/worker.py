@@ -29,15 +29,17 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from pipeline_lib import checkpoint_io, frameworks, models, optimizers
-from pipeline_lib.atomic import read_json, write_json, write_with
+from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.axes import Variant
 from pipeline_lib.errors import Incompatible, one_line
+from pipeline_lib.faults import FAULTS
 from pipeline_lib.state import (
-    compare_local,
+    Reference,
+    checkpoint_entries,
     describe,
     entry_kind,
+    file_entries,
     flatten,
-    full_value,
     merge,
     unmatched,
 )
@@ -176,12 +178,10 @@ class Job:
         saver's reference (one entry at a time, no collective per entry); rank 0 gets the
         merged comparison of each entry ({} on the other ranks). ``skip``: entries not to
         compare; ``drop_first`` (fault drop_loaded_entry): leave out the first on purpose."""
-        reference = torch.load(reference_path, mmap=True, weights_only=True)
+        reference = Reference(reference_path)
         flat = flatten(checkpoint_io.plain(state))
         names = sorted(set(flat) - skip - ({min(reference)} if drop_first else set()))
-        mine = {
-            name: compare_local(reference[name], flat[name]) for name in names if name in reference
-        }
+        mine = {name: reference.compare(name, flat[name]) for name in names if name in reference}
         every_rank = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(mine, every_rank, dst=0)
         if self.rank != 0:
@@ -193,12 +193,60 @@ class Job:
             entries.setdefault(name, unmatched("missing in the loader's state"))
         return entries
 
-    def gathered(self, state: dict):
-        """(name, whole value) of every entry, in one order on all ranks; value only on rank 0."""
-        flat = flatten(checkpoint_io.plain(state))
-        for name in sorted(flat):
-            value = full_value(flat[name])
-            yield name, value if self.rank == 0 else None
+    def files_check(self, item: Item) -> tuple[dict, str]:
+        """Files vs saver: read back what the load jobs will read, every rank a share of the
+        entries in a process-group-free reader (as a process without the saving ranks reads
+        it), and compare each bit for bit with the saver's reference. Rank 0 gets the entries'
+        comparisons, or a reason the checkpoint cannot be read ({} and "" on other ranks)."""
+        spec, variant = item.spec, item.variant
+        reference = Reference(spec["reference"])
+        path = spec["full_state"] if variant.reads_full_state else spec["checkpoint"]
+        share = (self.rank, dist.get_world_size())
+        entries, error = {}, ""
+        try:
+            if variant.reads_full_state:
+                read = file_entries(path, share)
+            else:
+                read = checkpoint_entries(path, variant.format.startswith("safetensors"), share)
+            for name, value in read:
+                if isinstance(value, BaseException):
+                    entries[name] = unmatched(f"unreadable: {one_line(value)}")
+                elif name not in reference:
+                    entries[name] = unmatched("not in the saver's state")
+                else:
+                    entries[name] = vars(reference.compare(name, value))
+        except (Exception, CheckpointException) as exc:
+            error = f"files vs saver: cannot read checkpoint {path}: {one_line(exc)}"
+        every_rank = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object((entries, error), every_rank, dst=0)
+        if self.rank != 0:
+            return {}, ""
+        errors = [e for _, e in every_rank if e]
+        if errors:
+            return {}, errors[0]
+        entries = {name: c for part, _ in every_rank for name, c in part.items()}
+        for name in reference:
+            entries.setdefault(name, unmatched("missing in the checkpoint"))
+        return entries, ""
+
+    def finish_files(self, item: Item) -> dict:
+        """Rank 0, once the checkpoint is written: the offline conversion of the variant's
+        format and the item's checkpoint fault, before any check reads the files. Every rank
+        gets rank 0's account: ``convert_s``, ``fault_applied`` or a conversion ``error``."""
+        account = {}
+        if self.rank == 0:
+            t = time.perf_counter()
+            try:
+                checkpoint_io.convert(item.variant, item.spec)
+                account["convert_s"] = time.perf_counter() - t
+                fault = FAULTS.get(item.spec.get("fault"))
+                if fault and fault.stage == "checkpoint":
+                    account["fault_applied"] = fault.apply(Path(item.spec["checkpoint"]))
+            except Exception as exc:
+                account["error"] = f"conversion: {one_line(exc)}"
+        shared = [account]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
 
 
 class Item:
@@ -240,17 +288,14 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         key = checkpoint_io.dropped_entry(state["model"])
         del state["model"][key]
         dropped = [f"model.{key}"]
-    # The reference is what the saver means to write, entry by entry.
-    reference, entries = {}, {}
-    for name, value in job.gathered(state):
-        if job.rank == 0:
-            reference[name] = value
-            dtype, shape = describe(value)
-            kind = entry_kind(name, trainee.param_names)
-            entries[name] = {"kind": kind, "dtype": dtype, "shape": shape}
-    if job.rank == 0:
-        write_with(spec["reference"], lambda tmp: torch.save(reference, tmp))
-    reference.clear()
+    # The reference is what the saver means to write: every rank writes its own part.
+    flat = flatten(checkpoint_io.plain(state))
+    Reference.write(spec["reference"], flat, job.rank)
+    entries = {}
+    for name, value in flat.items() if job.rank == 0 else ():
+        dtype, shape = describe(value)
+        kind = entry_kind(name, trainee.param_names)
+        entries[name] = {"kind": kind, "dtype": dtype, "shape": shape}
     timing["reference_s"] = time.perf_counter() - t
 
     job.progress("save", item.id)
@@ -263,11 +308,23 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     resume_losses = job.train(item, trainee, cfg["steps"], cfg["resume_steps"])
     timing["resume_s"] = time.perf_counter() - t
     wait()
+
+    job.progress("files check", item.id)
+    files = job.finish_files(item)
+    if "error" in files:
+        job.write_result(item.id, {"status": "error", "reason": files["error"]})
+        return
+    t = time.perf_counter()
+    files_check, files_error = job.files_check(item)
+    timing.update(files_check_s=time.perf_counter() - t, convert_s=files.get("convert_s", 0.0))
     job.write_result(
         item.id,
         {
             "status": "ok",
             "reason": "",
+            "files_check": files_check,
+            "files_error": files_error,
+            **({"fault_applied": files["fault_applied"]} if "fault_applied" in files else {}),
             "train_losses": train_losses,
             "resume_losses": resume_losses,
             "entries": entries,

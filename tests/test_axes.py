@@ -4,10 +4,10 @@ they expand to (pure), and real torchrun jobs for every value with a cross-frame
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pipeline_lib import axes, config, grid, optimizers
 from pipeline_lib.axes import Variant
+from pipeline_lib.state import Reference
 from tests.jobs import run_grid
 
 FSDP2_TO_SINGLE = {
@@ -175,11 +175,10 @@ def test_two_param_groups_survive_fsdp1(in_tmp):
         ("fsdp1_2", "ddp_2"): ("pass", ""),
         ("ddp_2", "fsdp1_2"): ("pass", ""),
     }
-    reference = torch.load(
-        grid.reference_file("mlp", "fsdp1_2", "results/axes/optimizer-adamw_param_groups"),
-        weights_only=True,
+    reference = Reference(
+        grid.reference_dir("mlp", "fsdp1_2", "results/axes/optimizer-adamw_param_groups")
     )
-    matrices, others = (reference[f"optim.param_groups.{i}.params"] for i in (0, 1))
+    matrices, others = (reference.whole(f"optim.param_groups.{i}.params") for i in (0, 1))
     assert matrices == [
         f"{p}.weight"
         for p in ("blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head")

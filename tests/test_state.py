@@ -6,11 +6,13 @@ import torch.distributed.checkpoint as dcp
 
 from pipeline_lib.state import (
     EntryComparison,
+    Reference,
     checkpoint_entries,
     compare,
     entry_kind,
     flatten,
     merge,
+    shares,
 )
 
 
@@ -94,3 +96,70 @@ def test_merged_comparison_fails_if_any_rank_differs():
     assert not merged.equal and merged.max_abs_diff == 0.5 and merged.note == "bytes differ"
     # A rank that could not compare (a type or shape difference) leaves the diff unknown.
     assert merge([same, EntryComparison(False, None, "shape [2] != [3]")]).max_abs_diff is None
+
+
+def _reference(tmp_path, pieces_by_rank: list[dict], meta: dict) -> Reference:
+    """A reference as a saver of len(pieces_by_rank) ranks writes it (rank-<r>.pt files)."""
+    for rank, pieces in enumerate(pieces_by_rank):
+        part = {"meta": meta if rank == 0 else {}, "pieces": pieces}
+        torch.save(part, tmp_path / f"rank-{rank}.pt")
+    return Reference(str(tmp_path))
+
+
+def test_reference_compares_the_parts_that_overlap(tmp_path):
+    whole = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    meta = {"w": {"dtype": torch.float32, "shape": [4, 6]}, "lr": {"value": 0.01}}
+    # Saved in rows (FSDP-like), read back whole and by columns (TP-like).
+    reference = _reference(tmp_path, [{"w": ([0, 0], whole[:3])}, {"w": ([3, 0], whole[3:])}], meta)
+    assert reference.compare("w", whole.clone()).equal
+    assert torch.equal(reference.whole("w"), whole)
+    assert reference.compare("lr", 0.01).equal and not reference.compare("lr", 0.02).equal
+    flipped = whole.clone()
+    flipped[3, 5] += 1  # in the second saved part only
+    result = reference.compare("w", flipped)
+    assert (result.equal, result.max_abs_diff, result.note) == (False, 1.0, "bytes differ")
+    assert reference.compare("w", whole[:, :4]).note == "shape [4, 6] != [4, 4]"
+    assert reference.compare("w", whole.double()).note == "dtype torch.float32 != torch.float64"
+    assert reference.compare("w", 1.0).note == "type Tensor != float"
+    assert reference.compare("lr", torch.tensor(0.01)).note == "type float != Tensor"
+
+
+def test_reference_missing_part_is_not_equal(tmp_path):
+    whole = torch.ones(4, 2)
+    meta = {"w": {"dtype": torch.float32, "shape": [4, 2]}}
+    reference = _reference(tmp_path, [{"w": ([0, 0], whole[:2])}], meta)
+    assert reference.compare("w", whole).note == "the saver's reference lacks part of this entry"
+
+
+def test_reference_keeps_one_copy_of_a_replicated_part(tmp_path):
+    step = torch.tensor(2.0)
+    meta = {"step": {"dtype": torch.float32, "shape": []}}
+    reference = _reference(tmp_path, [{"step": ([], step)}, {"step": ([], step.clone())}], meta)
+    assert reference.compare("step", torch.tensor(2.0)).equal
+    assert not reference.compare("step", torch.tensor(0.0)).equal  # a 0-dim entry is one part
+
+
+def test_reference_of_one_process(tmp_path):
+    flat = flatten({"model": {"w": torch.randn(3, 2)}, "optim": {"param_groups": [{"lr": 0.1}]}})
+    Reference.write(str(tmp_path), flat, rank=0)
+    reference = Reference(str(tmp_path))
+    assert sorted(reference) == sorted(flat)
+    assert all(reference.compare(name, value).equal for name, value in flat.items())
+
+
+def test_shares_deal_every_entry_once_by_bytes():
+    sizes = {"a": 100, "b": 60, "c": 50, "d": 10, "e": 0}
+    dealt = shares(sizes, 2)
+    assert dealt == [["a", "d", "e"], ["b", "c"]]  # 110 bytes each
+    assert shares(sizes, 1) == [sorted(sizes)]
+    assert sorted(name for share in shares(sizes, 4) for name in share) == sorted(sizes)
+
+
+def test_checkpoint_read_in_shares_reads_each_entry_once(tmp_path):
+    state = {"model": {f"w{i}": torch.full((i + 1, 3), float(i)) for i in range(5)}}
+    dcp.save(state, checkpoint_id=tmp_path, no_dist=True)
+    parts = [dict(checkpoint_entries(str(tmp_path), share=(i, 2))) for i in range(2)]
+    assert not set(parts[0]) & set(parts[1])
+    read = {**parts[0], **parts[1]}
+    assert set(read) == set(flatten(state))
+    assert all(compare(value, read[name]).equal for name, value in flatten(state).items())
