@@ -182,7 +182,8 @@ def checkpoint_dir(model: str, layout: str, root: str = RESULTS) -> str:
 
 
 def reference_dir(model: str, layout: str, root: str = RESULTS) -> str:
-    """The saver's in-memory state, entry by entry (torch.save, read with weights_only=True)."""
+    """The saver's in-memory state: one torch.save file per rank, its own part of each entry
+    (pipeline_lib.state.Reference; read with weights_only=True)."""
     return f"{save_dir(model, layout, root)}/reference"
 
 

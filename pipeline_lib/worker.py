@@ -232,18 +232,21 @@ class Job:
     def finish_files(self, item: Item) -> dict:
         """Rank 0, once the checkpoint is written: the offline conversion of the variant's
         format and the item's checkpoint fault, before any check reads the files. Every rank
-        gets rank 0's account: ``convert_s``, ``fault_applied`` or a conversion ``error``."""
+        gets rank 0's account: ``convert_s``, ``fault_applied`` or an ``error``."""
         account = {}
+        fault = FAULTS.get(item.spec.get("fault"))
         if self.rank == 0:
             t = time.perf_counter()
             try:
                 checkpoint_io.convert(item.variant, item.spec)
                 account["convert_s"] = time.perf_counter() - t
-                fault = FAULTS.get(item.spec.get("fault"))
-                if fault and fault.stage == "checkpoint":
-                    account["fault_applied"] = fault.apply(Path(item.spec["checkpoint"]))
             except Exception as exc:
                 account["error"] = f"conversion: {one_line(exc)}"
+            if fault and fault.stage == "checkpoint" and "error" not in account:
+                try:
+                    account["fault_applied"] = fault.apply(Path(item.spec["checkpoint"]))
+                except Exception as exc:  # the other ranks wait in the broadcast below
+                    account["error"] = f"checkpoint fault {fault.name}: {one_line(exc)}"
         shared = [account]
         dist.broadcast_object_list(shared, src=0)
         return shared[0]
