@@ -23,7 +23,7 @@ if not workflow.overwrite_configfiles:
 report: "workflow/report/workflow.rst"
 
 
-plan = Plan(config, workflow.basedir)
+plan = Plan(config, workflow.basedir, announce=workflow.is_main_process)
 PYTHON = sys.executable
 
 
@@ -35,6 +35,8 @@ wildcard_constraints:
 
 
 include: "workflow/rules/matrix.smk"
+# gate.smk first: report.smk uses its SNAKEMAKE_COMMAND.
+include: "workflow/rules/gate.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -44,3 +46,4 @@ rule all:
         plan.targets(),
         # The report needs a matrix: a faults-only config (no models) has none.
         ["results/report.html", "results/summary.md"] if config["models"] else [],
+        GATE_TARGETS,

@@ -9,6 +9,7 @@ parallel: for 10,000 cells of 108 entries each (bench/benchmark.py) the stdlib p
 from __future__ import annotations
 
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -16,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from pipeline_lib.atomic import write_with
+from pipeline_lib.atomic import atomic_paths
 from pipeline_lib.records import MATRIX_SCHEMA, TENSORS_SCHEMA
 
 # A record as pyarrow reads it: one row, each list holding that record's rows.
@@ -26,6 +27,26 @@ RECORD_SCHEMA = pa.schema(
         ("tensors", pa.list_(pa.struct(list(TENSORS_SCHEMA)))),
     ]
 )
+
+
+# Schema metadata key of both Parquet files: one value per aggregate run. The two files are
+# renamed one after the other; a kill between the renames leaves tokens that differ, and the
+# report refuses such a pair (results_token).
+TOKEN_KEY = b"dcp_matrix.aggregate_token"
+
+
+def results_token(matrix_path: str, tensors_path: str) -> str | None:
+    """The aggregate run both files come from (None for files without a token: older ones);
+    ValueError when they come from different runs."""
+    tokens = [
+        (pq.read_schema(p).metadata or {}).get(TOKEN_KEY) for p in (matrix_path, tensors_path)
+    ]
+    if tokens[0] != tokens[1]:
+        raise ValueError(
+            f"{matrix_path} and {tensors_path} come from different aggregate runs (an aggregate"
+            " was interrupted between its two renames): run the aggregate rule again"
+        )
+    return tokens[0].decode() if tokens[0] else None
 
 
 def read_record(path: str) -> pa.Table:
@@ -60,5 +81,9 @@ def aggregate(
         MATRIX_SCHEMA.field("git_commit"),
         pa.array([git_commit] * cells.num_rows, pa.string()),
     )
-    for path, table in ((matrix_path, cells), (tensors_path, rows(records, "tensors"))):
-        write_with(path, lambda tmp, table=table: pq.write_table(table, tmp))
+    token = uuid.uuid4().hex.encode()
+    tables = [cells, rows(records, "tensors")]
+    with atomic_paths(matrix_path, tensors_path) as tmps:
+        for tmp, table in zip(tmps, tables, strict=True):
+            metadata = {**(table.schema.metadata or {}), TOKEN_KEY: token}
+            pq.write_table(table.replace_schema_metadata(metadata), tmp)

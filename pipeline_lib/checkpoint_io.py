@@ -128,7 +128,7 @@ def read(variant: Variant, model, optimizer, state: dict, source: dict, opts, st
     else:
         dcp.load(
             state,
-            checkpoint_id=source["checkpoint"],
+            storage_reader=_reader(variant, source),
             planner=SafeLoadPlanner(allow_partial_load=not strict),
         )
     result = set_state_dict(
@@ -149,13 +149,14 @@ def convert(variant: Variant, spec: dict) -> None:
     (torch.save file -> DCP), in one process, no process group, as a user runs them offline."""
     if variant.format not in ("torch_save", "torch_save_to_dcp"):
         return
-    # Imported only here: it costs a save job about a second.
-    from torch.distributed.checkpoint import format_utils
+    # Imported only here: format_utils costs a save job about a second. format_utils' own
+    # functions unpickle with weights_only=False; these are the same calls without that.
+    from pipeline_lib import untrusted
 
     if variant.format == "torch_save":
-        format_utils.dcp_to_torch_save(spec["checkpoint"], spec["full_state"])
+        untrusted.dcp_to_torch_save(spec["checkpoint"], spec["full_state"])
     else:
-        format_utils.torch_save_to_dcp(spec["full_state"], spec["checkpoint"])
+        untrusted.torch_save_to_dcp(spec["full_state"], spec["checkpoint"])
 
 
 def plain(state: dict) -> dict:
@@ -168,7 +169,9 @@ def _reader(variant: Variant, source: dict):
         from torch.distributed.checkpoint import HuggingFaceStorageReader
 
         return HuggingFaceStorageReader(source["checkpoint"])
-    return dcp.FileSystemReader(source["checkpoint"])
+    from pipeline_lib.untrusted import SafeFileSystemReader  # .metadata: no pickle.load
+
+    return SafeFileSystemReader(source["checkpoint"])
 
 
 def _load_stateful_from_rank0(state: dict, full: dict) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from pipeline_lib import grid
 from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.launcher import Outcome, launch
+from pipeline_lib.names import inside
 
 
 def _now() -> str:
@@ -24,6 +25,9 @@ def _now() -> str:
 
 
 def _fresh_dir(path: Path) -> Path:
+    """An empty folder at ``path``, which must lie inside the working directory (names.inside:
+    a name like '..' never gets here, this is the last line of defence before rmtree)."""
+    inside(path)
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
@@ -106,11 +110,17 @@ def torch_version() -> str:
 
 def cmd_save(spec: dict) -> None:
     """Every item of a save job: one launch (more after a crash), then a record per item."""
+    from pipeline_lib.disk import room_error
+
     work = _fresh_dir(Path(spec["work_dir"]))
     for item in spec["items"]:
         _fresh_dir(Path(item["save_dir"]))
     skipped = {i["id"]: {"status": "skip", "reason": i["skip"]} for i in spec["items"] if i["skip"]}
-    results, _ = run_units(spec, work, [i["id"] for i in spec["items"] if not i["skip"]])
+    pending = [i["id"] for i in spec["items"] if not i["skip"]]
+    if no_room := room_error(spec, work):
+        results = {unit: {"status": "error", "reason": no_room} for unit in pending}
+    else:
+        results, _ = run_units(spec, work, pending)
     for item in spec["items"]:
         result = skipped.get(item["id"]) or results[item["id"]]
         write_json(item["record"], save_record(item, result))
@@ -141,6 +151,7 @@ def save_record(item: dict, result: dict) -> dict:
 def cmd_load(spec: dict) -> None:
     """Every cell of a load job (item x source): one launch (more after a crash or hang),
     then one record per item."""
+    from pipeline_lib.disk import room_error
     from pipeline_lib.records import cell_row, tensor_rows
 
     work = _fresh_dir(Path(spec["work_dir"]))
@@ -150,15 +161,27 @@ def cmd_load(spec: dict) -> None:
         for source in item["sources"]:
             unit = f"{item['id']}.{source['id']}"
             save = saves[unit] = read_json(source["save_record"])
+            # The folders the spec names (grid.load_spec), whatever a record on disk says.
+            expected = {k: source[k] for k in ("checkpoint", "reference") if k in source}
+            moved = [k for k, path in expected.items() if save.get(k, path) != path]
             if save["status"] != "ok":
                 results[unit] = {"status": "not_run", "reason": "the save job failed"}
+            elif moved:
+                results[unit] = {
+                    "status": "error",
+                    "reason": f"the save record {source['save_record']} names another "
+                    f"{moved[0]} ({save[moved[0]]!r}, expected {expected[moved[0]]!r})",
+                }
             elif item["skip"]:
                 results[unit] = {"status": "skip", "reason": item["skip"]}
             else:
-                sources.append({**source, "reference": save["reference"]})
+                sources.append({"reference": save["reference"], **source})
         items.append({**item, "sources": sources})
     pending = [f"{i['id']}.{s['id']}" for i in items for s in i["sources"]]
-    launched, launches = run_units({**spec, "items": items}, work, pending)
+    if no_room := room_error({**spec, "items": items}, work):
+        launched, launches = {unit: {"status": "error", "reason": no_room} for unit in pending}, 0
+    else:
+        launched, launches = run_units({**spec, "items": items}, work, pending)
     results.update(launched)
 
     for item in spec["items"]:
@@ -189,20 +212,32 @@ def cmd_selftest(args: argparse.Namespace) -> None:
 
 
 def cmd_make_env(args: argparse.Namespace) -> None:
+    from pipeline_lib.config import env_dir_error
     from pipeline_lib.environments import make_env
 
+    if error := env_dir_error(args.prefix):
+        sys.exit(f"make-env: --prefix: {error}")
     make_env(Path(args.prefix), args.requirement)
 
 
 def cmd_check_config(args: argparse.Namespace) -> None:
+    """Valid: one line of counts and one of the disk estimate. Invalid: one line per error on
+    stderr (no traceback), exit status 1."""
     from pipeline_lib import config
+    from pipeline_lib.disk import grid_bytes
 
-    cfg = config.load(args.configfile)
+    try:
+        cfg = config.load(args.configfile)
+    except config.ConfigError as exc:
+        for line in config.error_lines(exc):
+            print(line, file=sys.stderr)
+        sys.exit(1)
     saves, loads = len(grid.save_layouts(cfg)), len(grid.load_layouts(cfg))
     print(
         f"{args.configfile}: valid; {len(grid.cells(cfg))} cells, {len(cfg['models'])} model(s) "
         f"x {saves} save layout(s) x {loads} load layout(s)"
     )
+    print(f"{args.configfile}: the grid writes {grid_bytes(cfg)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefix", required=True, help="the environment's folder")
     p = sub.add_parser("check-config", help="validate a config file and count its cells")
     p.add_argument("configfile")
+    from pipeline_lib.baseline import add_commands  # gate, findings-table, reproducers
+
+    add_commands(sub)
     args = parser.parse_args(argv)
     if args.command in ("save", "load"):
         if args.spec:
@@ -250,5 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         cmd_selftest(args)
     elif args.command == "make-env":
         cmd_make_env(args)
+    elif hasattr(args, "handler"):  # the commands of pipeline_lib.baseline
+        sys.exit(args.handler(args))
     else:
         cmd_check_config(args)

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from pipeline_lib import axes, faults, frameworks, models
+from pipeline_lib import axes, faults, frameworks, models, names
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -28,13 +28,68 @@ def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own error says so
+                break
+            if first is not None:
+                raise ConfigError(f"line {line}: duplicate key {key!r} (first on line {first})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """YAML text as PyYAML's safe loader reads it, but refusing duplicate keys."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: cannot read config: {' '.join(str(exc).split())}") from None
+
+
 def load(path: str | Path) -> dict:
     """Read a YAML config file and validate it (defaults filled in)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
-    return validate(raw, source=str(path))
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
+    return validate(read_yaml(text, str(path)), source=str(path))
+
+
+def _is_integer(_checker, value) -> bool:
+    """JSON Schema's "integer" takes 2.0 too; a mesh size or a step count must be an int."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(_checker, value) -> bool:
+    """A finite number: NaN passes every minimum, infinity every maximum."""
+    return _is_integer(_checker, value) or (isinstance(value, float) and math.isfinite(value))
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {"integer": _is_integer, "number": _is_number}
+    ),
+)
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    value = error.instance
+    if error.validator == "type" and isinstance(value, float):
+        if not math.isfinite(value):
+            return f"{value} is not a finite number"
+        return f"{value} is not an integer"
+    return error.message
 
 
 def validate(raw: Any, source: str = "config") -> dict:
@@ -43,14 +98,19 @@ def validate(raw: Any, source: str = "config") -> dict:
     config = copy.deepcopy(raw) if raw is not None else {}
     if isinstance(config, dict):
         _fill_defaults(config, schema)
-    errors = sorted(
-        jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.path)
-    )
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: [str(p) for p in e.path])
     if errors:
-        lines = [f"{source}: {_field(e.absolute_path)}: {e.message}" for e in errors]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+        raise ConfigError(
+            _joined([f"{_field(e.absolute_path)}: {_message(e)}" for e in errors], source)
+        )
     _check_semantics(config, source)
     return config
+
+
+def error_lines(exc: ConfigError) -> list[str]:
+    """The errors of a ConfigError, one line each (without the 'invalid config:' heading)."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines()]
+    return [line for line in lines if line and line != "invalid config:"]
 
 
 def config_hash(config: dict) -> str:
@@ -59,8 +119,15 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _joined(errors: list[str], source: str) -> str:
+    """One ConfigError message: a heading, then one line per error (its whitespace collapsed)."""
+    return "invalid config:\n  " + "\n  ".join(f"{source}: {' '.join(e.split())}" for e in errors)
+
+
 def _field(path) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
+    """``layouts.tp_2.mesh``; a part that is not a plain name is quoted (``layouts.'a b'``)."""
+    parts = [str(p) if not names.name_error(str(p), model=True) else repr(p) for p in path]
+    return ".".join(parts) or "(top level)"
 
 
 def _fill_defaults(node: dict, schema: dict) -> None:
@@ -75,6 +142,9 @@ def _check_semantics(config: dict, source: str) -> None:
     errors = []
     if not config["models"] and not config["faults"]:
         errors.append("models: the grid is empty (no models and no faults)")
+    errors += _name_errors(config)
+    if errors:  # a name that cannot become a path is not imported or expanded any further
+        raise ConfigError(_joined(errors, source))
     known_models = models.names()
     for i, name in enumerate(config["models"]):
         if error := _model_error(name, known_models):
@@ -139,7 +209,74 @@ def _check_semantics(config: dict, source: str) -> None:
             f"data-parallel degree {max_dp}; every data-parallel rank needs at least one sample"
         )
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(f"{source}: {e}" for e in errors))
+        raise ConfigError(_joined(errors, source))
+
+
+def _name_errors(config: dict) -> list[str]:
+    """Names that become paths and wildcard values (pipeline_lib.names), the torch
+    environments' folder and requirements."""
+    errors = [
+        f"models.{i}: {error}"
+        for i, name in enumerate(config["models"])
+        if (error := names.name_error(name, model=True))
+    ]
+    for key in ("layouts", "torch_versions"):
+        errors += [f"{key}: {error}" for name in config[key] if (error := names.name_error(name))]
+    for i, entry in enumerate(config["faults"]):
+        for key in ("model", "save", "load"):
+            if error := names.name_error(entry[key], model=key == "model"):
+                errors.append(f"faults.{i}.{key}: {error}")
+        # The cell's folder and wildcard value: <fault>.<model>.<save>.<load>.
+        fault_names = list(faults.FAULTS) if entry["fault"] == "all" else [entry["fault"]]
+        for fault in fault_names:
+            if error := names.periodic_error(f"{fault}.{entry['model']}.{entry['save']}."
+                                             f"{entry['load']}"):  # fmt: skip
+                errors.append(f"faults.{i}: fault cell {error}")
+    if error := env_dir_error(config["run"]["torch_env_dir"]):
+        errors.append(f"run.torch_env_dir: {error}")
+    for name, requirement in config["torch_versions"].items():
+        if error := requirement_error(requirement):
+            errors.append(f"torch_versions.{name}: {error}")
+    return errors
+
+
+# Characters a shell, Snakemake's patterns ({wildcard}) or pip's options give a meaning to.
+_SHELL_CHARACTERS = set(" \t\n\r;&|<>()$`\\\"'*?[]{}!#~^,=%")
+
+
+def env_dir_error(path: str) -> str | None:
+    """Why ``run.torch_env_dir`` is not usable, or None. A relative folder must stay inside the
+    working directory (an absolute one may lie anywhere: see environments.make_env)."""
+    bad = sorted(set(path) & _SHELL_CHARACTERS) + sorted({c for c in path if not c.isprintable()})
+    if bad:
+        return f"{path!r} has characters a shell or Snakemake would interpret: {''.join(bad)!r}"
+    if path.startswith("-"):
+        return f"{path!r} starts with '-' (it would read as a command-line option)"
+    if not Path(path).is_absolute():
+        try:
+            names.inside(path)
+        except names.UnsafePath as exc:
+            return f"a relative folder must stay inside the working directory: {exc}"
+    return None
+
+
+def requirement_error(requirement: str) -> str | None:
+    """Why a ``torch_versions`` value is not a PEP 508 requirement of the package torch (no
+    URL, no environment marker), or None."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        parsed = Requirement(requirement)
+    except InvalidRequirement as exc:
+        return f"{requirement!r} is not a pip requirement: {' '.join(str(exc).split())[:200]}"
+    if canonicalize_name(parsed.name) != "torch":
+        return f"{requirement!r} names the package {parsed.name!r}, not torch"
+    if parsed.url:
+        return f"{requirement!r} is a URL requirement (give a version: torch==X.Y.Z)"
+    if parsed.marker:
+        return f"{requirement!r} has an environment marker ({parsed.marker}); give a version only"
+    return None
 
 
 def _model_error(name: str, known_models: list[str]) -> str | None:

@@ -13,6 +13,9 @@ from pathlib import Path
 from pipeline_lib.atomic import write_with
 
 REPO = Path(__file__).resolve().parent.parent
+# Written into an environment's folder before anything else: make_env deletes a folder only if
+# it carries this file (it made the folder), whatever torch_env_dir and the version name say.
+MARKER = ".dcp-matrix-env"
 # What a save or load job imports besides torch (numpy: torch wheels other than the local CPU
 # build do not pull it in).
 JOB_PACKAGES = ("numpy", "pyarrow", "jsonschema", "PyYAML", "psutil", "safetensors")
@@ -29,9 +32,31 @@ def pinned(names: tuple[str, ...]) -> list[str]:
     return [pins.get(name.lower(), name) for name in names]
 
 
+class NotOurs(RuntimeError):
+    """The environment's folder exists and was not made by make_env: it is left alone."""
+
+
 def make_env(prefix: Path, requirement: str) -> None:
-    """(Re)build ``prefix``; its ``packages.txt`` (pip freeze) is written last, atomically."""
-    shutil.rmtree(prefix, ignore_errors=True)
+    """(Re)build ``prefix``; its ``packages.txt`` (pip freeze) is written last, atomically.
+    An existing folder is deleted only if it carries MARKER (an earlier make_env made it);
+    an empty one is used as is; any other is refused."""
+    from pipeline_lib.config import requirement_error
+
+    if error := requirement_error(requirement):
+        raise ValueError(error)
+    if prefix.is_symlink() or (prefix.exists() and not prefix.is_dir()):
+        raise NotOurs(f"{prefix} is not a folder; refusing to replace it")
+    if prefix.is_dir() and any(prefix.iterdir()):
+        if not (prefix / MARKER).is_file():
+            raise NotOurs(
+                f"{prefix} exists and has no {MARKER} file (dcp-matrix did not make it);"
+                " refusing to delete it: remove it yourself or choose another run.torch_env_dir"
+            )
+        shutil.rmtree(prefix)
+    prefix.mkdir(parents=True, exist_ok=True)
+    (prefix / MARKER).write_text(
+        f"made by dcp-matrix (pipeline_lib.environments) for {requirement}\n"
+    )
     subprocess.run([sys.executable, "-m", "venv", str(prefix)], check=True)
     pip = [str(prefix / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check"]
     subprocess.run([*pip, requirement, *pinned(JOB_PACKAGES)], check=True)

@@ -2,16 +2,69 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+
+# What torch's own writers say when a write fails for want of space, with no errno to tell
+# (torch.save on a full disk, torch 2.13: "[enforce fail at inline_container.cc:672] . unexpected
+# pos 576 vs 534", from "basic_ios::clear: iostream error"); other causes are possible, so the
+# reason says "no space left?" for these.
+_NO_SPACE_TEXTS = ("file write failed", "unexpected pos", "iostream error")
+
 
 def one_line(exc: BaseException) -> str:
     """Exception type and the first line of its message. DCP's CheckpointException (a
-    BaseException) wraps one exception per failing rank: name the ranks and the first cause."""
+    BaseException) wraps one exception per failing rank: name the ranks and the first cause.
+    A full disk (ENOSPC) names the path and the space left on its filesystem."""
     failures = getattr(exc, "failures", None)
     if type(exc).__name__ == "CheckpointException" and failures:
         rank = min(failures)
         return f"CheckpointException on rank(s) {sorted(failures)}: {one_line(failures[rank][0])}"
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:400]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    if kind := no_space(exc):
+        path = getattr(exc, "filename", None) or os.getcwd()
+        # The whole reason stays short: the disk part is kept, the message is cut.
+        return f"{text[:240]} ({kind}: {free_space(path)} free on the filesystem of {path})"
+    return text[:400]
+
+
+def no_space(exc: BaseException) -> str:
+    """'disk full' when ``exc`` (or an exception it was raised from) is ENOSPC or EDQUOT, 'no
+    space left?' when it is a torch write error that a full disk gives, else ''."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "disk full"
+        if isinstance(exc, RuntimeError) and any(t in str(exc) for t in _NO_SPACE_TEXTS):
+            return "no space left?"
+        exc = exc.__cause__ or exc.__context__
+    return ""
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """The free space of the filesystem holding ``path`` (its nearest existing folder)."""
+    folder = os.path.abspath(path)
+    while folder and not os.path.exists(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    try:
+        return human_bytes(shutil.disk_usage(folder).free)
+    except OSError:
+        return "unknown space"
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 class Incompatible(Exception):

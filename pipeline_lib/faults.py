@@ -29,9 +29,13 @@ class Fault:
 
 
 def _metadata(checkpoint: Path):
-    # We wrote this .metadata (a pickle) in this same run; see README "Untrusted checkpoints".
-    with open(checkpoint / ".metadata", "rb") as f:
-        return pickle.load(f)
+    # Through the restricted unpickler, as every read of .metadata (README "Untrusted
+    # checkpoints").
+    from pipeline_lib.untrusted import load_metadata
+
+    path = checkpoint / ".metadata"
+    with open(path, "rb") as f:
+        return load_metadata(f, str(path))
 
 
 def _write_metadata(checkpoint: Path, metadata) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from pipeline_lib import faults, frameworks
+from pipeline_lib import faults, frameworks, names
 from pipeline_lib.axes import DEFAULT, Variant, conflict, layout_conflict, variants
 from pipeline_lib.config import config_hash
 
@@ -109,7 +109,11 @@ def version_roots(config: dict) -> dict[str, str | None]:
 
 def variant_dir(variant: Variant) -> str:
     """A variant's folder below its version root ('' for the default variant)."""
-    return f"/axes/{variant.id}" if variant.id else ""
+    if not variant.id:
+        return ""
+    if error := names.variant_id_error(variant.id):
+        raise ValueError(error)
+    return f"/axes/{variant.id}"
 
 
 def job_root(version: str | None, variant: Variant = DEFAULT) -> str:
@@ -258,6 +262,8 @@ def load_spec(
                 "checkpoint": checkpoint_dir(model, src, job_root(version, variant)),
                 "full_state": full_state_file(model, src, job_root(version, variant)),
                 "save_record": save_record(model, src, job_root(version, variant)),
+                # Where the save job of this config writes it, not what a record on disk says.
+                "reference": reference_dir(model, src, job_root(version, variant)),
             }
             for src, version in sources
         ],
@@ -395,6 +401,7 @@ def _fault_load_item(config: dict, cell: FaultCell) -> dict:
     source.update(
         checkpoint=checkpoint_dir(cell.save_model, cell.save, cell.root),
         save_record=save_record(cell.save_model, cell.save, cell.root),
+        reference=reference_dir(cell.save_model, cell.save, cell.root),
     )
     if fault.stage == "load":
         source["fault"] = cell.fault

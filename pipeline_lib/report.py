@@ -46,6 +46,16 @@ STATUS_VERBS = {
 SIDE_VERBS = {"save": "saved", "load": "loaded"}
 
 
+def _verb(status: str) -> str:
+    """A status as a verb; one this report does not know (a newer record) as is."""
+    return STATUS_VERBS.get(status, f"has status {status}")
+
+
+def _status_rank(status: str) -> int:
+    """Known statuses in their order, any other after them (before skip would hide it)."""
+    return STATUSES.index(status) if status in STATUSES else len(STATUSES)
+
+
 @dataclass(frozen=True)
 class Order:
     """Models and layouts in config order (then any the results name that the config does not)."""
@@ -175,8 +185,10 @@ def layout_titles(matrix: pd.DataFrame) -> dict[str, str]:
 
 
 def status_counts(matrix: pd.DataFrame) -> list[tuple[str, int]]:
+    """(status, cells) in STATUSES order, then the statuses this report does not know."""
     counts = matrix.status.value_counts()
-    return [(s, int(counts[s])) for s in STATUSES if s in counts]
+    unknown = sorted(s for s in counts.index if s not in STATUSES)
+    return [(s, int(counts[s])) for s in [*STATUSES, *unknown] if s in counts]
 
 
 def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[str]:
@@ -190,7 +202,7 @@ def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[
     if len(statuses) == 1:
         (status,) = statuses
         more = f"; {skipped} more skipped" if skipped else ""
-        found.append(f"Every cell {STATUS_VERBS[status]} ({_count(len(ran))}{more})")
+        found.append(f"Every cell {_verb(status)} ({_count(len(ran))}{more})")
     else:
         covered: set = set()
         # Axes with several values: a status shared by one value (everywhere, or under one
@@ -214,9 +226,12 @@ def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[
                     continue
                 covered |= set(group.index)
                 found.append(
-                    f"Every cell {what.format(*key)} {STATUS_VERBS[group.status.iloc[0]]}"
+                    f"Every cell {what.format(*key)} {_verb(group.status.iloc[0])}"
                     f" ({_count(len(group))})"
                 )
+    unknown = matrix[~matrix.status.isin(STATUSES)].status.value_counts()
+    for status, n in sorted(unknown.items()):
+        found.append(f"{_count(n)} with status {status}, which this report does not know")
     failed = matrix[matrix.status == "fail"]
     for check in CHECKS:
         pattern = rf"(?:^|; ){re.escape(check)}:"
@@ -475,8 +490,12 @@ def breakable(name: str) -> Markup:
 
 
 def markdown_cell(value: Any) -> str:
-    """A table cell for summary.md: HTML-escaped (Markdown renders raw HTML), one line, no |."""
-    return str(escape(str(value))).replace("|", "\\|").replace("\n", " ")
+    """A table cell for summary.md: HTML-escaped (Markdown renders raw HTML), one line, no |,
+    no link or image (backslash and brackets escaped: ``[x](javascript:...)`` stays text)."""
+    text = str(escape(str(value))).replace("\\", "\\\\")
+    for char in "[]|":
+        text = text.replace(char, "\\" + char)
+    return text.replace("\n", " ")
 
 
 def context(
@@ -494,7 +513,7 @@ def context(
         "layout_titles": layout_titles(matrix),
         # Problems first: the non-pass list in status order (skips last), then grid order.
         "non_pass": matrix[matrix.status != "pass"]
-        .sort_values("status", key=lambda s: s.map(STATUSES.index), kind="stable")
+        .sort_values("status", key=lambda s: s.map(_status_rank), kind="stable")
         .pipe(row_dicts),
         "charts": cost_charts(matrix, order),
         "environment": environment(matrix, snakemake_version),
@@ -522,13 +541,22 @@ def write_report(
     html_path: str,
     markdown_path: str,
     snakemake_version: str | None = None,
+    baseline: str | None = None,
+    command: str | None = None,
 ) -> None:
+    from pipeline_lib.aggregate import results_token
+
+    results_token(matrix_path, tensors_path)  # both files from one aggregate run
     matrix = pd.read_parquet(matrix_path)
     # The report reads only the differing entries (findings), a few of a million rows.
     tensors = pd.read_parquet(
         tensors_path, columns=[*CELL_KEYS, "kind", "equal"], filters=[("equal", "==", False)]
     )
     ctx = context(matrix, tensors, config, snakemake_version)
+    # Issue 18: the comparison with a baseline, findings with evidence, how to reproduce.
+    from pipeline_lib.baseline import report_context
+
+    ctx.update(report_context(matrix, config, baseline, command))
     env = _templates()
     for path, template in ((html_path, "report.html"), (markdown_path, "summary.md")):
         text = env.get_template(template).render(ctx)
@@ -547,11 +575,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snakemake-version", help="the Snakemake running the workflow")
     parser.add_argument("--html", required=True, help="report.html to write")
     parser.add_argument("--markdown", required=True, help="summary.md to write")
+    parser.add_argument("--baseline", help="expectations file or matrix.parquet to compare with")
+    parser.add_argument("--command", help="the command that made the results (shown)")
     args = parser.parse_args(argv)
     config = load(args.configfile) if args.configfile else validate(json.loads(args.config_json))
     write_report(
-        args.matrix, args.tensors, config, args.html, args.markdown, args.snakemake_version
-    )
+        args.matrix, args.tensors, config, args.html, args.markdown, args.snakemake_version,
+        baseline=args.baseline or config.get("baseline"), command=args.command,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline_lib.atomic import read_json, write_with
+from pipeline_lib.atomic import read_json, write_text, write_with
 
 COLUMNS = ["fault", "model", "save_layout", "load_layout", "expected", "status", "caught", "reason"]
 
@@ -61,7 +61,7 @@ def check(table_path: str, ok_path: str) -> int:
     frame = pd.read_parquet(table_path)
     missed = frame[~frame.caught]
     if missed.empty:
-        Path(ok_path).write_text(f"all {len(frame)} faults caught\n")
+        write_text(ok_path, f"all {len(frame)} faults caught\n")
         return 0
     banner = "!" * 78
     print(banner, file=sys.stderr)

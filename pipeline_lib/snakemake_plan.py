@@ -19,7 +19,7 @@ SAVE_STEPS = 6
 
 
 class Plan:
-    def __init__(self, config: dict, basedir: str):
+    def __init__(self, config: dict, basedir: str, announce: bool = False):
         # Refuse a bad config before any job starts; fill in the defaults for the rules.
         validated = validate(config, source="config")
         config.clear()
@@ -27,6 +27,13 @@ class Plan:
         self.config = validated
         self.basedir = basedir
         self.layouts = grid.layouts(validated)
+        if announce:  # the main Snakemake process (a dry run too), not every cluster job
+            print(self.disk_line(), file=sys.stderr)
+
+    def disk_line(self) -> str:
+        from pipeline_lib.disk import grid_bytes
+
+        return f"dcp-matrix: the grid writes {grid_bytes(self.config)}"
 
     def wildcard_pattern(self, key: str) -> str:
         return "|".join(re.escape(name) for name in self.config[key])

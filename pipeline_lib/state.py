@@ -306,7 +306,9 @@ def checkpoint_entries(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.HuggingFaceStorageReader(path) if safetensors else dcp.FileSystemReader(path)
+    from pipeline_lib.untrusted import SafeFileSystemReader
+
+    reader = dcp.HuggingFaceStorageReader(path) if safetensors else SafeFileSystemReader(path)
     metadata = reader.read_metadata()
 
     def empty(meta):

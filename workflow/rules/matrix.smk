@@ -25,7 +25,7 @@ rule save_checkpoints:
         python=plan.python,
         grid=plan.grid_json,
     shell:
-        "{params.python} -m pipeline_lib save --grid {params.grid:q}"
+        "{params.python:q} -m pipeline_lib save --grid {params.grid:q}"
         " --root {wildcards.vroot} --layout {wildcards.layout} > {log} 2>&1"
 
 
@@ -53,7 +53,7 @@ rule load_checkpoints:
         python=plan.python,
         grid=plan.grid_json,
     shell:
-        "{params.python} -m pipeline_lib load --grid {params.grid:q}"
+        "{params.python:q} -m pipeline_lib load --grid {params.grid:q}"
         " --root {wildcards.vroot} --layout {wildcards.layout} > {log} 2>&1"
 
 
@@ -69,8 +69,8 @@ rule torch_env:
         requirement=plan.torch_requirement,
         prefix=plan.torch_env_prefix,
     shell:
-        "{params.python} -m pipeline_lib make-env --requirement {params.requirement:q}"
-        " --prefix {params.prefix} > {log} 2>&1"
+        "{params.python:q} -m pipeline_lib make-env --requirement {params.requirement:q}"
+        " --prefix {params.prefix:q} > {log} 2>&1"
 
 
 rule aggregate:
@@ -88,7 +88,7 @@ rule aggregate:
         python=PYTHON,
         git_commit=plan.git_commit,
     shell:
-        "{params.python} -m pipeline_lib aggregate --matrix {output.matrix} --tensors {output.tensors}"
+        "{params.python:q} -m pipeline_lib aggregate --matrix {output.matrix} --tensors {output.tensors}"
         " --git-commit {params.git_commit} {input} > {log} 2>&1"
 
 
@@ -115,7 +115,7 @@ rule save_fault_checkpoint:
         python=PYTHON,
         spec=plan.fault_save_spec,
     shell:
-        "{params.python} -m pipeline_lib save --spec {params.spec:q} > {log} 2>&1"
+        "{params.python:q} -m pipeline_lib save --spec {params.spec:q} > {log} 2>&1"
 
 
 rule load_fault_checkpoint:
@@ -142,7 +142,7 @@ rule load_fault_checkpoint:
         python=PYTHON,
         spec=plan.fault_load_spec,
     shell:
-        "{params.python} -m pipeline_lib load --spec {params.spec:q} > {log} 2>&1"
+        "{params.python:q} -m pipeline_lib load --spec {params.spec:q} > {log} 2>&1"
 
 
 rule selftest_table:
@@ -159,7 +159,7 @@ rule selftest_table:
     params:
         python=PYTHON,
     shell:
-        "{params.python} -m pipeline_lib selftest --table {output.table}"
+        "{params.python:q} -m pipeline_lib selftest --table {output.table}"
         " --markdown {output.markdown} {input} > {log} 2>&1"
 
 
@@ -176,4 +176,4 @@ rule selftest_check:
     params:
         python=PYTHON,
     shell:
-        "{params.python} -m pipeline_lib selftest --check {input} --ok {output} 2>&1 | tee {log}"
+        "{params.python:q} -m pipeline_lib selftest --check {input} --ok {output} 2>&1 | tee {log}"

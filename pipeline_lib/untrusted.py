@@ -1,0 +1,118 @@
+"""Read DCP's ``.metadata`` without running what a pickle asks for.
+
+``FileSystemReader.read_metadata`` is ``pickle.load``: a ``.metadata`` file can name any
+callable (``os.system``) and pickle calls it. ``load_metadata`` unpickles with ``find_class``
+admitting only what DCP's ``Metadata`` is made of on torch 2.13 (read off real checkpoints with
+``pickletools``): the dataclasses of ``torch.distributed.checkpoint.metadata``, the
+``_StorageInfo`` of ``filesystem``, ``torch.Size``, the dtype, layout and memory-format
+objects of ``torch`` (and torch's ``_get_layout``, by which a layout is pickled), and
+``pathlib`` paths (``StorageMeta.checkpoint_id``). Anything else is refused with
+``UntrustedPickle`` naming it, before it is called. Imports torch.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, BinaryIO
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
+
+from pipeline_lib.state import SafeLoadPlanner
+
+_METADATA = "torch.distributed.checkpoint.metadata"
+ALLOWED = {
+    _METADATA: {
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+# torch.<name> that are values, not callables that act: torch.float32, torch.strided, ...
+_TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class UntrustedPickle(pickle.UnpicklingError):
+    """A ``.metadata`` pickle names something DCP's metadata is not made of."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), _TORCH_VALUES):
+            return getattr(torch, name)
+        raise UntrustedPickle(
+            f"refused to unpickle {module}.{name}: DCP's metadata is not made of it (a foreign "
+            "or tampered .metadata; see README 'Untrusted checkpoints')"
+        )
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UntrustedPickle("refused a persistent id: DCP's metadata has none")
+
+
+def load_metadata(stream: BinaryIO, where: str = ".metadata"):
+    """Unpickle DCP metadata from ``stream``, admitting only ALLOWED; UntrustedPickle (naming
+    ``where``) otherwise."""
+    try:
+        return _MetadataUnpickler(stream).load()
+    except UntrustedPickle as exc:
+        raise UntrustedPickle(f"{where}: {exc}") from None
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's FileSystemReader, reading ``.metadata`` with load_metadata (torch 2.13's
+    read_metadata otherwise: the same path, a StorageMeta carrying this reader's load id)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = load_metadata(stream, str(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeEmptyStateDictLoadPlanner(SafeLoadPlanner, _EmptyStateDictLoadPlanner):
+    """format_utils' planner for reading a whole checkpoint into an empty dict, with
+    SafeLoadPlanner's check of non-tensor entries (weights_only=True first)."""
+
+
+def dcp_to_torch_save(checkpoint_dir: str, torch_save_path: str) -> None:
+    """``format_utils.dcp_to_torch_save`` with the checkpoint read through SafeFileSystemReader
+    and SafeEmptyStateDictLoadPlanner (torch's own takes FileSystemReader's pickle.load and
+    unpickles non-tensor entries with weights_only=False). The same calls as torch's, whose
+    ``_load_state_dict`` fills the dict it is given (``dcp.load`` would fill a copy)."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(
+        state,
+        storage_reader=SafeFileSystemReader(checkpoint_dir),
+        planner=SafeEmptyStateDictLoadPlanner(),
+        no_dist=True,
+    )
+    torch.save(state, torch_save_path)
+
+
+def torch_save_to_dcp(torch_save_path: str, checkpoint_dir: str) -> None:
+    """``format_utils.torch_save_to_dcp`` with the file read by ``torch.load(weights_only=True)``
+    (torch's own uses weights_only=False); then torch's own calls."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.state_dict_saver import _save_state_dict
+
+    state = torch.load(torch_save_path, weights_only=True)
+    _save_state_dict(state, storage_writer=FileSystemWriter(checkpoint_dir), no_dist=True)
