@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 # Written into an environment's folder before anything else: make_env deletes a folder only if
 # it carries this file (it made the folder), whatever torch_env_dir and the version name say.
 MARKER = ".dcp-matrix-env"
-# What a save or load job imports besides torch (pandas: the CLI's gate commands; numpy: torch wheels other than the local CPU
-# build do not pull it in).
+# What a save or load job imports besides torch (pandas: the CLI's gate commands; numpy:
+# torch wheels other than the local CPU build do not pull it in).
 JOB_PACKAGES = ("numpy", "pandas", "pyarrow", "jsonschema", "PyYAML", "psutil", "safetensors")
 
 
