@@ -49,5 +49,5 @@ rule gate:
     params:
         python=PYTHON,
     shell:
-        "{params.python} -m pipeline_lib gate --matrix {input.matrix} --baseline {input.baseline}"
+        "{params.python} -m pipeline_lib gate --matrix {input.matrix} --baseline {input.baseline:q}"
         " --comparison {output.comparison} --ok {output.ok} 2>&1 | tee {log}"
