@@ -118,7 +118,9 @@ def bench_matrix(config_path: Path, repeats: int, work: Path) -> None:
 
 
 # Phases of a save item and of a load cell (records' timing), start-up excluded.
-SAVE_PHASES = ("build_s", "train_s", "reference_s", "save_s", "resume_s", "files_check_s")
+SAVE_PHASES = (
+    "build_s", "train_s", "reference_s", "state_check_s", "save_s", "resume_s", "files_check_s",
+)  # fmt: skip
 LOAD_PHASES = ("load_build_seconds", "load_seconds", "verify_seconds", "resume_seconds")
 
 
@@ -169,6 +171,7 @@ def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
         t = save["timing"]
         pipeline_s = (
             t["reference_s"]
+            + t["state_check_s"]
             + t["save_s"]
             + t["files_check_s"]
             + row["load_seconds"]
@@ -182,6 +185,7 @@ def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
         print(
             f"   run {attempt + 1}: state {state_bytes / 2**30:.2f} GiB; "
             f"pipeline {pipeline_s:.2f} s (reference {t['reference_s']:.2f}, "
+            f"state check {t['state_check_s']:.2f}, "
             f"save {t['save_s']:.2f}, files check {t['files_check_s']:.2f}, "
             f"load {row['load_seconds']:.2f}, verify {row['verify_seconds']:.2f}); "
             f"bare save {bare['save_s']:.2f} + load {bare['load_s']:.2f} s; peak RSS per rank "

@@ -37,10 +37,11 @@ def saved(variant: Variant, state: dict) -> dict:
     return state
 
 
-def dropped_entry(model_state: dict) -> str:
-    """The model entry a strict / non_strict saver leaves out on purpose (the same on every
-    rank and layout: the first in name order)."""
-    return min(model_state)
+def saved_entries(variant: Variant, flat: dict) -> dict:
+    """The entries of a flattened state that the variant's format holds (as ``saved``)."""
+    if variant.format.startswith("safetensors"):
+        return {n: v for n, v in flat.items() if n.startswith(("model.", "optim.state."))}
+    return flat
 
 
 def _hf_writer(path: str, consolidate: bool):

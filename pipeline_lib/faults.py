@@ -6,7 +6,10 @@ Each fault names the status the verifier must give. Stages:
 - ``save`` / ``load``: the worker breaks itself at that phase (pipeline_lib.worker.Job.inject and
   load_one): the last rank is SIGKILLed or hangs, rank 0 dies by SIGSEGV, the load is skipped, an
   entry is dropped from the loader's state, the resume runs with twice the learning rate;
-- ``source``: the load job reads a checkpoint written by a different model.
+- ``source``: the load job reads a checkpoint written by a different model;
+- ``state``: the state dict ``get_state_dict`` returns is corrupted the same way on the save and
+  the load side (``corrupt``), as a state-dict API that returns wrong values would: only a check
+  independent of that API (the saver's state dict vs its live objects) can see it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Fault:
     name: str
-    stage: str  # checkpoint, save, load or source
+    stage: str  # checkpoint, save, load, source or state
     expect: str  # the status a correct verifier gives
     apply: Callable[[Path], str] | None = None  # checkpoint faults only
+    # state faults only: corrupt(model_state, optim_state, at_build) changes the state dicts in
+    # place; at_build: the model state dict as it was right after the build
+    corrupt: Callable[[dict, dict, dict], None] | None = None
 
 
 def _metadata(checkpoint: Path):
@@ -130,6 +136,33 @@ def change_dtype(checkpoint: Path) -> str:
     return f"changed the dtype of {fqn} from {old} to {properties.dtype} in .metadata"
 
 
+def alias_optim_state(model_state: dict, optim_state: dict, at_build: dict) -> None:
+    """The first parameter's ``exp_avg`` returned as its ``exp_avg_sq`` (one tensor under two
+    names, as FSDP1's full optimizer state dict on a CPU device does, torch 2.14.1)."""
+    state = optim_state["state"]
+    fqn = min(name for name, entry in state.items() if {"exp_avg", "exp_avg_sq"} <= set(entry))
+    state[fqn]["exp_avg"] = state[fqn]["exp_avg_sq"]
+
+
+def swap_entries(model_state: dict, optim_state: dict, at_build: dict) -> None:
+    """The first two model entries of one shape and dtype returned under each other's names."""
+    names = sorted(model_state)
+    a, b = next(
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if (model_state[a].shape, model_state[a].dtype)
+        == (model_state[b].shape, model_state[b].dtype)
+    )
+    model_state[a], model_state[b] = model_state[b], model_state[a]
+
+
+def stale_param(model_state: dict, optim_state: dict, at_build: dict) -> None:
+    """The first model entry returned with its value from before training (a stale copy)."""
+    name = min(model_state)
+    model_state[name] = at_build[name]
+
+
 FAULTS: dict[str, Fault] = {
     f.name: f
     for f in [
@@ -141,6 +174,9 @@ FAULTS: dict[str, Fault] = {
         Fault("change_shape", "checkpoint", "fail", change_shape),
         Fault("change_dtype", "checkpoint", "fail", change_dtype),
         Fault("foreign_checkpoint", "source", "error"),
+        Fault("alias_optim_state", "state", "fail", corrupt=alias_optim_state),
+        Fault("swap_entries", "state", "fail", corrupt=swap_entries),
+        Fault("stale_param", "state", "fail", corrupt=stale_param),
         Fault("skip_load", "load", "fail"),
         Fault("drop_loaded_entry", "load", "fail"),
         Fault("skew_resume_lr", "load", "fail"),

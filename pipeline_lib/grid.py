@@ -382,7 +382,7 @@ def fault_cell(config: dict, fault_id: str) -> FaultCell:
 def fault_save_spec(config: dict, cell: FaultCell) -> dict:
     """The save job of a fault cell (one item)."""
     spec = save_spec(config, cell.save_model, cell.save, cell.root)
-    if faults.FAULTS[cell.fault].stage in ("checkpoint", "save"):
+    if faults.FAULTS[cell.fault].stage in ("checkpoint", "save", "state"):
         spec["fault"] = cell.fault
     return job_spec(config, "save", cell.save, f"{cell.root}/work/save", [spec])
 
@@ -403,7 +403,7 @@ def _fault_load_item(config: dict, cell: FaultCell) -> dict:
         save_record=save_record(cell.save_model, cell.save, cell.root),
         reference=reference_dir(cell.save_model, cell.save, cell.root),
     )
-    if fault.stage == "load":
+    if fault.stage in ("load", "state"):
         source["fault"] = cell.fault
     spec["fault"] = {"name": cell.fault, "expect": fault.expect, "id": cell.id}
     spec["record"] = cell.load_record

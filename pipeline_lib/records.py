@@ -41,6 +41,7 @@ MATRIX_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("entries_checked", pa.int64()),
         ("entries_mismatched", pa.int64()),
+        ("state_entries_mismatched", pa.int64()),
         ("files_entries_mismatched", pa.int64()),
         ("load_entries_mismatched", pa.int64()),
         ("max_abs_diff", pa.float64()),
@@ -84,6 +85,7 @@ TENSORS_SCHEMA = pa.schema(
         ("dtype", pa.string()),
         ("shape", pa.list_(pa.int64())),
         ("equal", pa.bool_()),
+        ("state_equal", pa.bool_()),
         ("file_equal", pa.bool_()),
         ("load_equal", pa.bool_()),
         ("max_abs_diff", pa.float64()),
@@ -130,7 +132,10 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
             return "skip", f"{side} layout: {result['reason']}"
     if save["status"] in JOB_FAILURES:
         return save["status"], f"save: {save['reason']}"
-    reasons = [save.get("files_error") or summarize("files vs saver", save["files_check"])[1]]
+    reasons = [
+        summarize("state dict vs live", save.get("state_check", {}))[1],
+        save.get("files_error") or summarize("files vs saver", save["files_check"])[1],
+    ]
     if save.get("frozen_saved"):
         reasons.append(
             f"ignore_frozen_params: the saver's state holds {len(save['frozen_saved'])} frozen "
@@ -202,10 +207,9 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
     verify = spec["verify"]
     rtol = verify["resume_rtol_bfloat16" if variant["param_dtype"] == "bfloat16" else "resume_rtol"]
     status, reason = verdict(save, load, rtol, variant["mode"])
-    files, loaded = save.get("files_check", {}), load.get("entries", {})
-    mismatched = {n for n, e in files.items() if not e["equal"]} | {
-        n for n, e in loaded.items() if not e["equal"]
-    }
+    checked = save.get("state_check", {}), save.get("files_check", {}), load.get("entries", {})
+    stated, files, loaded = checked
+    mismatched = {n for check in checked for n, e in check.items() if not e["equal"]}
     st, lt = save.get("timing", {}), load.get("timing", {})
     env = load.get("env") or save.get("env") or {}
     save_layout, load_layout = save["layout"], load["layout"]
@@ -222,11 +226,12 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
         **{axis: variant[axis] for axis in AXIS_COLUMNS},
         "status": status,
         "reason": reason,
-        "entries_checked": len(set(files) | set(loaded)),
+        "entries_checked": len(set().union(*checked)),
         "entries_mismatched": len(mismatched),
+        "state_entries_mismatched": sum(not e["equal"] for e in stated.values()),
         "files_entries_mismatched": sum(not e["equal"] for e in files.values()),
         "load_entries_mismatched": sum(not e["equal"] for e in loaded.values()),
-        "max_abs_diff": _max(e.get("max_abs_diff") for e in [*files.values(), *loaded.values()]),
+        "max_abs_diff": _max(e.get("max_abs_diff") for check in checked for e in check.values()),
         # The resumed losses of a run that lost an entry on purpose differ by design.
         "resume_max_rel_diff": None
         if variant["mode"] in ("strict", "non_strict")
@@ -257,30 +262,31 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
     }
 
 
-def _both_equal(files: dict | None, loaded: dict | None) -> bool | None:
-    """False if a check found this entry different, True if both checks ran and found it
+def _all_equal(*checks: dict | None) -> bool | None:
+    """False if a check found this entry different, True if every check ran and found it
     equal, None (unknown) otherwise."""
-    ran = [c["equal"] for c in (files, loaded) if c is not None]
+    ran = [c["equal"] for c in checks if c is not None]
     if False in ran:
         return False
-    return True if len(ran) == 2 else None
+    return True if len(ran) == len(checks) else None
 
 
 def tensor_rows(model: str, save: dict, load: dict, variant: dict) -> list[dict[str, Any]]:
-    """tensors.parquet rows of one cell: one per state entry seen by either check."""
-    files, loaded, meta = (
+    """tensors.parquet rows of one cell: one per state entry seen by any check."""
+    stated, files, loaded, meta = (
+        save.get("state_check", {}),
         save.get("files_check", {}),
         load.get("entries", {}),
         save.get("entries", {}),
     )
     rows = []
-    for name in sorted(set(files) | set(loaded) | set(meta)):
-        f, ld, m = files.get(name), loaded.get(name), meta.get(name, {})
-        notes = []
-        if f and f.get("note"):
-            notes.append(f"files: {f['note']}")
-        if ld and ld.get("note"):
-            notes.append(f"load: {ld['note']}")
+    for name in sorted(set(stated) | set(files) | set(loaded) | set(meta)):
+        s, f, ld, m = stated.get(name), files.get(name), loaded.get(name), meta.get(name, {})
+        notes = [
+            f"{check}: {c['note']}"
+            for check, c in (("state", s), ("files", f), ("load", ld))
+            if c and c.get("note")
+        ]
         rows.append(
             {
                 "model": model,
@@ -293,12 +299,11 @@ def tensor_rows(model: str, save: dict, load: dict, variant: dict) -> list[dict[
                 "kind": m.get("kind"),
                 "dtype": m.get("dtype"),
                 "shape": m.get("shape"),
-                "equal": _both_equal(f, ld),
+                "equal": _all_equal(s, f, ld),
+                "state_equal": s["equal"] if s else None,
                 "file_equal": f["equal"] if f else None,
                 "load_equal": ld["equal"] if ld else None,
-                "max_abs_diff": _max(
-                    [(f or {}).get("max_abs_diff"), (ld or {}).get("max_abs_diff")]
-                ),
+                "max_abs_diff": _max([(c or {}).get("max_abs_diff") for c in (s, f, ld)]),
                 "note": "; ".join(notes),
             }
         )

@@ -34,7 +34,7 @@ from pipeline_lib.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The check names records.verdict puts at the start of each part of a `fail` reason.
-CHECKS = ("files vs saver", "loader vs saver", "resume")
+CHECKS = ("state dict vs live", "files vs saver", "loader vs saver", "resume")
 # Skipped cells are left out of the shared-status findings: they are counted by reason.
 STATUS_VERBS = {
     "pass": "passes",

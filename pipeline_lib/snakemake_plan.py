@@ -13,9 +13,9 @@ import sys
 from pipeline_lib import grid
 from pipeline_lib.config import validate
 
-# Progress marks of a save item (build, train, reference, save, resume, files check:
-# pipeline_lib.worker).
-SAVE_STEPS = 6
+# Progress marks of a save item (build, train, reference, state dict, save, resume, files
+# check: pipeline_lib.worker).
+SAVE_STEPS = 7
 
 
 class Plan:

@@ -1,11 +1,12 @@
-"""State entries: flatten a state dict the way DCP names its entries, gather one entry at a time,
-and compare entries bit for bit. Imports torch."""
+"""State entries: flatten a state dict the way DCP names its entries, write and read the saver's
+reference (every rank its own parts, no gather), compare entries bit for bit, find entries that
+share storage. Imports torch."""
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,28 +36,86 @@ def _holds_structure(values: list) -> bool:
     return any(isinstance(v, (Mapping, list, torch.Tensor)) for v in values)
 
 
-def local_piece(value: Any) -> tuple[list[int], torch.Tensor] | None:
-    """(global offsets, data) of this rank's part of a tensor entry, on CPU; None for a
-    non-tensor. A DTensor's offsets are the ones DCP itself writes (its chunk list)."""
+@dataclass(frozen=True)
+class FlatPiece:
+    """This rank's part of a tensor entry held as a run of the entry's elements in row-major
+    order (FSDP1's flat shards): elements ``start`` .. ``start + data.numel()`` of a tensor of
+    ``shape`` (pipeline_lib.live)."""
+
+    start: int
+    data: torch.Tensor  # 1-D
+    shape: torch.Size  # the whole entry's
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part of a tensor entry: a box at global ``offsets`` of ``data``'s shape, or (``flat``)
+    a run of the entry's elements in row-major order starting at ``offsets[0]``."""
+
+    offsets: tuple[int, ...]
+    data: torch.Tensor
+    flat: bool = False
+
+    @property
+    def key(self) -> tuple:
+        """Where the part lies: equal keys, equal positions (replicas of one part)."""
+        return self.offsets, tuple(self.data.shape), self.flat
+
+    def run(self, shape) -> tuple[int, int] | None:
+        """(first, end) element of the part in the entry's row-major order when the part is one
+        run of elements (a flat part; a box whose dims after its first partial one are whole),
+        else None."""
+        if self.flat:
+            return self.offsets[0], self.offsets[0] + self.data.numel()
+        sizes, strides = list(self.data.shape), _strides(shape)
+        start = sum(o * s for o, s in zip(self.offsets, strides, strict=True))
+        if self.data.numel() == 0:
+            return start, start
+        for k in range(max(len(sizes), 1)):
+            if all(n == 1 for n in sizes[:k]) and sizes[k + 1 :] == list(shape)[k + 1 :]:
+                return start, start + self.data.numel()
+        return None
+
+    def indices(self, shape) -> torch.Tensor:
+        """The row-major element index in the entry of each element of the part (int64, in the
+        part's own row-major order)."""
+        if self.flat:
+            return torch.arange(self.offsets[0], self.offsets[0] + self.data.numel())
+        index = torch.zeros((), dtype=torch.int64)
+        for dim, (o, n, s) in enumerate(
+            zip(self.offsets, self.data.shape, _strides(shape), strict=True)
+        ):
+            view = [1] * self.data.dim()
+            view[dim] = n
+            index = index + (torch.arange(o, o + n) * s).reshape(view)
+        return index.reshape(-1)
+
+
+def _strides(shape) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(list(shape)):
+        strides.append(step)
+        step *= size
+    return strides[::-1]
+
+
+def local_piece(value: Any) -> Part | None:
+    """This rank's part of a tensor entry, on CPU; None for a non-tensor. A DTensor's offsets
+    are the ones DCP itself writes (its chunk list)."""
+    if isinstance(value, FlatPiece):
+        return Part((value.start,), value.data.detach().cpu(), flat=True)
     if isinstance(value, DTensor):
         (chunk,) = value.__create_chunk_list__()
-        return list(chunk.offsets), value.to_local().detach().cpu()
+        return Part(tuple(chunk.offsets), value.to_local().detach().cpu())
     if isinstance(value, torch.Tensor):
         if type(value) is not torch.Tensor:
             raise TypeError(f"unsupported sharded tensor type {type(value).__name__}")
-        return [0] * value.dim(), value.detach().cpu()
+        return Part((0,) * value.dim(), value.detach().cpu())
     return None
-
-
-def _writes_piece(value: Any, rank: int) -> bool:
-    """Whether this rank's part of an entry goes into the reference: one copy of each part (the
-    first replica along every replicated mesh dim; rank 0 for plain values)."""
-    if not isinstance(value, DTensor):
-        return rank == 0
-    coordinate = value.device_mesh.get_coordinate()
-    return all(
-        c == 0 for c, p in zip(coordinate, value.placements, strict=True) if p.is_replicate()
-    )
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -67,40 +126,61 @@ def _own_storage(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().clone()
 
 
+def _owned(parts: dict[str, Part], rank: int) -> set[str]:
+    """The entries whose part this rank writes: one copy of every part, by the lowest rank
+    holding it (replicas of DDP, HSDP, TP and FSDP2+TP, 0-dim state on every FSDP1 rank). One
+    all_gather of the parts' positions when a process group is up."""
+    import torch.distributed as dist
+
+    mine = {(name, part.key) for name, part in parts.items()}
+    if not dist.is_initialized():
+        return set(parts)
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, mine)
+    lower = set().union(*every_rank[:rank])
+    return {name for name, key in mine if (name, key) not in lower}
+
+
+def _meta(value: Any) -> dict:
+    if isinstance(value, (torch.Tensor, FlatPiece)):
+        return {"dtype": value.dtype, "shape": list(value.shape)}
+    return {"value": value}
+
+
 class Reference:
-    """The saver's state, written by every rank in parallel with no gather: each rank's file
-    holds its own part of each entry (one copy of replicas) with its global offsets, and rank
-    0's the dtype, shape or value of every entry. Read back memory-mapped; an entry's parts
-    are compared where they overlap the part a reader holds (``compare``)."""
+    """The saver's state, written by every rank in parallel: each rank's file holds its own
+    part of each entry (one copy of replicas: the lowest rank holding a part writes it) with
+    its global position, and the dtype, shape or value of every entry it holds. Read back
+    memory-mapped; an entry's parts are compared where they overlap the part a reader holds
+    (``compare``), whether boxes (DTensor shards, whole tensors) or runs of elements (FSDP1's
+    flat shards)."""
 
     def __init__(self, directory: str):
         self.meta: dict[str, dict] = {}
-        self.pieces: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+        self.pieces: dict[str, list[Part]] = {}
         for path in sorted(Path(directory).glob("rank-*.pt")):
             part = torch.load(path, mmap=True, weights_only=True)
             self.meta.update(part["meta"])
-            for name, (offsets, data) in part["pieces"].items():
+            for name, (offsets, data, flat) in part["pieces"].items():
                 pieces = self.pieces.setdefault(name, [])
-                # A replica the mesh of its DTensor does not see (a TP rank's copy of an FSDP
-                # shard) comes from more than one rank: keep one.
-                if all((o, d.shape) != (offsets, data.shape) for o, d in pieces):
-                    pieces.append((offsets, data))
+                piece = Part(tuple(offsets), data, flat)
+                if all(p.key != piece.key for p in pieces):
+                    pieces.append(piece)
         if not self.meta:
             raise FileNotFoundError(f"no saver's reference in {directory}")
 
     @staticmethod
     def write(directory: str, flat: dict[str, Any], rank: int) -> None:
-        """This rank's file of the reference of ``flat`` (a flattened state); no collective."""
-        pieces, meta = {}, {}
-        for name, value in flat.items():
-            piece = local_piece(value)
-            if rank == 0 and piece is None:
-                meta[name] = {"value": value}
-            elif rank == 0:
-                meta[name] = {"dtype": value.dtype, "shape": list(value.shape)}
-            if piece is not None and _writes_piece(value, rank):
-                offsets, data = piece
-                pieces[name] = (offsets, _own_storage(data))
+        """This rank's file of the reference of ``flat`` (a flattened state). Collective: the
+        ranks agree which of them writes each replicated part."""
+        parts = {n: p for n, v in flat.items() if (p := local_piece(v)) is not None}
+        owned = _owned(parts, rank)
+        pieces = {
+            name: (list(part.offsets), _own_storage(part.data), part.flat)
+            for name, part in parts.items()
+            if name in owned
+        }
+        meta = {name: _meta(value) for name, value in flat.items()}
         Path(directory).mkdir(parents=True, exist_ok=True)
         target = f"{directory}/rank-{rank}.pt"
         # No CRC32 per record (512 MB: 0.35 -> 0.14 s, one run): a changed byte fails the
@@ -124,44 +204,49 @@ class Reference:
         if "value" in meta:
             return meta["value"]
         whole = torch.empty(meta["shape"], dtype=meta["dtype"])
-        for offsets, data in self.pieces.get(name, []):
-            whole[_box(offsets, data.shape)] = data
+        for part in self.pieces.get(name, []):
+            if part.flat:
+                start = part.offsets[0]
+                whole.view(-1)[start : start + part.data.numel()] = part.data
+            else:
+                whole[_box(part.offsets, part.data.shape)] = part.data
         return whole
 
     def compare(self, name: str, actual: Any) -> EntryComparison:
         """The saver's entry ``name`` vs ``actual``, this rank's part of it (a DTensor's local
-        shard, a plain tensor or value whole): global type, dtype and shape, then bit for bit
-        where each saved part overlaps this rank's. No collective."""
-        meta, piece = self.meta[name], local_piece(actual)
+        shard, a FlatPiece, a plain tensor or value whole): global type, dtype and shape, then
+        bit for bit where each saved part overlaps this rank's. No collective."""
+        meta, mine = self.meta[name], local_piece(actual)
         if "value" in meta:
             # A tensor where a value was saved compares as a stand-in (no data needed).
-            return compare(meta["value"], actual if piece is None else _stand_in(actual))
+            return compare(meta["value"], actual if mine is None else _stand_in(actual))
         expected = torch.empty(meta["shape"], dtype=meta["dtype"], device="meta")
-        if piece is None or (expected.dtype, expected.shape) != (actual.dtype, actual.shape):
+        if mine is None or (expected.dtype, expected.shape) != (actual.dtype, actual.shape):
             # Global type, dtype and shape first: overlapping other shapes compares wrong parts.
-            return compare(expected, actual if piece is None else _stand_in(actual))
-        offsets, mine = piece
+            return compare(expected, actual if mine is None else _stand_in(actual))
+        return self.compare_part(name, mine)
+
+    def compare_part(self, name: str, mine: Part) -> EntryComparison:
+        """The saver's tensor entry ``name`` vs ``mine``, a part of it of the right dtype, bit
+        for bit where each saved part overlaps it; not equal unless they cover it."""
         result, covered = EntryComparison(True, 0.0), 0
-        for saved_offsets, saved in self.pieces.get(name, []):
-            overlap = _overlap(offsets, mine.shape, saved_offsets, saved.shape)
-            if overlap is None:
-                continue
-            lo, sizes = overlap
-            part = compare(saved[_box(lo, sizes, saved_offsets)], mine[_box(lo, sizes, offsets)])
-            covered += math.prod(sizes)
-            result = merge([result, part])
-        if covered != mine.numel():
+        for saved in self.pieces.get(name, []):
+            overlap = _overlap_values(self.meta[name]["shape"], mine, saved)
+            if overlap is not None:
+                covered += overlap[0].numel()
+                result = merge([result, compare(overlap[1], overlap[0])])
+        if covered != mine.data.numel():
             return EntryComparison(False, None, "the saver's reference lacks part of this entry")
         return result
 
 
-def _stand_in(t: torch.Tensor) -> torch.Tensor:
+def _stand_in(t) -> torch.Tensor:
     """A tensor of ``t``'s global dtype and shape without data: compare() tells such apart
     before it reads data."""
     return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
 
-def _box(corner: list[int], sizes, origin: list[int] | None = None) -> tuple[slice, ...]:
+def _box(corner, sizes, origin=None) -> tuple[slice, ...]:
     """Index of the box at ``corner`` of ``sizes``, in a piece whose own corner is ``origin``."""
     origin = origin or [0] * len(corner)
     return tuple(slice(c - o, c - o + s) for c, s, o in zip(corner, sizes, origin, strict=True))
@@ -178,6 +263,36 @@ def _overlap(offsets_a, sizes_a, offsets_b, sizes_b) -> tuple[list[int], list[in
     if any(s <= 0 for s in sizes):
         return None
     return lo, sizes
+
+
+def _overlap_values(shape, mine: Part, saved: Part):
+    """(mine, saved): the elements of two parts of one entry of ``shape`` where they overlap,
+    in one order; None where they do not overlap. Boxes overlap as boxes; a run of elements
+    meets a run by its ends and anything else element by element (its row-major indices)."""
+    if not mine.flat and not saved.flat:
+        overlap = _overlap(mine.offsets, mine.data.shape, saved.offsets, saved.data.shape)
+        if overlap is None:
+            return None
+        lo, sizes = overlap
+        return mine.data[_box(lo, sizes, mine.offsets)], saved.data[_box(lo, sizes, saved.offsets)]
+    a, b = mine.run(shape), saved.run(shape)
+    if a and b:
+        lo, hi = max(a[0], b[0]), min(a[1], b[1])
+        if hi <= lo:
+            return None
+        mine_values, saved_values = mine.data.reshape(-1), saved.data.reshape(-1)
+        return mine_values[lo - a[0] : hi - a[0]], saved_values[lo - b[0] : hi - b[0]]
+    if a:  # this rank's part is a run, the saved one a box that is not
+        index = saved.indices(shape)
+        inside = (index >= a[0]) & (index < a[1])
+        if not inside.any():
+            return None
+        return mine.data.reshape(-1)[index[inside] - a[0]], saved.data.reshape(-1)[inside]
+    index = mine.indices(shape)
+    inside = (index >= b[0]) & (index < b[1])
+    if not inside.any():
+        return None
+    return mine.data.reshape(-1)[inside], saved.data.reshape(-1)[index[inside] - b[0]]
 
 
 def merge(parts: list[EntryComparison]) -> EntryComparison:
@@ -367,3 +482,28 @@ def file_entries(path: str, share: tuple[int, int] = (0, 1)) -> Iterator[tuple[s
     sizes = {n: v.nbytes if isinstance(v, torch.Tensor) else 0 for n, v in flat.items()}
     for name in shares(sizes, share[1])[share[0]]:
         yield name, flat[name]
+
+
+def shared_storage(flat: Mapping[str, Any], canonical: Callable[[str], str]) -> dict[str, str]:
+    """Entries of a state whose local tensor shares bytes with another entry's, where the model
+    does not tie the two (their ``canonical`` names differ): name -> a note naming the other.
+    This rank's parts only; no collective."""
+    spans = []
+    for name, value in flat.items():
+        t = value.data if isinstance(value, FlatPiece) else value
+        t = t.to_local() if isinstance(t, DTensor) else t
+        if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
+            continue
+        first = t.data_ptr()
+        reach = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)) + 1
+        spans.append((first, first + reach * t.element_size(), name))
+    notes: dict[str, str] = {}
+    open_spans: list[tuple[int, str]] = []
+    for first, end, name in sorted(spans):
+        open_spans = [(e, n) for e, n in open_spans if e > first]
+        for _, other in open_spans:
+            if canonical(other) != canonical(name):
+                notes.setdefault(name, f"shares storage with {other}, which the model does not tie")
+                notes.setdefault(other, f"shares storage with {name}, which the model does not tie")
+        open_spans.append((end, name))
+    return notes

@@ -16,7 +16,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,9 @@ from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.axes import Variant
 from pipeline_lib.errors import Incompatible, one_line
 from pipeline_lib.faults import FAULTS
+from pipeline_lib.live import Anatomy, live_state
 from pipeline_lib.state import (
+    EntryComparison,
     Reference,
     checkpoint_entries,
     describe,
@@ -41,6 +43,7 @@ from pipeline_lib.state import (
     file_entries,
     flatten,
     merge,
+    shared_storage,
     unmatched,
 )
 
@@ -111,7 +114,7 @@ class Job:
         return round(float(peak), 1)
 
     # --- model, optimizer, training --------------------------------------------------------
-    def build(self, item: Item, seed: int, meta: bool = False) -> Trainee:
+    def build(self, item: Item, seed: int, meta: bool = False, fault: str | None = None) -> Trainee:
         """The item's model, of its variant's dtype, under the layout, its optimizer and
         scheduler. ``meta``: built on the meta device and materialized empty (no values until a
         load)."""
@@ -124,8 +127,7 @@ class Job:
                 raise Incompatible(
                     f"TP degree {self.tp_degree} does not divide {item.spec['model']} {dim}={size}"
                 )
-        params = dict(base.named_parameters(remove_duplicate=False))
-        frozen = {name for name, p in params.items() if not p.requires_grad}
+        anatomy = Anatomy.of(base)
         base.to(getattr(torch, item.variant.param_dtype))
         if not meta:
             base.to(self.device)
@@ -135,7 +137,11 @@ class Job:
         if meta and self.framework.shards_meta_model:
             model.to_empty(device=self.device)
         optimizer, scheduler = optimizers.make(item.variant.optimizer, model, item.train["lr"])
-        return Trainee(model, base, optimizer, scheduler, set(params), frozen)
+        trainee = Trainee(model, base, optimizer, scheduler, anatomy)
+        if fault == "stale_param":  # the state right after the build, for the fault to return
+            model_state, _ = get_state_dict(model, optimizer)
+            trainee.at_build = {name: value.clone() for name, value in model_state.items()}
+        return trainee
 
     def train(self, item: Item, t: Trainee, first_step: int, steps: int) -> list[float]:
         """Train ``steps`` steps on the global batches from ``first_step``; the global mean loss
@@ -164,33 +170,75 @@ class Job:
             losses.append(float(total) / (self.tp_degree * count))
         return losses
 
-    def state(self, item: Item, t: Trainee, full: bool = False) -> dict:
-        """The state a checkpoint holds: model, optimizer and (Stateful) LR scheduler."""
+    def state(self, item: Item, t: Trainee, full: bool = False, fault: str | None = None) -> dict:
+        """The state a checkpoint holds: model, optimizer and (Stateful) LR scheduler, as
+        get_state_dict gives it (and a state fault corrupts it, on both sides)."""
         opts = checkpoint_io.options(item.variant, bool(t.frozen), full)
         model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
+        if fault in FAULTS and FAULTS[fault].stage == "state":
+            FAULTS[fault].corrupt(model_state, optim_state, t.at_build)
         state = {"model": model_state, "optim": optim_state}
         if t.scheduler is not None:
             state["scheduler"] = t.scheduler
         return state
 
-    def verify(self, state: dict, reference_path: str, skip: set[str], drop_first: bool) -> dict:
-        """Loader vs saver: every rank compares its part of every entry of ``state`` with the
-        saver's reference (one entry at a time, no collective per entry); rank 0 gets the
-        merged comparison of each entry ({} on the other ranks). ``skip``: entries not to
-        compare; ``drop_first`` (fault drop_loaded_entry): leave out the first on purpose."""
+    def live(self, item: Item, t: Trainee, dropped: list[str] = ()) -> dict:
+        """This rank's live state (pipeline_lib.live: read from the model and optimizer, not
+        through the state-dict API), named and filtered as the variant's checkpoint holds it;
+        ``dropped``: entries the saver leaves out on purpose."""
+        starts = self.framework.flat_starts(t.model) if self.framework.flat_starts else {}
+        flat = live_state(
+            t.model,
+            t.optimizer,
+            t.scheduler,
+            t.anatomy,
+            starts,
+            ignore_frozen=bool(t.frozen),
+            flattened_optim=item.variant.mode == "flattened_optim",
+        )
+        flat = checkpoint_io.saved_entries(item.variant, flat)
+        return {n: v for n, v in flat.items() if not any(_within(n, d) for d in dropped)}
+
+    def compare(
+        self,
+        flat: dict,
+        reference_path: str,
+        side: str,
+        anatomy: Anatomy,
+        skip=(),
+        drop_first=False,
+        shared: dict[str, str] | None = None,
+    ) -> dict:
+        """Every rank compares its part of every entry of ``flat`` (a state of ``side``: "the
+        saver's state dict", "the loader's state", ...) with the saver's reference, one entry
+        at a time, no collective per entry; entries sharing storage the model does not tie
+        fail too. Rank 0 gets the merged comparison of each entry ({} on the other ranks).
+        ``skip``: entries not to compare; ``drop_first`` (fault drop_loaded_entry): leave out
+        the first on purpose; ``shared``: more entries that share storage (name -> note)."""
         reference = Reference(reference_path)
-        flat = flatten(checkpoint_io.plain(state))
-        names = sorted(set(flat) - skip - ({min(reference)} if drop_first else set()))
+        names = sorted(set(flat) - set(skip) - ({min(reference)} if drop_first else set()))
         mine = {name: reference.compare(name, flat[name]) for name in names if name in reference}
+        shared = {
+            **(shared or {}),
+            **shared_storage({n: flat[n] for n in names}, anatomy.canonical),
+        }
+        for name, note in shared.items():
+            found = mine.get(name, EntryComparison(True, None))
+            detail = "" if found.equal else f"; {found.note}"
+            mine[name] = EntryComparison(False, found.max_abs_diff, note + detail)
+        extra = [name for name in names if name not in reference]
         every_rank = [None] * dist.get_world_size() if self.rank == 0 else None
-        dist.gather_object(mine, every_rank, dst=0)
+        dist.gather_object((mine, extra), every_rank, dst=0)
         if self.rank != 0:
             return {}
-        entries = {name: vars(merge([part[name] for part in every_rank])) for name in mine}
-        for name in names:
+        entries = {
+            name: vars(merge([part[name] for part, _ in every_rank if name in part]))
+            for name in sorted(set().union(*(part for part, _ in every_rank)))
+        }
+        for name in sorted(set().union(*(names for _, names in every_rank))):
             entries.setdefault(name, unmatched("not in the saver's state"))
         for name in reference:
-            entries.setdefault(name, unmatched("missing in the loader's state"))
+            entries.setdefault(name, unmatched(f"missing in {side}"))
         return entries
 
     def files_check(self, item: Item) -> tuple[dict, str]:
@@ -267,16 +315,25 @@ class Trainee:
     base: torch.nn.Module  # the model module's own object (make_batch, loss_sum)
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    param_names: set[str]
-    frozen: set[str]  # frozen parameters (saved and loaded with ignore_frozen_params)
+    anatomy: Anatomy  # the model's state entries, from the unwrapped module
+    at_build: dict = field(default_factory=dict)  # fault stale_param: the state at build
+
+    @property
+    def param_names(self) -> set[str]:
+        return set(self.anatomy.shapes)
+
+    @property
+    def frozen(self) -> frozenset[str]:
+        """Frozen parameters (saved and loaded with ignore_frozen_params)."""
+        return self.anatomy.frozen
 
 
 def run_save(job: Job, item: Item, startup_s: float) -> None:
-    spec, cfg, variant = item.spec, item.train, item.variant
+    spec, cfg, variant, fault = item.spec, item.train, item.variant, item.spec.get("fault")
     timing = {"startup_s": startup_s}
     t = time.perf_counter()
     job.progress("build", item.id)
-    trainee = job.build(item, cfg["seed"])
+    trainee = job.build(item, cfg["seed"], fault=fault)
     timing["build_s"] = time.perf_counter() - t
     job.progress("train", item.id)
     t = time.perf_counter()
@@ -285,24 +342,40 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
 
     job.progress("reference", item.id)
     t = time.perf_counter()
-    state = checkpoint_io.saved(variant, job.state(item, trainee, full=variant.writes_full_state))
-    dropped = []
-    if variant.drops_entry:
-        key = checkpoint_io.dropped_entry(state["model"])
-        del state["model"][key]
-        dropped = [f"model.{key}"]
-    # The reference is what the saver means to write: every rank writes its own part.
+    dropped = [f"model.{trainee.anatomy.first_entry(bool(trainee.frozen))}"]
+    dropped = dropped if variant.drops_entry else []
+    # The saver's reference: its live objects, read before the state-dict API runs (so that
+    # nothing it does to them reaches the reference); every rank writes its own parts.
+    live = job.live(item, trainee, dropped)
+    Reference.write(spec["reference"], live, job.rank)
+    # Entries of the live state itself that share storage (a model or optimizer bug).
+    live_shared = {
+        name: f"live: {note}"
+        for name, note in shared_storage(live, trainee.anatomy.canonical).items()
+    }
+    del live
+    timing["reference_s"] = time.perf_counter() - t
+
+    job.progress("state dict", item.id)
+    t = time.perf_counter()
+    state = job.state(item, trainee, full=variant.writes_full_state, fault=fault)
+    state = checkpoint_io.saved(variant, state)
+    for name in dropped:
+        del state["model"][name.removeprefix("model.")]
     flat = flatten(checkpoint_io.plain(state))
-    Reference.write(spec["reference"], flat, job.rank)
+    dist.barrier()  # every rank's part of the reference is written
+    state_check = job.compare(
+        flat, spec["reference"], "the saver's state dict", trainee.anatomy, shared=live_shared
+    )
     entries = {}
     for name, value in flat.items() if job.rank == 0 else ():
         dtype, shape = describe(value)
         kind = entry_kind(name, trainee.param_names)
         entries[name] = {"kind": kind, "dtype": dtype, "shape": shape}
-    timing["reference_s"] = time.perf_counter() - t
+    timing["state_check_s"] = time.perf_counter() - t
 
     job.progress("save", item.id)
-    job.inject("save", spec.get("fault"))
+    job.inject("save", fault)
     wait = checkpoint_io.write(variant, state, spec, timing)
 
     job.progress("resume", item.id)
@@ -325,6 +398,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         {
             "status": "ok",
             "reason": "",
+            "state_check": state_check,
             "files_check": files_check,
             "files_error": files_error,
             **({"fault_applied": files["fault_applied"]} if "fault_applied" in files else {}),
@@ -347,8 +421,9 @@ def load_one(job: Job, item: Item, source: dict) -> dict:
     cfg, fault, variant = item.train, source.get("fault"), item.variant
     timing = {}
     t = time.perf_counter()
-    trainee = job.build(item, cfg["seed"] + LOADER_SEED_OFFSET, meta=variant.load_init == "meta")
-    state = job.state(item, trainee)
+    seed = cfg["seed"] + LOADER_SEED_OFFSET
+    trainee = job.build(item, seed, meta=variant.load_init == "meta", fault=fault)
+    state = job.state(item, trainee, fault=fault)
     timing["build_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -371,13 +446,7 @@ def load_one(job: Job, item: Item, source: dict) -> dict:
         return {"status": "ok", "reason": "", "strict_error": strict_error, "timing": timing}
 
     t = time.perf_counter()
-    entries = job.verify(
-        checkpoint_io.saved(variant, job.state(item, trainee)),
-        source["reference"],
-        # Reported missing by the non-strict load (and checked against the saver's account).
-        skip=set(missing),
-        drop_first=fault == "drop_loaded_entry",
-    )
+    entries = loader_check(job, item, trainee, source, missing, fault)
     timing["verify_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -394,6 +463,30 @@ def load_one(job: Job, item: Item, source: dict) -> dict:
         "resume_losses": resume_losses,
         "timing": timing,
     }
+
+
+def loader_check(job: Job, item: Item, t: Trainee, source: dict, missing, fault) -> dict:
+    """Loader vs saver, twice: the loader's state as get_state_dict gives it, and its live
+    objects (pipeline_lib.live), each against the saver's reference. An entry is equal only if
+    both are; a difference only the live objects show is noted ``live: ...``."""
+    variant, anatomy = item.variant, t.anatomy
+    state = checkpoint_io.saved(variant, job.state(item, t, fault=fault))
+    through_api = job.compare(
+        flatten(checkpoint_io.plain(state)),
+        source["reference"],
+        "the loader's state",
+        anatomy,
+        # Reported missing by the non-strict load (and checked against the saver's account).
+        skip=set(missing),
+        drop_first=fault == "drop_loaded_entry",
+    )
+    live = job.compare(
+        job.live(item, t), source["reference"], "the loader's live state", anatomy, set(missing)
+    )
+    for name, found in live.items():
+        if not found["equal"] and through_api.get(name, {"equal": True})["equal"]:
+            through_api[name] = {**found, "note": f"live: {found['note']}"}
+    return through_api
 
 
 def run_load(job: Job, item: Item, startup_s: float) -> None:
@@ -421,6 +514,11 @@ def run_item(job: Job, item: Item, startup_s: float) -> None:
             units = [f"{item.id}.{source['id']}" for source in item.spec["sources"]]
         for unit in units:
             job.write_result(unit, {"status": "skip", "reason": str(exc)})
+
+
+def _within(entry: str, key: str) -> bool:
+    """An entry is the state dict key ``key`` or one of its flattened parts."""
+    return entry == key or entry.startswith(key + ".")
 
 
 def now() -> str:

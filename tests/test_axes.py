@@ -222,5 +222,5 @@ def test_fsdp1_full_state_dict_crash_is_a_crash_row(in_tmp):
     }
     (row,) = run_grid(cfg).values()
     assert row["status"] == "crash"
-    assert row["reason"].startswith("save: rank 0 killed by SIGSEGV during reference")
+    assert row["reason"].startswith("save: rank 0 killed by SIGSEGV during state dict")
     assert row["mode"] == "full"

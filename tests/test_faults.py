@@ -12,6 +12,8 @@ from tests.test_snakemake import snakemake
 
 ENTRY = "model.blocks.0.fc1.bias"  # the first tensor entry of mlp, where checkpoint faults land
 FILES = "files vs saver: 1 of 52 entries differ; first " + ENTRY
+STATE = "state dict vs live:"
+EXP_AVG = "optim.state.blocks.0.fc1.bias.exp_avg"
 EXPECTED_REASONS = {
     "flip_byte": f"{FILES}: bytes differ",
     "truncate_shard": "files vs saver: ",  # every entry stored in the cut part of the shard
@@ -21,6 +23,11 @@ EXPECTED_REASONS = {
     "change_shape": f"{FILES}: shape [32] != [33]",
     "change_dtype": f"{FILES}: dtype torch.float32 != torch.float64",
     "foreign_checkpoint": "load: CheckpointException on rank(s) [0, 1]: ",
+    # State faults: the same wrong state dict on both sides; only check 0 can see it.
+    "alias_optim_state": f"{STATE} 2 of 52 entries differ; first {EXP_AVG}: shares storage "
+    f"with {EXP_AVG}_sq, which the model does not tie",
+    "swap_entries": f"{STATE} 2 of 52 entries differ; first {ENTRY}: bytes differ",
+    "stale_param": f"{STATE} 1 of 52 entries differ; first {ENTRY}: bytes differ",
     "skip_load": "loader vs saver: ",
     "drop_loaded_entry": f"loader vs saver: 1 of 52 entries differ; first {ENTRY}: missing in the loader's state",
     "skew_resume_lr": "resume: loss differs by ",

@@ -32,6 +32,7 @@ def ok(equal=True):
 def save_record(**overrides):
     record = {
         "status": "ok", "reason": "", "layout": LAYOUT_A, "files_error": "",
+        "state_check": {"model.w": ok(), "optim.state.w.step": ok()},
         "files_check": {"model.w": ok(), "optim.state.w.step": ok()},
         "entries": {"model.w": {"kind": "param", "dtype": "float32", "shape": [2, 2]},
                     "optim.state.w.step": {"kind": "optim.step", "dtype": "float32", "shape": []}},
@@ -117,6 +118,30 @@ def test_job_failures_keep_their_status(status):
     assert verdict(load=load_result(status=status, reason="x")) == (status, "load: x")
 
 
+def test_a_state_dict_that_differs_from_the_live_state_fails_first():
+    shared = {
+        **ok(False),
+        "max_abs_diff": None,
+        "note": "shares storage with optim.state.w.exp_avg_sq, which the model does not tie",
+    }
+    save = save_record(state_check={"model.w": ok(), "optim.state.w.exp_avg": shared},
+                       files_check={"model.w": ok(False), "optim.state.w.step": ok()})  # fmt: skip
+    status, reason = verdict(save=save)
+    assert status == "fail"
+    assert reason.startswith(
+        "state dict vs live: 1 of 2 entries differ; first optim.state.w.exp_avg: shares storage "
+        "with optim.state.w.exp_avg_sq, which the model does not tie; files vs saver: 1 of 2"
+    )
+    row = records.cell_row("mlp", save, load_result(), SPEC)
+    assert (row["state_entries_mismatched"], row["entries_mismatched"]) == (1, 2)
+    assert row["entries_checked"] == 3
+    rows = {r["entry"]: r for r in records.tensor_rows("mlp", save, load_result(), VARIANT)}
+    exp_avg = rows["optim.state.w.exp_avg"]
+    assert (exp_avg["equal"], exp_avg["state_equal"], exp_avg["file_equal"]) == (False, False, None)
+    assert exp_avg["note"].startswith("state: shares storage with optim.state.w.exp_avg_sq")
+    assert rows["optim.state.w.step"]["state_equal"] is None  # the state check did not see it
+
+
 def test_skip_wins():
     assert verdict(save=save_record(status="skip", reason="TP degree 2 does not divide hidden=25")) == (
         "skip", "save layout: TP degree 2 does not divide hidden=25",
@@ -151,9 +176,10 @@ def test_tensor_rows():
     table = pa.Table.from_pylist(rows, schema=records.TENSORS_SCHEMA)
     assert table.num_rows == 2
     w = next(r for r in rows if r["entry"] == "model.w")
-    assert (w["kind"], w["equal"], w["file_equal"], w["load_equal"]) == (
+    assert (w["kind"], w["equal"], w["state_equal"], w["file_equal"], w["load_equal"]) == (
         "param",
         False,
+        True,
         False,
         True,
     )

@@ -28,7 +28,7 @@ CONFIG = {
 CELLS = {
     # rank 0 SIGSEGV in get_state_dict(full_state_dict=True, cpu_offload=True)
     "crash": cell("mlp", save="fsdp1_2", load="single", status="crash", mode="full",
-                  reason="save: rank 0 killed by SIGSEGV during reference"),
+                  reason="save: rank 0 killed by SIGSEGV during state dict"),
     # the consolidated file holds other ranks' 0-dim optimizer step as 0
     "fail": cell("mlp", save="ddp_2", load="single", status="fail",
                  format="safetensors_consolidated",

@@ -6,12 +6,15 @@ import torch.distributed.checkpoint as dcp
 
 from pipeline_lib.state import (
     EntryComparison,
+    FlatPiece,
+    Part,
     Reference,
     checkpoint_entries,
     compare,
     entry_kind,
     flatten,
     merge,
+    shared_storage,
     shares,
 )
 
@@ -100,7 +103,9 @@ def test_merged_comparison_fails_if_any_rank_differs():
 
 def _reference(tmp_path, pieces_by_rank: list[dict], meta: dict) -> Reference:
     """A reference as a saver of len(pieces_by_rank) ranks writes it (rank-<r>.pt files)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for rank, pieces in enumerate(pieces_by_rank):
+        pieces = {name: (*piece, False)[:3] for name, piece in pieces.items()}
         part = {"meta": meta if rank == 0 else {}, "pieces": pieces}
         torch.save(part, tmp_path / f"rank-{rank}.pt")
     return Reference(str(tmp_path))
@@ -163,3 +168,68 @@ def test_checkpoint_read_in_shares_reads_each_entry_once(tmp_path):
     read = {**parts[0], **parts[1]}
     assert set(read) == set(flatten(state))
     assert all(compare(value, read[name]).equal for name, value in flatten(state).items())
+
+
+def test_runs_of_elements_compare_with_boxes(tmp_path):
+    """FSDP1's flat shards (runs of elements in row-major order) against boxes, both ways."""
+    whole = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    meta = {"w": {"dtype": torch.float32, "shape": [4, 6]}}
+    flat = whole.reshape(-1)
+    runs = [{"w": ([0], flat[:10].clone(), True)}, {"w": ([10], flat[10:].clone(), True)}]
+    reference = _reference(tmp_path, runs, meta)
+    assert torch.equal(reference.whole("w"), whole)
+    for columns in (slice(0, 3), slice(3, 6)):  # TP-like boxes: not runs of elements
+        shard = Part((0, columns.start), whole[:, columns])
+        assert reference.compare_part("w", shard).equal
+    assert reference.compare("w", whole.clone()).equal  # whole: one run
+    assert reference.compare("w", FlatPiece(7, flat[7:15].clone(), whole.shape)).equal
+    changed = flat[7:15].clone()
+    changed[5] += 1  # element 12: in the second saved run
+    result = reference.compare("w", FlatPiece(7, changed, whole.shape))
+    assert (result.equal, result.max_abs_diff) == (False, 1.0)
+    shifted = reference.compare("w", FlatPiece(8, flat[7:15].clone(), whole.shape))
+    assert not shifted.equal
+    box = whole[:, 3:].clone()
+    box[0, 0] += 1
+    assert not reference.compare_part("w", Part((0, 3), box)).equal
+    # Boxes saved, runs read (an FSDP2 checkpoint loaded under FSDP1).
+    boxes = [{"w": ([0, 0], whole[:, :3].clone())}, {"w": ([0, 3], whole[:, 3:].clone())}]
+    by_columns = _reference(tmp_path / "columns", boxes, meta)
+    assert by_columns.compare("w", FlatPiece(5, flat[5:19].clone(), whole.shape)).equal
+    assert not by_columns.compare("w", FlatPiece(5, flat[6:20].clone(), whole.shape)).equal
+    lacking = _reference(tmp_path / "lacking", boxes[:1], meta)
+    note = lacking.compare("w", FlatPiece(0, flat[:3].clone(), whole.shape)).note
+    assert note == "", note  # elements 0..2 lie in the saved columns 0..2
+    note = lacking.compare("w", FlatPiece(2, flat[2:5].clone(), whole.shape)).note
+    assert note == "the saver's reference lacks part of this entry"
+
+
+def test_part_runs():
+    shape = [4, 6]
+    assert Part((1, 0), torch.zeros(2, 6)).run(shape) == (6, 18)  # whole rows
+    assert Part((2, 1), torch.zeros(1, 3)).run(shape) == (13, 16)  # part of one row
+    assert Part((0, 3), torch.zeros(4, 3)).run(shape) is None  # columns
+    assert Part((), torch.zeros(())).run([]) == (0, 1)
+    assert Part((5,), torch.zeros(4), flat=True).run(shape) == (5, 9)
+    index = Part((1, 2), torch.zeros(2, 2)).indices(shape)
+    assert index.tolist() == [8, 9, 14, 15]
+
+
+def test_shared_storage_names_both_entries_unless_tied():
+    a, b = torch.zeros(4), torch.zeros(4)
+    view = a[2:]
+    state = {"optim.state.w.exp_avg": a, "optim.state.w.exp_avg_sq": view, "model.w": b}
+    found = shared_storage(state, lambda name: name)
+    assert found == {
+        "optim.state.w.exp_avg": "shares storage with optim.state.w.exp_avg_sq, which the "
+        "model does not tie",
+        "optim.state.w.exp_avg_sq": "shares storage with optim.state.w.exp_avg, which the "
+        "model does not tie",
+    }
+    tied = {"model.embedding.weight": b, "model.output.weight": b}
+    ties = {"model.output.weight": "model.embedding.weight"}
+    assert shared_storage(tied, lambda name: ties.get(name, name)) == {}
+    assert set(shared_storage(tied, lambda name: name)) == set(tied)
+    # Neighbouring slices of one storage (FSDP1's flat parameter) do not share bytes.
+    flat = torch.zeros(10)
+    assert shared_storage({"x": flat[:5], "y": flat[5:], "s": torch.tensor(1.0)}, str) == {}

@@ -73,3 +73,32 @@ def test_cross_version_pairs_in_both_directions(tmp_path):
     for version, requirement in VERSIONS.items():
         packages = (ENV_DIR / version / "packages.txt").read_text()
         assert requirement in packages  # e.g. torch==2.13.0+cpu
+
+
+@pytest.mark.e2e
+def test_fsdp1_full_optimizer_state_on_2_14_fails_on_the_state_check(tmp_path):
+    """Issue 15: on torch 2.14.1 (CPU) FSDP1's full optimizer state dict returns every exp_avg
+    as a view that exp_avg_sq overwrites. The saver's reference comes from the live optimizer,
+    so the state check names the entries, not only the resume."""
+    cfg = versions_config(
+        layouts={
+            "single": {"framework": "single", "mesh": [1]},
+            "fsdp1_2": {"framework": "fsdp1", "mesh": [2]},
+        },
+        pairs=[["fsdp1_2", "single"]],
+        modes=["full"],
+        torch_versions={"t2_14": VERSIONS["t2_14"]},
+    )
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(tmp_path)
+    (row,) = pd.read_parquet(tmp_path / "results" / "matrix.parquet").itertuples()
+    assert row.status == "fail"
+    assert row.reason.startswith(
+        "state dict vs live: 20 of 52 entries differ; first optim.state.blocks.0.fc1.bias.exp_avg:"
+        " shares storage with optim.state.blocks.0.fc1.bias.exp_avg_sq"
+    ), row.reason
+    tensors = pd.read_parquet(tmp_path / "results" / "tensors.parquet")
+    wrong = tensors[tensors.state_equal.eq(False)]
+    assert set(wrong.kind) == {"optim.exp_avg", "optim.exp_avg_sq"} and len(wrong) == 20
+    exp_avg = wrong[wrong.kind == "optim.exp_avg"]
+    assert exp_avg.note.str.contains("bytes differ").all() and len(exp_avg) == 10

@@ -29,6 +29,10 @@ class Framework:
     # (to_empty allocates only this rank's shards); otherwise it is materialized first (TP's
     # distribute_tensor copies a meta tensor to the mesh device and fails, torch 2.13 CPU).
     shards_meta_model: bool = False
+    # flat_starts(wrapped model) -> {id(parameter): where this rank's part starts in the
+    # parameter's elements, None where it holds none}, for frameworks that keep parameters as
+    # flat shards (FSDP1); pipeline_lib.live reads such parameters as FlatPieces.
+    flat_starts: Callable[[Any], dict[int, int | None]] | None = None
 
     @property
     def data_parallel_dims(self) -> tuple[str, ...]:

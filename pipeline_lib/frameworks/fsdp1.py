@@ -25,4 +25,24 @@ def parallelize(model, mesh):
     return wrap(model, mesh, "FULL_SHARD")
 
 
-FRAMEWORK = Framework(name="fsdp1", mesh_dims=("shard",), parallelize=parallelize)
+def flat_starts(model) -> dict[int, int | None]:
+    """id(original parameter) -> where this rank's part starts in the parameter's elements
+    (None: no part here). With use_orig_params each original parameter is a 1-D view of this
+    rank's run of its elements; where the run starts is kept only in FSDP1's private
+    ``FlatParameter._shard_param_infos`` (and ``_params``, the original parameters): the one
+    private API the live state reads, for FSDP1 only."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    starts: dict[int, int | None] = {}
+    for unit in FullyShardedDataParallel.fsdp_modules(model):
+        if unit._handle is None:  # a unit that holds no parameters of its own
+            continue
+        flat = unit._handle.flat_param
+        for param, info in zip(flat._params, flat._shard_param_infos, strict=True):
+            starts[id(param)] = info.intra_param_start_idx if info.in_shard else None
+    return starts
+
+
+FRAMEWORK = Framework(
+    name="fsdp1", mesh_dims=("shard",), parallelize=parallelize, flat_starts=flat_starts
+)

@@ -1,7 +1,7 @@
 """FSDP1 HYBRID_SHARD on a 2-D mesh: shard within the inner dim, replicate across the outer."""
 
 from pipeline_lib.frameworks import Framework
-from pipeline_lib.frameworks.fsdp1 import wrap
+from pipeline_lib.frameworks.fsdp1 import flat_starts, wrap
 
 
 def parallelize(model, mesh):
@@ -9,5 +9,8 @@ def parallelize(model, mesh):
 
 
 FRAMEWORK = Framework(
-    name="fsdp1_hybrid", mesh_dims=("replicate", "shard"), parallelize=parallelize
+    name="fsdp1_hybrid",
+    mesh_dims=("replicate", "shard"),
+    parallelize=parallelize,
+    flat_starts=flat_starts,
 )
