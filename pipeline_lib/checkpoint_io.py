@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from pipeline_lib.axes import Variant
-from pipeline_lib.state import SafeLoadPlanner
+from pipeline_lib.untrusted import SafeLoadPlanner
 
 
 def options(variant: Variant, frozen: bool, full: bool) -> StateDictOptions:
@@ -29,7 +29,7 @@ def options(variant: Variant, frozen: bool, full: bool) -> StateDictOptions:
     )
 
 
-def saved(variant: Variant, state: dict) -> dict:
+def part_in_format(variant: Variant, state: dict) -> dict:
     """The part of ``state`` the variant's format holds (nested dicts shared with ``state``):
     safetensors holds tensors only, so not the optimizer's param_groups."""
     if variant.format.startswith("safetensors"):
@@ -37,8 +37,8 @@ def saved(variant: Variant, state: dict) -> dict:
     return state
 
 
-def saved_entries(variant: Variant, flat: dict) -> dict:
-    """The entries of a flattened state that the variant's format holds (as ``saved``)."""
+def entries_in_format(variant: Variant, flat: dict) -> dict:
+    """The entries of a flattened state that the variant's format holds (as ``part_in_format``)."""
     if variant.format.startswith("safetensors"):
         return {n: v for n, v in flat.items() if n.startswith(("model.", "optim.state."))}
     return flat
@@ -58,7 +58,7 @@ def write(variant: Variant, state: dict, spec: dict, timing: dict):
     pending = None
     if variant.writes_full_state:
         if dist.get_rank() == 0:
-            torch.save(plain(state), spec["full_state"])
+            torch.save(stateful_as_dicts(state), spec["full_state"])
         dist.barrier()
     elif variant.format.startswith("safetensors"):
         writer = _hf_writer(spec["checkpoint"], variant.format == "safetensors_consolidated")
@@ -98,15 +98,19 @@ def write(variant: Variant, state: dict, spec: dict, timing: dict):
     return wait
 
 
-def read(variant: Variant, model, optimizer, state: dict, source: dict, opts, strict: bool):
-    """Load the checkpoint of ``source`` into model and optimizer (and the Stateful entries of
-    ``state``). Returns the model entries the load reported missing (non-strict loads)."""
+def read(variant: Variant, trainee, state: dict, source: dict) -> list[str]:
+    """Load the checkpoint of ``source`` into the trainee's model and optimizer (and the
+    Stateful entries of ``state``), strict unless the mode is non_strict. Returns the model
+    entries the load reported missing (non-strict loads)."""
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
         set_optimizer_state_dict,
         set_state_dict,
     )
 
+    model, optimizer = trainee.model, trainee.optimizer
+    opts = options(variant, bool(trainee.frozen), full=False)
+    strict = variant.mode != "non_strict"
     if variant.reads_full_state:
         full = torch.load(source["full_state"], weights_only=True) if dist.get_rank() == 0 else {}
         broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
@@ -120,12 +124,17 @@ def read(variant: Variant, model, optimizer, state: dict, source: dict, opts, st
     missing = []
     if not strict:
         present = set(_reader(variant, source).read_metadata().state_dict_metadata)
-        missing = [k for k in state["model"] if f"model.{k}" not in present]
+        # A key holding a dict (extra state) is present as its flattened parts.
+        missing = [
+            k
+            for k in state["model"]
+            if f"model.{k}" not in present and not any(p.startswith(f"model.{k}.") for p in present)
+        ]
         for key in missing:
             del state["model"][key]
     if variant.format.startswith("safetensors"):
         reader = _reader(variant, source)
-        dcp.load(saved(variant, state), storage_reader=reader, planner=SafeLoadPlanner())
+        dcp.load(part_in_format(variant, state), storage_reader=reader, planner=SafeLoadPlanner())
     else:
         dcp.load(
             state,
@@ -160,7 +169,7 @@ def convert(variant: Variant, spec: dict) -> None:
         untrusted.torch_save_to_dcp(spec["full_state"], spec["checkpoint"])
 
 
-def plain(state: dict) -> dict:
+def stateful_as_dicts(state: dict) -> dict:
     """``state`` with its Stateful entries (the LR scheduler) as their state dicts."""
     return {k: v if k in ("model", "optim") else v.state_dict() for k, v in state.items()}
 

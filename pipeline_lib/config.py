@@ -234,6 +234,8 @@ def _name_errors(config: dict) -> list[str]:
                 errors.append(f"faults.{i}: fault cell {error}")
     if error := env_dir_error(config["run"]["torch_env_dir"]):
         errors.append(f"run.torch_env_dir: {error}")
+    if config.get("baseline") and (error := baseline_error(config["baseline"])):
+        errors.append(f"baseline: {error}")
     for name, requirement in config["torch_versions"].items():
         if error := requirement_error(requirement):
             errors.append(f"torch_versions.{name}: {error}")
@@ -244,14 +246,33 @@ def _name_errors(config: dict) -> list[str]:
 _SHELL_CHARACTERS = set(" \t\n\r;&|<>()$`\\\"'*?[]{}!#~^,=%")
 
 
-def env_dir_error(path: str) -> str | None:
-    """Why ``run.torch_env_dir`` is not usable, or None. A relative folder must stay inside the
-    working directory (an absolute one may lie anywhere: see environments.make_env)."""
+def _argument_error(path: str) -> str | None:
+    """Why a path cannot go into a rule's input and a shell command as it is, or None."""
     bad = sorted(set(path) & _SHELL_CHARACTERS) + sorted({c for c in path if not c.isprintable()})
     if bad:
         return f"{path!r} has characters a shell or Snakemake would interpret: {''.join(bad)!r}"
     if path.startswith("-"):
         return f"{path!r} starts with '-' (it would read as a command-line option)"
+    return None
+
+
+def baseline_error(path: str) -> str | None:
+    """Why ``baseline`` is not usable, or None. It is only read (never written or deleted), so
+    it may lie anywhere, but it becomes a rule input and a shell argument."""
+    if error := _argument_error(path):
+        return error
+    if Path(path).suffix not in (".yaml", ".yml", ".parquet"):
+        return f"{path!r} is neither an expectations file (.yaml) nor a matrix (.parquet)"
+    if not Path(path).is_file():
+        return f"{path!r} is not a file"
+    return None
+
+
+def env_dir_error(path: str) -> str | None:
+    """Why ``run.torch_env_dir`` is not usable, or None. A relative folder must stay inside the
+    working directory (an absolute one may lie anywhere: see environments.make_env)."""
+    if error := _argument_error(path):
+        return error
     if not Path(path).is_absolute():
         try:
             names.inside(path)

@@ -187,7 +187,7 @@ def checkpoint_dir(model: str, layout: str, root: str = RESULTS) -> str:
 
 def reference_dir(model: str, layout: str, root: str = RESULTS) -> str:
     """The saver's in-memory state: one torch.save file per rank, its own part of each entry
-    (pipeline_lib.state.Reference; read with weights_only=True)."""
+    (pipeline_lib.reference.Reference; read with weights_only=True)."""
     return f"{save_dir(model, layout, root)}/reference"
 
 

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint import CheckpointException
 from pipeline_lib import checkpoint_io, cli, config, faults, grid
 from pipeline_lib.axes import DEFAULT, Variant
 from pipeline_lib.errors import one_line
-from pipeline_lib.state import checkpoint_entries
+from pipeline_lib.readers import checkpoint_entries
 
 
 class RunsCode:
