@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from pipeline_lib.axes import Variant
+from pipeline_lib.specs import CheckpointPaths
 from pipeline_lib.untrusted import SafeLoadPlanner
 
 
@@ -50,7 +51,7 @@ def _hf_writer(path: str, consolidate: bool):
     return HuggingFaceStorageWriter(path, save_distributed=True, enable_consolidation=consolidate)
 
 
-def write(variant: Variant, state: dict, spec: dict, timing: dict):
+def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
     """Write ``state``; returns a wait() to call once the training loop has moved on, which
     waits for an async save to complete. ``timing``: ``save_blocked_s``, the time the training
     loop was blocked, and ``save_s``, until the checkpoint was written."""
@@ -58,10 +59,10 @@ def write(variant: Variant, state: dict, spec: dict, timing: dict):
     pending = None
     if variant.writes_full_state:
         if dist.get_rank() == 0:
-            torch.save(stateful_as_dicts(state), spec["full_state"])
+            torch.save(stateful_as_dicts(state), paths.full_state)
         dist.barrier()
     elif variant.format.startswith("safetensors"):
-        writer = _hf_writer(spec["checkpoint"], variant.format == "safetensors_consolidated")
+        writer = _hf_writer(paths.checkpoint, variant.format == "safetensors_consolidated")
         dcp.save(state, storage_writer=writer)
     elif variant.async_save != "sync":
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
@@ -72,12 +73,12 @@ def write(variant: Variant, state: dict, spec: dict, timing: dict):
         group = dist.new_group(backend="gloo")
         pending = dcp.async_save(
             state,
-            checkpoint_id=spec["checkpoint"],
+            checkpoint_id=paths.checkpoint,
             process_group=group,
             async_checkpointer_type=kind,
         )
     else:
-        dcp.save(state, checkpoint_id=spec["checkpoint"])
+        dcp.save(state, checkpoint_id=paths.checkpoint)
     timing["save_blocked_s"] = timing["save_s"] = time.perf_counter() - t
     if pending is None:
         return lambda: None
@@ -98,8 +99,8 @@ def write(variant: Variant, state: dict, spec: dict, timing: dict):
     return wait
 
 
-def read(variant: Variant, trainee, state: dict, source: dict) -> list[str]:
-    """Load the checkpoint of ``source`` into the trainee's model and optimizer (and the
+def read(variant: Variant, trainee, state: dict, paths: CheckpointPaths) -> list[str]:
+    """Load the checkpoint at ``paths`` into the trainee's model and optimizer (and the
     Stateful entries of ``state``), strict unless the mode is non_strict. Returns the model
     entries the load reported missing (non-strict loads)."""
     from torch.distributed.checkpoint.state_dict import (
@@ -112,7 +113,7 @@ def read(variant: Variant, trainee, state: dict, source: dict) -> list[str]:
     opts = options(variant, bool(trainee.frozen), full=False)
     strict = variant.mode != "non_strict"
     if variant.reads_full_state:
-        full = torch.load(source["full_state"], weights_only=True) if dist.get_rank() == 0 else {}
+        full = torch.load(paths.full_state, weights_only=True) if dist.get_rank() == 0 else {}
         broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
         # Model and optimizer one call each: set_state_dict takes the other ranks' empty model
         # state as "optimizer only" and skips the model broadcast rank 0 joins (a hang,
@@ -123,7 +124,7 @@ def read(variant: Variant, trainee, state: dict, source: dict) -> list[str]:
         return []
     missing = []
     if not strict:
-        present = set(_reader(variant, source).read_metadata().state_dict_metadata)
+        present = set(_reader(variant, paths).read_metadata().state_dict_metadata)
         # A key holding a dict (extra state) is present as its flattened parts.
         missing = [
             k
@@ -133,12 +134,12 @@ def read(variant: Variant, trainee, state: dict, source: dict) -> list[str]:
         for key in missing:
             del state["model"][key]
     if variant.format.startswith("safetensors"):
-        reader = _reader(variant, source)
+        reader = _reader(variant, paths)
         dcp.load(part_in_format(variant, state), storage_reader=reader, planner=SafeLoadPlanner())
     else:
         dcp.load(
             state,
-            storage_reader=_reader(variant, source),
+            storage_reader=_reader(variant, paths),
             planner=SafeLoadPlanner(allow_partial_load=not strict),
         )
     result = set_state_dict(
@@ -154,7 +155,7 @@ def read(variant: Variant, trainee, state: dict, source: dict) -> list[str]:
     return sorted(f"model.{k}" for k in result.missing_keys)
 
 
-def convert(variant: Variant, spec: dict) -> None:
+def convert(variant: Variant, paths: CheckpointPaths) -> None:
     """The conversions of formats torch_save (DCP -> torch.save file) and torch_save_to_dcp
     (torch.save file -> DCP), in one process, no process group, as a user runs them offline."""
     if variant.format not in ("torch_save", "torch_save_to_dcp"):
@@ -164,9 +165,9 @@ def convert(variant: Variant, spec: dict) -> None:
     from pipeline_lib import untrusted
 
     if variant.format == "torch_save":
-        untrusted.dcp_to_torch_save(spec["checkpoint"], spec["full_state"])
+        untrusted.dcp_to_torch_save(paths.checkpoint, paths.full_state)
     else:
-        untrusted.torch_save_to_dcp(spec["full_state"], spec["checkpoint"])
+        untrusted.torch_save_to_dcp(paths.full_state, paths.checkpoint)
 
 
 def stateful_as_dicts(state: dict) -> dict:
@@ -174,14 +175,14 @@ def stateful_as_dicts(state: dict) -> dict:
     return {k: v if k in ("model", "optim") else v.state_dict() for k, v in state.items()}
 
 
-def _reader(variant: Variant, source: dict):
+def _reader(variant: Variant, paths: CheckpointPaths):
     if variant.format.startswith("safetensors"):
         from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-        return HuggingFaceStorageReader(source["checkpoint"])
+        return HuggingFaceStorageReader(paths.checkpoint)
     from pipeline_lib.untrusted import SafeFileSystemReader  # .metadata: no pickle.load
 
-    return SafeFileSystemReader(source["checkpoint"])
+    return SafeFileSystemReader(paths.checkpoint)
 
 
 def _load_stateful_from_rank0(state: dict, full: dict) -> None:

@@ -16,6 +16,7 @@ from pipeline_lib.errors import one_line
 from pipeline_lib.live import Anatomy
 from pipeline_lib.readers import checkpoint_entries, file_entries
 from pipeline_lib.reference import Reference
+from pipeline_lib.specs import Source
 from pipeline_lib.training import Item, Placement, Trainee, live, state_dict
 
 
@@ -61,9 +62,9 @@ def files_vs_saver(item: Item) -> tuple[dict, str]:
     process-group-free reader (as a process without the saving ranks reads it), and compare
     each bit for bit with the saver's reference. Rank 0 gets the entries' comparisons, or a
     reason the checkpoint cannot be read ({} and "" on other ranks)."""
-    spec, variant = item.spec, item.variant
-    reference = Reference(spec["reference"])
-    path = spec["full_state"] if variant.reads_full_state else spec["checkpoint"]
+    paths, variant = item.spec.paths, item.variant
+    reference = Reference(paths.reference)
+    path = paths.read_by(variant)
     share = (dist.get_rank(), dist.get_world_size())
     entries, error = {}, ""
     try:
@@ -92,14 +93,15 @@ def files_vs_saver(item: Item) -> tuple[dict, str]:
     return entries, ""
 
 
-def loader_vs_saver(item: Item, at: Placement, t: Trainee, source: dict, missing, fault) -> dict:
+def loader_vs_saver(item: Item, at: Placement, t: Trainee, source: Source, missing) -> dict:
     """The loader's state, twice: as get_state_dict gives it, and from its live objects
     (pipeline_lib.live), each against the saver's reference. An entry is equal only if both
     are; a difference only the live objects show is noted ``live: ...``."""
+    fault, reference = source.fault, source.paths.reference
     state = checkpoint_io.part_in_format(item.variant, state_dict(item, t, fault=fault))
     through_api = against_reference(
         flatten(checkpoint_io.stateful_as_dicts(state)),
-        source["reference"],
+        reference,
         "the loader's state",
         t.anatomy,
         # Reported missing by the non-strict load (and checked against the saver's account).
@@ -107,7 +109,7 @@ def loader_vs_saver(item: Item, at: Placement, t: Trainee, source: dict, missing
         drop_first=fault == "drop_loaded_entry",
     )
     from_live = against_reference(
-        live(item, at, t), source["reference"], "the loader's live state", t.anatomy, set(missing)
+        live(item, at, t), reference, "the loader's live state", t.anatomy, set(missing)
     )
     for name, found in from_live.items():
         if not found["equal"] and through_api.get(name, {"equal": True})["equal"]:

@@ -15,22 +15,21 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from pipeline_lib import checkpoint_io, faults, models, optimizers
-from pipeline_lib.axes import Variant
 from pipeline_lib.errors import Incompatible
 from pipeline_lib.frameworks import Framework
 from pipeline_lib.live import Anatomy, live_state
+from pipeline_lib.specs import ItemSpec
 
 # The loader's model starts from a different init, so an entry the load misses cannot pass.
 LOADER_SEED_OFFSET = 1_000_003
 
 
 class Item:
-    """One (variant, model) of a job, from its spec (grid.save_spec or grid.load_spec)."""
+    """One (variant, model) of a job as a rank runs it: its spec and the model's module."""
 
-    def __init__(self, spec: dict):
-        self.spec, self.id, self.train = spec, spec["id"], spec["train"]
-        self.model_module = models.get(spec["model"])
-        self.variant = Variant(**spec["variant"])
+    def __init__(self, spec: ItemSpec):
+        self.spec, self.id, self.train, self.variant = spec, spec.id, spec.train, spec.variant
+        self.model_module = models.get(spec.model)
 
 
 @dataclass(frozen=True)
@@ -71,10 +70,10 @@ def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) 
     torch.manual_seed(seed)
     # model_kwargs (benchmarks only) resize a model, e.g. a 1 GB mlp.
     with torch.device("meta") if meta else contextlib.nullcontext():
-        base = item.model_module.build(**item.spec.get("model_kwargs", {}))
+        base = item.model_module.build(**item.spec.model_kwargs)
     for dim, size in base.tp_dims().items():
         if size % at.tp_degree:
-            model = item.spec["model"]
+            model = item.spec.model
             raise Incompatible(f"TP degree {at.tp_degree} does not divide {model} {dim}={size}")
     anatomy = Anatomy.of(base)
     base.to(getattr(torch, item.variant.param_dtype))

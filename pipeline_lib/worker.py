@@ -32,6 +32,7 @@ from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
 from pipeline_lib.errors import Incompatible, one_line
 from pipeline_lib.reference import Reference
+from pipeline_lib.specs import JobSpec, Source
 from pipeline_lib.training import LOADER_SEED_OFFSET, Item, Placement, Trainee
 
 
@@ -39,20 +40,18 @@ class Job:
     """This rank's part of one torchrun launch: process group, device mesh, progress marks and
     result files."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: JobSpec):
         self.spec = spec
-        self.work = Path(spec["work_dir"])
-        device_type, backend = _device_and_backend(spec["run"])
+        self.work = Path(spec.work_dir)
+        device_type, backend = _device_and_backend(spec.run)
         device = torch.device("cpu")
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             device = torch.device("cuda", torch.cuda.current_device())
         # A rank stuck in a collective gives up after the step timeout (the parent kills sooner).
-        dist.init_process_group(
-            backend, timeout=timedelta(seconds=spec["run"]["cell_timeout_s"] * 2)
-        )
+        dist.init_process_group(backend, timeout=timedelta(seconds=spec.run["cell_timeout_s"] * 2))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.placement = _placement(spec["layout"], device_type, device)
+        self.placement = _placement(spec.layout, device_type, device)
         self.env = {
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
@@ -90,13 +89,13 @@ class Job:
         """Rank 0, once the checkpoint is written: the offline conversion of the variant's
         format, then the item's checkpoint fault, before any check reads the files. Every rank
         gets rank 0's account: ``convert_s``, ``fault_applied`` or an ``error``."""
-        account, fault = {}, item.spec.get("fault")
+        account, fault, paths = {}, item.spec.fault, item.spec.paths
         if self.rank == 0:
             started = time.perf_counter()
             try:
-                checkpoint_io.convert(item.variant, item.spec)
+                checkpoint_io.convert(item.variant, paths)
                 account["convert_s"] = time.perf_counter() - started
-                applied = faults.apply_to_checkpoint(fault, Path(item.spec["checkpoint"]))
+                applied = faults.apply_to_checkpoint(fault, Path(paths.checkpoint))
                 if applied is not None:
                     account["fault_applied"] = applied
             except Exception as exc:  # the other ranks wait in the broadcast below
@@ -141,7 +140,7 @@ def _placement(layout: dict, device_type: str, device: torch.device) -> Placemen
 
 def run_save(job: Job, item: Item, startup_s: float) -> None:
     """One save item: build, train, the saver's reference, check 0, save, resume, check 1."""
-    spec, settings, variant, fault = item.spec, item.train, item.variant, item.spec.get("fault")
+    paths, settings, variant, fault = item.spec.paths, item.train, item.variant, item.spec.fault
     at, unit, timing = job.placement, item.id, {"startup_s": startup_s}
     with job.phase("build", unit, timing, "build_s"):
         trainee = training.build(item, at, settings["seed"], fault=fault)
@@ -158,11 +157,11 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         flat = flatten(checkpoint_io.stateful_as_dicts(state))
         dist.barrier()  # every rank's part of the reference is written
         state_check = checks.against_reference(
-            flat, spec["reference"], "the saver's state dict", trainee.anatomy, shared=live_shared
+            flat, paths.reference, "the saver's state dict", trainee.anatomy, shared=live_shared
         )
     with job.phase("save", unit):
         job.inject("save", fault)
-        wait = checkpoint_io.write(variant, state, spec, timing)
+        wait = checkpoint_io.write(variant, state, paths, timing)
     with job.phase("resume", unit, timing, "resume_s"):
         # An async save is still writing while the training loop goes on.
         resume_losses = training.train(
@@ -204,7 +203,7 @@ def write_reference(item: Item, at: Placement, t: Trainee, dropped: list[str], r
     that API does to them reaches the reference); every rank writes its own parts. Returns the
     live state's own entries that share storage (a model or optimizer bug), as notes."""
     live = training.live(item, at, t, dropped)
-    Reference.write(item.spec["reference"], live, rank)
+    Reference.write(item.spec.paths.reference, live, rank)
     shared = shared_storage(live, t.anatomy.canonical)
     return {name: f"live: {note}" for name, note in shared.items()}
 
@@ -218,9 +217,9 @@ def entry_table(flat: dict, t: Trainee) -> dict:
     return table
 
 
-def load_one(job: Job, item: Item, source: dict) -> dict:
+def load_one(job: Job, item: Item, source: Source) -> dict:
     """One load cell: build with another init, load, check 2, resume."""
-    settings, fault, variant, at = item.train, source.get("fault"), item.variant, job.placement
+    settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
     timing, missing = {}, []
     with timed(timing, "build_s"):
         seed = settings["seed"] + LOADER_SEED_OFFSET
@@ -230,14 +229,14 @@ def load_one(job: Job, item: Item, source: dict) -> dict:
         job.inject("load", fault)
         try:
             if fault != "skip_load":
-                missing = checkpoint_io.read(variant, trainee, state, source)
+                missing = checkpoint_io.read(variant, trainee, state, source.paths)
         except CheckpointException as exc:
             if variant.mode != "strict":
                 raise
             # The expected outcome of a strict load of a checkpoint with an entry left out.
             return {"status": "ok", "reason": "", "strict_error": one_line(exc), "timing": timing}
     with timed(timing, "verify_s"):
-        entries = checks.loader_vs_saver(item, at, trainee, source, missing, fault)
+        entries = checks.loader_vs_saver(item, at, trainee, source, missing)
     with timed(timing, "resume_s"):
         faults.skew_resume(fault, trainee.optimizer)
         resume = training.train(item, at, trainee, settings["steps"], settings["resume_steps"])
@@ -252,9 +251,9 @@ def load_one(job: Job, item: Item, source: dict) -> dict:
 
 
 def run_load(job: Job, item: Item, startup_s: float) -> None:
-    for source in item.spec["sources"]:
-        unit = f"{item.id}.{source['id']}"
-        job.progress(f"cell {source['id']}", unit)
+    for source in item.spec.sources:
+        unit = item.spec.unit(source)
+        job.progress(f"cell {source.id}", unit)
         try:
             result = load_one(job, item, source)
         except Incompatible:
@@ -269,11 +268,11 @@ def run_load(job: Job, item: Item, startup_s: float) -> None:
 def run_item(job: Job, item: Item, startup_s: float) -> None:
     """One item; a model the layout cannot hold makes every unit of the item ``skip``."""
     try:
-        (run_save if job.spec["kind"] == "save" else run_load)(job, item, startup_s)
+        (run_save if job.spec.kind == "save" else run_load)(job, item, startup_s)
     except Incompatible as exc:
-        units = [item.id]
-        if job.spec["kind"] == "load":
-            units = [f"{item.id}.{source['id']}" for source in item.spec["sources"]]
+        units = [item.spec.unit()]
+        if job.spec.kind == "load":
+            units = [item.spec.unit(source) for source in item.spec.sources]
         for unit in units:
             job.write_result(unit, {"status": "skip", "reason": str(exc)})
 
@@ -285,11 +284,11 @@ def now() -> str:
 @record
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    spec = read_json(argv[0])
+    spec = JobSpec.from_dict(read_json(argv[0]))
     job = Job(spec)
-    startup_s = time.time() - spec["launched_at"]
+    startup_s = time.time() - spec.launched_at
     try:
-        for item in spec["items"]:
+        for item in spec.items:
             run_item(job, Item(item), startup_s)
     except (Exception, CheckpointException) as exc:
         job.write_result("job", {"status": "error", "reason": one_line(exc)})
