@@ -103,56 +103,57 @@ def read(variant: Variant, trainee, state: dict, paths: CheckpointPaths) -> list
     """Load the checkpoint at ``paths`` into the trainee's model and optimizer (and the
     Stateful entries of ``state``), strict unless the mode is non_strict. Returns the model
     entries the load reported missing (non-strict loads)."""
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-        set_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model, optimizer = trainee.model, trainee.optimizer
     opts = options(variant, bool(trainee.frozen), full=False)
-    strict = variant.mode != "non_strict"
     if variant.reads_full_state:
-        full = torch.load(paths.full_state, weights_only=True) if dist.get_rank() == 0 else {}
-        broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
-        # Model and optimizer one call each: set_state_dict takes the other ranks' empty model
-        # state as "optimizer only" and skips the model broadcast rank 0 joins (a hang,
-        # torch 2.13).
-        set_model_state_dict(model, full.get("model", {}), options=broadcast)
-        set_optimizer_state_dict(model, optimizer, full.get("optim", {}), options=broadcast)
-        _load_stateful_from_rank0(state, full)
+        _read_full_state(trainee, state, paths, opts)
         return []
-    missing = []
+    strict = variant.mode != "non_strict"
     if not strict:
         present = set(_reader(variant, paths).read_metadata().state_dict_metadata)
-        # A key holding a dict (extra state) is present as its flattened parts.
-        missing = [
-            k
-            for k in state["model"]
-            if f"model.{k}" not in present and not any(p.startswith(f"model.{k}.") for p in present)
-        ]
-        for key in missing:
+        for key in _absent(state["model"], present):
             del state["model"][key]
-    if variant.format.startswith("safetensors"):
-        reader = _reader(variant, paths)
-        dcp.load(part_in_format(variant, state), storage_reader=reader, planner=SafeLoadPlanner())
-    else:
-        dcp.load(
-            state,
-            storage_reader=_reader(variant, paths),
-            planner=SafeLoadPlanner(allow_partial_load=not strict),
-        )
+    # safetensors holds tensors only (part_in_format); DCP may lack the entry left out.
+    partial = not strict and not variant.format.startswith("safetensors")
+    reader, planner = _reader(variant, paths), SafeLoadPlanner(allow_partial_load=partial)
+    dcp.load(part_in_format(variant, state), storage_reader=reader, planner=planner)
     result = set_state_dict(
-        model,
-        optimizer,
+        trainee.model,
+        trainee.optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
         # The state left out frozen parameters: a strict set_state_dict would want them.
         options=replace(opts, strict=strict and not opts.ignore_frozen_params),
     )
-    if strict:
-        return []
-    return sorted(f"model.{k}" for k in result.missing_keys)
+    return [] if strict else sorted(f"model.{k}" for k in result.missing_keys)
+
+
+def _absent(model_state: dict, present: set[str]) -> list[str]:
+    """Keys of a model state the checkpoint does not hold; a key holding a dict (extra state)
+    is held as its flattened parts."""
+    return [
+        key
+        for key in model_state
+        if f"model.{key}" not in present and not any(p.startswith(f"model.{key}.") for p in present)
+    ]
+
+
+def _read_full_state(trainee, state: dict, paths: CheckpointPaths, opts) -> None:
+    """A full state dict on rank 0, broadcast into every rank's model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, optimizer = trainee.model, trainee.optimizer
+    full = torch.load(paths.full_state, weights_only=True) if dist.get_rank() == 0 else {}
+    broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
+    # Model and optimizer one call each: set_state_dict takes the other ranks' empty model state
+    # as "optimizer only" and skips the model broadcast rank 0 joins (a hang, torch 2.13).
+    set_model_state_dict(model, full.get("model", {}), options=broadcast)
+    set_optimizer_state_dict(model, optimizer, full.get("optim", {}), options=broadcast)
+    _load_stateful_from_rank0(state, full)
 
 
 def convert(variant: Variant, paths: CheckpointPaths) -> None:

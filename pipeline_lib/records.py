@@ -125,7 +125,8 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
     A check that found a difference makes the cell ``fail`` even when the load then errored
     (a corrupt checkpoint is a finding); a job that died with no check failed names its status.
     Modes strict and non_strict (the saver left an entry out on purpose) check the load's
-    account of the missing entry instead of the resumed losses, which differ by design.
+    account of the missing entry instead of the resumed losses, which differ by design. One
+    function on purpose: the order of its steps is the order of the reason's parts.
     """
     for side, result in (("save", save), ("load", load)):
         if result["status"] == "skip":
@@ -202,7 +203,8 @@ def _max(values) -> float | None:
 
 def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
     """One matrix.parquet row. ``save`` is the save job's record, ``load`` the load result of
-    this cell (see cli.py); ``spec`` the load job's spec."""
+    this cell (see cli.py); ``spec`` the load job's spec. Long because it is one row literal, a
+    line per column of MATRIX_SCHEMA."""
     variant = spec["variant"]
     verify = spec["verify"]
     rtol = verify["resume_rtol_bfloat16" if variant["param_dtype"] == "bfloat16" else "resume_rtol"]

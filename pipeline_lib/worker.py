@@ -176,26 +176,29 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     with job.phase("files check", unit, timing, "files_check_s"):
         files_check, files_error = checks.files_vs_saver(item)
     timing["convert_s"] = files.get("convert_s", 0.0)
-    job.write_result(
-        unit,
-        {
-            "status": "ok",
-            "reason": "",
-            "state_check": state_check,
-            "files_check": files_check,
-            "files_error": files_error,
-            **({"fault_applied": files["fault_applied"]} if "fault_applied" in files else {}),
-            "train_losses": train_losses,
-            "resume_losses": resume_losses,
-            "entries": entry_table(flat, trainee) if job.rank == 0 else {},
-            "dropped_entries": dropped,
-            # ignore_frozen_params: none of these may be in the state the saver wrote.
-            "frozen_saved": sorted(n for n in flat if n.removeprefix("model.") in trainee.frozen),
-            "timing": timing,
-            "peak_rss_mb": job.peak_rss_mb(),
-            "env": job.env,
-        },
-    )
+    checks_done = {"state_check": state_check, "files_check": files_check}
+    checks_done["files_error"] = files_error
+    if "fault_applied" in files:
+        checks_done["fault_applied"] = files["fault_applied"]
+    losses = {"train_losses": train_losses, "resume_losses": resume_losses}
+    job.write_result(unit, save_result(job, trainee, flat, dropped, checks_done, losses, timing))
+
+
+def save_result(job: Job, t: Trainee, flat: dict, dropped, checks_done, losses, timing) -> dict:
+    """A save item's result (rank 0's; the driver makes it the save record)."""
+    return {
+        "status": "ok",
+        "reason": "",
+        **checks_done,
+        **losses,
+        "entries": entry_table(flat, t) if job.rank == 0 else {},
+        "dropped_entries": dropped,
+        # ignore_frozen_params: none of these may be in the state the saver wrote.
+        "frozen_saved": sorted(n for n in flat if n.removeprefix("model.") in t.frozen),
+        "timing": timing,
+        "peak_rss_mb": job.peak_rss_mb(),
+        "env": job.env,
+    }
 
 
 def write_reference(item: Item, at: Placement, t: Trainee, dropped: list[str], rank: int) -> dict:
