@@ -1,4 +1,4 @@
-"""Issue 14, item 10: what README "Untrusted checkpoints" promises. A checkpoint from elsewhere
+"""Issue 14, item 10: what docs/untrusted-checkpoints.md promises. A checkpoint from elsewhere
 (a foreign or tampered ``.metadata``, a non-tensor entry, a torch.save file) is refused with a
 clear error and never runs code; a record on disk cannot point the loader at another folder."""
 
