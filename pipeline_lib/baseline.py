@@ -112,9 +112,9 @@ class Expectation:
     cells: dict[str, list[str]]
     status: str
     signature: str = "*"
-    variant: str = ""  # the README's "variant" column
+    variant: str = ""  # the findings table's "variant" column (docs/findings.md)
     which: str = ""  # the cells in words: "saved by FSDP1, every model and load layout"
-    why: str = ""  # the README's "why" column
+    why: str = ""  # the findings table's "why" column
     note: str = ""
     link: str = ""
     count: int | None = None  # cells of the measured grid

@@ -39,8 +39,8 @@ class Fault:
 
 
 def _metadata(checkpoint: Path):
-    # Through the restricted unpickler, as every read of .metadata (README "Untrusted
-    # checkpoints").
+    # Through the restricted unpickler, as every read of .metadata
+    # (docs/untrusted-checkpoints.md).
     from pipeline_lib.untrusted import load_metadata
 
     path = checkpoint / ".metadata"

@@ -55,7 +55,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         raise UntrustedPickle(
             f"refused to unpickle {module}.{name}: DCP's metadata is not made of it (a foreign "
-            "or tampered .metadata; see README 'Untrusted checkpoints')"
+            "or tampered .metadata; see docs/untrusted-checkpoints.md)"
         )
 
     def persistent_load(self, pid: Any) -> Any:
