@@ -19,6 +19,7 @@ from pipeline_lib import checkpoint_io, cli, config, faults, grid
 from pipeline_lib.axes import DEFAULT, Variant
 from pipeline_lib.errors import one_line
 from pipeline_lib.readers import checkpoint_entries
+from pipeline_lib.specs import CheckpointPaths
 
 
 class RunsCode:
@@ -75,6 +76,10 @@ def test_the_tampered_pickle_does_run_code_with_pickle(checkpoint, tmp_path):
     assert marker.exists()
 
 
+def paths(checkpoint, full_state) -> CheckpointPaths:
+    return CheckpointPaths(str(checkpoint), str(full_state), "unused-reference")
+
+
 @pytest.mark.parametrize(
     "read",
     [
@@ -85,7 +90,7 @@ def test_the_tampered_pickle_does_run_code_with_pickle(checkpoint, tmp_path):
         ),
         lambda c: dict(checkpoint_entries(str(c))),
         lambda c: faults._metadata(c),
-        lambda c: checkpoint_io._reader(DEFAULT, {"checkpoint": str(c)}).read_metadata(),
+        lambda c: checkpoint_io._reader(DEFAULT, paths(c, c / "full.pt")).read_metadata(),
     ],
     ids=["reader", "files_check", "faults", "loader"],
 )
@@ -103,17 +108,17 @@ def test_a_metadata_that_would_run_code_is_refused(checkpoint, tmp_path, read):
 def test_the_conversion_to_torch_save_refuses_an_entry_that_would_run_code(checkpoint, tmp_path):
     marker = tmp_path / "ran"
     save(checkpoint, {**state(), "extra": RunsCode(marker)})
-    spec = {"checkpoint": str(checkpoint), "full_state": str(tmp_path / "full.pt")}
+    spec = paths(checkpoint, tmp_path / "full.pt")
     with pytest.raises(CheckpointException) as info:
         checkpoint_io.convert(Variant(format="torch_save"), spec)
     assert "UnpicklingError: Weights only load failed" in one_line(info.value)
-    assert not marker.exists() and not Path(spec["full_state"]).exists()
+    assert not marker.exists() and not Path(spec.full_state).exists()
 
 
 def test_the_conversion_to_torch_save_keeps_every_entry(checkpoint, tmp_path):
-    spec = {"checkpoint": str(checkpoint), "full_state": str(tmp_path / "full.pt")}
+    spec = paths(checkpoint, tmp_path / "full.pt")
     checkpoint_io.convert(Variant(format="torch_save"), spec)
-    full = torch.load(spec["full_state"], weights_only=True)
+    full = torch.load(spec.full_state, weights_only=True)
     assert torch.equal(full["model"]["w"], dict(checkpoint_entries(str(checkpoint)))["model.w"])
     assert full["optim"]["param_groups"][0]["betas"] == (0.9, 0.99)
 
@@ -121,13 +126,13 @@ def test_the_conversion_to_torch_save_keeps_every_entry(checkpoint, tmp_path):
 def test_the_conversion_from_torch_save_refuses_a_file_that_would_run_code(tmp_path):
     marker = tmp_path / "ran"
     torch.save({**state(), "extra": RunsCode(marker)}, tmp_path / "full.pt")
-    spec = {"checkpoint": str(tmp_path / "checkpoint"), "full_state": str(tmp_path / "full.pt")}
+    spec = paths(tmp_path / "checkpoint", tmp_path / "full.pt")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         checkpoint_io.convert(Variant(format="torch_save_to_dcp"), spec)
     assert not marker.exists()
     torch.save(state(), tmp_path / "full.pt")
     checkpoint_io.convert(Variant(format="torch_save_to_dcp"), spec)
-    assert sorted(dict(checkpoint_entries(spec["checkpoint"]))) == [
+    assert sorted(dict(checkpoint_entries(spec.checkpoint))) == [
         "model.b", "model.w", "optim.param_groups.0.betas", "optim.param_groups.0.lr",
         "optim.param_groups.0.params",
     ]  # fmt: skip
