@@ -14,14 +14,10 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from pipeline_lib import grid
+from pipeline_lib import grid, timestamps
 from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.launcher import Outcome, launch
 from pipeline_lib.names import inside
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -64,7 +60,7 @@ def _narrowed(spec: dict, pending: set[str]) -> dict:
             if item["id"] in pending:
                 items.append(item)
             continue
-        sources = [s for s in item["sources"] if f"{item['id']}.{s['id']}" in pending]
+        sources = [s for s in item["sources"] if grid.unit_id(item["id"], s["id"]) in pending]
         if sources:
             items.append({**item, "sources": sources})
     return {**spec, "items": items}
@@ -137,7 +133,7 @@ def save_record(item: dict, result: dict) -> dict:
         "checkpoint": item["checkpoint"],
         "reference": item["reference"],
         "config_hash": item["config_hash"],
-        "created_at": _now(),
+        "created_at": timestamps.now(),
         "torch_version": torch_version(),
         **result,
     }
@@ -159,7 +155,7 @@ def cmd_load(spec: dict) -> None:
     for item in spec["items"]:
         sources = []
         for source in item["sources"]:
-            unit = f"{item['id']}.{source['id']}"
+            unit = grid.unit_id(item["id"], source["id"])
             save = saves[unit] = read_json(source["save_record"])
             # The folders the spec names (grid.load_spec), whatever a record on disk says.
             expected = {k: source[k] for k in ("checkpoint", "reference") if k in source}
@@ -177,7 +173,7 @@ def cmd_load(spec: dict) -> None:
             else:
                 sources.append({"reference": save["reference"], **source})
         items.append({**item, "sources": sources})
-    pending = [f"{i['id']}.{s['id']}" for i in items for s in i["sources"]]
+    pending = [grid.unit_id(i["id"], s["id"]) for i in items for s in i["sources"]]
     if no_room := room_error({**spec, "items": items}, work):
         launched, launches = {unit: {"status": "error", "reason": no_room} for unit in pending}, 0
     else:
@@ -187,7 +183,7 @@ def cmd_load(spec: dict) -> None:
     for item in spec["items"]:
         cells, tensors = [], []
         for source in item["sources"]:
-            unit = f"{item['id']}.{source['id']}"
+            unit = grid.unit_id(item["id"], source["id"])
             load = {**results[unit], "layout": item["layout"], "torch_version": torch_version()}
             cells.append(cell_row(item["model"], saves[unit], load, item))
             tensors.extend(tensor_rows(item["model"], saves[unit], load, item["variant"]))

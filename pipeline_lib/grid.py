@@ -36,10 +36,6 @@ class Layout:
     def tp_degree(self) -> int:
         return dict(zip(self.mesh_dims, self.mesh, strict=True))[self.tp_dim] if self.tp_dim else 1
 
-    @property
-    def mesh_label(self) -> str:
-        return "x".join(map(str, self.mesh))
-
     def to_dict(self) -> dict:
         return {**asdict(self), "world_size": self.world_size}
 
@@ -269,6 +265,12 @@ def load_spec(
         ],
         "record": load_record(model, layout, root),
     }
+
+
+def unit_id(item_id: str, source_id: str | None = None) -> str:
+    """The unit a worker reports on (its result file ``results/<unit>.json``): an item of a
+    save job (its id), or a cell of a load job (``<item id>.<source id>``)."""
+    return item_id if source_id is None else f"{item_id}.{source_id}"
 
 
 def job_spec(config: dict, kind: str, layout: str, work_dir: str, items: list[dict]) -> dict:

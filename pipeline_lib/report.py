@@ -16,7 +16,6 @@ import json
 import math
 import platform
 import re
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +26,7 @@ import pandas as pd
 import yaml
 from markupsafe import Markup, escape
 
-from pipeline_lib import grid
+from pipeline_lib import grid, timestamps
 from pipeline_lib.atomic import write_with
 from pipeline_lib.config import config_hash, load, validate
 from pipeline_lib.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
@@ -474,7 +473,7 @@ def environment(matrix: pd.DataFrame, snakemake_version: str | None) -> list[tup
             f"{created.min()} … {created.max()}" if len(created) else "—",
             "matrix rows (created_at, first … last)",
         ),
-        ("report generated", time.strftime("%Y-%m-%dT%H:%M:%S%z"), "report process"),
+        ("report generated", timestamps.now(), "report process"),
         ("Python", platform.python_version(), "report process"),
     ]
     if snakemake_version:
