@@ -258,7 +258,8 @@ def bench_aggregate(work: Path, template_record: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pipeline_lib.report",
+            "pipeline_lib",
+            "report",
             "--matrix",
             "m.parquet",
             "--tensors",

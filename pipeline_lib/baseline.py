@@ -392,7 +392,7 @@ def readme_with_table(readme: str, table: str) -> str:
     return readme[:start] + "\n" + table + readme[end:]
 
 
-# --- commands (registered by pipeline_lib.cli) ------------------------------------------------
+# --- commands (registered by pipeline_lib.cli; a handler returns the exit status) ----------
 def _cmd_gate(args) -> int:
     return gate(args.matrix, args.baseline, args.fail_on_new, args.ok, args.comparison)
 
@@ -436,19 +436,19 @@ def add_commands(sub) -> None:
     p.add_argument("--fail-on-new", action="store_true", help="also fail on new non-pass cells")
     p.add_argument("--comparison", help="comparison.parquet to write (every cell, its class)")
     p.add_argument("--ok", help="marker file written when the gate passes")
-    p.set_defaults(handler=_cmd_gate)
+    p.set_defaults(func=_cmd_gate)
     p = sub.add_parser("findings-table", help="the README's findings table from expectations")
     p.add_argument("expectations", nargs="*", help="default: expectations/torch-*.yaml")
     p.add_argument("--write", help="README.md: replace the table between its markers")
     p.add_argument("--check", action="store_true", help="with --write: exit 1 if it differs")
-    p.set_defaults(handler=_cmd_findings_table)
+    p.set_defaults(func=_cmd_findings_table)
     p = sub.add_parser("reproducers", help="a standalone reproducer per non-pass cell")
     p.add_argument("--matrix", default="results/matrix.parquet")
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--configfile")
     given.add_argument("--config-json")
     p.add_argument("--out", default="results/reproducers")
-    p.set_defaults(handler=_cmd_reproducers)
+    p.set_defaults(func=_cmd_reproducers)
 
 
 # --- the report's sections (pipeline_lib.report) ---------------------------------------------

@@ -202,7 +202,7 @@ def _max(values) -> float | None:
 
 def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
     """One matrix.parquet row. ``save`` is the save job's record, ``load`` the load result of
-    this cell (see cli.py); ``spec`` the load job's spec."""
+    this cell (pipeline_lib.driver); ``spec`` the load job's spec."""
     variant = spec["variant"]
     verify = spec["verify"]
     rtol = verify["resume_rtol_bfloat16" if variant["param_dtype"] == "bfloat16" else "resume_rtol"]

@@ -5,14 +5,12 @@ string taken from the results is escaped; the charts are SVG drawn here (matplot
 per chart at 10,000 cells) and inlined in the page, and there is no JavaScript: report.html
 opens from disk with no network.
 
-    python -m pipeline_lib.report --matrix results/matrix.parquet --tensors results/tensors.parquet
+    python -m pipeline_lib report --matrix results/matrix.parquet --tensors results/tensors.parquet
         --configfile config.yaml --html results/report.html --markdown results/summary.md
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import platform
 import re
@@ -28,7 +26,7 @@ from markupsafe import Markup, escape
 
 from pipeline_lib import grid, timestamps
 from pipeline_lib.atomic import write_with
-from pipeline_lib.config import config_hash, load, validate
+from pipeline_lib.config import config_hash
 from pipeline_lib.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -563,25 +561,12 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline_lib.report", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--matrix", required=True, help="results/matrix.parquet")
-    parser.add_argument("--tensors", required=True, help="results/tensors.parquet")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--configfile", help="the grid config (YAML) the results were made with")
-    source.add_argument("--config-json", help="the same, as JSON (the Snakemake rule's config)")
-    parser.add_argument("--snakemake-version", help="the Snakemake running the workflow")
-    parser.add_argument("--html", required=True, help="report.html to write")
-    parser.add_argument("--markdown", required=True, help="summary.md to write")
-    parser.add_argument("--baseline", help="expectations file or matrix.parquet to compare with")
-    parser.add_argument("--command", help="the command that made the results (shown)")
-    args = parser.parse_args(argv)
-    config = load(args.configfile) if args.configfile else validate(json.loads(args.config_json))
-    write_report(
-        args.matrix, args.tensors, config, args.html, args.markdown, args.snakemake_version,
-        baseline=args.baseline or config.get("baseline"), command=args.command,
-    )  # fmt: skip
+    """``python -m pipeline_lib.report ...``: an alias of ``python -m pipeline_lib report ...``."""
+    import sys
+
+    from pipeline_lib.cli import main as cli_main
+
+    cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
