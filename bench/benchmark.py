@@ -161,8 +161,8 @@ def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
                 [sys.executable, "-m", "pipeline_lib", command, "--spec", json.dumps(spec)],
                 cell_dir,
             )
-        save = read_json(cell_dir / grid.save_record("mlp", "fsdp2_2"))
-        (row,) = read_json(cell_dir / grid.load_record("mlp", "fsdp2_2"))["cells"]
+        save = read_json(cell_dir / grid.save_record_path("mlp", "fsdp2_2"))
+        (row,) = read_json(cell_dir / grid.load_record_path("mlp", "fsdp2_2"))["cells"]
         if row["status"] != "pass":
             raise RuntimeError(f"the big cell did not pass: {row['reason']}")
         state_bytes = save["checkpoint_bytes"]

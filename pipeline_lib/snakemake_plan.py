@@ -39,13 +39,13 @@ class Plan:
         return "|".join(re.escape(name) for name in self.config[key])
 
     @property
-    def vroot_pattern(self) -> str:
-        """The {vroot} wildcard of the matrix rules: results, or results/torch/<version>
+    def version_root_pattern(self) -> str:
+        """The {version_root} wildcard of the matrix rules: results, or results/torch/<version>
         (grid.version_root)."""
-        return "|".join(re.escape(vroot) for vroot in grid.version_roots(self.config))
+        return "|".join(re.escape(root) for root in grid.version_roots(self.config))
 
     def _version(self, wildcards) -> str | None:
-        return grid.version_roots(self.config)[wildcards.vroot]
+        return grid.version_roots(self.config)[wildcards.version_root]
 
     @property
     def env_dir(self) -> str:
@@ -73,26 +73,26 @@ class Plan:
     # Output patterns of the matrix jobs: one record (and save folder) per item.
     @property
     def save_records(self) -> list[str]:
-        return grid.save_outputs(self.config, "{vroot}", "{layout}")[0]
+        return grid.save_outputs(self.config, "{version_root}", "{layout}")[0]
 
     @property
     def save_dirs(self) -> list[str]:
-        return grid.save_outputs(self.config, "{vroot}", "{layout}")[1]
+        return grid.save_outputs(self.config, "{version_root}", "{layout}")[1]
 
     @property
     def load_outputs(self) -> list[str]:
-        return grid.load_outputs(self.config, "{vroot}", "{layout}")
+        return grid.load_outputs(self.config, "{version_root}", "{layout}")
 
     def load_inputs(self, wildcards) -> list[str]:
         return grid.load_inputs(
-            self.config, wildcards.vroot, wildcards.layout
+            self.config, wildcards.version_root, wildcards.layout
         ) + self.torch_env_inputs(wildcards)
 
     def load_records(self) -> list[str]:
         return [
             record
-            for vroot, layout in grid.load_jobs(self.config)
-            for record in grid.load_outputs(self.config, vroot, layout)
+            for version_root, layout in grid.load_jobs(self.config)
+            for record in grid.load_outputs(self.config, version_root, layout)
         ]
 
     def targets(self) -> list[str]:
@@ -117,7 +117,7 @@ class Plan:
     def fault_load_inputs(self, wildcards) -> list[str]:
         cell = grid.fault_cell(self.config, wildcards.fault_id)
         return [
-            grid.save_record(cell.save_model, cell.save, cell.root),
+            grid.save_record_path(cell.save_model, cell.save, cell.root),
             grid.save_dir(cell.save_model, cell.save, cell.root),
         ]
 
@@ -125,7 +125,7 @@ class Plan:
         return self.layouts[grid.fault_cell(self.config, wildcards.fault_id).load].world_size
 
     def fault_records(self) -> list[str]:
-        return [cell.load_record for cell in grid.fault_cells(self.config)]
+        return [cell.load_record_path for cell in grid.fault_cells(self.config)]
 
     def ranks(self, wildcards) -> int:
         return self.layouts[wildcards.layout].world_size

@@ -1,5 +1,5 @@
-# {vroot}: results, or results/torch/<version> for a torch_versions environment. One job per
-# layout runs every (variant, model) item: one record (and save folder) each.
+# {version_root}: results, or results/torch/<version> for a torch_versions environment. One job
+# per layout runs every (variant, model) item: one record (and save folder) each.
 rule save_checkpoints:
     input:
         plan.torch_env_inputs,
@@ -7,7 +7,7 @@ rule save_checkpoints:
         records=plan.save_records,
         save_dirs=directory(plan.save_dirs),
     log:
-        "{vroot}/logs/save/{layout}.log",
+        "{version_root}/logs/save/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: plan.threads
@@ -26,7 +26,7 @@ rule save_checkpoints:
         grid=plan.grid_json,
     shell:
         "{params.python:q} -m pipeline_lib save --grid {params.grid:q}"
-        " --root {wildcards.vroot} --layout {wildcards.layout} > {log} 2>&1"
+        " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
 
 
 rule load_checkpoints:
@@ -35,7 +35,7 @@ rule load_checkpoints:
     output:
         records=plan.load_outputs,
     log:
-        "{vroot}/logs/load/{layout}.log",
+        "{version_root}/logs/load/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: plan.threads
@@ -54,7 +54,7 @@ rule load_checkpoints:
         grid=plan.grid_json,
     shell:
         "{params.python:q} -m pipeline_lib load --grid {params.grid:q}"
-        " --root {wildcards.vroot} --layout {wildcards.layout} > {log} 2>&1"
+        " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
 
 
 rule torch_env:
