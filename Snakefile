@@ -24,6 +24,8 @@ report: "workflow/report/workflow.rst"
 
 
 plan = Plan(config, workflow.basedir, announce=workflow.is_main_process)
+# The rules read the validated config, every default filled in (Plan leaves Snakemake's as is).
+config = plan.config
 PYTHON = sys.executable
 
 
