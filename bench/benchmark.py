@@ -137,6 +137,9 @@ def cells_work(results: Path) -> float:
 
 
 def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
+    """One fsdp2_2 cell of about ``state_gb`` of state, ``repeats`` times through the pipeline's
+    save and load jobs and through bare dcp.save + dcp.load: the time and peak memory ratios.
+    Long for a reason: a benchmark read top to bottom, set-up, runs and printout in one place."""
     dim = 2048
     # state = parameters + Adam's exp_avg and exp_avg_sq, float32; 2 blocks of 2 dim x hidden.
     hidden = max(8, round(state_gb * 2**30 / (3 * 4 * 4 * dim)))
@@ -220,7 +223,9 @@ def bench_dry_run(work: Path) -> None:
 
 
 def bench_aggregate(work: Path, template_record: Path) -> None:
-    """10,000 cells made from one real load record (its first cell and tensor rows, renamed)."""
+    """10,000 cells made from one real load record (its first cell and tensor rows, renamed),
+    aggregated and rendered. Long for a reason: a benchmark script read top to bottom, set-up,
+    timed commands and printout in one place."""
     run_dir = work / "aggregate"
     (run_dir / "records").mkdir(parents=True)
     cfg = ten_thousand_cell_config(run_dir / "config.yaml")

@@ -255,27 +255,7 @@ def compare(
     cells = matrix.copy()
     cells["signature"] = [signature(r) for r in cells.reason]
     if isinstance(baseline, Expectations):
-        rows = []
-        used: set[str] = set()
-        for row in cells.to_dict("records"):
-            expected = baseline.expected(row)
-            if expected is None:
-                rows.append((None, None, "", "", "new"))
-                continue
-            status, pattern, finding = expected
-            if finding is not None:
-                used.add(finding.id)
-            comparison = classify(row["status"], row["signature"], status, pattern, pattern=True)
-            rows.append(
-                (status, pattern, finding.id if finding else "",
-                 (finding.note or finding.why) if finding else "", comparison)
-            )  # fmt: skip
-        cols = ["baseline_status", "baseline_signature", "baseline_finding", "baseline_note"]
-        for i, col in enumerate([*cols, "comparison"]):
-            cells[col] = [r[i] for r in rows]
-        unused = [f for f in baseline.findings if f.id not in used]
-        label = name or f"expectations {baseline.path} (torch {', '.join(baseline.torch)})"
-        return Comparison(cells, cells.iloc[0:0], unused, label)
+        return _compare_with_expectations(cells, baseline, name)
     keys = _positions(matrix, baseline)
     base = baseline[[*keys, "status", "reason"]].drop_duplicates(keys, keep="last").copy()
     base["baseline_signature"] = [signature(r) for r in base.reason]
@@ -300,6 +280,33 @@ def compare(
     return Comparison(
         merged, missing, [], name or f"matrix {len(baseline)} cells (torch {versions})"
     )
+
+
+def _compare_with_expectations(
+    cells: pd.DataFrame, baseline: Expectations, name: str
+) -> Comparison:
+    """compare() with an expectations file: each cell against the finding it matches."""
+    rows = []
+    used: set[str] = set()
+    for row in cells.to_dict("records"):
+        expected = baseline.expected(row)
+        if expected is None:
+            rows.append((None, None, "", "", "new"))
+            continue
+        status, pattern, finding = expected
+        if finding is not None:
+            used.add(finding.id)
+        comparison = classify(row["status"], row["signature"], status, pattern, pattern=True)
+        rows.append(
+            (status, pattern, finding.id if finding else "",
+             (finding.note or finding.why) if finding else "", comparison)
+        )  # fmt: skip
+    cols = ["baseline_status", "baseline_signature", "baseline_finding", "baseline_note"]
+    for i, col in enumerate([*cols, "comparison"]):
+        cells[col] = [r[i] for r in rows]
+    unused = [f for f in baseline.findings if f.id not in used]
+    label = name or f"expectations {baseline.path} (torch {', '.join(baseline.torch)})"
+    return Comparison(cells, cells.iloc[0:0], unused, label)
 
 
 def cell_label(row: dict) -> str:

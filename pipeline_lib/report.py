@@ -191,41 +191,7 @@ def status_counts(matrix: pd.DataFrame) -> list[tuple[str, int]]:
 def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[str]:
     """Short statements computed from the results, most general first."""
     ran = matrix[matrix.status != "skip"]
-    skipped = len(matrix) - len(ran)
-    found = []
-    # A status shared by a whole group of cells is one finding; a group inside a group already
-    # reported is not repeated (an FSDP2 save crash is not listed again per model).
-    statuses = set(ran.status)
-    if len(statuses) == 1:
-        (status,) = statuses
-        more = f"; {skipped} more skipped" if skipped else ""
-        found.append(f"Every cell {_verb(status)} ({_count(len(ran))}{more})")
-    else:
-        covered: set = set()
-        # Axes with several values: a status shared by one value (everywhere, or under one
-        # framework) is a finding of its own, e.g. every mode=full cell saved by FSDP1 crashes.
-        axes = [a for a in AXIS_COLUMNS if ran[a].nunique() > 1]
-        groupings = [([a], f"with {a}={{}}") for a in axes]
-        for side, verb in SIDE_VERBS.items():
-            groupings += [([a, f"{side}_framework"], f"with {a}={{}} {verb} by framework {{}}")
-                          for a in axes]  # fmt: skip
-            groupings += [
-                ([f"{side}_framework"], f"{verb} by framework {{}}"),
-                ([f"{side}_layout"], f"{verb} under {{}}"),
-                (["model", f"{side}_layout"], f"{verb} under {{1}} ({{0}})"),
-            ]
-        for keys, what in groupings:
-            for key, group in ran.groupby(keys, sort=False):
-                statuses = set(group.status)
-                if statuses == {"pass"} or len(statuses) > 1 or len(group) < 2:
-                    continue
-                if set(group.index) <= covered:
-                    continue
-                covered |= set(group.index)
-                found.append(
-                    f"Every cell {what.format(*key)} {_verb(group.status.iloc[0])}"
-                    f" ({_count(len(group))})"
-                )
+    found = _status_findings(ran, skipped=len(matrix) - len(ran))
     unknown = matrix[~matrix.status.isin(STATUSES)].status.value_counts()
     for status, n in sorted(unknown.items()):
         found.append(f"{_count(n)} with status {status}, which this report does not know")
@@ -261,6 +227,46 @@ def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[
             f"The config shown (hash {config_hash(config)}) is not the one the rows were made"
             f" with ({', '.join(hashes)})"
         )
+    return found
+
+
+def _status_findings(ran: pd.DataFrame, skipped: int) -> list[str]:
+    """The statuses shared by whole groups of the cells that ran (``skipped``: how many did
+    not), as findings."""
+    found = []
+    # A status shared by a whole group of cells is one finding; a group inside a group already
+    # reported is not repeated (an FSDP2 save crash is not listed again per model).
+    statuses = set(ran.status)
+    if len(statuses) == 1:
+        (status,) = statuses
+        more = f"; {skipped} more skipped" if skipped else ""
+        found.append(f"Every cell {_verb(status)} ({_count(len(ran))}{more})")
+    else:
+        covered: set = set()
+        # Axes with several values: a status shared by one value (everywhere, or under one
+        # framework) is a finding of its own, e.g. every mode=full cell saved by FSDP1 crashes.
+        axes = [a for a in AXIS_COLUMNS if ran[a].nunique() > 1]
+        groupings = [([a], f"with {a}={{}}") for a in axes]
+        for side, verb in SIDE_VERBS.items():
+            groupings += [([a, f"{side}_framework"], f"with {a}={{}} {verb} by framework {{}}")
+                          for a in axes]  # fmt: skip
+            groupings += [
+                ([f"{side}_framework"], f"{verb} by framework {{}}"),
+                ([f"{side}_layout"], f"{verb} under {{}}"),
+                (["model", f"{side}_layout"], f"{verb} under {{1}} ({{0}})"),
+            ]
+        for keys, what in groupings:
+            for key, group in ran.groupby(keys, sort=False):
+                statuses = set(group.status)
+                if statuses == {"pass"} or len(statuses) > 1 or len(group) < 2:
+                    continue
+                if set(group.index) <= covered:
+                    continue
+                covered |= set(group.index)
+                found.append(
+                    f"Every cell {what.format(*key)} {_verb(group.status.iloc[0])}"
+                    f" ({_count(len(group))})"
+                )
     return found
 
 
@@ -306,7 +312,8 @@ def _panel(
     table: pd.DataFrame, unit: str, title: str, colours: dict[str, str], x: float
 ) -> tuple[list[str], float]:
     """The SVG elements of one panel starting at ``x``, and where it ends: one bar per model
-    (columns) in each layout (index) group, y axis from 0."""
+    (columns) in each layout (index) group, y axis from 0. One drawing from top to bottom: its
+    steps share the panel's coordinates, so it stays one function."""
     ticks = nice_ticks(table.max().max())
     tick_labels = [f"{t:g}" for t in ticks]
     width = max(MIN_PLOT_WIDTH_PX, MIN_SLOT_PX * len(table.index))
@@ -400,6 +407,8 @@ def bar_chart(panels: list[tuple[pd.DataFrame, str, str]], colours: dict[str, st
 
 
 def cost_charts(matrix: pd.DataFrame, order: Order) -> list[Chart]:
+    """The cost charts (time, throughput, size, memory), in page order. Long for a reason: most
+    of it is the list of chart definitions (title, caption, panels), which reads best whole."""
     ran = matrix[matrix.status != "skip"]
     colours = {model: PALETTE[i % len(PALETTE)] for i, model in enumerate(order.models)}
     # Save figures repeat in every cell of a checkpoint: one value per (model, save layout).
