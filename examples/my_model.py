@@ -1,5 +1,6 @@
-"""A worked example of your own model (README "Your own model"): a gated MLP (SwiGLU blocks with
-pre-LayerNorm and residuals), named in a config as ``examples.my_model:build``.
+"""A worked example of your own model (docs/extending.md, "Your own model"): a gated MLP
+(SwiGLU blocks with pre-LayerNorm and residuals), named in a config as
+``examples.my_model:build``.
 
 The contract: ``build`` returns the module; ``make_inputs`` draws a batch from the generator it
 is given; ``tp_plan`` and ``fsdp_units`` are optional.

@@ -112,9 +112,9 @@ class Expectation:
     cells: dict[str, list[str]]
     status: str
     signature: str = "*"
-    variant: str = ""  # the README's "variant" column
+    variant: str = ""  # the findings table's "variant" column (docs/findings.md)
     which: str = ""  # the cells in words: "saved by FSDP1, every model and load layout"
-    why: str = ""  # the README's "why" column
+    why: str = ""  # the findings table's "why" column
     note: str = ""
     link: str = ""
     count: int | None = None  # cells of the measured grid
@@ -361,8 +361,10 @@ def gate(matrix_path: str, baseline_path: str, fail_on_new: bool = False,
     return code
 
 
-# --- the README's findings table --------------------------------------------------------------
-TABLE_BEGIN = "<!-- findings-table: python -m pipeline_lib findings-table --write README.md -->"
+# --- the findings table (docs/findings.md) ---------------------------------------------------
+TABLE_BEGIN = (
+    "<!-- findings-table: python -m pipeline_lib findings-table --write docs/findings.md -->"
+)
 TABLE_END = "<!-- /findings-table -->"
 DEFAULT_EXPECTATIONS = sorted(
     str(p) for p in (Path(__file__).resolve().parent.parent / "expectations").glob("torch-*.yaml")
@@ -444,9 +446,11 @@ def add_commands(sub) -> None:
     p.add_argument("--comparison", help="comparison.parquet to write (every cell, its class)")
     p.add_argument("--ok", help="marker file written when the gate passes")
     p.set_defaults(func=_cmd_gate)
-    p = sub.add_parser("findings-table", help="the README's findings table from expectations")
+    p = sub.add_parser(
+        "findings-table", help="the findings table of docs/findings.md from expectations"
+    )
     p.add_argument("expectations", nargs="*", help="default: expectations/torch-*.yaml")
-    p.add_argument("--write", help="README.md: replace the table between its markers")
+    p.add_argument("--write", help="docs/findings.md: replace the table between its markers")
     p.add_argument("--check", action="store_true", help="with --write: exit 1 if it differs")
     p.set_defaults(func=_cmd_findings_table)
     p = sub.add_parser("reproducers", help="a standalone reproducer per non-pass cell")

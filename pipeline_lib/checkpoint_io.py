@@ -16,7 +16,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from pipeline_lib.axes import Variant
-from pipeline_lib.state import SafeLoadPlanner
+from pipeline_lib.specs import CheckpointPaths
+from pipeline_lib.untrusted import SafeLoadPlanner
 
 
 def options(variant: Variant, frozen: bool, full: bool) -> StateDictOptions:
@@ -29,7 +30,7 @@ def options(variant: Variant, frozen: bool, full: bool) -> StateDictOptions:
     )
 
 
-def saved(variant: Variant, state: dict) -> dict:
+def part_in_format(variant: Variant, state: dict) -> dict:
     """The part of ``state`` the variant's format holds (nested dicts shared with ``state``):
     safetensors holds tensors only, so not the optimizer's param_groups."""
     if variant.format.startswith("safetensors"):
@@ -37,8 +38,8 @@ def saved(variant: Variant, state: dict) -> dict:
     return state
 
 
-def saved_entries(variant: Variant, flat: dict) -> dict:
-    """The entries of a flattened state that the variant's format holds (as ``saved``)."""
+def entries_in_format(variant: Variant, flat: dict) -> dict:
+    """The entries of a flattened state that the variant's format holds (as ``part_in_format``)."""
     if variant.format.startswith("safetensors"):
         return {n: v for n, v in flat.items() if n.startswith(("model.", "optim.state."))}
     return flat
@@ -50,7 +51,7 @@ def _hf_writer(path: str, consolidate: bool):
     return HuggingFaceStorageWriter(path, save_distributed=True, enable_consolidation=consolidate)
 
 
-def write(variant: Variant, state: dict, spec: dict, timing: dict):
+def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
     """Write ``state``; returns a wait() to call once the training loop has moved on, which
     waits for an async save to complete. ``timing``: ``save_blocked_s``, the time the training
     loop was blocked, and ``save_s``, until the checkpoint was written."""
@@ -58,10 +59,10 @@ def write(variant: Variant, state: dict, spec: dict, timing: dict):
     pending = None
     if variant.writes_full_state:
         if dist.get_rank() == 0:
-            torch.save(plain(state), spec["full_state"])
+            torch.save(stateful_as_dicts(state), paths.full_state)
         dist.barrier()
     elif variant.format.startswith("safetensors"):
-        writer = _hf_writer(spec["checkpoint"], variant.format == "safetensors_consolidated")
+        writer = _hf_writer(paths.checkpoint, variant.format == "safetensors_consolidated")
         dcp.save(state, storage_writer=writer)
     elif variant.async_save != "sync":
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
@@ -72,12 +73,12 @@ def write(variant: Variant, state: dict, spec: dict, timing: dict):
         group = dist.new_group(backend="gloo")
         pending = dcp.async_save(
             state,
-            checkpoint_id=spec["checkpoint"],
+            checkpoint_id=paths.checkpoint,
             process_group=group,
             async_checkpointer_type=kind,
         )
     else:
-        dcp.save(state, checkpoint_id=spec["checkpoint"])
+        dcp.save(state, checkpoint_id=paths.checkpoint)
     timing["save_blocked_s"] = timing["save_s"] = time.perf_counter() - t
     if pending is None:
         return lambda: None
@@ -98,54 +99,64 @@ def write(variant: Variant, state: dict, spec: dict, timing: dict):
     return wait
 
 
-def read(variant: Variant, model, optimizer, state: dict, source: dict, opts, strict: bool):
-    """Load the checkpoint of ``source`` into model and optimizer (and the Stateful entries of
-    ``state``). Returns the model entries the load reported missing (non-strict loads)."""
-    from torch.distributed.checkpoint.state_dict import (
-        set_model_state_dict,
-        set_optimizer_state_dict,
-        set_state_dict,
-    )
+def read(variant: Variant, trainee, state: dict, paths: CheckpointPaths) -> list[str]:
+    """Load the checkpoint at ``paths`` into the trainee's model and optimizer (and the
+    Stateful entries of ``state``), strict unless the mode is non_strict. Returns the model
+    entries the load reported missing (non-strict loads)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    opts = options(variant, bool(trainee.frozen), full=False)
     if variant.reads_full_state:
-        full = torch.load(source["full_state"], weights_only=True) if dist.get_rank() == 0 else {}
-        broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
-        # Model and optimizer one call each: set_state_dict takes the other ranks' empty model
-        # state as "optimizer only" and skips the model broadcast rank 0 joins (a hang,
-        # torch 2.13).
-        set_model_state_dict(model, full.get("model", {}), options=broadcast)
-        set_optimizer_state_dict(model, optimizer, full.get("optim", {}), options=broadcast)
-        _load_stateful_from_rank0(state, full)
+        _read_full_state(trainee, state, paths, opts)
         return []
-    missing = []
+    strict = variant.mode != "non_strict"
     if not strict:
-        present = set(_reader(variant, source).read_metadata().state_dict_metadata)
-        missing = [k for k in state["model"] if f"model.{k}" not in present]
-        for key in missing:
+        present = set(_reader(variant, paths).read_metadata().state_dict_metadata)
+        for key in _absent(state["model"], present):
             del state["model"][key]
-    if variant.format.startswith("safetensors"):
-        reader = _reader(variant, source)
-        dcp.load(saved(variant, state), storage_reader=reader, planner=SafeLoadPlanner())
-    else:
-        dcp.load(
-            state,
-            storage_reader=_reader(variant, source),
-            planner=SafeLoadPlanner(allow_partial_load=not strict),
-        )
+    # safetensors holds tensors only (part_in_format); DCP may lack the entry left out.
+    partial = not strict and not variant.format.startswith("safetensors")
+    reader, planner = _reader(variant, paths), SafeLoadPlanner(allow_partial_load=partial)
+    dcp.load(part_in_format(variant, state), storage_reader=reader, planner=planner)
     result = set_state_dict(
-        model,
-        optimizer,
+        trainee.model,
+        trainee.optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optim"],
         # The state left out frozen parameters: a strict set_state_dict would want them.
         options=replace(opts, strict=strict and not opts.ignore_frozen_params),
     )
-    if strict:
-        return []
-    return sorted(f"model.{k}" for k in result.missing_keys)
+    return [] if strict else sorted(f"model.{k}" for k in result.missing_keys)
 
 
-def convert(variant: Variant, spec: dict) -> None:
+def _absent(model_state: dict, present: set[str]) -> list[str]:
+    """Keys of a model state the checkpoint does not hold; a key holding a dict (extra state)
+    is held as its flattened parts."""
+    return [
+        key
+        for key in model_state
+        if f"model.{key}" not in present and not any(p.startswith(f"model.{key}.") for p in present)
+    ]
+
+
+def _read_full_state(trainee, state: dict, paths: CheckpointPaths, opts) -> None:
+    """A full state dict on rank 0, broadcast into every rank's model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model, optimizer = trainee.model, trainee.optimizer
+    full = torch.load(paths.full_state, weights_only=True) if dist.get_rank() == 0 else {}
+    broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
+    # Model and optimizer one call each: set_state_dict takes the other ranks' empty model state
+    # as "optimizer only" and skips the model broadcast rank 0 joins (a hang, torch 2.13).
+    set_model_state_dict(model, full.get("model", {}), options=broadcast)
+    set_optimizer_state_dict(model, optimizer, full.get("optim", {}), options=broadcast)
+    _load_stateful_from_rank0(state, full)
+
+
+def convert(variant: Variant, paths: CheckpointPaths) -> None:
     """The conversions of formats torch_save (DCP -> torch.save file) and torch_save_to_dcp
     (torch.save file -> DCP), in one process, no process group, as a user runs them offline."""
     if variant.format not in ("torch_save", "torch_save_to_dcp"):
@@ -155,24 +166,24 @@ def convert(variant: Variant, spec: dict) -> None:
     from pipeline_lib import untrusted
 
     if variant.format == "torch_save":
-        untrusted.dcp_to_torch_save(spec["checkpoint"], spec["full_state"])
+        untrusted.dcp_to_torch_save(paths.checkpoint, paths.full_state)
     else:
-        untrusted.torch_save_to_dcp(spec["full_state"], spec["checkpoint"])
+        untrusted.torch_save_to_dcp(paths.full_state, paths.checkpoint)
 
 
-def plain(state: dict) -> dict:
+def stateful_as_dicts(state: dict) -> dict:
     """``state`` with its Stateful entries (the LR scheduler) as their state dicts."""
     return {k: v if k in ("model", "optim") else v.state_dict() for k, v in state.items()}
 
 
-def _reader(variant: Variant, source: dict):
+def _reader(variant: Variant, paths: CheckpointPaths):
     if variant.format.startswith("safetensors"):
         from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-        return HuggingFaceStorageReader(source["checkpoint"])
+        return HuggingFaceStorageReader(paths.checkpoint)
     from pipeline_lib.untrusted import SafeFileSystemReader  # .metadata: no pickle.load
 
-    return SafeFileSystemReader(source["checkpoint"])
+    return SafeFileSystemReader(paths.checkpoint)
 
 
 def _load_stateful_from_rank0(state: dict, full: dict) -> None:

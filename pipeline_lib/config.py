@@ -139,53 +139,69 @@ def _fill_defaults(node: dict, schema: dict) -> None:
 
 
 def _check_semantics(config: dict, source: str) -> None:
+    """Every error beyond the schema, one line each (ConfigError), names first: a name that
+    cannot become a path is not imported or expanded any further."""
     errors = []
     if not config["models"] and not config["faults"]:
         errors.append("models: the grid is empty (no models and no faults)")
     errors += _name_errors(config)
-    if errors:  # a name that cannot become a path is not imported or expanded any further
+    if errors:
         raise ConfigError(_joined(errors, source))
-    known_models = models.names()
-    for i, name in enumerate(config["models"]):
-        if error := _model_error(name, known_models):
-            errors.append(f"models.{i}: {error}")
-    known_frameworks = frameworks.names()
+    errors += [
+        f"models.{i}: {error}"
+        for i, name in enumerate(config["models"])
+        if (error := _model_error(name, models.names()))
+    ]
     max_dp = 1
     for name, layout in config["layouts"].items():
-        where = f"layouts.{name}"
-        if layout["framework"] not in known_frameworks:
-            errors.append(
-                f"{where}.framework: unknown framework {layout['framework']!r} "
-                f"(known: {', '.join(known_frameworks)})"
-            )
-            continue
-        fw = frameworks.get(layout["framework"])
-        mesh = layout["mesh"]
-        if len(mesh) != len(fw.mesh_dims):
-            errors.append(
-                f"{where}.mesh: framework {fw.name} needs {len(fw.mesh_dims)} mesh dim(s) "
-                f"({', '.join(fw.mesh_dims)}), got {mesh}"
-            )
-            continue
-        world = math.prod(mesh)
-        if fw.max_world_size is not None and world > fw.max_world_size:
-            errors.append(
-                f"{where}.mesh: framework {fw.name} runs on at most {fw.max_world_size} "
-                f"process(es), mesh {mesh} has {world}"
-            )
-        gpus_per_node = config["run"]["gpus_per_node"]
-        if gpus_per_node and world % math.ceil(world / gpus_per_node):
-            nodes = math.ceil(world / gpus_per_node)
-            errors.append(
-                f"{where}.mesh: world size {world} does not split evenly over {nodes} nodes of "
-                f"run.gpus_per_node={gpus_per_node} (every node runs the same number of ranks)"
-            )
-        dp = math.prod(s for s, d in zip(mesh, fw.mesh_dims, strict=True) if d != fw.tp_dim)
+        layout_errors, dp = _layout_errors(f"layouts.{name}", layout, config["run"])
+        errors += layout_errors
         max_dp = max(max_dp, dp)
     errors += _unknown_pair_names(config, "pairs", config["layouts"], "layout")
     errors += _unknown_pair_names(
         config, "version_pairs", config["torch_versions"], "torch version"
     )
+    errors += _axis_errors(config) + _fault_errors(config)
+    if config["train"]["global_batch"] < max_dp:
+        errors.append(
+            f"train.global_batch: {config['train']['global_batch']} is smaller than the largest "
+            f"data-parallel degree {max_dp}; every data-parallel rank needs at least one sample"
+        )
+    if errors:
+        raise ConfigError(_joined(errors, source))
+
+
+def _layout_errors(where: str, layout: dict, run: dict) -> tuple[list[str], int]:
+    """A layout's errors (framework, mesh, world size, nodes) and its data-parallel degree."""
+    known = frameworks.names()
+    if layout["framework"] not in known:
+        unknown = f"unknown framework {layout['framework']!r} (known: {', '.join(known)})"
+        return [f"{where}.framework: {unknown}"], 1
+    fw, mesh = frameworks.get(layout["framework"]), layout["mesh"]
+    if len(mesh) != len(fw.mesh_dims):
+        return [
+            f"{where}.mesh: framework {fw.name} needs {len(fw.mesh_dims)} mesh dim(s) "
+            f"({', '.join(fw.mesh_dims)}), got {mesh}"
+        ], 1
+    errors, world = [], math.prod(mesh)
+    if fw.max_world_size is not None and world > fw.max_world_size:
+        errors.append(
+            f"{where}.mesh: framework {fw.name} runs on at most {fw.max_world_size} "
+            f"process(es), mesh {mesh} has {world}"
+        )
+    gpus_per_node = run["gpus_per_node"]
+    if gpus_per_node and world % math.ceil(world / gpus_per_node):
+        nodes = math.ceil(world / gpus_per_node)
+        errors.append(
+            f"{where}.mesh: world size {world} does not split evenly over {nodes} nodes of "
+            f"run.gpus_per_node={gpus_per_node} (every node runs the same number of ranks)"
+        )
+    dp = math.prod(s for s, d in zip(mesh, fw.mesh_dims, strict=True) if d != fw.tp_dim)
+    return errors, dp
+
+
+def _axis_errors(config: dict) -> list[str]:
+    errors = []
     single_optimizer = isinstance(config["train"]["optimizer"], str)
     for axis, values in axes.axis_values(config).items():
         key, known = axes.CONFIG_KEYS[axis], axes.AXES[axis]
@@ -193,7 +209,11 @@ def _check_semantics(config: dict, source: str) -> None:
             if value not in known:
                 where = key if axis == "optimizer" and single_optimizer else f"{key}.{i}"
                 errors.append(f"{where}: unknown {axis} {value!r} (known: {', '.join(known)})")
-    known_faults = ["all", *faults.FAULTS]
+    return errors
+
+
+def _fault_errors(config: dict) -> list[str]:
+    errors, known_faults, known_models = [], ["all", *faults.FAULTS], models.names()
     for i, entry in enumerate(config["faults"]):
         if entry["fault"] not in known_faults:
             known = ", ".join(known_faults)
@@ -203,13 +223,7 @@ def _check_semantics(config: dict, source: str) -> None:
         for key in ("save", "load"):
             if entry[key] not in config["layouts"]:
                 errors.append(f"faults.{i}.{key}: unknown layout {entry[key]!r}")
-    if config["train"]["global_batch"] < max_dp:
-        errors.append(
-            f"train.global_batch: {config['train']['global_batch']} is smaller than the largest "
-            f"data-parallel degree {max_dp}; every data-parallel rank needs at least one sample"
-        )
-    if errors:
-        raise ConfigError(_joined(errors, source))
+    return errors
 
 
 def _name_errors(config: dict) -> list[str]:
@@ -234,6 +248,8 @@ def _name_errors(config: dict) -> list[str]:
                 errors.append(f"faults.{i}: fault cell {error}")
     if error := env_dir_error(config["run"]["torch_env_dir"]):
         errors.append(f"run.torch_env_dir: {error}")
+    if config.get("baseline") and (error := baseline_error(config["baseline"])):
+        errors.append(f"baseline: {error}")
     for name, requirement in config["torch_versions"].items():
         if error := requirement_error(requirement):
             errors.append(f"torch_versions.{name}: {error}")
@@ -244,14 +260,33 @@ def _name_errors(config: dict) -> list[str]:
 _SHELL_CHARACTERS = set(" \t\n\r;&|<>()$`\\\"'*?[]{}!#~^,=%")
 
 
-def env_dir_error(path: str) -> str | None:
-    """Why ``run.torch_env_dir`` is not usable, or None. A relative folder must stay inside the
-    working directory (an absolute one may lie anywhere: see environments.make_env)."""
+def _argument_error(path: str) -> str | None:
+    """Why a path cannot go into a rule's input and a shell command as it is, or None."""
     bad = sorted(set(path) & _SHELL_CHARACTERS) + sorted({c for c in path if not c.isprintable()})
     if bad:
         return f"{path!r} has characters a shell or Snakemake would interpret: {''.join(bad)!r}"
     if path.startswith("-"):
         return f"{path!r} starts with '-' (it would read as a command-line option)"
+    return None
+
+
+def baseline_error(path: str) -> str | None:
+    """Why ``baseline`` is not usable, or None. It is only read (never written or deleted), so
+    it may lie anywhere, but it becomes a rule input and a shell argument."""
+    if error := _argument_error(path):
+        return error
+    if Path(path).suffix not in (".yaml", ".yml", ".parquet"):
+        return f"{path!r} is neither an expectations file (.yaml) nor a matrix (.parquet)"
+    if not Path(path).is_file():
+        return f"{path!r} is not a file"
+    return None
+
+
+def env_dir_error(path: str) -> str | None:
+    """Why ``run.torch_env_dir`` is not usable, or None. A relative folder must stay inside the
+    working directory (an absolute one may lie anywhere: see environments.make_env)."""
+    if error := _argument_error(path):
+        return error
     if not Path(path).is_absolute():
         try:
             names.inside(path)

@@ -33,7 +33,8 @@ SAVE_RECORD_PER_ENTRY = 1024  # save record + worker result, per entry
 LOAD_RECORD_PER_ENTRY = 1024  # load record + worker result, per entry and cell
 PER_JOB = 64 * 1024  # specs, progress files, log
 # A torch_versions environment: torch (a CPU wheel ~0.9 GB unpacked, a CUDA one several GB;
-# README: 2.14.1 is a 2.7 GB download) and the job's packages. Counted when not built yet.
+# docs/torch-versions.md: 2.14.1 is a 2.7 GB download) and the job's packages. Counted when not
+# built yet.
 ENVIRONMENT = 6 * 2**30
 PARAM_GROUP_ENTRIES = 16  # lr, betas, eps, weight_decay, ..., params, per group
 

@@ -3,7 +3,7 @@ left, writes the records.
 
 A job's spec (JSON, built by pipeline_lib.grid) names its items; the worker ranks
 (pipeline_lib.worker, started by pipeline_lib.launcher) write one result per unit (an item of a
-save job, a cell ``grid.unit_id(item, source)`` of a load job). This side turns the results into
+save job, a cell ``specs.unit_id(item, source)`` of a load job). This side turns the results into
 records and always writes them, also when the job itself failed: a failing cell never stops the
 matrix.
 
@@ -22,10 +22,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from pipeline_lib import grid, timestamps
+from pipeline_lib import timestamps
 from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.launcher import Outcome, launch
 from pipeline_lib.names import inside
+from pipeline_lib.specs import unit_id
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -68,7 +69,7 @@ def _narrowed(spec: dict, pending: set[str]) -> dict:
             if item["id"] in pending:
                 items.append(item)
             continue
-        sources = [s for s in item["sources"] if grid.unit_id(item["id"], s["id"]) in pending]
+        sources = [s for s in item["sources"] if unit_id(item["id"], s["id"]) in pending]
         if sources:
             items.append({**item, "sources": sources})
     return {**spec, "items": items}
@@ -165,7 +166,7 @@ def run_load_job(spec: dict) -> None:
 
     work = _fresh_dir(Path(spec["work_dir"]))
     saves, results, items = _read_sources(spec)
-    pending = [grid.unit_id(i["id"], s["id"]) for i in items for s in i["sources"]]
+    pending = [unit_id(i["id"], s["id"]) for i in items for s in i["sources"]]
     if no_room := room_error({**spec, "items": items}, work):
         launched, launches = {unit: {"status": "error", "reason": no_room} for unit in pending}, 0
     else:
@@ -183,7 +184,7 @@ def _read_sources(spec: dict) -> tuple[dict[str, dict], dict[str, dict], list[di
     for item in spec["items"]:
         sources = []
         for source in item["sources"]:
-            unit = grid.unit_id(item["id"], source["id"])
+            unit = unit_id(item["id"], source["id"])
             save = saves[unit] = read_json(source["save_record"])
             # The folders the spec names (grid.load_spec), whatever a record on disk says.
             expected = {k: source[k] for k in ("checkpoint", "reference") if k in source}
@@ -213,7 +214,7 @@ def load_record_of(
 
     cells, tensors = [], []
     for source in item["sources"]:
-        unit = grid.unit_id(item["id"], source["id"])
+        unit = unit_id(item["id"], source["id"])
         load = {**results[unit], "layout": item["layout"], "torch_version": torch_version()}
         cells.append(cell_row(item["model"], saves[unit], load, item))
         tensors.extend(tensor_rows(item["model"], saves[unit], load, item["variant"]))

@@ -3,9 +3,10 @@
 Each fault names the status the verifier must give. Stages:
 - ``checkpoint``: change the files right after the save wrote them (rank 0 of the save job),
   before any check reads them (returns a description naming the file and entry it changed);
-- ``save`` / ``load``: the worker breaks itself at that phase (pipeline_lib.worker.Job.inject and
-  load_one): the last rank is SIGKILLed or hangs, rank 0 dies by SIGSEGV, the load is skipped, an
-  entry is dropped from the loader's state, the resume runs with twice the learning rate;
+- ``save`` / ``load``: the worker breaks itself at that phase (``inject``, and in
+  pipeline_lib.worker / checks): the last rank is SIGKILLed or hangs, rank 0 dies by SIGSEGV,
+  the load is skipped, an entry is dropped from the loader's state, the resume runs with twice
+  the learning rate;
 - ``source``: the load job reads a checkpoint written by a different model;
 - ``state``: the state dict ``get_state_dict`` returns is corrupted the same way on the save and
   the load side (``corrupt``), as a state-dict API that returns wrong values would: only a check
@@ -15,8 +16,11 @@ Each fault names the status the verifier must give. Stages:
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import signal
 import struct
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +39,8 @@ class Fault:
 
 
 def _metadata(checkpoint: Path):
-    # Through the restricted unpickler, as every read of .metadata (README "Untrusted
-    # checkpoints").
+    # Through the restricted unpickler, as every read of .metadata
+    # (docs/untrusted-checkpoints.md).
     from pipeline_lib.untrusted import load_metadata
 
     path = checkpoint / ".metadata"
@@ -188,6 +192,44 @@ FAULTS: dict[str, Fault] = {
         Fault("hang_load", "load", "timeout"),
     ]
 }
+
+
+# --- hooks: where the jobs break themselves (pipeline_lib.worker, training, checks) ------------
+def inject(phase: str, fault: str | None, rank: int, world_size: int) -> None:
+    """Worker faults: break this job on purpose at ``phase`` (save or load): the last rank is
+    SIGKILLed or hangs (the other ranks block in the next collective), rank 0 dies by SIGSEGV."""
+    last = world_size - 1
+    if fault == f"kill_rank_{phase}" and rank == last:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == f"hang_{phase}" and rank == last:
+        time.sleep(10**6)
+    elif fault == f"segfault_{phase}" and rank == 0:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def corrupt_state(fault: str | None, model_state: dict, optim_state: dict, at_build: dict):
+    """State faults: corrupt what get_state_dict returned, in place."""
+    if fault in FAULTS and FAULTS[fault].stage == "state":
+        FAULTS[fault].corrupt(model_state, optim_state, at_build)
+
+
+def wants_state_at_build(fault: str | None) -> bool:
+    """The fault returns a state taken right after the build (stale_param)."""
+    return fault == "stale_param"
+
+
+def skew_resume(fault: str | None, optimizer) -> None:
+    """skew_resume_lr: the loader resumes with twice the learning rate."""
+    if fault == "skew_resume_lr":
+        for group in optimizer.param_groups:
+            group["lr"] *= 2
+
+
+def apply_to_checkpoint(fault: str | None, checkpoint: Path) -> str | None:
+    """Checkpoint faults: change the written files; a description naming file and entry."""
+    if fault in FAULTS and FAULTS[fault].stage == "checkpoint":
+        return FAULTS[fault].apply(checkpoint)
+    return None
 
 
 def foreign_model(model: str) -> str:

@@ -183,7 +183,7 @@ def checkpoint_dir(model: str, layout: str, root: str = RESULTS) -> str:
 
 def reference_dir(model: str, layout: str, root: str = RESULTS) -> str:
     """The saver's in-memory state: one torch.save file per rank, its own part of each entry
-    (pipeline_lib.state.Reference; read with weights_only=True)."""
+    (pipeline_lib.reference.Reference; read with weights_only=True)."""
     return f"{save_dir(model, layout, root)}/reference"
 
 
@@ -265,12 +265,6 @@ def load_spec(
         ],
         "record": load_record_path(model, layout, root),
     }
-
-
-def unit_id(item_id: str, source_id: str | None = None) -> str:
-    """The unit a worker reports on (its result file ``results/<unit>.json``): an item of a
-    save job (its id), or a cell of a load job (``<item id>.<source id>``)."""
-    return item_id if source_id is None else f"{item_id}.{source_id}"
 
 
 def job_spec(config: dict, kind: str, layout: str, work_dir: str, items: list[dict]) -> dict:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline_lib.state import FlatPiece, flatten
+from pipeline_lib.entries import FlatPiece, flatten
 
 # Module names a wrapper inserts between a model's own names.
 WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})

@@ -134,7 +134,8 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
     A check that found a difference makes the cell ``fail`` even when the load then errored
     (a corrupt checkpoint is a finding); a job that died with no check failed names its status.
     Modes strict and non_strict (the saver left an entry out on purpose) check the load's
-    account of the missing entry instead of the resumed losses, which differ by design.
+    account of the missing entry instead of the resumed losses, which differ by design. One
+    function on purpose: the order of its steps is the order of the reason's parts.
     """
     for side, result in (("save", save), ("load", load)):
         if result["status"] == "skip":

@@ -22,7 +22,7 @@ from pipeline_lib.axes import Variant
 from pipeline_lib.records import AXIS_COLUMNS
 
 PACKAGE = Path(__file__).resolve().parent
-# pipeline_lib.worker.LOADER_SEED_OFFSET (worker.py imports torch; this module must not).
+# pipeline_lib.training.LOADER_SEED_OFFSET (training.py imports torch; this module must not).
 LOADER_SEED_OFFSET = 1_000_003
 REPRODUCED = ("fail", "error", "crash", "timeout")
 

@@ -12,15 +12,14 @@ objects of ``torch`` (and torch's ``_get_layout``, by which a layout is pickled)
 
 from __future__ import annotations
 
+import io
 import pickle
 from typing import Any, BinaryIO
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
-
-from pipeline_lib.state import SafeLoadPlanner
 
 _METADATA = "torch.distributed.checkpoint.metadata"
 ALLOWED = {
@@ -56,7 +55,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         raise UntrustedPickle(
             f"refused to unpickle {module}.{name}: DCP's metadata is not made of it (a foreign "
-            "or tampered .metadata; see README 'Untrusted checkpoints')"
+            "or tampered .metadata; see docs/untrusted-checkpoints.md)"
         )
 
     def persistent_load(self, pid: Any) -> Any:
@@ -84,6 +83,16 @@ class SafeFileSystemReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner unpickles non-tensor entries with weights_only=False; refuse any
+    entry that a weights_only=True load rejects before handing it to the default path."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 class SafeEmptyStateDictLoadPlanner(SafeLoadPlanner, _EmptyStateDictLoadPlanner):

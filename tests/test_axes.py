@@ -7,7 +7,7 @@ import pytest
 
 from pipeline_lib import axes, config, grid, optimizers
 from pipeline_lib.axes import Variant
-from pipeline_lib.state import Reference
+from pipeline_lib.reference import Reference
 from tests.jobs import run_grid
 
 FSDP2_TO_SINGLE = {
@@ -125,6 +125,21 @@ def test_every_axis_value_passes_fsdp2_to_single(in_tmp):
     # safetensors holds no param_groups; the scheduler adds its own entries
     assert by_id["format-safetensors"]["entries_checked"] < by_id[""]["entries_checked"]
     assert by_id["optimizer-adam_lr_warmup"]["entries_checked"] > by_id[""]["entries_checked"]
+
+
+@pytest.mark.torchrun
+def test_non_strict_load_restores_extra_state(in_tmp):
+    """A state key holding a dict (extra state) is in the checkpoint as its flattened parts: a
+    non-strict load must not take it for missing (it did, and never loaded the extra state)."""
+    cfg = {
+        "models": ["mlp_extra_state"],
+        "layouts": {"single": {"framework": "single", "mesh": [1]}},
+        "modes": ["non_strict"],
+        "run": {"cell_timeout_s": 120},
+    }
+    (row,) = run_grid(cfg).values()
+    assert (row["status"], row["reason"]) == ("pass", "")
+    assert row["missing_entries"] == "model.blocks.0.fc1.bias"
 
 
 @pytest.mark.torchrun

@@ -219,15 +219,16 @@ def test_shipped_expectations_load():
         assert exp.findings and exp.torch
 
 
-def test_readme_findings_table_is_generated_from_the_expectations():
+def test_findings_table_is_generated_from_the_expectations():
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline_lib", "findings-table", "--write", "README.md", "--check"],
+        [sys.executable, "-m", "pipeline_lib", "findings-table", "--write", "docs/findings.md",
+         "--check"],
         cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, (
         proc.stdout
         + proc.stderr
-        + (" (regenerate: python -m pipeline_lib findings-table --write README.md)")
+        + (" (regenerate: python -m pipeline_lib findings-table --write docs/findings.md)")
     )
 
 

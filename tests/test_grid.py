@@ -118,8 +118,8 @@ def test_fault_cells_get_their_own_jobs(small_config):
 
 def test_unit_id_names_a_save_item_or_a_load_cell(small_config):
     # The worker's result files and the driver's pending units agree on these names.
-    assert grid.unit_id("3") == "3"
-    assert grid.unit_id("3", "ddp_2") == "3.ddp_2"
+    from pipeline_lib.specs import unit_id
+
     spec = grid.load_job_spec(config.validate(small_config), grid.RESULTS, "single")
-    units = [grid.unit_id(i["id"], s["id"]) for i in spec["items"] for s in i["sources"]]
+    units = [unit_id(i["id"], s["id"]) for i in spec["items"] for s in i["sources"]]
     assert units == ["0.single", "0.fsdp2_2"]

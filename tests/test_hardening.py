@@ -134,6 +134,27 @@ def test_torch_env_dir_may_be_absolute(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("baseline", "why"),
+    [
+        ("x.yaml;touch pwned", "characters a shell or Snakemake would interpret"),
+        ("{version}.yaml", "characters a shell or Snakemake would interpret"),
+        ("-rf.yaml", "starts with '-'"),
+        ("expectations/torch-2.13.0.py", "neither an expectations file"),
+        ("expectations/torch-0.0.0.yaml", "is not a file"),
+    ],
+)
+def test_a_baseline_that_would_reach_a_shell_or_does_not_exist_is_refused(baseline, why):
+    refused({**small(), "baseline": baseline}, f"baseline: {baseline!r}", why)
+
+
+def test_a_baseline_is_read_from_anywhere(tmp_path):
+    """The baseline is only read, so an absolute path outside the working directory is fine."""
+    (tmp_path / "old.parquet").write_bytes(b"")
+    config.validate({**small(), "baseline": str(tmp_path / "old.parquet")})
+    config.validate({**small(), "baseline": "expectations/torch-2.13.0.yaml"})
+
+
+@pytest.mark.parametrize(
     "requirement",
     [
         "--index-url=http://evil/simple",

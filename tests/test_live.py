@@ -6,8 +6,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from pipeline_lib import models, optimizers
+from pipeline_lib.compare import compare, shared_storage
+from pipeline_lib.entries import flatten
 from pipeline_lib.live import Anatomy, live_state, own_name
-from pipeline_lib.state import compare, flatten, shared_storage
 
 
 def trained(model_name: str, recipe: str):

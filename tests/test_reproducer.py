@@ -1,5 +1,5 @@
 """Issue 18: the standalone reproducer of a non-pass cell, run with torchrun in a fresh folder
-(no pipeline_lib), gives the cell's status. Cells known on torch 2.13.0 CPU (README findings)."""
+(no pipeline_lib), gives the cell's status. Cells known on torch 2.13.0 CPU (docs/findings.md)."""
 
 from __future__ import annotations
 

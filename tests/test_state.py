@@ -1,22 +1,14 @@
-"""Entry flattening and bit-exact comparison (torch, single process)."""
+"""Entries, the saver's reference, bit-exact comparison and offline readers (torch, single
+process): pipeline_lib.entries, reference, compare, readers."""
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pipeline_lib.state import (
-    EntryComparison,
-    FlatPiece,
-    Part,
-    Reference,
-    checkpoint_entries,
-    compare,
-    entry_kind,
-    flatten,
-    merge,
-    shared_storage,
-    shares,
-)
+from pipeline_lib.compare import EntryComparison, compare, merge, shared_storage
+from pipeline_lib.entries import FlatPiece, entry_kind, flatten
+from pipeline_lib.readers import checkpoint_entries, shares
+from pipeline_lib.reference import Part, Reference
 
 
 def test_compare_is_bit_exact():

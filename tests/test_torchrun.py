@@ -65,7 +65,7 @@ def test_tp_degree_that_does_not_divide_is_skip(in_tmp):
     rows = run_matrix(cfg, model="mlp_uneven")
     assert rows["single", "single"]["status"] == "pass"
     for cell in [("tp_2", "single"), ("tp_2", "tp_2")]:
-        assert rows[cell]["status"] == "skip"
+        assert rows[cell]["status"] == "skip", rows[cell]["reason"]
         assert (
             rows[cell]["reason"] == "save layout: TP degree 2 does not divide mlp_uneven hidden=25"
         )

@@ -1,4 +1,4 @@
-"""Issue 14, item 10: what README "Untrusted checkpoints" promises. A checkpoint from elsewhere
+"""Issue 14, item 10: what docs/untrusted-checkpoints.md promises. A checkpoint from elsewhere
 (a foreign or tampered ``.metadata``, a non-tensor entry, a torch.save file) is refused with a
 clear error and never runs code; a record on disk cannot point the loader at another folder."""
 
@@ -18,7 +18,7 @@ from torch.distributed.checkpoint import CheckpointException
 from pipeline_lib import checkpoint_io, config, driver, faults, grid
 from pipeline_lib.axes import DEFAULT, Variant
 from pipeline_lib.errors import one_line
-from pipeline_lib.state import checkpoint_entries
+from pipeline_lib.readers import checkpoint_entries
 
 
 class RunsCode:

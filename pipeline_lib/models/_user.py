@@ -1,6 +1,6 @@
 """Your own model, named in the config by import path: ``package.module:callable``.
 
-The user's module provides (README "Your own model"):
+The user's module provides (docs/extending.md, "Your own model"):
 - ``callable(**kwargs) -> nn.Module``: builds the model (torch's RNG is seeded before the call);
 - ``make_inputs(batch_size, generator) -> Tensor``: a batch of inputs (first dim ``batch_size``)
   drawn from ``generator`` only, so every layout sees the same batch;

@@ -1,0 +1,124 @@
+"""The checks a job runs against the saver's reference (docs: Verification): state dict vs live
+(check 0, save side), files vs saver (check 1, save side), loader vs saver (check 2, load
+side). Every rank compares its own part of every entry, no collective per entry; rank 0 gets
+the merged comparisons ({} on the other ranks). Imports torch; collectives on all ranks.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch.distributed.checkpoint import CheckpointException
+
+from pipeline_lib import checkpoint_io
+from pipeline_lib.compare import EntryComparison, merge, shared_storage, unmatched
+from pipeline_lib.entries import flatten
+from pipeline_lib.errors import one_line
+from pipeline_lib.live import Anatomy
+from pipeline_lib.readers import checkpoint_entries, file_entries
+from pipeline_lib.reference import Reference
+from pipeline_lib.specs import Source
+from pipeline_lib.training import Item, Placement, Trainee, live, state_dict
+
+
+def against_reference(
+    flat: dict,
+    reference_path: str,
+    side: str,
+    anatomy: Anatomy,
+    skip=(),
+    drop_first: bool = False,
+    shared: dict[str, str] | None = None,
+) -> dict:
+    """Every rank's part of every entry of ``flat`` (a state of ``side``: "the saver's state
+    dict", "the loader's state", ...) vs the saver's reference; entries sharing storage the
+    model does not tie fail too. ``skip``: entries not to compare; ``drop_first`` (fault
+    drop_loaded_entry): leave out the first on purpose; ``shared``: more entries that share
+    storage (name -> note)."""
+    reference = Reference(reference_path)
+    names = sorted(set(flat) - set(skip) - ({min(reference)} if drop_first else set()))
+    mine = {name: reference.compare(name, flat[name]) for name in names if name in reference}
+    shared = {**(shared or {}), **shared_storage({n: flat[n] for n in names}, anatomy.canonical)}
+    for name, note in shared.items():
+        found = mine.get(name, EntryComparison(True, None))
+        detail = "" if found.equal else f"; {found.note}"
+        mine[name] = EntryComparison(False, found.max_abs_diff, note + detail)
+    extra = [name for name in names if name not in reference]
+    every_rank = _gather((mine, extra))
+    if every_rank is None:
+        return {}
+    entries = {
+        name: vars(merge([part[name] for part, _ in every_rank if name in part]))
+        for name in sorted(set().union(*(part for part, _ in every_rank)))
+    }
+    for name in sorted(set().union(*(names for _, names in every_rank))):
+        entries.setdefault(name, unmatched("not in the saver's state"))
+    for name in reference:
+        entries.setdefault(name, unmatched(f"missing in {side}"))
+    return entries
+
+
+def files_vs_saver(item: Item) -> tuple[dict, str]:
+    """Read back what the load jobs will read, every rank a share of the entries in a
+    process-group-free reader (as a process without the saving ranks reads it), and compare
+    each bit for bit with the saver's reference. Rank 0 gets the entries' comparisons, or a
+    reason the checkpoint cannot be read ({} and "" on other ranks)."""
+    paths, variant = item.spec.paths, item.variant
+    reference = Reference(paths.reference)
+    path = paths.read_by(variant)
+    share = (dist.get_rank(), dist.get_world_size())
+    entries, error = {}, ""
+    try:
+        if variant.reads_full_state:
+            read = file_entries(path, share)
+        else:
+            read = checkpoint_entries(path, variant.format.startswith("safetensors"), share)
+        for name, value in read:
+            if isinstance(value, BaseException):
+                entries[name] = unmatched(f"unreadable: {one_line(value)}")
+            elif name not in reference:
+                entries[name] = unmatched("not in the saver's state")
+            else:
+                entries[name] = vars(reference.compare(name, value))
+    except (Exception, CheckpointException) as exc:
+        error = f"files vs saver: cannot read checkpoint {path}: {one_line(exc)}"
+    every_rank = _gather((entries, error))
+    if every_rank is None:
+        return {}, ""
+    errors = [e for _, e in every_rank if e]
+    if errors:
+        return {}, errors[0]
+    entries = {name: c for part, _ in every_rank for name, c in part.items()}
+    for name in reference:
+        entries.setdefault(name, unmatched("missing in the checkpoint"))
+    return entries, ""
+
+
+def loader_vs_saver(item: Item, at: Placement, t: Trainee, source: Source, missing) -> dict:
+    """The loader's state, twice: as get_state_dict gives it, and from its live objects
+    (pipeline_lib.live), each against the saver's reference. An entry is equal only if both
+    are; a difference only the live objects show is noted ``live: ...``."""
+    fault, reference = source.fault, source.paths.reference
+    state = checkpoint_io.part_in_format(item.variant, state_dict(item, t, fault=fault))
+    through_api = against_reference(
+        flatten(checkpoint_io.stateful_as_dicts(state)),
+        reference,
+        "the loader's state",
+        t.anatomy,
+        # Reported missing by the non-strict load (and checked against the saver's account).
+        skip=set(missing),
+        drop_first=fault == "drop_loaded_entry",
+    )
+    from_live = against_reference(
+        live(item, at, t), reference, "the loader's live state", t.anatomy, set(missing)
+    )
+    for name, found in from_live.items():
+        if not found["equal"] and through_api.get(name, {"equal": True})["equal"]:
+            through_api[name] = {**found, "note": f"live: {found['note']}"}
+    return through_api
+
+
+def _gather(mine) -> list | None:
+    """Every rank's ``mine`` on rank 0 (None on the other ranks)."""
+    every_rank = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, every_rank, dst=0)
+    return every_rank

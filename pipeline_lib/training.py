@@ -1,0 +1,162 @@
+"""A job's item as a rank trains it: the model under the layout, its optimizer and scheduler
+(``build``), deterministic training steps on the shared global batches (``train``), and its
+state seen two ways: through torch's state-dict API (``state_dict``) and from the live objects
+(``live``). Imports torch; every function runs on all ranks of a job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from pipeline_lib import checkpoint_io, faults, models, optimizers
+from pipeline_lib.errors import Incompatible
+from pipeline_lib.frameworks import Framework
+from pipeline_lib.live import Anatomy, live_state
+from pipeline_lib.specs import ItemSpec
+
+# The loader's model starts from a different init, so an entry the load misses cannot pass.
+LOADER_SEED_OFFSET = 1_000_003
+
+
+class Item:
+    """One (variant, model) of a job as a rank runs it: its spec and the model's module."""
+
+    def __init__(self, spec: ItemSpec):
+        self.spec, self.id, self.train, self.variant = spec, spec.id, spec.train, spec.variant
+        self.model_module = models.get(spec.model)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a rank trains: its device, the layout's framework and mesh, and its place in the
+    data-parallel and tensor-parallel groups."""
+
+    device: torch.device
+    framework: Framework
+    mesh: Any  # DeviceMesh
+    dp_rank: int
+    dp_size: int
+    tp_degree: int
+
+
+@dataclass
+class Trainee:
+    model: torch.nn.Module  # wrapped by the layout's framework
+    base: torch.nn.Module  # the model module's own object (make_batch, loss_sum)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    anatomy: Anatomy  # the model's state entries, from the unwrapped module
+    at_build: dict = field(default_factory=dict)  # fault stale_param: the state at build
+
+    @property
+    def param_names(self) -> set[str]:
+        return set(self.anatomy.shapes)
+
+    @property
+    def frozen(self) -> frozenset[str]:
+        """Frozen parameters (saved and loaded with ignore_frozen_params)."""
+        return self.anatomy.frozen
+
+
+def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) -> Trainee:
+    """The item's model, of its variant's dtype, under the layout, its optimizer and scheduler.
+    ``meta``: built on the meta device and materialized empty (no values until a load)."""
+    torch.manual_seed(seed)
+    # model_kwargs (benchmarks only) resize a model, e.g. a 1 GB mlp.
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        base = item.model_module.build(**item.spec.model_kwargs)
+    for dim, size in base.tp_dims().items():
+        if size % at.tp_degree:
+            model = item.spec.model
+            raise Incompatible(f"TP degree {at.tp_degree} does not divide {model} {dim}={size}")
+    anatomy = Anatomy.of(base)
+    base.to(getattr(torch, item.variant.param_dtype))
+    if not meta:
+        base.to(at.device)
+    elif not at.framework.shards_meta_model:
+        base.to_empty(device=at.device)
+    model = at.framework.parallelize(base, at.mesh)
+    if meta and at.framework.shards_meta_model:
+        model.to_empty(device=at.device)
+    optimizer, scheduler = optimizers.make(item.variant.optimizer, model, item.train["lr"])
+    trainee = Trainee(model, base, optimizer, scheduler, anatomy)
+    if faults.wants_state_at_build(fault):
+        model_state, _ = get_state_dict(model, optimizer)
+        trainee.at_build = {name: value.clone() for name, value in model_state.items()}
+    return trainee
+
+
+def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) -> list[float]:
+    """Train ``steps`` steps on the global batches from ``first_step``; the global mean loss of
+    each step. Each data-parallel rank takes its slice of the same global batch."""
+    settings = item.train
+    dtype = getattr(torch, item.variant.param_dtype)
+    losses = []
+    for step in range(first_step, first_step + steps):
+        inputs, targets = t.base.make_batch(step, settings["global_batch"], settings["seed"])
+        count = targets.numel()
+        x = inputs.tensor_split(at.dp_size)[at.dp_rank].to(at.device)
+        if x.is_floating_point():
+            x = x.to(dtype)
+        y = targets.tensor_split(at.dp_size)[at.dp_rank].to(at.device)
+        # The loss in float32 whatever the parameters' dtype.
+        loss_sum, _ = t.base.loss_sum(t.model(x).float(), y)
+        # Gradients are averaged over data-parallel ranks: scale so the result is the gradient
+        # of the global mean, whatever the slices' sizes.
+        (loss_sum * (at.dp_size / count)).backward()
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        if t.scheduler is not None:
+            t.scheduler.step()
+        total = loss_sum.detach().reshape(1).float().clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / (at.tp_degree * count))
+    return losses
+
+
+def state_dict(item: Item, t: Trainee, full: bool = False, fault=None) -> dict:
+    """The state a checkpoint holds: model, optimizer and (Stateful) LR scheduler, as
+    get_state_dict gives it (and a state fault corrupts it, on both sides)."""
+    opts = checkpoint_io.options(item.variant, bool(t.frozen), full)
+    model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
+    faults.corrupt_state(fault, model_state, optim_state, t.at_build)
+    state = {"model": model_state, "optim": optim_state}
+    if t.scheduler is not None:
+        state["scheduler"] = t.scheduler
+    return state
+
+
+def live(item: Item, at: Placement, t: Trainee, dropped: list[str] = ()) -> dict:
+    """This rank's live state (pipeline_lib.live: read from the model and optimizer, not through
+    the state-dict API), named and filtered as the variant's checkpoint holds it; ``dropped``:
+    entries the saver leaves out on purpose."""
+    starts = at.framework.flat_starts(t.model) if at.framework.flat_starts else {}
+    flat = live_state(
+        t.model,
+        t.optimizer,
+        t.scheduler,
+        t.anatomy,
+        starts,
+        ignore_frozen=bool(t.frozen),
+        flattened_optim=item.variant.mode == "flattened_optim",
+    )
+    flat = checkpoint_io.entries_in_format(item.variant, flat)
+    return {n: v for n, v in flat.items() if not any(_within(n, d) for d in dropped)}
+
+
+def dropped_entries(item: Item, t: Trainee) -> list[str]:
+    """The entry a strict / non_strict saver leaves out on purpose (none for other modes)."""
+    if not item.variant.drops_entry:
+        return []
+    return [f"model.{t.anatomy.first_entry(bool(t.frozen))}"]
+
+
+def _within(entry: str, key: str) -> bool:
+    """An entry is the state dict key ``key`` or one of its flattened parts."""
+    return entry == key or entry.startswith(key + ".")
