@@ -24,13 +24,15 @@ report: "workflow/report/workflow.rst"
 
 
 plan = Plan(config, workflow.basedir, announce=workflow.is_main_process)
+# The rules read the validated config, every default filled in (Plan leaves Snakemake's as is).
+config = plan.config
 PYTHON = sys.executable
 
 
 wildcard_constraints:
     model=plan.wildcard_pattern("models"),
     layout=plan.wildcard_pattern("layouts"),
-    vroot=plan.vroot_pattern,
+    version_root=plan.version_root_pattern,
     version=plan.wildcard_pattern("torch_versions"),
 
 

@@ -137,6 +137,9 @@ def cells_work(results: Path) -> float:
 
 
 def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
+    """One fsdp2_2 cell of about ``state_gb`` of state, ``repeats`` times through the pipeline's
+    save and load jobs and through bare dcp.save + dcp.load: the time and peak memory ratios.
+    Long for a reason: a benchmark read top to bottom, set-up, runs and printout in one place."""
     dim = 2048
     # state = parameters + Adam's exp_avg and exp_avg_sq, float32; 2 blocks of 2 dim x hidden.
     hidden = max(8, round(state_gb * 2**30 / (3 * 4 * 4 * dim)))
@@ -161,8 +164,8 @@ def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
                 [sys.executable, "-m", "pipeline_lib", command, "--spec", json.dumps(spec)],
                 cell_dir,
             )
-        save = read_json(cell_dir / grid.save_record("mlp", "fsdp2_2"))
-        (row,) = read_json(cell_dir / grid.load_record("mlp", "fsdp2_2"))["cells"]
+        save = read_json(cell_dir / grid.save_record_path("mlp", "fsdp2_2"))
+        (row,) = read_json(cell_dir / grid.load_record_path("mlp", "fsdp2_2"))["cells"]
         if row["status"] != "pass":
             raise RuntimeError(f"the big cell did not pass: {row['reason']}")
         state_bytes = save["checkpoint_bytes"]
@@ -220,7 +223,9 @@ def bench_dry_run(work: Path) -> None:
 
 
 def bench_aggregate(work: Path, template_record: Path) -> None:
-    """10,000 cells made from one real load record (its first cell and tensor rows, renamed)."""
+    """10,000 cells made from one real load record (its first cell and tensor rows, renamed),
+    aggregated and rendered. Long for a reason: a benchmark script read top to bottom, set-up,
+    timed commands and printout in one place."""
     run_dir = work / "aggregate"
     (run_dir / "records").mkdir(parents=True)
     cfg = ten_thousand_cell_config(run_dir / "config.yaml")
@@ -258,7 +263,8 @@ def bench_aggregate(work: Path, template_record: Path) -> None:
         [
             sys.executable,
             "-m",
-            "pipeline_lib.report",
+            "pipeline_lib",
+            "report",
             "--matrix",
             "m.parquet",
             "--tensors",

@@ -1,6 +1,6 @@
 """Load-job records -> results/matrix.parquet and results/tensors.parquet (written atomically).
 
-A record is one JSON object whose ``cells`` and ``tensors`` are lists of rows (cli.cmd_load).
+A record is one JSON object whose ``cells`` and ``tensors`` are lists of rows (driver.run_load_job).
 pyarrow's JSON reader parses it in C++ straight into columns of the two schemas, records in
 parallel: for 10,000 cells of 108 entries each (bench/benchmark.py) the stdlib parser and
 ``Table.from_pylist`` took 23 s on 2 cores, this takes 3 s.

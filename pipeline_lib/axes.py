@@ -107,10 +107,6 @@ def variants(config: dict) -> list[Variant]:
     return list(dict.fromkeys(Variant(**c) for c in combos))
 
 
-def variant_by_id(config: dict, variant_id: str) -> Variant:
-    return next(v for v in variants(config) if v.id == variant_id)
-
-
 def conflict(variant: Variant) -> str | None:
     """Why these axis values cannot combine (every cell of the variant is ``skip``)."""
     if variant.format != "dcp" and variant.mode != "sharded":

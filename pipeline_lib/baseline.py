@@ -255,27 +255,7 @@ def compare(
     cells = matrix.copy()
     cells["signature"] = [signature(r) for r in cells.reason]
     if isinstance(baseline, Expectations):
-        rows = []
-        used: set[str] = set()
-        for row in cells.to_dict("records"):
-            expected = baseline.expected(row)
-            if expected is None:
-                rows.append((None, None, "", "", "new"))
-                continue
-            status, pattern, finding = expected
-            if finding is not None:
-                used.add(finding.id)
-            comparison = classify(row["status"], row["signature"], status, pattern, pattern=True)
-            rows.append(
-                (status, pattern, finding.id if finding else "",
-                 (finding.note or finding.why) if finding else "", comparison)
-            )  # fmt: skip
-        cols = ["baseline_status", "baseline_signature", "baseline_finding", "baseline_note"]
-        for i, col in enumerate([*cols, "comparison"]):
-            cells[col] = [r[i] for r in rows]
-        unused = [f for f in baseline.findings if f.id not in used]
-        label = name or f"expectations {baseline.path} (torch {', '.join(baseline.torch)})"
-        return Comparison(cells, cells.iloc[0:0], unused, label)
+        return _compare_with_expectations(cells, baseline, name)
     keys = _positions(matrix, baseline)
     base = baseline[[*keys, "status", "reason"]].drop_duplicates(keys, keep="last").copy()
     base["baseline_signature"] = [signature(r) for r in base.reason]
@@ -300,6 +280,33 @@ def compare(
     return Comparison(
         merged, missing, [], name or f"matrix {len(baseline)} cells (torch {versions})"
     )
+
+
+def _compare_with_expectations(
+    cells: pd.DataFrame, baseline: Expectations, name: str
+) -> Comparison:
+    """compare() with an expectations file: each cell against the finding it matches."""
+    rows = []
+    used: set[str] = set()
+    for row in cells.to_dict("records"):
+        expected = baseline.expected(row)
+        if expected is None:
+            rows.append((None, None, "", "", "new"))
+            continue
+        status, pattern, finding = expected
+        if finding is not None:
+            used.add(finding.id)
+        comparison = classify(row["status"], row["signature"], status, pattern, pattern=True)
+        rows.append(
+            (status, pattern, finding.id if finding else "",
+             (finding.note or finding.why) if finding else "", comparison)
+        )  # fmt: skip
+    cols = ["baseline_status", "baseline_signature", "baseline_finding", "baseline_note"]
+    for i, col in enumerate([*cols, "comparison"]):
+        cells[col] = [r[i] for r in rows]
+    unused = [f for f in baseline.findings if f.id not in used]
+    label = name or f"expectations {baseline.path} (torch {', '.join(baseline.torch)})"
+    return Comparison(cells, cells.iloc[0:0], unused, label)
 
 
 def cell_label(row: dict) -> str:
@@ -394,7 +401,7 @@ def readme_with_table(readme: str, table: str) -> str:
     return readme[:start] + "\n" + table + readme[end:]
 
 
-# --- commands (registered by pipeline_lib.cli) ------------------------------------------------
+# --- commands (registered by pipeline_lib.cli; a handler returns the exit status) ----------
 def _cmd_gate(args) -> int:
     return gate(args.matrix, args.baseline, args.fail_on_new, args.ok, args.comparison)
 
@@ -438,21 +445,21 @@ def add_commands(sub) -> None:
     p.add_argument("--fail-on-new", action="store_true", help="also fail on new non-pass cells")
     p.add_argument("--comparison", help="comparison.parquet to write (every cell, its class)")
     p.add_argument("--ok", help="marker file written when the gate passes")
-    p.set_defaults(handler=_cmd_gate)
+    p.set_defaults(func=_cmd_gate)
     p = sub.add_parser(
         "findings-table", help="the findings table of docs/findings.md from expectations"
     )
     p.add_argument("expectations", nargs="*", help="default: expectations/torch-*.yaml")
     p.add_argument("--write", help="docs/findings.md: replace the table between its markers")
     p.add_argument("--check", action="store_true", help="with --write: exit 1 if it differs")
-    p.set_defaults(handler=_cmd_findings_table)
+    p.set_defaults(func=_cmd_findings_table)
     p = sub.add_parser("reproducers", help="a standalone reproducer per non-pass cell")
     p.add_argument("--matrix", default="results/matrix.parquet")
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--configfile")
     given.add_argument("--config-json")
     p.add_argument("--out", default="results/reproducers")
-    p.set_defaults(handler=_cmd_reproducers)
+    p.set_defaults(func=_cmd_reproducers)
 
 
 # --- the report's sections (pipeline_lib.report) ---------------------------------------------

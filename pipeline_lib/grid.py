@@ -36,10 +36,6 @@ class Layout:
     def tp_degree(self) -> int:
         return dict(zip(self.mesh_dims, self.mesh, strict=True))[self.tp_dim] if self.tp_dim else 1
 
-    @property
-    def mesh_label(self) -> str:
-        return "x".join(map(str, self.mesh))
-
     def to_dict(self) -> dict:
         return {**asdict(self), "world_size": self.world_size}
 
@@ -196,11 +192,11 @@ def full_state_file(model: str, layout: str, root: str = RESULTS) -> str:
     return f"{save_dir(model, layout, root)}/full_state.pt"
 
 
-def save_record(model: str, layout: str, root: str = RESULTS) -> str:
+def save_record_path(model: str, layout: str, root: str = RESULTS) -> str:
     return f"{root}/save/{model}/{layout}.json"
 
 
-def load_record(model: str, layout: str, root: str = RESULTS) -> str:
+def load_record_path(model: str, layout: str, root: str = RESULTS) -> str:
     return f"{root}/load/{model}/{layout}.json"
 
 
@@ -223,7 +219,7 @@ def save_spec(
         "train": config["train"],
         "run": config["run"],
         "config_hash": config_hash(config),
-        "record": save_record(model, layout, root),
+        "record": save_record_path(model, layout, root),
         "save_dir": save_dir(model, layout, root),
         "checkpoint": checkpoint_dir(model, layout, root),
         "full_state": full_state_file(model, layout, root),
@@ -261,13 +257,13 @@ def load_spec(
                 "layout": by_name[src].to_dict(),
                 "checkpoint": checkpoint_dir(model, src, job_root(version, variant)),
                 "full_state": full_state_file(model, src, job_root(version, variant)),
-                "save_record": save_record(model, src, job_root(version, variant)),
+                "save_record": save_record_path(model, src, job_root(version, variant)),
                 # Where the save job of this config writes it, not what a record on disk says.
                 "reference": reference_dir(model, src, job_root(version, variant)),
             }
             for src, version in sources
         ],
-        "record": load_record(model, layout, root),
+        "record": load_record_path(model, layout, root),
     }
 
 
@@ -283,53 +279,54 @@ def job_spec(config: dict, kind: str, layout: str, work_dir: str, items: list[di
     }
 
 
-def save_job_spec(config: dict, vroot: str, layout: str) -> dict:
-    """The save job of ``layout`` in the torch environment of version root ``vroot``."""
-    version = version_roots(config)[vroot]
+def save_job_spec(config: dict, version_root: str, layout: str) -> dict:
+    """The save job of ``layout`` in the torch environment of version root ``version_root``."""
+    version = version_roots(config)[version_root]
     specs = [
         save_spec(config, model, layout, job_root(version, variant), variant)
         for variant, model in items(config)
     ]
-    spec = job_spec(config, "save", layout, f"{vroot}/work/save/{layout}", specs)
+    spec = job_spec(config, "save", layout, f"{version_root}/work/save/{layout}", specs)
     return {**spec, "torch_env": version}
 
 
-def load_job_spec(config: dict, vroot: str, layout: str) -> dict:
-    version = version_roots(config)[vroot]
+def load_job_spec(config: dict, version_root: str, layout: str) -> dict:
+    version = version_roots(config)[version_root]
     sources = load_sources(config, layout, version)
     specs = [
         load_spec(config, model, layout, sources, job_root(version, variant), variant)
         for variant, model in items(config)
     ]
-    spec = job_spec(config, "load", layout, f"{vroot}/work/load/{layout}", specs)
+    spec = job_spec(config, "load", layout, f"{version_root}/work/load/{layout}", specs)
     return {**spec, "torch_env": version}
 
 
-def save_outputs(config: dict, vroot: str, layout: str) -> tuple[list[str], list[str]]:
+def save_outputs(config: dict, version_root: str, layout: str) -> tuple[list[str], list[str]]:
     """(records, save folders) a save job writes, one each per item."""
-    roots = [(vroot + variant_dir(variant), model) for variant, model in items(config)]
+    roots = [(version_root + variant_dir(variant), model) for variant, model in items(config)]
     return (
-        [save_record(model, layout, root) for root, model in roots],
+        [save_record_path(model, layout, root) for root, model in roots],
         [save_dir(model, layout, root) for root, model in roots],
     )
 
 
-def load_outputs(config: dict, vroot: str, layout: str) -> list[str]:
+def load_outputs(config: dict, version_root: str, layout: str) -> list[str]:
     """The records a load job writes, one per item."""
     return [
-        load_record(model, layout, vroot + variant_dir(variant)) for variant, model in items(config)
+        load_record_path(model, layout, version_root + variant_dir(variant))
+        for variant, model in items(config)
     ]
 
 
-def load_inputs(config: dict, vroot: str, layout: str) -> list[str]:
+def load_inputs(config: dict, version_root: str, layout: str) -> list[str]:
     """What a load job reads: the save record and folder of every item's every source."""
-    version = version_roots(config)[vroot]
+    version = version_roots(config)[version_root]
     return [
         path
         for variant, model in items(config)
         for src, save_version in load_sources(config, layout, version)
         for path in (
-            save_record(model, src, job_root(save_version, variant)),
+            save_record_path(model, src, job_root(save_version, variant)),
             save_dir(model, src, job_root(save_version, variant)),
         )
     ]
@@ -356,7 +353,7 @@ class FaultCell:
         return f"{RESULTS}/faults/{self.id}"
 
     @property
-    def load_record(self) -> str:
+    def load_record_path(self) -> str:
         return f"{self.root}/load.json"
 
     @property
@@ -400,11 +397,11 @@ def _fault_load_item(config: dict, cell: FaultCell) -> dict:
     source = spec["sources"][0]
     source.update(
         checkpoint=checkpoint_dir(cell.save_model, cell.save, cell.root),
-        save_record=save_record(cell.save_model, cell.save, cell.root),
+        save_record=save_record_path(cell.save_model, cell.save, cell.root),
         reference=reference_dir(cell.save_model, cell.save, cell.root),
     )
     if fault.stage in ("load", "state"):
         source["fault"] = cell.fault
     spec["fault"] = {"name": cell.fault, "expect": fault.expect, "id": cell.id}
-    spec["record"] = cell.load_record
+    spec["record"] = cell.load_record_path
     return spec

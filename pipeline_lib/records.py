@@ -1,6 +1,15 @@
 """Cell records: the verdict of a cell from its save and load results, and the Parquet schemas.
 
 Pure logic (no torch): the jobs report facts, this module decides pass/fail and the reason.
+
+Where the verdict runs: in the load job. pipeline_lib.driver calls cell_row (hence verdict) when
+it writes the load record, and aggregation only gathers those rows into matrix.parquet. So a
+change to the verdict here shows in load jobs run after it, not in results already on disk:
+re-run the load jobs (``snakemake --forcerun load_checkpoints load_fault_checkpoint``).
+Snakemake does not do so by itself: its ``code`` rerun trigger covers a rule's own shell
+command, not the modules that command imports. The save jobs need not run again.
+The schemas have checked-in copies (tests/schemas, tests/test_schemas.py): a change to a column
+is a deliberate edit of both.
 """
 
 from __future__ import annotations
@@ -203,8 +212,8 @@ def _max(values) -> float | None:
 
 def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
     """One matrix.parquet row. ``save`` is the save job's record, ``load`` the load result of
-    this cell (see cli.py); ``spec`` the load job's spec. Long because it is one row literal, a
-    line per column of MATRIX_SCHEMA."""
+    this cell (pipeline_lib.driver); ``spec`` the load job's spec. Long for a reason: one flat
+    literal with a line per MATRIX_SCHEMA column, in schema order, reads against the schema."""
     variant = spec["variant"]
     verify = spec["verify"]
     rtol = verify["resume_rtol_bfloat16" if variant["param_dtype"] == "bfloat16" else "resume_rtol"]

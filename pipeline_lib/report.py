@@ -5,18 +5,15 @@ string taken from the results is escaped; the charts are SVG drawn here (matplot
 per chart at 10,000 cells) and inlined in the page, and there is no JavaScript: report.html
 opens from disk with no network.
 
-    python -m pipeline_lib.report --matrix results/matrix.parquet --tensors results/tensors.parquet
+    python -m pipeline_lib report --matrix results/matrix.parquet --tensors results/tensors.parquet
         --configfile config.yaml --html results/report.html --markdown results/summary.md
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import platform
 import re
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -27,9 +24,9 @@ import pandas as pd
 import yaml
 from markupsafe import Markup, escape
 
-from pipeline_lib import grid
+from pipeline_lib import grid, timestamps
 from pipeline_lib.atomic import write_with
-from pipeline_lib.config import config_hash, load, validate
+from pipeline_lib.config import config_hash
 from pipeline_lib.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -194,41 +191,7 @@ def status_counts(matrix: pd.DataFrame) -> list[tuple[str, int]]:
 def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[str]:
     """Short statements computed from the results, most general first."""
     ran = matrix[matrix.status != "skip"]
-    skipped = len(matrix) - len(ran)
-    found = []
-    # A status shared by a whole group of cells is one finding; a group inside a group already
-    # reported is not repeated (an FSDP2 save crash is not listed again per model).
-    statuses = set(ran.status)
-    if len(statuses) == 1:
-        (status,) = statuses
-        more = f"; {skipped} more skipped" if skipped else ""
-        found.append(f"Every cell {_verb(status)} ({_count(len(ran))}{more})")
-    else:
-        covered: set = set()
-        # Axes with several values: a status shared by one value (everywhere, or under one
-        # framework) is a finding of its own, e.g. every mode=full cell saved by FSDP1 crashes.
-        axes = [a for a in AXIS_COLUMNS if ran[a].nunique() > 1]
-        groupings = [([a], f"with {a}={{}}") for a in axes]
-        for side, verb in SIDE_VERBS.items():
-            groupings += [([a, f"{side}_framework"], f"with {a}={{}} {verb} by framework {{}}")
-                          for a in axes]  # fmt: skip
-            groupings += [
-                ([f"{side}_framework"], f"{verb} by framework {{}}"),
-                ([f"{side}_layout"], f"{verb} under {{}}"),
-                (["model", f"{side}_layout"], f"{verb} under {{1}} ({{0}})"),
-            ]
-        for keys, what in groupings:
-            for key, group in ran.groupby(keys, sort=False):
-                statuses = set(group.status)
-                if statuses == {"pass"} or len(statuses) > 1 or len(group) < 2:
-                    continue
-                if set(group.index) <= covered:
-                    continue
-                covered |= set(group.index)
-                found.append(
-                    f"Every cell {what.format(*key)} {_verb(group.status.iloc[0])}"
-                    f" ({_count(len(group))})"
-                )
+    found = _status_findings(ran, skipped=len(matrix) - len(ran))
     unknown = matrix[~matrix.status.isin(STATUSES)].status.value_counts()
     for status, n in sorted(unknown.items()):
         found.append(f"{_count(n)} with status {status}, which this report does not know")
@@ -264,6 +227,46 @@ def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[
             f"The config shown (hash {config_hash(config)}) is not the one the rows were made"
             f" with ({', '.join(hashes)})"
         )
+    return found
+
+
+def _status_findings(ran: pd.DataFrame, skipped: int) -> list[str]:
+    """The statuses shared by whole groups of the cells that ran (``skipped``: how many did
+    not), as findings."""
+    found = []
+    # A status shared by a whole group of cells is one finding; a group inside a group already
+    # reported is not repeated (an FSDP2 save crash is not listed again per model).
+    statuses = set(ran.status)
+    if len(statuses) == 1:
+        (status,) = statuses
+        more = f"; {skipped} more skipped" if skipped else ""
+        found.append(f"Every cell {_verb(status)} ({_count(len(ran))}{more})")
+    else:
+        covered: set = set()
+        # Axes with several values: a status shared by one value (everywhere, or under one
+        # framework) is a finding of its own, e.g. every mode=full cell saved by FSDP1 crashes.
+        axes = [a for a in AXIS_COLUMNS if ran[a].nunique() > 1]
+        groupings = [([a], f"with {a}={{}}") for a in axes]
+        for side, verb in SIDE_VERBS.items():
+            groupings += [([a, f"{side}_framework"], f"with {a}={{}} {verb} by framework {{}}")
+                          for a in axes]  # fmt: skip
+            groupings += [
+                ([f"{side}_framework"], f"{verb} by framework {{}}"),
+                ([f"{side}_layout"], f"{verb} under {{}}"),
+                (["model", f"{side}_layout"], f"{verb} under {{1}} ({{0}})"),
+            ]
+        for keys, what in groupings:
+            for key, group in ran.groupby(keys, sort=False):
+                statuses = set(group.status)
+                if statuses == {"pass"} or len(statuses) > 1 or len(group) < 2:
+                    continue
+                if set(group.index) <= covered:
+                    continue
+                covered |= set(group.index)
+                found.append(
+                    f"Every cell {what.format(*key)} {_verb(group.status.iloc[0])}"
+                    f" ({_count(len(group))})"
+                )
     return found
 
 
@@ -309,7 +312,8 @@ def _panel(
     table: pd.DataFrame, unit: str, title: str, colours: dict[str, str], x: float
 ) -> tuple[list[str], float]:
     """The SVG elements of one panel starting at ``x``, and where it ends: one bar per model
-    (columns) in each layout (index) group, y axis from 0."""
+    (columns) in each layout (index) group, y axis from 0. One drawing from top to bottom: its
+    steps share the panel's coordinates, so it stays one function."""
     ticks = nice_ticks(table.max().max())
     tick_labels = [f"{t:g}" for t in ticks]
     width = max(MIN_PLOT_WIDTH_PX, MIN_SLOT_PX * len(table.index))
@@ -403,6 +407,8 @@ def bar_chart(panels: list[tuple[pd.DataFrame, str, str]], colours: dict[str, st
 
 
 def cost_charts(matrix: pd.DataFrame, order: Order) -> list[Chart]:
+    """The cost charts (time, throughput, size, memory), in page order. Long for a reason: most
+    of it is the list of chart definitions (title, caption, panels), which reads best whole."""
     ran = matrix[matrix.status != "skip"]
     colours = {model: PALETTE[i % len(PALETTE)] for i, model in enumerate(order.models)}
     # Save figures repeat in every cell of a checkpoint: one value per (model, save layout).
@@ -474,7 +480,7 @@ def environment(matrix: pd.DataFrame, snakemake_version: str | None) -> list[tup
             f"{created.min()} … {created.max()}" if len(created) else "—",
             "matrix rows (created_at, first … last)",
         ),
-        ("report generated", time.strftime("%Y-%m-%dT%H:%M:%S%z"), "report process"),
+        ("report generated", timestamps.now(), "report process"),
         ("Python", platform.python_version(), "report process"),
     ]
     if snakemake_version:
@@ -564,25 +570,12 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline_lib.report", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--matrix", required=True, help="results/matrix.parquet")
-    parser.add_argument("--tensors", required=True, help="results/tensors.parquet")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--configfile", help="the grid config (YAML) the results were made with")
-    source.add_argument("--config-json", help="the same, as JSON (the Snakemake rule's config)")
-    parser.add_argument("--snakemake-version", help="the Snakemake running the workflow")
-    parser.add_argument("--html", required=True, help="report.html to write")
-    parser.add_argument("--markdown", required=True, help="summary.md to write")
-    parser.add_argument("--baseline", help="expectations file or matrix.parquet to compare with")
-    parser.add_argument("--command", help="the command that made the results (shown)")
-    args = parser.parse_args(argv)
-    config = load(args.configfile) if args.configfile else validate(json.loads(args.config_json))
-    write_report(
-        args.matrix, args.tensors, config, args.html, args.markdown, args.snakemake_version,
-        baseline=args.baseline or config.get("baseline"), command=args.command,
-    )  # fmt: skip
+    """``python -m pipeline_lib.report ...``: an alias of ``python -m pipeline_lib report ...``."""
+    import sys
+
+    from pipeline_lib.cli import main as cli_main
+
+    cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -42,25 +42,25 @@ def run_matrix(
             for source in item["sources"]:
                 source["fault"] = load_faults.get((source["layout"]["name"], layout))
         cli("load", spec)
-        for row in read_json(grid.load_record(model, layout))["cells"]:
+        for row in read_json(grid.load_record_path(model, layout))["cells"]:
             rows[row["save_layout"], row["load_layout"]] = row
     return rows
 
 
 def tensors(model: str, load_layout: str) -> list[dict]:
-    return read_json(grid.load_record(model, load_layout))["tensors"]
+    return read_json(grid.load_record_path(model, load_layout))["tensors"]
 
 
 def run_grid(raw_config: dict) -> dict[tuple[str, str, str, str], dict]:
     """Every save job, then every load job, of a config's grid (all variants and models):
     {(variant id, model, save layout, load layout): row}."""
     cfg = config.validate(raw_config)
-    for vroot, layout in grid.save_jobs(cfg):
-        cli("save", grid.save_job_spec(cfg, vroot, layout))
+    for version_root, layout in grid.save_jobs(cfg):
+        cli("save", grid.save_job_spec(cfg, version_root, layout))
     rows = {}
-    for vroot, layout in grid.load_jobs(cfg):
-        cli("load", grid.load_job_spec(cfg, vroot, layout))
-        records = grid.load_outputs(cfg, vroot, layout)
+    for version_root, layout in grid.load_jobs(cfg):
+        cli("load", grid.load_job_spec(cfg, version_root, layout))
+        records = grid.load_outputs(cfg, version_root, layout)
         for (variant, model), record in zip(grid.items(cfg), records, strict=True):
             for row in read_json(record)["cells"]:
                 rows[variant.id, model, row["save_layout"], row["load_layout"]] = row

@@ -114,3 +114,12 @@ def test_fault_cells_get_their_own_jobs(small_config):
         foreign["model"] == "mlp"
         and "/save/mlp_uneven/single/" in foreign["sources"][0]["checkpoint"]
     )
+
+
+def test_unit_id_names_a_save_item_or_a_load_cell(small_config):
+    # The worker's result files and the driver's pending units agree on these names.
+    from pipeline_lib.specs import unit_id
+
+    spec = grid.load_job_spec(config.validate(small_config), grid.RESULTS, "single")
+    units = [unit_id(i["id"], s["id"]) for i in spec["items"] for s in i["sources"]]
+    assert units == ["0.single", "0.fsdp2_2"]

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline_lib import atomic, cli, config, environments, grid
+from pipeline_lib import atomic, config, driver, environments, grid
 from pipeline_lib.config import ConfigError
 from tests.conftest import REPO
 
@@ -100,9 +100,9 @@ def test_fresh_dir_refuses_a_folder_outside_the_working_directory(tmp_path, monk
     monkeypatch.chdir(work)
     for path in ("results/save/mlp/../../../..", "..", ".", str(tmp_path)):
         with pytest.raises(ValueError, match="outside"):
-            cli._fresh_dir(Path(path))
+            driver._fresh_dir(Path(path))
     assert (tmp_path / "other.txt").exists() and (work / "results" / "save").is_dir()
-    assert cli._fresh_dir(Path("results/save/mlp/single")).is_dir()
+    assert driver._fresh_dir(Path("results/save/mlp/single")).is_dir()
 
 
 def test_a_symlink_out_of_the_working_directory_is_not_emptied(tmp_path, monkeypatch):
@@ -114,7 +114,7 @@ def test_a_symlink_out_of_the_working_directory_is_not_emptied(tmp_path, monkeyp
     (work / "results" / "save" / "mlp").symlink_to(outside)
     monkeypatch.chdir(work)
     with pytest.raises(ValueError, match="outside"):
-        cli._fresh_dir(Path("results/save/mlp"))
+        driver._fresh_dir(Path("results/save/mlp"))
     assert (outside / "data").exists()
 
 
@@ -543,8 +543,8 @@ def test_a_save_job_without_room_writes_an_error_record_per_item(in_tmp, monkeyp
     monkeypatch.setattr(
         shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
     )
-    monkeypatch.setattr(cli, "run_units", lambda *a: pytest.fail("launched without room"))
-    cli.cmd_save(spec)
+    monkeypatch.setattr(driver, "run_units", lambda *a: pytest.fail("launched without room"))
+    driver.run_save_job(spec)
     for item in spec["items"]:
         record = json.loads(Path(item["record"]).read_text())
         assert record["status"] == "error"

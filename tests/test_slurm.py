@@ -206,10 +206,10 @@ class _Resources(dict):
 
 
 def _resources(plan: Plan, layout: str) -> _Resources:
-    wc = SimpleNamespace(model="mlp", layout=layout)
-    names = ["nodes", "tasks", "mpi", "gres", "tasks_per_gpu", "cpus_per_task", "mem_mb"]
-    values = {name: getattr(plan, f"slurm_{name}")(wc) for name in names}
-    values["runtime"] = plan.slurm_runtime(wc, 1)
+    wc = SimpleNamespace(version_root="results", layout=layout)
+    resources = plan.job_resources  # save_checkpoints, load_checkpoints
+    values = {name: f(wc) for name, f in resources.items() if name not in ("ranks", "runtime")}
+    values["runtime"] = resources["runtime"](wc, 1)
     return _Resources({k: v for k, v in values.items() if v is not None})
 
 
@@ -217,8 +217,8 @@ def _sbatch(plan: Plan, layout: str) -> str:
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    job = SimpleNamespace(resources=_resources(plan, layout), threads=plan.threads(
-        SimpleNamespace(model="mlp", layout=layout)))  # fmt: skip
+    job = SimpleNamespace(resources=_resources(plan, layout), threads=plan.job_ranks(
+        SimpleNamespace(version_root="results", layout=layout)))  # fmt: skip
     params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "account": "",
               "partition": "", "workdir": "/w"}  # fmt: skip
     return get_submit_command(job, params) + set_gres_string(job)
@@ -237,6 +237,31 @@ def _plan(gpus_per_node: int) -> Plan:
         "run": {"gpus_per_node": gpus_per_node},
     }
     return Plan(cfg, str(REPO))
+
+
+def test_plan_leaves_the_callers_config_alone():
+    raw = {"models": ["mlp"], "layouts": {"single": {"framework": "single", "mesh": [1]}}}
+    before = yaml.safe_dump(raw)
+    plan = Plan(raw, str(REPO))
+    assert yaml.safe_dump(raw) == before  # Snakemake's config: no defaults filled in
+    assert plan.config["run"]["gpus_per_node"] == 0 and plan.config["pairs"] == "all"
+
+
+def test_each_rule_has_its_own_resources():
+    plan = _plan(4)
+    plan.config["faults"] = [{"fault": "delete_shard", "model": "mlp", "save": "single",
+                              "load": "fsdp2_8"}]  # fmt: skip
+    fault = SimpleNamespace(fault_id="delete_shard.mlp.single.fsdp2_8")
+    load = {k: f(fault) for k, f in plan.fault_load_resources.items() if k != "runtime"}
+    assert load["ranks"] == 8 and load["nodes"] == 2 and load["mpi"] == "srun"  # its load layout
+    save = SimpleNamespace(fault_id=fault.fault_id, model="mlp", layout="single")
+    assert plan.fault_save_resources["ranks"](save) == 1
+    # A fault job has one item; a matrix job of the same layout runs every item (two here).
+    plan.config["models"] = ["mlp", "mlp_uneven"]
+    fault_minutes = plan.fault_save_resources["runtime"](save, 1)
+    matrix = SimpleNamespace(version_root="results", layout="single")
+    assert plan.job_resources["runtime"](matrix, 1) > fault_minutes
+    assert plan.job_resources["runtime"](matrix, 2) == 2 * plan.job_resources["runtime"](matrix, 1)
 
 
 def test_gpu_job_resources_become_the_right_sbatch_flags():

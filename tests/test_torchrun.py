@@ -50,7 +50,7 @@ def test_cross_layout_cells_pass_bit_for_bit(in_tmp, monkeypatch):
     assert entries["optim.state.block.fc1.weight.step"]["kind"] == "optim.step"
     assert all(t["equal"] for t in entries.values())
     # The launcher shares the job's 2 threads among its 2 ranks.
-    save = read_json(grid.save_record("tied_embedding", "fsdp1_hybrid_1x2"))
+    save = read_json(grid.save_record_path("tied_embedding", "fsdp1_hybrid_1x2"))
     assert save["env"]["threads_per_rank"] == 1
 
 
@@ -128,10 +128,10 @@ def test_a_crashed_item_keeps_the_other_items_of_its_job(in_tmp):
     save["items"][0]["fault"] = "kill_rank_save"
     cli("save", save)
     cli("load", grid.load_job_spec(cfg, grid.RESULTS, "single"))
-    first, second = (read_json(grid.load_record(m, "single")) for m in cfg["models"])
+    first, second = (read_json(grid.load_record_path(m, "single")) for m in cfg["models"])
     ((crashed,), (passed,)) = first["cells"], second["cells"]
     assert (crashed["model"], crashed["status"], crashed["reason"]) == (
         "mlp", "crash", "save: rank 1 killed by SIGKILL during save",
     )  # fmt: skip
     assert (passed["model"], passed["status"], passed["reason"]) == ("mlp_uneven", "pass", "")
-    assert read_json(grid.save_record("mlp_uneven", "ddp_2"))["status"] == "ok"
+    assert read_json(grid.save_record_path("mlp_uneven", "ddp_2"))["status"] == "ok"

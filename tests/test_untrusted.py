@@ -15,7 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from pipeline_lib import checkpoint_io, cli, config, faults, grid
+from pipeline_lib import checkpoint_io, config, driver, faults, grid
 from pipeline_lib.axes import DEFAULT, Variant
 from pipeline_lib.errors import one_line
 from pipeline_lib.readers import checkpoint_entries
@@ -149,9 +149,9 @@ def test_a_save_record_cannot_point_the_loader_at_another_reference(in_tmp, monk
     Path(source["save_record"]).parent.mkdir(parents=True)
     Path(source["save_record"]).write_text(json.dumps(record))
     launched = []
-    real = cli.run_units
-    monkeypatch.setattr(cli, "run_units", lambda s, w, p: launched.append(p) or real(s, w, p))
-    cli.cmd_load(spec)
+    real = driver.run_units
+    monkeypatch.setattr(driver, "run_units", lambda s, w, p: launched.append(p) or real(s, w, p))
+    driver.run_load_job(spec)
     (cell,) = json.loads(Path(spec["items"][0]["record"]).read_text())["cells"]
     assert cell["status"] == "error"
     assert "names another reference ('/elsewhere/reference', expected " in cell["reason"]

@@ -1,60 +1,45 @@
-# {vroot}: results, or results/torch/<version> for a torch_versions environment. One job per
-# layout runs every (variant, model) item: one record (and save folder) each.
+# {version_root}: results, or results/torch/<version> for a torch_versions environment. One job
+# per layout runs every (variant, model) item: one record (and save folder) each. Each rule's
+# callables are named after it (pipeline_lib.snakemake_plan.Plan).
 rule save_checkpoints:
     input:
-        plan.torch_env_inputs,
+        plan.job_env_inputs,
     output:
-        records=plan.save_records,
-        save_dirs=directory(plan.save_dirs),
+        records=plan.save_job_records,
+        save_dirs=directory(plan.save_job_dirs),
     log:
-        "{vroot}/logs/save/{layout}.log",
+        "{version_root}/logs/save/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
-    threads: plan.threads
+    threads: plan.job_ranks
     resources:
-        ranks=plan.ranks,
-        nodes=plan.slurm_nodes,
-        tasks=plan.slurm_tasks,
-        mpi=plan.slurm_mpi,
-        gres=plan.slurm_gres,
-        tasks_per_gpu=plan.slurm_tasks_per_gpu,
-        cpus_per_task=plan.slurm_cpus_per_task,
-        mem_mb=plan.slurm_mem_mb,
-        runtime=plan.slurm_runtime,
+        **plan.job_resources,
     params:
-        python=plan.python,
+        python=plan.job_python,
         grid=plan.grid_json,
     shell:
         "{params.python:q} -m pipeline_lib save --grid {params.grid:q}"
-        " --root {wildcards.vroot} --layout {wildcards.layout} > {log} 2>&1"
+        " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
 
 
 rule load_checkpoints:
     input:
-        plan.load_inputs,
+        plan.load_job_inputs,
     output:
-        records=plan.load_outputs,
+        records=plan.load_job_records,
     log:
-        "{vroot}/logs/load/{layout}.log",
+        "{version_root}/logs/load/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
-    threads: plan.threads
+    threads: plan.job_ranks
     resources:
-        ranks=plan.ranks,
-        nodes=plan.slurm_nodes,
-        tasks=plan.slurm_tasks,
-        mpi=plan.slurm_mpi,
-        gres=plan.slurm_gres,
-        tasks_per_gpu=plan.slurm_tasks_per_gpu,
-        cpus_per_task=plan.slurm_cpus_per_task,
-        mem_mb=plan.slurm_mem_mb,
-        runtime=plan.slurm_runtime,
+        **plan.job_resources,
     params:
-        python=plan.python,
+        python=plan.job_python,
         grid=plan.grid_json,
     shell:
         "{params.python:q} -m pipeline_lib load --grid {params.grid:q}"
-        " --root {wildcards.vroot} --layout {wildcards.layout} > {log} 2>&1"
+        " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
 
 
 rule torch_env:
@@ -75,7 +60,7 @@ rule torch_env:
 
 rule aggregate:
     input:
-        plan.load_records(),
+        plan.load_record_paths(),
     output:
         matrix="results/matrix.parquet",
         tensors="results/tensors.parquet",
@@ -100,17 +85,9 @@ rule save_fault_checkpoint:
         "results/logs/faults/{fault_id}/save/{model}/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
-    threads: plan.threads
+    threads: plan.job_ranks
     resources:
-        ranks=plan.ranks,
-        nodes=plan.slurm_nodes,
-        tasks=plan.slurm_tasks,
-        mpi=plan.slurm_mpi,
-        gres=plan.slurm_gres,
-        tasks_per_gpu=plan.slurm_tasks_per_gpu,
-        cpus_per_task=plan.slurm_cpus_per_task,
-        mem_mb=plan.slurm_mem_mb,
-        runtime=plan.slurm_runtime,
+        **plan.fault_save_resources,
     params:
         python=PYTHON,
         spec=plan.fault_save_spec,
@@ -127,17 +104,9 @@ rule load_fault_checkpoint:
         "results/logs/faults/{fault_id}/load.log",
     conda:
         "../envs/pipeline.yaml"
-    threads: plan.fault_load_threads
+    threads: plan.fault_load_ranks
     resources:
-        ranks=plan.fault_load_threads,
-        nodes=plan.slurm_nodes,
-        tasks=plan.slurm_tasks,
-        mpi=plan.slurm_mpi,
-        gres=plan.slurm_gres,
-        tasks_per_gpu=plan.slurm_tasks_per_gpu,
-        cpus_per_task=plan.slurm_cpus_per_task,
-        mem_mb=plan.slurm_mem_mb,
-        runtime=plan.slurm_runtime,
+        **plan.fault_load_resources,
     params:
         python=PYTHON,
         spec=plan.fault_load_spec,
@@ -147,7 +116,7 @@ rule load_fault_checkpoint:
 
 rule selftest_table:
     input:
-        plan.fault_records(),
+        plan.fault_record_paths(),
     output:
         table="results/selftest.parquet",
         markdown="results/selftest.md",

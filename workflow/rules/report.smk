@@ -24,7 +24,7 @@ rule render_report:
         snakemake_version=SNAKEMAKE_VERSION,
         command=SNAKEMAKE_COMMAND,
     shell:
-        "{params.python:q} -m pipeline_lib.report --matrix {input.matrix} --tensors {input.tensors}"
+        "{params.python:q} -m pipeline_lib report --matrix {input.matrix} --tensors {input.tensors}"
         " --config-json {params.config:q} --snakemake-version {params.snakemake_version}"
         " --command {params.command:q}"
         " --html {output.html} --markdown {output.markdown} > {log} 2>&1"

@@ -1,0 +1,224 @@
+"""The parent side of a save or load job: launches the worker ranks, reruns the units a crash
+left, writes the records.
+
+A job's spec (JSON, built by pipeline_lib.grid) names its items; the worker ranks
+(pipeline_lib.worker, started by pipeline_lib.launcher) write one result per unit (an item of a
+save job, a cell ``specs.unit_id(item, source)`` of a load job). This side turns the results into
+records and always writes them, also when the job itself failed: a failing cell never stops the
+matrix.
+
+The load record holds the cell's verdict (records.cell_row, called here, in the load job): a
+change to the verdict logic in pipeline_lib.records shows only in load jobs run after it. Snakemake
+does not notice such a change by itself (its ``code`` rerun trigger covers a rule's own shell
+command, not the modules it imports), so re-run the load jobs on purpose:
+``snakemake --forcerun load_checkpoints load_fault_checkpoint`` (the save jobs stay; aggregation,
+the report and the self-test follow from the new records).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+from pipeline_lib import timestamps
+from pipeline_lib.atomic import read_json, write_json
+from pipeline_lib.launcher import Outcome, launch
+from pipeline_lib.names import inside
+from pipeline_lib.specs import unit_id
+
+
+def _fresh_dir(path: Path) -> Path:
+    """An empty folder at ``path``, which must lie inside the working directory (names.inside:
+    a name like '..' never gets here, this is the last line of defence before rmtree)."""
+    inside(path)
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _run_worker(spec: dict, work: Path, attempt: int) -> Outcome:
+    """Launch the worker ranks for ``spec`` (a job): the launcher's outcome, with rank 0's
+    own account of a job-level exception, which is more precise than the exit code."""
+    spec = {**spec, "launched_at": time.time()}
+    spec_path = work / f"spec-{attempt}.json"
+    write_json(spec_path, spec)
+    run = spec["run"]
+    outcome = launch(
+        spec["layout"]["world_size"],
+        [str(spec_path)],
+        work,
+        run["cell_timeout_s"],
+        run["startup_timeout_s"],
+    )
+    job_file = work / "results" / "job.json"
+    if job_file.exists() and outcome.status == "error":
+        reason = read_json(job_file)["reason"]
+        outcome.reason = f"{reason} (during {outcome.step or 'start-up'})"
+    job_file.unlink(missing_ok=True)
+    return outcome
+
+
+def _narrowed(spec: dict, pending: set[str]) -> dict:
+    """The job with only the units in ``pending``: items of a save job, cells (item.source)
+    of a load job."""
+    items = []
+    for item in spec["items"]:
+        if spec["kind"] == "save":
+            if item["id"] in pending:
+                items.append(item)
+            continue
+        sources = [s for s in item["sources"] if unit_id(item["id"], s["id"]) in pending]
+        if sources:
+            items.append({**item, "sources": sources})
+    return {**spec, "items": items}
+
+
+def run_units(spec: dict, work: Path, pending: list[str]) -> tuple[dict[str, dict], int]:
+    """A result for every pending unit of the job, and the number of launches it took. One
+    launch runs them all; after a crash or hang, the unit in progress is recorded as such and
+    the units not reached run again in a fresh launch."""
+    results: dict[str, dict] = {}
+    attempt = 0
+    while pending:
+        attempt += 1
+        outcome = _run_worker(_narrowed(spec, set(pending)), work, attempt)
+        for unit in pending:
+            path = work / "results" / f"{unit}.json"
+            if path.exists():
+                results[unit] = read_json(path)
+        left = [unit for unit in pending if unit not in results]
+        if not left:
+            break
+        status, reason = outcome.status, outcome.reason
+        if status == "ok":
+            status, reason = "error", "worker ended without a result for this cell"
+        if outcome.unit in left:
+            results[outcome.unit] = {"status": status, "reason": reason}
+        else:  # failed before its first unit: every unit not reached shares the failure
+            results.update({unit: {"status": status, "reason": reason} for unit in left})
+        pending = [unit for unit in left if unit not in results]
+    return results, attempt
+
+
+def checkpoint_size(path: Path) -> tuple[int, int]:
+    """(bytes, files) of a checkpoint folder or file."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def torch_version() -> str:
+    """The torch this job runs (its environment's; known even when every rank crashed)."""
+    return metadata.version("torch")
+
+
+# --- save jobs ------------------------------------------------------------------------------
+
+
+def run_save_job(spec: dict) -> None:
+    """Every item of a save job: one launch (more after a crash), then a record per item."""
+    from pipeline_lib.disk import room_error
+
+    work = _fresh_dir(Path(spec["work_dir"]))
+    for item in spec["items"]:
+        _fresh_dir(Path(item["save_dir"]))
+    skipped = {i["id"]: {"status": "skip", "reason": i["skip"]} for i in spec["items"] if i["skip"]}
+    pending = [i["id"] for i in spec["items"] if not i["skip"]]
+    if no_room := room_error(spec, work):
+        results = {unit: {"status": "error", "reason": no_room} for unit in pending}
+    else:
+        results, _ = run_units(spec, work, pending)
+    for item in spec["items"]:
+        result = skipped.get(item["id"]) or results[item["id"]]
+        write_json(item["record"], save_record_of(item, result))
+
+
+def save_record_of(item: dict, result: dict) -> dict:
+    """The record of one save item from the worker's result (or the job's failure)."""
+    from pipeline_lib.axes import Variant
+
+    variant = Variant(**item["variant"])
+    record = {
+        "model": item["model"],
+        "layout": item["layout"],
+        "checkpoint": item["checkpoint"],
+        "reference": item["reference"],
+        "config_hash": item["config_hash"],
+        "created_at": timestamps.now(),
+        "torch_version": torch_version(),
+        **result,
+    }
+    if record["status"] != "ok":
+        return record
+    read = item["full_state"] if variant.reads_full_state else item["checkpoint"]
+    record["checkpoint_bytes"], record["checkpoint_files"] = checkpoint_size(Path(read))
+    return record
+
+
+# --- load jobs ------------------------------------------------------------------------------
+
+
+def run_load_job(spec: dict) -> None:
+    """Every cell of a load job (item x source): one launch (more after a crash or hang),
+    then one record per item, with the cells' verdicts (records.cell_row)."""
+    from pipeline_lib.disk import room_error
+
+    work = _fresh_dir(Path(spec["work_dir"]))
+    saves, results, items = _read_sources(spec)
+    pending = [unit_id(i["id"], s["id"]) for i in items for s in i["sources"]]
+    if no_room := room_error({**spec, "items": items}, work):
+        launched, launches = {unit: {"status": "error", "reason": no_room} for unit in pending}, 0
+    else:
+        launched, launches = run_units({**spec, "items": items}, work, pending)
+    results.update(launched)
+    for item in spec["items"]:
+        write_json(item["record"], load_record_of(item, saves, results, launches))
+
+
+def _read_sources(spec: dict) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
+    """(save record of every cell, result of every cell that is not to run, the items with
+    only the sources to run). A cell runs when its save job succeeded, wrote its checkpoint
+    where the spec says and the item is not skipped."""
+    saves, results, items = {}, {}, []
+    for item in spec["items"]:
+        sources = []
+        for source in item["sources"]:
+            unit = unit_id(item["id"], source["id"])
+            save = saves[unit] = read_json(source["save_record"])
+            # The folders the spec names (grid.load_spec), whatever a record on disk says.
+            expected = {k: source[k] for k in ("checkpoint", "reference") if k in source}
+            moved = [k for k, path in expected.items() if save.get(k, path) != path]
+            if save["status"] != "ok":
+                results[unit] = {"status": "not_run", "reason": "the save job failed"}
+            elif moved:
+                results[unit] = {
+                    "status": "error",
+                    "reason": f"the save record {source['save_record']} names another "
+                    f"{moved[0]} ({save[moved[0]]!r}, expected {expected[moved[0]]!r})",
+                }
+            elif item["skip"]:
+                results[unit] = {"status": "skip", "reason": item["skip"]}
+            else:
+                sources.append({"reference": save["reference"], **source})
+        items.append({**item, "sources": sources})
+    return saves, results, items
+
+
+def load_record_of(
+    item: dict, saves: dict[str, dict], results: dict[str, dict], launches: int
+) -> dict:
+    """The record of one load item: a matrix row (with its verdict) and the tensor rows of
+    every cell, from the save records and the load results."""
+    from pipeline_lib.records import cell_row, tensor_rows
+
+    cells, tensors = [], []
+    for source in item["sources"]:
+        unit = unit_id(item["id"], source["id"])
+        load = {**results[unit], "layout": item["layout"], "torch_version": torch_version()}
+        cells.append(cell_row(item["model"], saves[unit], load, item))
+        tensors.extend(tensor_rows(item["model"], saves[unit], load, item["variant"]))
+    record = {"cells": cells, "tensors": tensors, "launches": launches}
+    if item.get("fault"):
+        record["fault"] = item["fault"]
+    return record
