@@ -113,9 +113,19 @@ def error_lines(exc: ConfigError) -> list[str]:
     return [line for line in lines if line and line != "invalid config:"]
 
 
+# Keys that change no job's work: what a finished run is compared with.
+NOT_JOB_INPUTS = ("baseline",)
+
+
+def job_inputs(config: dict) -> dict:
+    """The config without the keys no job reads (a baseline changes the gate, not the cells)."""
+    return {k: v for k, v in config.items() if k not in NOT_JOB_INPUTS}
+
+
 def config_hash(config: dict) -> str:
-    """A short, stable hash of the validated config (recorded in every row)."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    """A short, stable hash of the validated config (recorded in every row), without the keys
+    no job reads."""
+    blob = json.dumps(job_inputs(config), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

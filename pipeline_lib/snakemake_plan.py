@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from pipeline_lib import grid
-from pipeline_lib.config import validate
+from pipeline_lib.config import job_inputs, validate
 
 # Progress marks of a save item (build, train, reference, state dict, save, resume, files
 # check: pipeline_lib.worker).
@@ -41,6 +41,14 @@ class Plan:
 
     def wildcard_pattern(self, key: str) -> str:
         return "|".join(re.escape(name) for name in self.config[key])
+
+    @property
+    def model_pattern(self) -> str:
+        """The {model} wildcard: the grid's models and those of the fault campaign's cells
+        (a foreign_checkpoint cell saves another model)."""
+        cells = grid.fault_cells(self.config)
+        names = dict.fromkeys([*self.config["models"], *(c.save_model for c in cells)])
+        return "|".join(re.escape(name) for name in names)
 
     @property
     def version_root_pattern(self) -> str:
@@ -95,8 +103,9 @@ class Plan:
 
     @property
     def grid_json(self) -> str:
-        """The validated config: a job's CLI expands its own spec from it (grid.*_job_spec)."""
-        return json.dumps(self.config)
+        """The validated config: a job's CLI expands its own spec from it (grid.*_job_spec).
+        Without the keys no job reads: setting a baseline must not re-run a finished job."""
+        return json.dumps(job_inputs(self.config))
 
     def job_ranks(self, wildcards) -> int:
         """World size of the job of {layout} (also the fault campaign's save jobs)."""

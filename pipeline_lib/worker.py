@@ -26,7 +26,7 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from pipeline_lib import checkpoint_io, checks, faults, frameworks, training
+from pipeline_lib import checkpoint_io, checks, faults, frameworks, timestamps, training
 from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
@@ -264,7 +264,7 @@ def run_load(job: Job, item: Item, startup_s: float) -> None:
         except (Exception, CheckpointException) as exc:
             result = {"status": "error", "reason": one_line(exc)}
         result["timing"] = {**result.get("timing", {}), "startup_s": startup_s}
-        result.update(peak_rss_mb=job.peak_rss_mb(), env=job.env, created_at=now())
+        result.update(peak_rss_mb=job.peak_rss_mb(), env=job.env, created_at=timestamps.now())
         job.write_result(unit, result)
 
 
@@ -278,10 +278,6 @@ def run_item(job: Job, item: Item, startup_s: float) -> None:
             units = [item.spec.unit(source) for source in item.spec.sources]
         for unit in units:
             job.write_result(unit, {"status": "skip", "reason": str(exc)})
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 @record

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,41 @@ def test_default_config_dry_run_plans_the_budgeted_jobs(tmp_path):
     proc = snakemake(tmp_path, "-n", "--quiet", "rules")
     out = proc.stdout + proc.stderr
     assert "save_checkpoints        8" in out and "load_checkpoints        8" in out
+
+
+def test_a_matrix_beside_a_fault_campaign_of_other_models_plans_both(tmp_path):
+    """The {model} wildcard covers the fault cells' models (and the model a foreign_checkpoint
+    cell saves), not only ``models``: the DAG of such a config could not be built."""
+    cfg = {
+        "models": ["mlp_uneven"],
+        "layouts": {
+            "ddp_2": {"framework": "ddp", "mesh": [2]},
+            "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
+        },
+        "pairs": "same",
+        "faults": [
+            {"fault": "stale_param", "model": "tied_embedding", "save": "ddp_2", "load": "fsdp2_2"},
+            {"fault": "foreign_checkpoint", "model": "mlp", "save": "ddp_2", "load": "fsdp2_2"},
+        ],
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(tmp_path, "-n", "--quiet", "rules")
+    out = proc.stdout + proc.stderr
+    assert re.search(r"save_fault_checkpoint\s+2\n", out), out
+    assert re.search(r"save_checkpoints\s+2\n", out), out
+
+
+def test_setting_a_baseline_reruns_no_job(tmp_path):
+    """A baseline changes the gate and the report, not a cell: the jobs' params and the rows'
+    config hash stay the same, so Snakemake re-runs nothing of a finished matrix."""
+    from pipeline_lib.config import config_hash, validate
+    from pipeline_lib.snakemake_plan import Plan
+
+    cfg = {"models": ["mlp"], "layouts": {"single": {"framework": "single", "mesh": [1]}}}
+    with_baseline = {**cfg, "baseline": str(REPO / "expectations" / "torch-2.13.0.yaml")}
+    plain, gated = Plan(cfg, str(REPO)), Plan(with_baseline, str(REPO))
+    assert plain.grid_json == gated.grid_json
+    assert config_hash(validate(cfg)) == config_hash(validate(with_baseline))
 
 
 def test_snakemake_lint_is_clean(tmp_path):
