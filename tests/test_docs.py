@@ -50,7 +50,7 @@ RUN = {  # prefix -> the exit status it must give in the copy
     # The fixture has cells that broke where the expectations say they pass: regressions.
     ".venv/bin/python -m pipeline_lib gate": 1,
     ".venv/bin/python -m pipeline_lib reproducers": 0,
-    ".venv/bin/python -m pipeline_lib.report": 0,
+    ".venv/bin/python -m pipeline_lib report": 0,
     ".venv/bin/snakemake --report": 0,
 }
 DRY_RUN = (".venv/bin/snakemake",)
