@@ -213,7 +213,11 @@ def test_expectations_refuse_unknown_columns(tmp_path):
 
 def test_shipped_expectations_load():
     paths = b.DEFAULT_EXPECTATIONS
-    assert {Path(p).name for p in paths} >= {"torch-2.13.0.yaml", "torch-2.14.1.yaml", "torch-2.15.0.yaml"}
+    assert {Path(p).name for p in paths} >= {
+        "torch-2.13.0.yaml",
+        "torch-2.14.1.yaml",
+        "torch-2.15.0.yaml",
+    }
     for path in paths:
         exp = b.load_expectations(path)
         assert exp.findings and exp.torch
