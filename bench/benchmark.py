@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -158,10 +159,12 @@ def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
             ("save", grid.save_job_spec(cfg, grid.RESULTS, "fsdp2_2")),
             ("load", grid.load_job_spec(cfg, grid.RESULTS, "fsdp2_2")),
         ):
-            (item,) = spec["items"]
-            item["model_kwargs"] = {"dim": dim, "hidden": hidden, "out": 8}
+            (item,) = spec.items
+            item = replace(item, model_kwargs={"dim": dim, "hidden": hidden, "out": 8})
+            spec = replace(spec, items=(item,))
+            as_json = json.dumps(spec.to_dict())
             timed(
-                [sys.executable, "-m", "pipeline_lib", command, "--spec", json.dumps(spec)],
+                [sys.executable, "-m", "pipeline_lib", command, "--spec", as_json],
                 cell_dir,
             )
         save = read_json(cell_dir / grid.save_record_path("mlp", "fsdp2_2"))

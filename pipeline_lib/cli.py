@@ -17,9 +17,10 @@ from pathlib import Path
 def _cmd_job(args: argparse.Namespace) -> None:
     """A save or load job: its spec as given (--spec), or expanded from the grid (--grid)."""
     from pipeline_lib import driver, grid
+    from pipeline_lib.specs import JobSpec
 
     if args.spec:
-        spec = json.loads(args.spec)
+        spec = JobSpec.from_dict(json.loads(args.spec))
     elif not (args.version_root and args.layout):
         args.usage_error("--grid needs --version-root and --layout")
     else:

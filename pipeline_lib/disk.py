@@ -13,8 +13,13 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline_lib.errors import human_bytes
+
+if TYPE_CHECKING:
+    from pipeline_lib.axes import Variant
+    from pipeline_lib.specs import JobSpec
 
 # Built-in models: (parameter elements, parameter tensors, buffer elements, buffer tensors) of
 # build() (tests/test_hardening.py checks them against the models).
@@ -70,23 +75,23 @@ def model_state(model: str) -> tuple[int, int, int, int]:
             len(buffers))  # fmt: skip
 
 
-def _entries_and_bytes(model: str, variant: dict) -> tuple[int, int]:
+def _entries_and_bytes(model: str, variant: Variant) -> tuple[int, int]:
     """(state entries, state bytes) of one item's saved state."""
     p_numel, p_count, b_numel, b_count = model_state(model)
-    element = 2 if variant["param_dtype"] == "bfloat16" else 4
-    states = 1 if variant["optimizer"] == "sgd" else 2
+    element = 2 if variant.param_dtype == "bfloat16" else 4
+    states = 1 if variant.optimizer == "sgd" else 2
     entries = p_count * (2 + states) + b_count + 2 * PARAM_GROUP_ENTRIES + 8
     data = element * (p_numel * (1 + states) + b_numel) + 8 * p_count
     return entries, data
 
 
-def save_item_bytes(model: str, variant: dict, world_size: int) -> Estimate:
+def save_item_bytes(model: str, variant: Variant, world_size: int) -> Estimate:
     """What one save item writes: checkpoint, reference, conversions, record."""
     entries, data = _entries_and_bytes(model, variant)
     estimate = Estimate()
     full = data + entries * FILE_ENTRY_OVERHEAD
     dcp = data + entries * world_size * CHUNK_OVERHEAD
-    mode, fmt = variant["mode"], variant["format"]
+    mode, fmt = variant.mode, variant.format
     if mode == "full":
         estimate.add("checkpoints", full)
     else:
@@ -100,25 +105,25 @@ def save_item_bytes(model: str, variant: dict, world_size: int) -> Estimate:
     return estimate
 
 
-def load_cell_bytes(model: str, variant: dict) -> Estimate:
+def load_cell_bytes(model: str, variant: Variant) -> Estimate:
     entries, _ = _entries_and_bytes(model, variant)
     estimate = Estimate()
     estimate.add("records", entries * LOAD_RECORD_PER_ENTRY)
     return estimate
 
 
-def job_bytes(spec: dict) -> Estimate:
+def job_bytes(spec: JobSpec) -> Estimate:
     """What a save or load job (pipeline_lib.grid.job_spec) writes, its skipped items aside."""
     estimate = Estimate({"records": PER_JOB})
-    world = spec["layout"]["world_size"]
-    for item in spec["items"]:
-        if item.get("skip"):
+    world = spec.layout["world_size"]
+    for item in spec.items:
+        if item.skip:
             continue
-        if spec["kind"] == "save":
-            part = save_item_bytes(item["model"], item["variant"], world)
+        if spec.kind == "save":
+            part = save_item_bytes(item.model, item.variant, world)
         else:
-            part = load_cell_bytes(item["model"], item["variant"])
-            part.parts = {k: v * len(item["sources"]) for k, v in part.parts.items()}
+            part = load_cell_bytes(item.model, item.variant)
+            part.parts = {k: v * len(item.sources) for k, v in part.parts.items()}
         for key, value in part.parts.items():
             estimate.add(key, value)
     return estimate
@@ -147,7 +152,7 @@ def grid_bytes(config: dict) -> Estimate:
 REFUSE_BELOW = 0.5
 
 
-def room_error(spec: dict, folder: str | Path) -> str | None:
+def room_error(spec: JobSpec, folder: str | Path) -> str | None:
     """Why the job ``spec`` should not start: its filesystem (that of ``folder``) has clearly
     less free space than the job's estimate; None when it may have room."""
     need = job_bytes(spec)
@@ -155,6 +160,6 @@ def room_error(spec: dict, folder: str | Path) -> str | None:
     if free >= need.total * REFUSE_BELOW:
         return None
     return (
-        f"not enough disk space: the {spec['kind']} job of {spec['layout']['name']} needs "
+        f"not enough disk space: the {spec.kind} job of {spec.layout['name']} needs "
         f"{need}, {human_bytes(free)} free on the filesystem of {folder}; nothing was run"
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pipeline_lib import timestamps
 from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.launcher import Outcome, launch
 from pipeline_lib.names import inside
-from pipeline_lib.specs import unit_id
+from pipeline_lib.specs import ItemSpec, JobSpec, Source
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -38,15 +39,15 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _run_worker(spec: dict, work: Path, attempt: int) -> Outcome:
+def _run_worker(spec: JobSpec, work: Path, attempt: int) -> Outcome:
     """Launch the worker ranks for ``spec`` (a job): the launcher's outcome, with rank 0's
     own account of a job-level exception, which is more precise than the exit code."""
-    spec = {**spec, "launched_at": time.time()}
+    spec = replace(spec, launched_at=time.time())
     spec_path = work / f"spec-{attempt}.json"
-    write_json(spec_path, spec)
-    run = spec["run"]
+    write_json(spec_path, spec.to_dict())
+    run = spec.run
     outcome = launch(
-        spec["layout"]["world_size"],
+        spec.layout["world_size"],
         [str(spec_path)],
         work,
         run["cell_timeout_s"],
@@ -60,22 +61,7 @@ def _run_worker(spec: dict, work: Path, attempt: int) -> Outcome:
     return outcome
 
 
-def _narrowed(spec: dict, pending: set[str]) -> dict:
-    """The job with only the units in ``pending``: items of a save job, cells (item.source)
-    of a load job."""
-    items = []
-    for item in spec["items"]:
-        if spec["kind"] == "save":
-            if item["id"] in pending:
-                items.append(item)
-            continue
-        sources = [s for s in item["sources"] if unit_id(item["id"], s["id"]) in pending]
-        if sources:
-            items.append({**item, "sources": sources})
-    return {**spec, "items": items}
-
-
-def run_units(spec: dict, work: Path, pending: list[str]) -> tuple[dict[str, dict], int]:
+def run_units(spec: JobSpec, work: Path, pending: list[str]) -> tuple[dict[str, dict], int]:
     """A result for every pending unit of the job, and the number of launches it took. One
     launch runs them all; after a crash or hang, the unit in progress is recorded as such and
     the units not reached run again in a fresh launch."""
@@ -83,7 +69,7 @@ def run_units(spec: dict, work: Path, pending: list[str]) -> tuple[dict[str, dic
     attempt = 0
     while pending:
         attempt += 1
-        outcome = _run_worker(_narrowed(spec, set(pending)), work, attempt)
+        outcome = _run_worker(spec.narrowed(set(pending)), work, attempt)
         for unit in pending:
             path = work / "results" / f"{unit}.json"
             if path.exists():
@@ -116,42 +102,39 @@ def torch_version() -> str:
 # --- save jobs ------------------------------------------------------------------------------
 
 
-def run_save_job(spec: dict) -> None:
+def run_save_job(spec: JobSpec) -> None:
     """Every item of a save job: one launch (more after a crash), then a record per item."""
     from pipeline_lib.disk import room_error
 
-    work = _fresh_dir(Path(spec["work_dir"]))
-    for item in spec["items"]:
-        _fresh_dir(Path(item["save_dir"]))
-    skipped = {i["id"]: {"status": "skip", "reason": i["skip"]} for i in spec["items"] if i["skip"]}
-    pending = [i["id"] for i in spec["items"] if not i["skip"]]
+    work = _fresh_dir(Path(spec.work_dir))
+    for item in spec.items:
+        _fresh_dir(Path(item.save_dir))
+    skipped = {i.id: {"status": "skip", "reason": i.skip} for i in spec.items if i.skip}
+    pending = [i.id for i in spec.items if not i.skip]
     if no_room := room_error(spec, work):
         results = {unit: {"status": "error", "reason": no_room} for unit in pending}
     else:
         results, _ = run_units(spec, work, pending)
-    for item in spec["items"]:
-        result = skipped.get(item["id"]) or results[item["id"]]
-        write_json(item["record"], save_record_of(item, result))
+    for item in spec.items:
+        result = skipped.get(item.id) or results[item.id]
+        write_json(item.record, save_record_of(item, result))
 
 
-def save_record_of(item: dict, result: dict) -> dict:
+def save_record_of(item: ItemSpec, result: dict) -> dict:
     """The record of one save item from the worker's result (or the job's failure)."""
-    from pipeline_lib.axes import Variant
-
-    variant = Variant(**item["variant"])
     record = {
-        "model": item["model"],
-        "layout": item["layout"],
-        "checkpoint": item["checkpoint"],
-        "reference": item["reference"],
-        "config_hash": item["config_hash"],
+        "model": item.model,
+        "layout": item.layout,
+        "checkpoint": item.paths.checkpoint,
+        "reference": item.paths.reference,
+        "config_hash": item.config_hash,
         "created_at": timestamps.now(),
         "torch_version": torch_version(),
         **result,
     }
     if record["status"] != "ok":
         return record
-    read = item["full_state"] if variant.reads_full_state else item["checkpoint"]
+    read = item.paths.read_by(item.variant)
     record["checkpoint_bytes"], record["checkpoint_files"] = checkpoint_size(Path(read))
     return record
 
@@ -159,66 +142,69 @@ def save_record_of(item: dict, result: dict) -> dict:
 # --- load jobs ------------------------------------------------------------------------------
 
 
-def run_load_job(spec: dict) -> None:
+def run_load_job(spec: JobSpec) -> None:
     """Every cell of a load job (item x source): one launch (more after a crash or hang),
     then one record per item, with the cells' verdicts (records.cell_row)."""
     from pipeline_lib.disk import room_error
 
-    work = _fresh_dir(Path(spec["work_dir"]))
-    saves, results, items = _read_sources(spec)
-    pending = [unit_id(i["id"], s["id"]) for i in items for s in i["sources"]]
-    if no_room := room_error({**spec, "items": items}, work):
+    work = _fresh_dir(Path(spec.work_dir))
+    saves, results, to_run = _read_sources(spec)
+    pending = to_run.units()
+    if no_room := room_error(to_run, work):
         launched, launches = {unit: {"status": "error", "reason": no_room} for unit in pending}, 0
     else:
-        launched, launches = run_units({**spec, "items": items}, work, pending)
+        launched, launches = run_units(to_run, work, pending)
     results.update(launched)
-    for item in spec["items"]:
-        write_json(item["record"], load_record_of(item, saves, results, launches))
+    for item in spec.items:
+        write_json(item.record, load_record_of(item, saves, results, launches))
 
 
-def _read_sources(spec: dict) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
-    """(save record of every cell, result of every cell that is not to run, the items with
-    only the sources to run). A cell runs when its save job succeeded, wrote its checkpoint
-    where the spec says and the item is not skipped."""
-    saves, results, items = {}, {}, []
-    for item in spec["items"]:
-        sources = []
-        for source in item["sources"]:
-            unit = unit_id(item["id"], source["id"])
-            save = saves[unit] = read_json(source["save_record"])
-            # The folders the spec names (grid.load_spec), whatever a record on disk says.
-            expected = {k: source[k] for k in ("checkpoint", "reference") if k in source}
-            moved = [k for k, path in expected.items() if save.get(k, path) != path]
+def _read_sources(spec: JobSpec) -> tuple[dict[str, dict], dict[str, dict], JobSpec]:
+    """(save record of every cell, result of every cell that is not to run, the job with only
+    the cells to run). A cell runs when its save job succeeded, wrote its checkpoint where the
+    spec says and the item is not skipped."""
+    saves, results, to_run = {}, {}, set()
+    for item in spec.items:
+        for source in item.sources:
+            unit = item.unit(source)
+            save = saves[unit] = read_json(source.save_record)
             if save["status"] != "ok":
                 results[unit] = {"status": "not_run", "reason": "the save job failed"}
-            elif moved:
-                results[unit] = {
-                    "status": "error",
-                    "reason": f"the save record {source['save_record']} names another "
-                    f"{moved[0]} ({save[moved[0]]!r}, expected {expected[moved[0]]!r})",
-                }
-            elif item["skip"]:
-                results[unit] = {"status": "skip", "reason": item["skip"]}
+            elif moved := _moved(source, save):
+                results[unit] = {"status": "error", "reason": moved}
+            elif item.skip:
+                results[unit] = {"status": "skip", "reason": item.skip}
             else:
-                sources.append({"reference": save["reference"], **source})
-        items.append({**item, "sources": sources})
-    return saves, results, items
+                to_run.add(unit)
+    return saves, results, spec.narrowed(to_run)
+
+
+def _moved(source: Source, save: dict) -> str | None:
+    """Why a save record names other folders than the spec (grid.source), or None."""
+    for key in ("checkpoint", "reference"):
+        expected = getattr(source.paths, key)
+        if save.get(key, expected) != expected:
+            return (
+                f"the save record {source.save_record} names another {key} "
+                f"({save[key]!r}, expected {expected!r})"
+            )
+    return None
 
 
 def load_record_of(
-    item: dict, saves: dict[str, dict], results: dict[str, dict], launches: int
+    item: ItemSpec, saves: dict[str, dict], results: dict[str, dict], launches: int
 ) -> dict:
     """The record of one load item: a matrix row (with its verdict) and the tensor rows of
     every cell, from the save records and the load results."""
     from pipeline_lib.records import cell_row, tensor_rows
 
     cells, tensors = [], []
-    for source in item["sources"]:
-        unit = unit_id(item["id"], source["id"])
-        load = {**results[unit], "layout": item["layout"], "torch_version": torch_version()}
-        cells.append(cell_row(item["model"], saves[unit], load, item))
-        tensors.extend(tensor_rows(item["model"], saves[unit], load, item["variant"]))
+    for source in item.sources:
+        unit = item.unit(source)
+        load = {**results[unit], "layout": item.layout, "torch_version": torch_version()}
+        cells.append(cell_row(item.model, saves[unit], load, item))
+        tensors.extend(tensor_rows(item.model, saves[unit], load, item.variant))
     record = {"cells": cells, "tensors": tensors, "launches": launches}
-    if item.get("fault"):
-        record["fault"] = item["fault"]
+    if item.fault_tag is not None:
+        record["fault"] = asdict(item.fault_tag)
     return record

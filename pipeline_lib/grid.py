@@ -11,11 +11,12 @@ start-up of a launch costs more than most of its cells.)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from pipeline_lib import faults, frameworks, names
 from pipeline_lib.axes import DEFAULT, Variant, conflict, layout_conflict, variants
 from pipeline_lib.config import config_hash
+from pipeline_lib.specs import CheckpointPaths, FaultTag, ItemSpec, JobSpec, Source
 
 RESULTS = "results"
 
@@ -37,7 +38,9 @@ class Layout:
         return dict(zip(self.mesh_dims, self.mesh, strict=True))[self.tp_dim] if self.tp_dim else 1
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "world_size": self.world_size}
+        """The layout as job specs and records hold it (JSON's lists for the tuples)."""
+        data = {**asdict(self), "world_size": self.world_size}
+        return {**data, "mesh": list(self.mesh), "mesh_dims": list(self.mesh_dims)}
 
 
 @dataclass(frozen=True)
@@ -205,26 +208,54 @@ def skip_reason(variant: Variant, side: str, layout: Layout) -> str | None:
     return conflict(variant) or layout_conflict(variant, side, layout.world_size)
 
 
+def _item(config: dict, kind: str, model: str, layout: str, record: str, variant: Variant, **more):
+    """An item of a ``kind`` job of ``layout`` (its id is set by job_spec)."""
+    on = layouts(config)[layout]
+    return ItemSpec(
+        kind=kind,
+        id="0",
+        model=model,
+        layout=on.to_dict(),
+        variant=variant,
+        skip=skip_reason(variant, kind, on),
+        train=config["train"],
+        run=config["run"],
+        config_hash=config_hash(config),
+        record=record,
+        **more,
+    )
+
+
 def save_spec(
     config: dict, model: str, layout: str, root: str = RESULTS, variant: Variant = DEFAULT
-) -> dict:
+) -> ItemSpec:
     """Everything a save job needs to save (model, layout) under ``root``: one item."""
-    by_name = layouts(config)
-    return {
-        "kind": "save",
-        "model": model,
-        "layout": by_name[layout].to_dict(),
-        "variant": variant.to_dict(),
-        "skip": skip_reason(variant, "save", by_name[layout]),
-        "train": config["train"],
-        "run": config["run"],
-        "config_hash": config_hash(config),
-        "record": save_record_path(model, layout, root),
-        "save_dir": save_dir(model, layout, root),
-        "checkpoint": checkpoint_dir(model, layout, root),
-        "full_state": full_state_file(model, layout, root),
-        "reference": reference_dir(model, layout, root),
-    }
+    record = save_record_path(model, layout, root)
+    return _item(
+        config, "save", model, layout, record, variant,
+        save_dir=save_dir(model, layout, root), paths=checkpoint_paths(model, layout, root),
+    )  # fmt: skip
+
+
+def checkpoint_paths(model: str, layout: str, root: str = RESULTS) -> CheckpointPaths:
+    """Every path of the checkpoint the save item of (model, layout) writes under ``root``."""
+    return CheckpointPaths(
+        checkpoint=checkpoint_dir(model, layout, root),
+        full_state=full_state_file(model, layout, root),
+        reference=reference_dir(model, layout, root),
+    )
+
+
+def source(config: dict, model: str, layout: str, root: str, version: str | None) -> Source:
+    """The checkpoint of (model, save layout) under ``root`` as a load item verifies it: the
+    paths where the save job of this config writes it, not what a record on disk says."""
+    return Source(
+        # Unique within the job: the same layout may come from two torch versions.
+        id=layout if version is None else f"{version}.{layout}",
+        layout=layouts(config)[layout].to_dict(),
+        paths=checkpoint_paths(model, layout, root),
+        save_record=save_record_path(model, layout, root),
+    )
 
 
 def load_spec(
@@ -234,71 +265,56 @@ def load_spec(
     sources: list[tuple[str, str | None]] | None = None,
     root: str = RESULTS,
     variant: Variant = DEFAULT,
-) -> dict:
+) -> ItemSpec:
     """One item of a load job: verify the checkpoint of (model, save layout) for every source,
     a (save layout, save torch version) pair (default: every one paired with ``layout``)."""
-    by_name = layouts(config)
     if sources is None:
         sources = [(src, None) for src in sources_of(config, layout)]
-    return {
-        "kind": "load",
-        "model": model,
-        "layout": by_name[layout].to_dict(),
-        "variant": variant.to_dict(),
-        "skip": skip_reason(variant, "load", by_name[layout]),
-        "train": config["train"],
-        "verify": config["verify"],
-        "run": config["run"],
-        "config_hash": config_hash(config),
-        "sources": [
-            {
-                # Unique within the job: the same layout may come from two torch versions.
-                "id": src if version is None else f"{version}.{src}",
-                "layout": by_name[src].to_dict(),
-                "checkpoint": checkpoint_dir(model, src, job_root(version, variant)),
-                "full_state": full_state_file(model, src, job_root(version, variant)),
-                "save_record": save_record_path(model, src, job_root(version, variant)),
-                # Where the save job of this config writes it, not what a record on disk says.
-                "reference": reference_dir(model, src, job_root(version, variant)),
-            }
-            for src, version in sources
-        ],
-        "record": load_record_path(model, layout, root),
-    }
+    checkpoints = tuple(
+        source(config, model, src, job_root(version, variant), version) for src, version in sources
+    )
+    record = load_record_path(model, layout, root)
+    return _item(
+        config, "load", model, layout, record, variant,
+        verify=config["verify"], sources=checkpoints,
+    )  # fmt: skip
 
 
-def job_spec(config: dict, kind: str, layout: str, work_dir: str, items: list[dict]) -> dict:
+def job_spec(
+    config: dict, kind: str, layout: str, work_dir: str, items: list[ItemSpec], torch_env=None
+) -> JobSpec:
     """One torchrun launch of ``layout`` running ``items`` (save_spec or load_spec) in order;
     an item's ``id`` is its index."""
-    return {
-        "kind": kind,
-        "layout": layouts(config)[layout].to_dict(),
-        "run": config["run"],
-        "work_dir": work_dir,
-        "items": [{**item, "id": str(i)} for i, item in enumerate(items)],
-    }
+    return JobSpec(
+        kind=kind,
+        layout=layouts(config)[layout].to_dict(),
+        run=config["run"],
+        work_dir=work_dir,
+        items=tuple(replace(item, id=str(i)) for i, item in enumerate(items)),
+        torch_env=torch_env,
+    )
 
 
-def save_job_spec(config: dict, version_root: str, layout: str) -> dict:
+def save_job_spec(config: dict, version_root: str, layout: str) -> JobSpec:
     """The save job of ``layout`` in the torch environment of version root ``version_root``."""
     version = version_roots(config)[version_root]
     specs = [
         save_spec(config, model, layout, job_root(version, variant), variant)
         for variant, model in items(config)
     ]
-    spec = job_spec(config, "save", layout, f"{version_root}/work/save/{layout}", specs)
-    return {**spec, "torch_env": version}
+    work = f"{version_root}/work/save/{layout}"
+    return job_spec(config, "save", layout, work, specs, torch_env=version)
 
 
-def load_job_spec(config: dict, version_root: str, layout: str) -> dict:
+def load_job_spec(config: dict, version_root: str, layout: str) -> JobSpec:
     version = version_roots(config)[version_root]
     sources = load_sources(config, layout, version)
     specs = [
         load_spec(config, model, layout, sources, job_root(version, variant), variant)
         for variant, model in items(config)
     ]
-    spec = job_spec(config, "load", layout, f"{version_root}/work/load/{layout}", specs)
-    return {**spec, "torch_env": version}
+    work = f"{version_root}/work/load/{layout}"
+    return job_spec(config, "load", layout, work, specs, torch_env=version)
 
 
 def save_outputs(config: dict, version_root: str, layout: str) -> tuple[list[str], list[str]]:
@@ -376,32 +392,35 @@ def fault_cell(config: dict, fault_id: str) -> FaultCell:
     return next(c for c in fault_cells(config) if c.id == fault_id)
 
 
-def fault_save_spec(config: dict, cell: FaultCell) -> dict:
+def fault_save_spec(config: dict, cell: FaultCell) -> JobSpec:
     """The save job of a fault cell (one item)."""
     spec = save_spec(config, cell.save_model, cell.save, cell.root)
     if faults.FAULTS[cell.fault].stage in ("checkpoint", "save", "state"):
-        spec["fault"] = cell.fault
+        spec = replace(spec, fault=cell.fault)
     return job_spec(config, "save", cell.save, f"{cell.root}/work/save", [spec])
 
 
-def fault_load_spec(config: dict, cell: FaultCell) -> dict:
+def fault_load_spec(config: dict, cell: FaultCell) -> JobSpec:
     """The load job of a fault cell (one item)."""
     return job_spec(
         config, "load", cell.load, f"{cell.root}/work/load", [_fault_load_item(config, cell)]
     )
 
 
-def _fault_load_item(config: dict, cell: FaultCell) -> dict:
+def _fault_load_item(config: dict, cell: FaultCell) -> ItemSpec:
     fault = faults.FAULTS[cell.fault]
     spec = load_spec(config, cell.model, cell.load, [(cell.save, None)], cell.root)
-    source = spec["sources"][0]
-    source.update(
-        checkpoint=checkpoint_dir(cell.save_model, cell.save, cell.root),
+    (saved,) = spec.sources
+    # A foreign_checkpoint cell reads the checkpoint another model saved.
+    saved = replace(
+        saved,
+        paths=checkpoint_paths(cell.save_model, cell.save, cell.root),
         save_record=save_record_path(cell.save_model, cell.save, cell.root),
-        reference=reference_dir(cell.save_model, cell.save, cell.root),
+        fault=cell.fault if fault.stage in ("load", "state") else None,
     )
-    if fault.stage in ("load", "state"):
-        source["fault"] = cell.fault
-    spec["fault"] = {"name": cell.fault, "expect": fault.expect, "id": cell.id}
-    spec["record"] = cell.load_record_path
-    return spec
+    return replace(
+        spec,
+        sources=(saved,),
+        fault_tag=FaultTag(cell.fault, fault.expect, cell.id),
+        record=cell.load_record_path,
+    )

@@ -15,9 +15,13 @@ is a deliberate edit of both.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from pipeline_lib.axes import Variant
+    from pipeline_lib.specs import ItemSpec
 
 STATUSES = ("pass", "fail", "error", "crash", "timeout", "skip")
 # Job outcomes (before the cell's checks): ok, or the status the whole cell inherits.
@@ -210,14 +214,13 @@ def _max(values) -> float | None:
     return max(values) if values else None
 
 
-def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
+def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, Any]:
     """One matrix.parquet row. ``save`` is the save job's record, ``load`` the load result of
-    this cell (pipeline_lib.driver); ``spec`` the load job's spec. Long for a reason: one flat
+    this cell (pipeline_lib.driver); ``spec`` the load item's spec. Long for a reason: one flat
     literal with a line per MATRIX_SCHEMA column, in schema order, reads against the schema."""
-    variant = spec["variant"]
-    verify = spec["verify"]
-    rtol = verify["resume_rtol_bfloat16" if variant["param_dtype"] == "bfloat16" else "resume_rtol"]
-    status, reason = verdict(save, load, rtol, variant["mode"])
+    variant, verify = spec.variant, spec.verify
+    rtol = verify["resume_rtol_bfloat16" if variant.param_dtype == "bfloat16" else "resume_rtol"]
+    status, reason = verdict(save, load, rtol, variant.mode)
     checked = save.get("state_check", {}), save.get("files_check", {}), load.get("entries", {})
     stated, files, loaded = checked
     mismatched = {n for check in checked for n, e in check.items() if not e["equal"]}
@@ -234,7 +237,7 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
         "load_framework": load_layout["framework"],
         "load_mesh": "x".join(map(str, load_layout["mesh"])),
         "load_world_size": load_layout["world_size"],
-        **{axis: variant[axis] for axis in AXIS_COLUMNS},
+        **{axis: getattr(variant, axis) for axis in AXIS_COLUMNS},
         "status": status,
         "reason": reason,
         "entries_checked": len(set().union(*checked)),
@@ -245,7 +248,7 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
         "max_abs_diff": _max(e.get("max_abs_diff") for check in checked for e in check.values()),
         # The resumed losses of a run that lost an entry on purpose differ by design.
         "resume_max_rel_diff": None
-        if variant["mode"] in ("strict", "non_strict")
+        if variant.drops_entry
         else resume_rel_diff(save.get("resume_losses", []), load.get("resume_losses", [])),
         "missing_entries": ", ".join(load.get("missing_entries", [])) or None,
         "save_seconds": st.get("save_s"),
@@ -267,7 +270,7 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
         "load_torch_version": load.get("torch_version"),
         "backend": env.get("backend"),
         "device": env.get("device"),
-        "config_hash": spec["config_hash"],
+        "config_hash": spec.config_hash,
         "git_commit": None,
         "created_at": load.get("created_at") or save.get("created_at"),
     }
@@ -282,7 +285,7 @@ def _all_equal(*checks: dict | None) -> bool | None:
     return True if len(ran) == len(checks) else None
 
 
-def tensor_rows(model: str, save: dict, load: dict, variant: dict) -> list[dict[str, Any]]:
+def tensor_rows(model: str, save: dict, load: dict, variant: Variant) -> list[dict[str, Any]]:
     """tensors.parquet rows of one cell: one per state entry seen by any check."""
     stated, files, loaded, meta = (
         save.get("state_check", {}),
@@ -305,7 +308,7 @@ def tensor_rows(model: str, save: dict, load: dict, variant: dict) -> list[dict[
                 "load_layout": load["layout"]["name"],
                 "save_torch_version": save.get("torch_version"),
                 "load_torch_version": load.get("torch_version"),
-                **{axis: variant[axis] for axis in AXIS_COLUMNS},
+                **{axis: getattr(variant, axis) for axis in AXIS_COLUMNS},
                 "entry": name,
                 "kind": m.get("kind"),
                 "dtype": m.get("dtype"),

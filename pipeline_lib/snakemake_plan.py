@@ -152,11 +152,11 @@ class Plan:
     # --- the fault campaign (rules save_fault_checkpoint, load_fault_checkpoint, ...) -------
     def fault_save_spec(self, wildcards) -> str:
         cell = grid.fault_cell(self.config, wildcards.fault_id)
-        return json.dumps(grid.fault_save_spec(self.config, cell))
+        return json.dumps(grid.fault_save_spec(self.config, cell).to_dict())
 
     def fault_load_spec(self, wildcards) -> str:
         cell = grid.fault_cell(self.config, wildcards.fault_id)
-        return json.dumps(grid.fault_load_spec(self.config, cell))
+        return json.dumps(grid.fault_load_spec(self.config, cell).to_dict())
 
     def fault_load_inputs(self, wildcards) -> list[str]:
         cell = grid.fault_cell(self.config, wildcards.fault_id)

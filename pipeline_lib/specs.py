@@ -7,7 +7,7 @@ an unknown or missing key is an error naming it. Pure (no torch).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from pipeline_lib.axes import Variant
@@ -168,6 +168,18 @@ class JobSpec:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["items"] = [item.to_dict() for item in self.items]
         return {k: v for k, v in data.items() if v is not None}
+
+    def narrowed(self, units: set[str]) -> JobSpec:
+        """The job with only ``units``: items of a save job, cells (item.source) of a load job;
+        an item left without a unit is left out."""
+        if self.kind == "save":
+            return replace(self, items=tuple(i for i in self.items if i.unit() in units))
+        items = []
+        for item in self.items:
+            sources = tuple(s for s in item.sources if item.unit(s) in units)
+            if sources:
+                items.append(replace(item, sources=sources))
+        return replace(self, items=tuple(items))
 
     def units(self) -> list[str]:
         """Every unit of the job: its save items, or its load cells."""

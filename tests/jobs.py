@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 from pipeline_lib import config, grid
 from pipeline_lib.atomic import read_json
+from pipeline_lib.specs import JobSpec, Source
 
 
-def cli(command: str, spec: dict) -> None:
+def cli(command: str, spec: JobSpec) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline_lib", command, "--spec", json.dumps(spec)],
+        [sys.executable, "-m", "pipeline_lib", command, "--spec", json.dumps(spec.to_dict())],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -32,19 +34,24 @@ def run_matrix(
     save_faults, load_faults = save_faults or {}, load_faults or {}
     for _, layout in grid.save_jobs(cfg):
         spec = grid.save_job_spec(cfg, grid.RESULTS, layout)
-        for item in spec["items"]:
-            item["fault"] = save_faults.get(layout)
-        cli("save", spec)
+        faulty = tuple(replace(item, fault=save_faults.get(layout)) for item in spec.items)
+        cli("save", replace(spec, items=faulty))
     rows = {}
     for _, layout in grid.load_jobs(cfg):
         spec = grid.load_job_spec(cfg, grid.RESULTS, layout)
-        for item in spec["items"]:
-            for source in item["sources"]:
-                source["fault"] = load_faults.get((source["layout"]["name"], layout))
-        cli("load", spec)
+        faulty = tuple(
+            replace(item, sources=tuple(with_fault(s, layout, load_faults) for s in item.sources))
+            for item in spec.items
+        )
+        cli("load", replace(spec, items=faulty))
         for row in read_json(grid.load_record_path(model, layout))["cells"]:
             rows[row["save_layout"], row["load_layout"]] = row
     return rows
+
+
+def with_fault(source: Source, layout: str, load_faults: dict) -> Source:
+    """``source`` with the load fault given for its (save layout, load layout), if any."""
+    return replace(source, fault=load_faults.get((source.layout["name"], layout)))
 
 
 def tensors(model: str, load_layout: str) -> list[dict]:

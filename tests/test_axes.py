@@ -50,10 +50,10 @@ def test_one_at_a_time_varies_each_axis_alone(small_config):
     assert root == "results/axes/param_dtype-bfloat16"
     # One load job per layout runs every variant: an item each.
     job = grid.load_job_spec(cfg, "results", "fsdp2_2")
-    assert len(job["items"]) == len(variants) and job["kind"] == "load"
-    (item,) = [i for i in job["items"] if i["variant"]["param_dtype"] == "bfloat16"]
-    assert item["sources"][0]["checkpoint"] == f"{root}/save/mlp/single/checkpoint"
-    assert item["record"] == f"{root}/load/mlp/fsdp2_2.json"
+    assert len(job.items) == len(variants) and job.kind == "load"
+    (item,) = [i for i in job.items if i.variant.param_dtype == "bfloat16"]
+    assert item.sources[0].paths.checkpoint == f"{root}/save/mlp/single/checkpoint"
+    assert item.record == f"{root}/load/mlp/fsdp2_2.json"
 
 
 def test_product_combines_every_value(small_config):

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from pipeline_lib import config, faults, grid
+from pipeline_lib.specs import FaultTag
 from tests.conftest import REPO
 
 
@@ -33,12 +34,12 @@ def test_job_budget(default_config):
     # One launch per layout and side, whatever the models and axes.
     assert len(grid.save_jobs(cfg)) + len(grid.load_jobs(cfg)) == 2 * len(cfg["layouts"])
     job = grid.load_job_spec(cfg, "results", "tp_2")
-    assert [item["model"] for item in job["items"]] == cfg["models"]
-    assert [item["id"] for item in job["items"]] == ["0", "1", "2", "3"]
-    assert job["layout"]["world_size"] == 2 and job["work_dir"] == "results/work/load/tp_2"
-    for item in job["items"]:
-        assert [s["layout"]["name"] for s in item["sources"]] == list(cfg["layouts"])
-        assert item["record"] == f"results/load/{item['model']}/tp_2.json"
+    assert [item.model for item in job.items] == cfg["models"]
+    assert [item.id for item in job.items] == ["0", "1", "2", "3"]
+    assert job.layout["world_size"] == 2 and job.work_dir == "results/work/load/tp_2"
+    for item in job.items:
+        assert [s.layout["name"] for s in item.sources] == list(cfg["layouts"])
+        assert item.record == f"results/load/{item.model}/tp_2.json"
     records, dirs = grid.save_outputs(cfg, "results", "tp_2")
     assert records == [f"results/save/{m}/tp_2.json" for m in cfg["models"]]
     assert dirs == [f"results/save/{m}/tp_2" for m in cfg["models"]]
@@ -57,7 +58,7 @@ def test_pairs_same_and_explicit(small_config):
     assert [(c.save.name, c.load.name) for c in grid.cells(cfg)] == [("single", "fsdp2_2")]
     assert grid.save_layouts(cfg) == ["single"]
     assert (
-        grid.load_spec(cfg, "mlp", "fsdp2_2")["sources"][0]["checkpoint"]
+        grid.load_spec(cfg, "mlp", "fsdp2_2").sources[0].paths.checkpoint
         == "results/save/mlp/single/checkpoint"
     )
 
@@ -79,16 +80,16 @@ def test_any_world_size(framework, mesh, world, tp):
     layout = grid.layouts(cfg)["l"]
     assert (layout.world_size, layout.tp_degree) == (world, tp)
     assert layout.world_size == math.prod(mesh)
-    assert grid.save_spec(cfg, "mlp", "l")["layout"]["world_size"] == world
+    assert grid.save_spec(cfg, "mlp", "l").layout["world_size"] == world
 
 
 def test_specs_carry_what_the_job_needs(small_config):
     cfg = config.validate(small_config)
     spec = grid.save_spec(cfg, "mlp", "fsdp2_2")
-    assert spec["checkpoint"] == "results/save/mlp/fsdp2_2/checkpoint"
-    assert spec["layout"]["mesh_dims"] == ("shard",)
-    assert spec["train"]["steps"] == 2
-    assert spec["config_hash"] == config.config_hash(cfg)
+    assert spec.paths.checkpoint == "results/save/mlp/fsdp2_2/checkpoint"
+    assert spec.layout["mesh_dims"] == ["shard"]
+    assert spec.train["steps"] == 2
+    assert spec.config_hash == config.config_hash(cfg)
 
 
 def test_fault_cells_get_their_own_jobs(small_config):
@@ -98,22 +99,18 @@ def test_fault_cells_get_their_own_jobs(small_config):
     assert len(cells) == len(faults.FAULTS)
     by_fault = {c.fault: c for c in cells}
     flip = by_fault["flip_byte"]
-    (save,) = grid.fault_save_spec(cfg, flip)["items"]
-    assert save["fault"] == "flip_byte"
-    assert save["checkpoint"] == f"results/faults/{flip.id}/save/mlp/single/checkpoint"
-    (load,) = grid.fault_load_spec(cfg, by_fault["hang_load"])["items"]
-    assert "fault" not in grid.fault_save_spec(cfg, by_fault["hang_load"])["items"][0]
-    assert [s["fault"] for s in load["sources"]] == ["hang_load"]
-    assert load["fault"] == {
-        "name": "hang_load",
-        "expect": "timeout",
-        "id": by_fault["hang_load"].id,
-    }
-    (foreign,) = grid.fault_load_spec(cfg, by_fault["foreign_checkpoint"])["items"]
-    assert (
-        foreign["model"] == "mlp"
-        and "/save/mlp_uneven/single/" in foreign["sources"][0]["checkpoint"]
-    )
+    (save,) = grid.fault_save_spec(cfg, flip).items
+    assert save.fault == "flip_byte"
+    assert save.paths.checkpoint == f"results/faults/{flip.id}/save/mlp/single/checkpoint"
+    (load,) = grid.fault_load_spec(cfg, by_fault["hang_load"]).items
+    assert grid.fault_save_spec(cfg, by_fault["hang_load"]).items[0].fault is None
+    assert [s.fault for s in load.sources] == ["hang_load"]
+    assert load.fault_tag == FaultTag("hang_load", "timeout", by_fault["hang_load"].id)
+    (foreign,) = grid.fault_load_spec(cfg, by_fault["foreign_checkpoint"]).items
+    (source,) = foreign.sources
+    assert foreign.model == "mlp" and "/save/mlp_uneven/single/" in source.paths.checkpoint
+    assert source.paths == grid.checkpoint_paths("mlp_uneven", "single", by_fault[
+        "foreign_checkpoint"].root)  # fmt: skip
 
 
 def test_unit_id_names_a_save_item_or_a_load_cell(small_config):
@@ -121,5 +118,7 @@ def test_unit_id_names_a_save_item_or_a_load_cell(small_config):
     from pipeline_lib.specs import unit_id
 
     spec = grid.load_job_spec(config.validate(small_config), grid.RESULTS, "single")
-    units = [unit_id(i["id"], s["id"]) for i in spec["items"] for s in i["sources"]]
-    assert units == ["0.single", "0.fsdp2_2"]
+    units = [unit_id(i.id, s.id) for i in spec.items for s in i.sources]
+    assert units == ["0.single", "0.fsdp2_2"] == spec.units()
+    assert spec.narrowed({"0.fsdp2_2"}).units() == ["0.fsdp2_2"]
+    assert spec.narrowed(set()).items == ()

@@ -530,10 +530,10 @@ def test_the_estimate_covers_what_a_save_item_writes():
     from pipeline_lib.axes import DEFAULT, Variant
     from pipeline_lib.disk import save_item_bytes
 
-    estimate = save_item_bytes("transformer", DEFAULT.to_dict(), 2)
+    estimate = save_item_bytes("transformer", DEFAULT, 2)
     assert 582_197 <= estimate.parts["checkpoints"] <= 2 * 582_197
     assert 320_830 <= estimate.parts["references"] <= 2 * 320_830
-    conv = save_item_bytes("transformer", Variant(format="torch_save").to_dict(), 2)
+    conv = save_item_bytes("transformer", Variant(format="torch_save"), 2)
     assert 281_909 <= conv.parts["conversions"] <= 2 * 281_909
 
 
@@ -545,8 +545,8 @@ def test_a_save_job_without_room_writes_an_error_record_per_item(in_tmp, monkeyp
     )
     monkeypatch.setattr(driver, "run_units", lambda *a: pytest.fail("launched without room"))
     driver.run_save_job(spec)
-    for item in spec["items"]:
-        record = json.loads(Path(item["record"]).read_text())
+    for item in spec.items:
+        record = json.loads(Path(item.record).read_text())
         assert record["status"] == "error"
         assert record["reason"].startswith("not enough disk space: the save job of single needs")
         assert "1000 B free on the filesystem of results/work/save/single" in record["reason"]

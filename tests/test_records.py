@@ -1,6 +1,7 @@
 """Verdicts and rows: pure logic, every status and every reason; rows -> Parquet."""
 
 import math
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,15 +11,24 @@ from pipeline_lib import records
 from pipeline_lib.aggregate import TOKEN_KEY, aggregate
 from pipeline_lib.atomic import write_json
 from pipeline_lib.axes import Variant
+from pipeline_lib.specs import ItemSpec
 
 LAYOUT_A = {"name": "a", "framework": "ddp", "mesh": [2], "world_size": 2}
 LAYOUT_B = {"name": "b", "framework": "hsdp", "mesh": [2, 2], "world_size": 4}
-VARIANT = Variant().to_dict()
-SPEC = {
-    "verify": {"resume_rtol": 1e-5, "resume_rtol_bfloat16": 1e-3},
-    "config_hash": "abc",
-    "variant": VARIANT,
-}
+VARIANT = Variant()
+SPEC = ItemSpec(
+    kind="load",
+    id="0",
+    model="mlp",
+    layout=LAYOUT_B,
+    variant=VARIANT,
+    skip=None,
+    train={},
+    run={},
+    config_hash="abc",
+    record="r.json",
+    verify={"resume_rtol": 1e-5, "resume_rtol_bfloat16": 1e-3},
+)
 
 
 def ok(equal=True):
@@ -218,9 +228,7 @@ def test_non_strict_load_must_report_exactly_the_missing_entry():
     status, reason = records.verdict(save, load_result(missing_entries=[]), 1e-5, "non_strict")
     assert status == "fail"
     assert reason == "non-strict load: reported missing [], the saver left out [model.a.bias]"
-    row = records.cell_row(
-        "mlp", save, load, {**SPEC, "variant": {**VARIANT, "mode": "non_strict"}}
-    )
+    row = records.cell_row("mlp", save, load, replace(SPEC, variant=Variant(mode="non_strict")))
     assert row["missing_entries"] == "model.a.bias" and row["resume_max_rel_diff"] is None
     assert row["mode"] == "non_strict" and row["format"] == "dcp"
 

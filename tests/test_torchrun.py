@@ -3,6 +3,8 @@ failing cell never takes the others with it. (Every fault kind: tests/test_fault
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pipeline_lib import config, grid
@@ -125,8 +127,8 @@ def test_a_crashed_item_keeps_the_other_items_of_its_job(in_tmp):
         }
     )
     save = grid.save_job_spec(cfg, grid.RESULTS, "ddp_2")
-    save["items"][0]["fault"] = "kill_rank_save"
-    cli("save", save)
+    killed = replace(save.items[0], fault="kill_rank_save")
+    cli("save", replace(save, items=(killed, *save.items[1:])))
     cli("load", grid.load_job_spec(cfg, grid.RESULTS, "single"))
     first, second = (read_json(grid.load_record_path(m, "single")) for m in cfg["models"])
     ((crashed,), (passed,)) = first["cells"], second["cells"]

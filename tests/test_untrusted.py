@@ -142,17 +142,17 @@ def test_a_save_record_cannot_point_the_loader_at_another_reference(in_tmp, monk
     cfg = config.validate({"models": ["mlp"], "layouts": {"single": {"framework": "single",
                                                                      "mesh": [1]}}})  # fmt: skip
     spec = grid.load_job_spec(cfg, "results", "single")
-    (source,) = spec["items"][0]["sources"]
-    assert source["reference"] == "results/save/mlp/single/reference"
-    record = {"status": "ok", "layout": spec["layout"], "files_check": {},
-              "checkpoint": source["checkpoint"], "reference": "/elsewhere/reference"}  # fmt: skip
-    Path(source["save_record"]).parent.mkdir(parents=True)
-    Path(source["save_record"]).write_text(json.dumps(record))
+    (source,) = spec.items[0].sources
+    assert source.paths.reference == "results/save/mlp/single/reference"
+    record = {"status": "ok", "layout": spec.layout, "files_check": {},
+              "checkpoint": source.paths.checkpoint, "reference": "/elsewhere/reference"}  # fmt: skip
+    Path(source.save_record).parent.mkdir(parents=True)
+    Path(source.save_record).write_text(json.dumps(record))
     launched = []
     real = driver.run_units
     monkeypatch.setattr(driver, "run_units", lambda s, w, p: launched.append(p) or real(s, w, p))
     driver.run_load_job(spec)
-    (cell,) = json.loads(Path(spec["items"][0]["record"]).read_text())["cells"]
+    (cell,) = json.loads(Path(spec.items[0].record).read_text())["cells"]
     assert cell["status"] == "error"
     assert "names another reference ('/elsewhere/reference', expected " in cell["reason"]
     assert launched == [[]]  # nothing to run

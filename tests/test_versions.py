@@ -33,15 +33,15 @@ def test_version_pairs_expand_the_grid():
     cfg = config.validate(versions_config())
     cells = grid.cells(cfg)
     assert len(cells) == 4 * 4  # 2 x 2 version pairs x 2 x 2 layout pairs
-    (spec,) = grid.load_job_spec(cfg, "results/torch/t2_14", "fsdp2_2")["items"]
-    assert [s["id"] for s in spec["sources"]] == [
+    (spec,) = grid.load_job_spec(cfg, "results/torch/t2_14", "fsdp2_2").items
+    assert [s.id for s in spec.sources] == [
         "t2_13.single",
         "t2_13.fsdp2_2",
         "t2_14.single",
         "t2_14.fsdp2_2",
     ]
-    assert spec["sources"][0]["checkpoint"] == "results/torch/t2_13/save/mlp/single/checkpoint"
-    assert spec["record"] == "results/torch/t2_14/load/mlp/fsdp2_2.json"
+    assert spec.sources[0].paths.checkpoint == "results/torch/t2_13/save/mlp/single/checkpoint"
+    assert spec.record == "results/torch/t2_14/load/mlp/fsdp2_2.json"
     cfg = config.validate(versions_config(version_pairs=[["t2_13", "t2_14"]]))
     assert {(c.save_version, c.load_version) for c in grid.cells(cfg)} == {("t2_13", "t2_14")}
     assert grid.save_jobs(cfg) == [
