@@ -18,7 +18,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline_lib.atomic import atomic_paths
-from pipeline_lib.records import MATRIX_SCHEMA, TENSORS_SCHEMA
+from pipeline_lib.records import MATRIX_SCHEMA, TENSORS_SCHEMA, agree_across_layouts
 
 # A record as pyarrow reads it: one row, each list holding that record's rows.
 RECORD_SCHEMA = pa.schema(
@@ -81,6 +81,8 @@ def aggregate(
         MATRIX_SCHEMA.field("git_commit"),
         pa.array([git_commit] * cells.num_rows, pa.string()),
     )
+    if pc.any(pc.equal(cells["save_framework"], "existing")).as_py():
+        cells = pa.Table.from_pylist(agree_across_layouts(cells.to_pylist()), MATRIX_SCHEMA)
     token = uuid.uuid4().hex.encode()
     tables = [cells, rows(records, "tensors")]
     with atomic_paths(matrix_path, tensors_path) as tmps:

@@ -510,8 +510,9 @@ def finding_groups(cells: pd.DataFrame, reproducers: str = "results/reproducers"
                 "cells": collapse(group, cells),
                 "releases": ", ".join(map(str, releases)),
                 "example": str(first["reason"]),
+                # An existing checkpoint's cells have none: the checkpoint is the reproducer.
                 "reproducer": ""
-                if status == "skip"
+                if status == "skip" or first.get("save_framework") == "existing"
                 else f"{reproducers}/{cell_id(first)}/repro.py",
                 "comparison": ", ".join(
                     f"{c} {n}" for c, n in group.comparison.value_counts().items()

@@ -29,6 +29,17 @@ def _cmd_job(args: argparse.Namespace) -> None:
     (driver.run_save_job if args.command == "save" else driver.run_load_job)(spec)
 
 
+def _cmd_import(args: argparse.Namespace) -> None:
+    """The import job of an existing checkpoint: always writes its record (exit 0)."""
+    from pipeline_lib import grid
+    from pipeline_lib.driver import fresh_dir
+    from pipeline_lib.existing import import_checkpoint
+
+    spec = grid.existing_spec(json.loads(args.grid), args.name)
+    fresh_dir(Path(spec.save_dir))
+    import_checkpoint(spec)
+
+
 def _cmd_aggregate(args: argparse.Namespace) -> None:
     from pipeline_lib.aggregate import aggregate
 
@@ -82,6 +93,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int | None:
         f"{args.configfile}: valid; {len(grid.cells(config))} cells, "
         f"{len(config['models'])} model(s) x {saves} save layout(s) x {loads} load layout(s)"
     )
+    if config["checkpoints"]:
+        print(
+            f"{args.configfile}: and {grid.existing_cell_count(config)} cells of "
+            f"{len(config['checkpoints'])} existing checkpoint(s) x {loads} load layout(s)"
+        )
     print(f"{args.configfile}: the grid writes {grid_bytes(config)}")
     return None
 
@@ -100,6 +116,10 @@ def _add_job_commands(sub) -> None:
         )
         p.add_argument("--layout", help="with --grid: the job's layout")
         p.set_defaults(func=_cmd_job, usage_error=p.error)
+    p = sub.add_parser("import-checkpoint", help="read an existing checkpoint (its reference)")
+    p.add_argument("--grid", required=True, help="the validated config as JSON")
+    p.add_argument("--name", required=True, help="the checkpoint's name (config checkpoints)")
+    p.set_defaults(func=_cmd_import)
 
 
 def _add_result_commands(sub) -> None:

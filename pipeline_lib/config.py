@@ -103,6 +103,8 @@ def validate(raw: Any, source: str = "config") -> dict:
         raise ConfigError(
             _joined([f"{_field(e.absolute_path)}: {_message(e)}" for e in errors], source)
         )
+    for entry in config["checkpoints"].values():  # defaults of a mapping's values
+        entry.setdefault("naming", "dcp_matrix")
     _check_semantics(config, source)
     return config
 
@@ -154,6 +156,8 @@ def _check_semantics(config: dict, source: str) -> None:
     errors = []
     if not config["models"] and not config["faults"]:
         errors.append("models: the grid is empty (no models and no faults)")
+    if config["pairs"] == "none" and config["models"] and not config["checkpoints"]:
+        errors.append("pairs: none saves nothing, and no checkpoints are named to load")
     errors += _name_errors(config)
     if errors:
         raise ConfigError(_joined(errors, source))
@@ -171,7 +175,7 @@ def _check_semantics(config: dict, source: str) -> None:
     errors += _unknown_pair_names(
         config, "version_pairs", config["torch_versions"], "torch version"
     )
-    errors += _axis_errors(config) + _fault_errors(config)
+    errors += _axis_errors(config) + _fault_errors(config) + _checkpoint_errors(config)
     if config["train"]["global_batch"] < max_dp:
         errors.append(
             f"train.global_batch: {config['train']['global_batch']} is smaller than the largest "
@@ -236,6 +240,26 @@ def _fault_errors(config: dict) -> list[str]:
     return errors
 
 
+def _checkpoint_errors(config: dict) -> list[str]:
+    """Existing checkpoints: a DCP folder (``.metadata`` in it), a model of ``models``, a
+    naming that can be used, a name no layout has (both name a cell's save side)."""
+    from pipeline_lib.naming import naming_error
+
+    errors = []
+    for name, entry in config["checkpoints"].items():
+        where = f"checkpoints.{name}"
+        if name in config["layouts"]:
+            errors.append(f"{where}: a layout has this name too (both name a save side)")
+        if not (Path(entry["path"]) / ".metadata").is_file():
+            errors.append(f"{where}.path: {entry['path']!r} is not a DCP checkpoint folder "
+                          "(no .metadata in it)")  # fmt: skip
+        if entry["model"] not in config["models"]:
+            errors.append(f"{where}.model: {entry['model']!r} is not one of models")
+        if error := naming_error(entry["naming"]):
+            errors.append(f"{where}.naming: {error}")
+    return errors
+
+
 def _name_errors(config: dict) -> list[str]:
     """Names that become paths and wildcard values (pipeline_lib.names), the torch
     environments' folder and requirements."""
@@ -244,7 +268,7 @@ def _name_errors(config: dict) -> list[str]:
         for i, name in enumerate(config["models"])
         if (error := names.name_error(name, model=True))
     ]
-    for key in ("layouts", "torch_versions"):
+    for key in ("layouts", "torch_versions", "checkpoints"):
         errors += [f"{key}: {error}" for name in config[key] if (error := names.name_error(name))]
     for i, entry in enumerate(config["faults"]):
         for key in ("model", "save", "load"):

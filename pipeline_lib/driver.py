@@ -30,7 +30,7 @@ from pipeline_lib.names import inside
 from pipeline_lib.specs import ItemSpec, JobSpec, Source
 
 
-def _fresh_dir(path: Path) -> Path:
+def fresh_dir(path: Path) -> Path:
     """An empty folder at ``path``, which must lie inside the working directory (names.inside:
     a name like '..' never gets here, this is the last line of defence before rmtree)."""
     inside(path)
@@ -106,9 +106,9 @@ def run_save_job(spec: JobSpec) -> None:
     """Every item of a save job: one launch (more after a crash), then a record per item."""
     from pipeline_lib.disk import room_error
 
-    work = _fresh_dir(Path(spec.work_dir))
+    work = fresh_dir(Path(spec.work_dir))
     for item in spec.items:
-        _fresh_dir(Path(item.save_dir))
+        fresh_dir(Path(item.save_dir))
     skipped = {i.id: {"status": "skip", "reason": i.skip} for i in spec.items if i.skip}
     pending = [i.id for i in spec.items if not i.skip]
     if no_room := room_error(spec, work):
@@ -147,7 +147,7 @@ def run_load_job(spec: JobSpec) -> None:
     then one record per item, with the cells' verdicts (records.cell_row)."""
     from pipeline_lib.disk import room_error
 
-    work = _fresh_dir(Path(spec.work_dir))
+    work = fresh_dir(Path(spec.work_dir))
     saves, results, to_run = _read_sources(spec)
     pending = to_run.units()
     if no_room := room_error(to_run, work):
@@ -168,7 +168,9 @@ def _read_sources(spec: JobSpec) -> tuple[dict[str, dict], dict[str, dict], JobS
         for source in item.sources:
             unit = item.unit(source)
             save = saves[unit] = read_json(source.save_record)
-            if save["status"] != "ok":
+            if save["status"] != "ok" and source.naming is not None:
+                results[unit] = {"status": "error", "reason": f"import: {save['reason']}"}
+            elif save["status"] != "ok":
                 results[unit] = {"status": "not_run", "reason": "the save job failed"}
             elif moved := _moved(source, save):
                 results[unit] = {"status": "error", "reason": moved}

@@ -14,15 +14,21 @@ import torch
 def flatten(state: Mapping, prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts (and lists holding dicts, lists or tensors) into 'a.b.0.c' keys,
     matching the entry names DCP writes to .metadata."""
-    flat: dict[str, Any] = {}
+    return {name: holder[key] for name, (holder, key) in leaves(state, prefix).items()}
+
+
+def leaves(state: Mapping | list, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Every entry of ``flatten(state)`` -> (the dict or list holding it, its key there): where
+    to put a new value of the entry."""
+    found: dict[str, tuple[Any, Any]] = {}
     items = state.items() if isinstance(state, Mapping) else enumerate(state)
     for key, value in items:
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) or (isinstance(value, list) and _holds_structure(value)):
-            flat.update(flatten(value, name + "."))
+            found.update(leaves(value, name + "."))
         else:
-            flat[name] = value
-    return flat
+            found[name] = (state, key)
+    return found
 
 
 def _holds_structure(values: list) -> bool:

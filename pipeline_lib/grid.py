@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pipeline_lib import faults, frameworks, names
 from pipeline_lib.axes import DEFAULT, Variant, conflict, layout_conflict, variants
 from pipeline_lib.config import config_hash
-from pipeline_lib.specs import CheckpointPaths, FaultTag, ItemSpec, JobSpec, Source
+from pipeline_lib.specs import CheckpointPaths, ExistingSpec, FaultTag, ItemSpec, JobSpec, Source
 
 RESULTS = "results"
 
@@ -67,7 +67,10 @@ def layout_pairs(config: dict) -> list[tuple[str, str]]:
 
 
 def _pairs(setting, names: list) -> list[tuple]:
-    """Ordered (save, load) pairs of ``names`` for a setting: all, same, or an explicit list."""
+    """Ordered (save, load) pairs of ``names`` for a setting: all, same, none (no save jobs:
+    only existing checkpoints are loaded), or an explicit list."""
+    if setting == "none":
+        return []
     if setting == "all":
         return [(s, d) for s in names for d in names]
     if setting == "same":
@@ -167,6 +170,10 @@ def save_layouts(config: dict) -> list[str]:
 
 
 def load_layouts(config: dict) -> list[str]:
+    """Layouts of load jobs: those ``pairs`` loads under, and every layout when the config
+    names existing checkpoints (each is loaded under every layout)."""
+    if config["checkpoints"]:
+        return list(config["layouts"])
     return list(dict.fromkeys(d for _, d in layout_pairs(config)))
 
 
@@ -313,6 +320,10 @@ def load_job_spec(config: dict, version_root: str, layout: str) -> JobSpec:
         load_spec(config, model, layout, sources, job_root(version, variant), variant)
         for variant, model in items(config)
     ]
+    specs = [
+        replace(spec, sources=spec.sources + existing_sources(config, spec.model, spec.variant))
+        for spec in specs
+    ]
     work = f"{version_root}/work/load/{layout}"
     return job_spec(config, "load", layout, work, specs, torch_env=version)
 
@@ -335,9 +346,10 @@ def load_outputs(config: dict, version_root: str, layout: str) -> list[str]:
 
 
 def load_inputs(config: dict, version_root: str, layout: str) -> list[str]:
-    """What a load job reads: the save record and folder of every item's every source."""
+    """What a load job reads: the save record and folder of every item's every source (an
+    existing checkpoint's: its import job's)."""
     version = version_roots(config)[version_root]
-    return [
+    saved = [
         path
         for variant, model in items(config)
         for src, save_version in load_sources(config, layout, version)
@@ -346,6 +358,76 @@ def load_inputs(config: dict, version_root: str, layout: str) -> list[str]:
             save_dir(model, src, job_root(save_version, variant)),
         )
     ]
+    imported = [
+        path
+        for name in config["checkpoints"]
+        for path in (existing_record_path(name), existing_dir(name))
+    ]
+    return saved + imported
+
+
+# --- existing checkpoints (config key ``checkpoints``) --------------------------------------
+
+
+def existing_dir(name: str) -> str:
+    """What the import job of the existing checkpoint ``name`` writes (not the checkpoint)."""
+    return f"{RESULTS}/existing/{name}"
+
+
+def existing_record_path(name: str) -> str:
+    return f"{RESULTS}/existing/{name}.json"
+
+
+def existing_spec(config: dict, name: str) -> ExistingSpec:
+    entry = config["checkpoints"][name]
+    return ExistingSpec(
+        name=name,
+        path=entry["path"],
+        model=entry["model"],
+        naming=entry["naming"],
+        save_dir=existing_dir(name),
+        reference=f"{existing_dir(name)}/reference",
+        record=existing_record_path(name),
+        config_hash=config_hash(config),
+    )
+
+
+def existing_layout(name: str) -> dict:
+    """An existing checkpoint in the save layout's place (columns save_layout, save_framework):
+    its name; the layout that wrote it is not known."""
+    return {"name": name, "framework": "existing", "mesh": [], "mesh_dims": [], "tp_dim": None,
+            "world_size": None}  # fmt: skip
+
+
+def existing_conflict(variant: Variant) -> str | None:
+    """Why the existing checkpoints are not loaded in items of ``variant`` (None: they are):
+    the axes that describe how a checkpoint was written are the checkpoint's own."""
+    fixed = {"mode": "sharded", "format": "dcp", "async_save": "sync", "param_dtype": "float32"}
+    differ = [f"{k} {getattr(variant, k)}" for k, v in fixed.items() if getattr(variant, k) != v]
+    return ", ".join(differ) or None
+
+
+def existing_cell_count(config: dict) -> int:
+    """The cells of the existing checkpoints: each applicable item x load job."""
+    per_job = sum(len(existing_sources(config, m, v)) for v, m in items(config))
+    return per_job * len(load_layouts(config)) * len(torch_versions(config))
+
+
+def existing_sources(config: dict, model: str, variant: Variant) -> tuple[Source, ...]:
+    """The existing checkpoints of ``model`` that a load item of ``variant`` loads."""
+    if existing_conflict(variant):
+        return ()
+    return tuple(
+        Source(
+            id=name,
+            layout=existing_layout(name),
+            paths=CheckpointPaths(entry["path"], "", f"{existing_dir(name)}/reference"),
+            save_record=existing_record_path(name),
+            naming=entry["naming"],
+        )
+        for name, entry in config["checkpoints"].items()
+        if entry["model"] == model
+    )
 
 
 # --- the fault campaign (config key ``faults``) --------------------------------------------

@@ -15,6 +15,7 @@ is a deliberate edit of both.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -59,6 +60,8 @@ MATRIX_SCHEMA = pa.schema(
         ("load_entries_mismatched", pa.int64()),
         ("max_abs_diff", pa.float64()),
         ("resume_max_rel_diff", pa.float64()),
+        ("resume_rtol", pa.float64()),
+        ("resume_losses", pa.list_(pa.float64())),
         ("missing_entries", pa.string()),
         ("save_seconds", pa.float64()),
         ("save_blocked_seconds", pa.float64()),
@@ -82,6 +85,8 @@ MATRIX_SCHEMA = pa.schema(
         ("config_hash", pa.string()),
         ("git_commit", pa.string()),
         ("created_at", pa.string()),
+        ("source_folder", pa.string()),
+        ("source_metadata_sha256", pa.string()),
     ]
 )
 
@@ -166,7 +171,9 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
         return ("fail", "; ".join(filter(None, reasons))) if any(reasons) else ("pass", "")
     reasons.append(summarize("loader vs saver", load["entries"])[1])
     rel = resume_rel_diff(save["resume_losses"], load["resume_losses"])
-    if mode == "non_strict":
+    if save.get("existing"):
+        pass  # no saver's losses: the load layouts must agree (agree_across_layouts)
+    elif mode == "non_strict":
         reasons.append(missing_reason(save["dropped_entries"], load["missing_entries"]))
     elif rel is None:
         reasons.append(
@@ -246,10 +253,13 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         "files_entries_mismatched": sum(not e["equal"] for e in files.values()),
         "load_entries_mismatched": sum(not e["equal"] for e in loaded.values()),
         "max_abs_diff": _max(e.get("max_abs_diff") for check in checked for e in check.values()),
-        # The resumed losses of a run that lost an entry on purpose differ by design.
+        # The resumed losses of a run that lost an entry on purpose differ by design; those of
+        # an existing checkpoint are compared across its load layouts (agree_across_layouts).
         "resume_max_rel_diff": None
-        if variant.drops_entry
+        if variant.drops_entry or save.get("existing")
         else resume_rel_diff(save.get("resume_losses", []), load.get("resume_losses", [])),
+        "resume_rtol": rtol,
+        "resume_losses": load.get("resume_losses"),
         "missing_entries": ", ".join(load.get("missing_entries", [])) or None,
         "save_seconds": st.get("save_s"),
         "save_blocked_seconds": st.get("save_blocked_s"),
@@ -273,7 +283,41 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         "config_hash": spec.config_hash,
         "git_commit": None,
         "created_at": load.get("created_at") or save.get("created_at"),
+        "source_folder": save.get("source_folder"),
+        "source_metadata_sha256": save.get("metadata_sha256"),
     }
+
+
+def agree_across_layouts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells of an existing checkpoint have no saver's losses: the resumed losses of its
+    load layouts (per variant and load torch version) must agree with their median, step by
+    step, within resume_rtol. Sets ``resume_max_rel_diff`` of those cells and fails a passing
+    cell that does not agree; other rows are returned as they are. Runs at aggregation (the
+    cells come from different load jobs)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["save_framework"] == "existing" and row["resume_losses"]:
+            key = tuple(row[k] for k in CELL_KEYS if k != "load_layout")
+            groups.setdefault(key, []).append(row)
+    for group in groups.values():
+        losses = [row["resume_losses"] for row in group]
+        median = [statistics.median(step) for step in zip(*losses, strict=False)]
+        for row in group:
+            row["resume_max_rel_diff"] = rel = resume_rel_diff(median, row["resume_losses"])
+            if row["status"] == "pass" and not (rel is not None and rel <= row["resume_rtol"]):
+                row["status"], row["reason"] = "fail", _disagreement(median, row, len(group))
+    return rows
+
+
+def _disagreement(median: list[float], row: dict[str, Any], layouts: int) -> str:
+    losses, rel = row["resume_losses"], row["resume_max_rel_diff"]
+    if rel is None:
+        return f"resume: {len(losses)} losses where the other load layouts have {len(median)}"
+    return (
+        f"resume: loss differs by {rel:.3g} (relative) from the median of the {layouts} load "
+        f"layouts at resume step {_worst_step(median, losses)}, above resume_rtol "
+        f"{row['resume_rtol']:g}"
+    )
 
 
 def _all_equal(*checks: dict | None) -> bool | None:

@@ -260,7 +260,9 @@ def readme(row: dict, config: dict) -> str:
 
 
 def write_all(matrix: pd.DataFrame, config: dict, out: str) -> list[Path]:
-    """A reproducer folder per cell whose status is not pass/skip (any earlier one removed)."""
+    """A reproducer folder per cell whose status is not pass/skip (any earlier one removed);
+    none for the cells of an existing checkpoint (its save layout is not a layout: the
+    checkpoint folder and the load job's log reproduce it)."""
     import shutil
 
     root = Path(out)

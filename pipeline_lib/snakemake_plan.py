@@ -51,6 +51,11 @@ class Plan:
         return "|".join(re.escape(name) for name in names)
 
     @property
+    def checkpoint_pattern(self) -> str:
+        """The {checkpoint} wildcard: the names of the existing checkpoints (none: nothing)."""
+        return self.wildcard_pattern("checkpoints") or "(?!)"
+
+    @property
     def version_root_pattern(self) -> str:
         """The {version_root} wildcard of the matrix rules: results, or results/torch/<version>
         (grid.version_root)."""

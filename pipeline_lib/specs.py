@@ -53,6 +53,9 @@ class Source:
     paths: CheckpointPaths
     save_record: str
     fault: str | None = None  # a load- or state-stage fault of the campaign
+    # An existing checkpoint (config key checkpoints): how its entry names map to ours
+    # (pipeline_lib.naming); None for a checkpoint this config's save job writes.
+    naming: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Source:
@@ -62,9 +65,29 @@ class Source:
 
     def to_dict(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if k != "paths"}
-        if self.fault is None:
-            del data["fault"]
-        return {**data, **asdict(self.paths)}
+        return {**{k: v for k, v in data.items() if v is not None}, **asdict(self.paths)}
+
+
+@dataclass(frozen=True)
+class ExistingSpec:
+    """The import job of an existing checkpoint (config key ``checkpoints``): read ``path``
+    without a process group into the reference of its load cells (pipeline_lib.existing)."""
+
+    name: str
+    path: str  # the DCP folder, written anywhere by anything
+    model: str
+    naming: str
+    save_dir: str  # what the import job writes: the reference folder below it, and the record
+    reference: str
+    record: str
+    config_hash: str
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExistingSpec:
+        return cls(**_take(data, cls))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

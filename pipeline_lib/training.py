@@ -7,7 +7,8 @@ state seen two ways: through torch's state-dict API (``state_dict``) and from th
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,6 +31,12 @@ class Item:
     def __init__(self, spec: ItemSpec):
         self.spec, self.id, self.train, self.variant = spec, spec.id, spec.train, spec.variant
         self.model_module = models.get(spec.model)
+
+    def in_mode(self, mode: str) -> Item:
+        """This item with the state-dict mode ``mode`` (an existing checkpoint's own)."""
+        other = copy.copy(self)
+        other.variant = replace(self.variant, mode=mode)
+        return other
 
 
 @dataclass(frozen=True)

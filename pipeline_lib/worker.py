@@ -26,7 +26,7 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from pipeline_lib import checkpoint_io, checks, faults, frameworks, timestamps, training
+from pipeline_lib import checkpoint_io, checks, existing, faults, frameworks, timestamps, training
 from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
@@ -222,6 +222,10 @@ def entry_table(flat: dict, t: Trainee) -> dict:
 
 def load_one(job: Job, item: Item, source: Source) -> dict:
     """One load cell: build with another init, load, check 2, resume."""
+    places = None
+    if source.naming is not None:  # an existing checkpoint: its optimizer entries decide
+        places = existing.placement(source.paths.checkpoint, source.naming, item.spec.model)
+        item = item.in_mode("flattened_optim" if places.flattened_optim else "sharded")
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
     timing, missing = {}, []
     with timed(timing, "build_s"):
@@ -231,7 +235,12 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
     with timed(timing, "load_s"):
         job.inject("load", fault)
         try:
-            if fault != "skip_load":
+            if fault == "skip_load":
+                pass
+            elif places is not None:
+                opts = checkpoint_io.options(variant, bool(trainee.frozen), full=False)
+                existing.load(trainee, state, source.paths.checkpoint, places, opts)
+            else:
                 missing = checkpoint_io.read(variant, trainee, state, source.paths)
         except CheckpointException as exc:
             if variant.mode != "strict":

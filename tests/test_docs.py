@@ -52,6 +52,8 @@ RUN = {  # prefix -> the exit status it must give in the copy
     ".venv/bin/python -m pipeline_lib reproducers": 0,
     ".venv/bin/python -m pipeline_lib report": 0,
     ".venv/bin/snakemake --report": 0,
+    # Writes a small checkpoint in torchtitan's layout (plain torch, a few seconds).
+    ".venv/bin/python examples/write_torchtitan_checkpoint.py": 0,
 }
 DRY_RUN = (".venv/bin/snakemake",)
 SKIPPED = {
@@ -72,6 +74,8 @@ PLACEHOLDERS = {
     "my-grid.yaml": lambda config: config,
     "my-cluster.yaml": lambda config: {**config, "run": {**config["run"], "gpus_per_node": 4}},
 }
+
+CHECKPOINT = "checkpoints/torchtitan-step-2"
 
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
 
@@ -144,6 +148,10 @@ def _fixture(root: Path) -> None:
     raw = yaml.safe_load((root / "config.yaml").read_text())
     for name, make in PLACEHOLDERS.items():
         (root / name).write_text(yaml.safe_dump(make(raw), sort_keys=False))
+    # The checkpoint README's example names (written by an earlier command of the page): a
+    # folder with a .metadata is all a dry run's config check needs.
+    (root / CHECKPOINT).mkdir(parents=True, exist_ok=True)
+    (root / CHECKPOINT / ".metadata").write_bytes(b"")
     # The report, which `snakemake --report` embeds (results.md renders it just before).
     from pipeline_lib.report import main
 
@@ -158,7 +166,8 @@ def _fixture(root: Path) -> None:
 def copy(tmp_path_factory) -> Path:
     """The checkout's files (no .git, no outputs), .venv linked, the fixture in results/."""
     root = tmp_path_factory.mktemp("docs") / "repo"
-    leave_out = {".git", ".venv", "results", ".snakemake", ".torch-envs", ".pytest_cache"}
+    leave_out = {".git", ".venv", "results", ".snakemake", ".torch-envs", ".pytest_cache",
+                 "checkpoints"}  # fmt: skip
     shutil.copytree(
         REPO,
         root,

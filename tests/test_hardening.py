@@ -100,9 +100,9 @@ def test_fresh_dir_refuses_a_folder_outside_the_working_directory(tmp_path, monk
     monkeypatch.chdir(work)
     for path in ("results/save/mlp/../../../..", "..", ".", str(tmp_path)):
         with pytest.raises(ValueError, match="outside"):
-            driver._fresh_dir(Path(path))
+            driver.fresh_dir(Path(path))
     assert (tmp_path / "other.txt").exists() and (work / "results" / "save").is_dir()
-    assert driver._fresh_dir(Path("results/save/mlp/single")).is_dir()
+    assert driver.fresh_dir(Path("results/save/mlp/single")).is_dir()
 
 
 def test_a_symlink_out_of_the_working_directory_is_not_emptied(tmp_path, monkeypatch):
@@ -114,7 +114,7 @@ def test_a_symlink_out_of_the_working_directory_is_not_emptied(tmp_path, monkeyp
     (work / "results" / "save" / "mlp").symlink_to(outside)
     monkeypatch.chdir(work)
     with pytest.raises(ValueError, match="outside"):
-        driver._fresh_dir(Path("results/save/mlp"))
+        driver.fresh_dir(Path("results/save/mlp"))
     assert (outside / "data").exists()
 
 

@@ -42,6 +42,26 @@ rule load_checkpoints:
         " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
 
 
+# An existing checkpoint (config key checkpoints): read without a process group into the
+# reference of its load cells; the checkpoint folder itself is only read.
+rule import_checkpoint:
+    output:
+        record="results/existing/{checkpoint}.json",
+        reference=directory("results/existing/{checkpoint}"),
+    log:
+        "results/logs/import/{checkpoint}.log",
+    wildcard_constraints:
+        checkpoint=plan.checkpoint_pattern,
+    conda:
+        "../envs/pipeline.yaml"
+    params:
+        python=PYTHON,
+        grid=plan.grid_json,
+    shell:
+        "{params.python:q} -m pipeline_lib import-checkpoint --grid {params.grid:q}"
+        " --name {wildcards.checkpoint} > {log} 2>&1"
+
+
 rule torch_env:
     output:
         packages=f"{plan.env_dir}/{{version}}/packages.txt",

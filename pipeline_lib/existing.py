@@ -1,0 +1,133 @@
+"""Existing checkpoints (config key ``checkpoints``): a DCP folder written anywhere, by this
+tool or another (torchtitan, your own job), loaded under every layout (docs:
+existing-checkpoints.md). Imports torch.
+
+There is no saver's memory, so the files are the reference: the import job reads every entry
+in one process without a process group (pipeline_lib.readers, ``.metadata`` through the
+restricted unpickler, non-tensor entries through ``weights_only=True``), names them as this
+tool does (pipeline_lib.naming) and writes them as a reference (pipeline_lib.reference) that
+the load cells compare with bit for bit. An entry the load cannot place keeps its own name in
+the reference, so the cells report it as missing in the loader's state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+
+from pipeline_lib import models, timestamps
+from pipeline_lib.atomic import write_json
+from pipeline_lib.driver import torch_version
+from pipeline_lib.entries import describe, entry_kind, leaves
+from pipeline_lib.errors import one_line
+from pipeline_lib.grid import existing_layout
+from pipeline_lib.naming import Naming, Placement, place
+from pipeline_lib.readers import checkpoint_entries
+from pipeline_lib.reference import Reference
+from pipeline_lib.specs import ExistingSpec
+from pipeline_lib.untrusted import SafeFileSystemReader, SafeLoadPlanner
+
+
+def metadata_sha256(path: str) -> str:
+    """The SHA-256 of the checkpoint's ``.metadata`` (which checkpoint a row is about)."""
+    return hashlib.sha256((Path(path) / ".metadata").read_bytes()).hexdigest()
+
+
+def model_entries(model: str) -> tuple[str, set[str], set[str]]:
+    """(the prefix of the model's entries, its entries, its parameters' names), from the
+    model built on the meta device (no values, no process group)."""
+    with torch.device("meta"):
+        base = models.get(model).build()
+    prefix = "model.user_model." if models.is_import_path(model) else "model."
+    return prefix, {f"model.{k}" for k in base.state_dict()}, set(dict(base.named_parameters()))
+
+
+def placement(path: str, naming: str, model: str) -> Placement:
+    """Where the checkpoint's entries go, from its ``.metadata`` (read without unpickling
+    anything beyond DCP's metadata)."""
+    prefix, known, _ = model_entries(model)
+    names = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    return place(list(names), Naming(naming, prefix), known)
+
+
+def import_checkpoint(spec: ExistingSpec) -> None:
+    """The import job: the reference and the record of one existing checkpoint. A checkpoint
+    that cannot be read gives an ``error`` record (its cells say why), never a crash."""
+    record = {
+        "model": spec.model,
+        "layout": existing_layout(spec.name),
+        "checkpoint": spec.path,
+        "reference": spec.reference,
+        "config_hash": spec.config_hash,
+        "created_at": timestamps.now(),
+        "torch_version": torch_version(),
+        "existing": True,
+        "source_folder": str(Path(spec.path).resolve()),
+    }
+    try:
+        record["metadata_sha256"] = metadata_sha256(spec.path)
+        record.update(_read(spec), status="ok", reason="")
+    except (Exception, CheckpointException) as exc:
+        record.update(status="error", reason=f"reading {spec.path}: {one_line(exc)}")
+    write_json(spec.record, record)
+
+
+def _read(spec: ExistingSpec) -> dict:
+    """Read every entry, write the reference; the record's account of the entries."""
+    places = placement(spec.path, spec.naming, spec.model)
+    _, _, params = model_entries(spec.model)
+    flat, unreadable = {}, []
+    for name, value in checkpoint_entries(spec.path):
+        if name in places.excluded:
+            continue
+        if isinstance(value, BaseException):
+            unreadable.append(f"{name} ({one_line(value)})")
+        flat[places.ours.get(name, name)] = value
+    if unreadable:
+        raise ValueError(f"{len(unreadable)} unreadable entries, first {unreadable[0]}")
+    Reference.write(spec.reference, flat, rank=0)
+    entries = {}
+    for name, value in flat.items():
+        dtype, shape = describe(value)
+        entries[name] = {"kind": entry_kind(name, params), "dtype": dtype, "shape": shape}
+    return {
+        "entries": entries,
+        "excluded_entries": list(places.excluded),
+        "unplaced_entries": list(places.unplaced),
+        "flattened_optim": places.flattened_optim,
+        "state_check": {},
+        "files_check": {},
+        "resume_losses": [],
+    }
+
+
+def load(trainee, state: dict, path: str, places: Placement, opts) -> None:
+    """Load the checkpoint at ``path`` into the trainee the way its writer named the entries:
+    ``dcp.load`` of this tool's state under the checkpoint's names (every entry of the state
+    must be in the checkpoint), then ``set_state_dict``, and the LR scheduler's own
+    ``load_state_dict``. An entry of the state the checkpoint lacks keeps the loader's value
+    (check 2 names it)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from pipeline_lib.checkpoint_io import stateful_as_dicts
+
+    dicts = stateful_as_dicts(state)
+    theirs = {ours: entry for entry, ours in places.ours.items()}
+    where = {name: spot for name, spot in leaves(dicts).items() if name in theirs}
+    target = {theirs[name]: holder[key] for name, (holder, key) in where.items()}
+    dcp.load(target, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+    for name, (holder, key) in where.items():
+        holder[key] = target[theirs[name]]  # non-tensor entries come back as new objects
+    set_state_dict(
+        trainee.model,
+        trainee.optimizer,
+        model_state_dict=dicts["model"],
+        optim_state_dict=dicts["optim"],
+        options=opts,
+    )
+    if "scheduler" in state:
+        state["scheduler"].load_state_dict(dicts["scheduler"])

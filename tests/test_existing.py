@@ -1,0 +1,170 @@
+"""Existing checkpoints (config key ``checkpoints``): names mapped by a naming (pure), config
+errors, and a checkpoint written in torchtitan's layout with plain torch (no save job of this
+tool) run through the grid: its files are the reference, every load layout must match them bit
+for bit and agree with the others on the resumed losses; broken on purpose, the cells fail."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline_lib import config, grid, naming
+from pipeline_lib.config import ConfigError
+from tests.conftest import REPO
+from tests.jobs import cli
+
+TITAN = naming.Naming("torchtitan")
+
+
+def test_torchtitan_names_map_to_ours():
+    assert TITAN.ours("layers.0.attention.wq.weight") == "model.layers.0.attention.wq.weight"
+    assert TITAN.ours("optimizer.state.head.weight.exp_avg") == "optim.state.head.weight.exp_avg"
+    assert (
+        TITAN.ours("optimizer.param_groups.head.weight.lr") == "optim.param_groups.head.weight.lr"
+    )
+    assert TITAN.ours("lr_scheduler.last_epoch") == "scheduler.last_epoch"
+    assert TITAN.ours("dataloader.dp_rank_0") is None and TITAN.ours("train_state.step") is None
+    user = naming.Naming("torchtitan", model_prefix="model.user_model.")
+    assert user.ours("w") == "model.user_model.w"
+    assert naming.Naming("dcp_matrix").ours("model.w") == "model.w"
+
+
+def test_placement_sorts_entries_and_tells_the_optimizer_layout():
+    places = naming.place(
+        ["w", "extra", "optimizer.param_groups.w.lr", "train_state.step"], TITAN, {"model.w"}
+    )
+    assert places.ours == {"w": "model.w", "optimizer.param_groups.w.lr": "optim.param_groups.w.lr"}
+    assert places.excluded == ("train_state.step",) and places.unplaced == ("extra",)
+    assert places.flattened_optim
+    nested = naming.place(["model.w", "optim.param_groups.0.lr"], naming.Naming("dcp_matrix"))
+    assert not nested.flattened_optim
+    stray = naming.place(["other.x"], naming.Naming("dcp_matrix"))
+    assert stray.unplaced == ("other.x",)
+
+
+def _config(path: str, **entry) -> dict:
+    return {
+        "models": ["transformer"],
+        "layouts": {
+            "single": {"framework": "single", "mesh": [1]},
+            "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
+            "tp_2": {"framework": "tp", "mesh": [2]},
+        },
+        "pairs": "none",
+        "checkpoints": {
+            "titan": {"path": path, "model": "transformer", "naming": "torchtitan", **entry}
+        },
+    }
+
+
+def test_config_names_the_field_of_a_bad_checkpoint(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        config.validate(_config(str(tmp_path), model="mlp", naming="nope"))
+    message = str(info.value)
+    assert "checkpoints.titan.path: " in message and "no .metadata in it" in message
+    assert "checkpoints.titan.model: 'mlp' is not one of models" in message
+    assert "checkpoints.titan.naming: unknown naming 'nope'" in message
+    (tmp_path / ".metadata").write_bytes(b"")
+    raw = _config(str(tmp_path))
+    raw["checkpoints"]["single"] = raw["checkpoints"].pop("titan")
+    with pytest.raises(ConfigError, match=r"checkpoints\.single: a layout has this name too"):
+        config.validate(raw)
+    with pytest.raises(ConfigError, match="pairs: none saves nothing"):
+        config.validate({**_config(str(tmp_path)), "checkpoints": {}})
+
+
+def write_torchtitan_checkpoint(path: Path, extra: bool = False) -> None:
+    """A checkpoint as torchtitan's CheckpointManager lays it out, written with plain torch
+    (examples/write_torchtitan_checkpoint.py, as README runs it)."""
+    command = [sys.executable, str(REPO / "examples/write_torchtitan_checkpoint.py"), str(path)]
+    proc = subprocess.run(
+        command + (["--extra-entry", "extra.weight"] if extra else []),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def run_existing(raw: dict, load_faults: dict | None = None) -> dict[str, dict]:
+    """The import job, every load job, then aggregation, through the CLI as Snakemake runs
+    them: {load layout: matrix row}."""
+    cfg = config.validate(raw)
+    for name in cfg["checkpoints"]:
+        run_cli("import-checkpoint", "--grid", json.dumps(cfg), "--name", name)
+    for _, layout in grid.load_jobs(cfg):
+        spec = grid.load_job_spec(cfg, grid.RESULTS, layout)
+        fault = (load_faults or {}).get(layout)
+        items = tuple(
+            replace(i, sources=tuple(replace(s, fault=fault) for s in i.sources))
+            for i in spec.items
+        )
+        cli("load", replace(spec, items=items))
+    records = [p for _, layout in grid.load_jobs(cfg) for p in grid.load_outputs(cfg, "results",
+                                                                                layout)]  # fmt: skip
+    run_cli("aggregate", "--matrix", "m.parquet", "--tensors", "t.parquet", *records)
+    return {row["load_layout"]: row for row in pq.read_table("m.parquet").to_pylist()}
+
+
+def run_cli(*args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline_lib", *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_a_torchtitan_checkpoint_loads_bit_for_bit_under_every_layout(in_tmp):
+    write_torchtitan_checkpoint(in_tmp / "titan")
+    rows = run_existing(_config(str(in_tmp / "titan")))
+    assert set(rows) == {"single", "fsdp2_2", "tp_2"}
+    for layout, row in rows.items():
+        assert (row["status"], row["reason"]) == ("pass", ""), layout
+        assert row["save_layout"] == "titan" and row["save_framework"] == "existing"
+        assert row["source_folder"] == str((in_tmp / "titan").resolve())
+        assert len(row["source_metadata_sha256"]) == 64
+        assert row["entries_checked"] > 30 and row["resume_max_rel_diff"] <= 1e-5
+    entries = {r["entry"] for r in pq.read_table("t.parquet").to_pylist()}
+    assert "model.layers.0.attn.wq.weight" in entries or any(".wq." in e for e in entries)
+    assert not any(e.startswith(("dataloader", "train_state", "model.dataloader")) for e in entries)
+    record = json.loads(Path(grid.existing_record_path("titan")).read_text())
+    assert record["excluded_entries"] == ["dataloader.dp_rank_0", "train_state.step"]
+
+
+def test_broken_on_purpose_the_cells_fail_naming_why(in_tmp):
+    write_torchtitan_checkpoint(in_tmp / "titan", extra=True)
+    raw = _config(str(in_tmp / "titan"))
+    raw["layouts"].pop("tp_2")
+    rows = run_existing(raw, load_faults={"fsdp2_2": "skip_load"})
+    single, skipped = rows["single"], rows["fsdp2_2"]
+    # An entry the model does not have: the load cannot place it.
+    assert single["status"] == "fail"
+    assert "extra.weight: missing in the loader's state" in single["reason"]
+    # A load that did not happen: the loader's own init differs from the files.
+    assert skipped["status"] == "fail" and "loader vs saver" in skipped["reason"]
+    assert skipped["entries_mismatched"] > 10
+
+
+def test_resumed_losses_must_agree_across_load_layouts(in_tmp):
+    write_torchtitan_checkpoint(in_tmp / "titan")
+    rows = run_existing(_config(str(in_tmp / "titan")), load_faults={"tp_2": "skew_resume_lr"})
+    assert rows["single"]["status"] == rows["fsdp2_2"]["status"] == "pass"
+    assert rows["tp_2"]["status"] == "fail"
+    assert "from the median of the 3 load layouts" in rows["tp_2"]["reason"]
+
+
+def test_a_naming_of_your_own_is_a_function_by_import_path(in_tmp):
+    (in_tmp / "my_names.py").write_text(
+        "def ours(entry):\n"
+        "    if entry.startswith('trainer.'):\n"
+        "        return None\n"
+        "    return 'model.' + entry.removeprefix('net.')\n"
+    )
+    mine = naming.Naming("my_names:ours")
+    assert naming.naming_error("my_names:ours") is None
+    assert mine.ours("net.w") == "model.w" and mine.ours("trainer.step") is None
+    assert "has no callable 'nope'" in naming.naming_error("my_names:nope")
+    assert "cannot import 'missing_module'" in naming.naming_error("missing_module:f")
