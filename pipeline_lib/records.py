@@ -150,7 +150,8 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
         if result["status"] == "skip":
             return "skip", f"{side} layout: {result['reason']}"
     if save["status"] in JOB_FAILURES:
-        return save["status"], f"save: {save['reason']}"
+        side = "import" if save.get("existing") else "save"
+        return save["status"], f"{side}: {save['reason']}"
     reasons = [
         summarize("state dict vs live", save.get("state_check", {}))[1],
         save.get("files_error") or summarize("files vs saver", save["files_check"])[1],

@@ -168,3 +168,17 @@ def test_a_naming_of_your_own_is_a_function_by_import_path(in_tmp):
     assert mine.ours("net.w") == "model.w" and mine.ours("trainer.step") is None
     assert "has no callable 'nope'" in naming.naming_error("my_names:nope")
     assert "cannot import 'missing_module'" in naming.naming_error("missing_module:f")
+
+
+def test_a_folder_that_would_run_code_is_an_error_for_its_cells_and_runs_nothing(in_tmp):
+    from tests.test_untrusted import tamper
+
+    write_torchtitan_checkpoint(in_tmp / "titan")
+    tamper(in_tmp / "titan", in_tmp / "ran")
+    raw = _config(str(in_tmp / "titan"))
+    raw["layouts"] = {"single": raw["layouts"]["single"]}
+    rows = run_existing(raw)
+    assert not (in_tmp / "ran").exists()
+    assert rows["single"]["status"] == "error"
+    assert rows["single"]["reason"].startswith("import: reading ")
+    assert "refused to unpickle posix.system" in rows["single"]["reason"]
