@@ -182,3 +182,23 @@ def test_a_folder_that_would_run_code_is_an_error_for_its_cells_and_runs_nothing
     assert rows["single"]["status"] == "error"
     assert rows["single"]["reason"].startswith("import: reading ")
     assert "refused to unpickle posix.system" in rows["single"]["reason"]
+
+
+def test_a_checkpoint_this_tool_wrote_loads_as_an_existing_one(in_tmp):
+    # The save job of a grid with one layout; then its checkpoint named in another grid.
+    saver = {"models": ["mlp"], "layouts": {"ddp_2": {"framework": "ddp", "mesh": [2]}}}
+    cfg = config.validate(saver)
+    cli("save", grid.save_job_spec(cfg, grid.RESULTS, "ddp_2"))
+    path = in_tmp / "kept"
+    Path(grid.checkpoint_dir("mlp", "ddp_2")).rename(path)
+    raw = {
+        "models": ["mlp"],
+        "layouts": {"single": {"framework": "single", "mesh": [1]},
+                    "fsdp2_2": {"framework": "fsdp2", "mesh": [2]}},
+        "pairs": "none",
+        "checkpoints": {"kept": {"path": str(path), "model": "mlp"}},
+    }  # fmt: skip
+    rows = run_existing(raw)
+    assert {(k, r["status"]) for k, r in rows.items()} == {("single", "pass"), ("fsdp2_2", "pass")}
+    record = json.loads(Path(grid.existing_record_path("kept")).read_text())
+    assert record["excluded_entries"] == [] and record["unplaced_entries"] == []
