@@ -227,7 +227,8 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
     this cell (pipeline_lib.driver); ``spec`` the load item's spec. Long for a reason: one flat
     literal with a line per MATRIX_SCHEMA column, in schema order, reads against the schema."""
     variant, verify = spec.variant, spec.verify
-    rtol = verify["resume_rtol_bfloat16" if variant.param_dtype == "bfloat16" else "resume_rtol"]
+    low = variant.param_dtype == "bfloat16" or _mixed_precision(save["layout"], load["layout"])
+    rtol = verify["resume_rtol_bfloat16" if low else "resume_rtol"]
     status, reason = verdict(save, load, rtol, variant.mode)
     checked = save.get("state_check", {}), save.get("files_check", {}), load.get("entries", {})
     stated, files, loaded = checked
@@ -287,6 +288,17 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         "source_folder": save.get("source_folder"),
         "source_metadata_sha256": save.get("metadata_sha256"),
     }
+
+
+def _mixed_precision(*layouts: dict) -> bool:
+    """A layout computes in a lower precision than its parameters' (Framework.compute_dtype)."""
+    from pipeline_lib import frameworks
+
+    known = frameworks.names()
+    return any(
+        lay["framework"] in known and frameworks.get(lay["framework"]).compute_dtype
+        for lay in layouts
+    )
 
 
 def agree_across_layouts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

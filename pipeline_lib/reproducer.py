@@ -276,6 +276,11 @@ def write_all(matrix: pd.DataFrame, config: dict, out: str) -> list[Path]:
             or row["load_layout"] not in config["layouts"]
         ):
             continue
+        sides = (row["save_framework"], row["load_framework"])
+        if missing := [f for f in sides if f not in FRAMEWORK_CODE]:
+            why = f"no reproducer: framework {missing[0]} has no torch-only code (FRAMEWORK_CODE)"
+            index.append(f"| {cell_id(row)} | {row['status']} | {why} |")
+            continue
         folder = root / cell_id(row)
         folder.mkdir()
         (folder / "repro.py").write_text(script(row, config))

@@ -33,6 +33,9 @@ class Framework:
     # parameter's elements, None where it holds none}, for frameworks that keep parameters as
     # flat shards (FSDP1); pipeline_lib.live reads such parameters as FlatPieces.
     flat_starts: Callable[[Any], dict[int, int | None]] | None = None
+    # The dtype forward and backward compute in when it is not the parameters' (mixed
+    # precision): the resumed losses of its cells are judged with resume_rtol_bfloat16.
+    compute_dtype: str | None = None
 
     @property
     def data_parallel_dims(self) -> tuple[str, ...]:

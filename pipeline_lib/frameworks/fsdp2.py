@@ -3,12 +3,14 @@
 from pipeline_lib.frameworks import Framework
 
 
-def shard(model, mesh):
+def shard(model, mesh, units=None, **options):
+    """fully_shard on every unit (default: the model's blocks), then on the root; ``options``
+    are fully_shard's (reshard_after_forward, offload_policy, mp_policy)."""
     from torch.distributed.fsdp import fully_shard
 
-    for unit in model.fsdp_units():
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    for unit in model.fsdp_units() if units is None else units:
+        fully_shard(unit, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
     return model
 
 
