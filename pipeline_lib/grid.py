@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from pipeline_lib import faults, frameworks, names
+from pipeline_lib import faults, frameworks, models, names
 from pipeline_lib.axes import DEFAULT, Variant, conflict, layout_conflict, variants
 from pipeline_lib.config import config_hash
 
@@ -224,6 +224,7 @@ def save_spec(
         "checkpoint": checkpoint_dir(model, layout, root),
         "full_state": full_state_file(model, layout, root),
         "reference": reference_dir(model, layout, root),
+        **models.spec_kwargs(config, model),  # an hf_models entry
     }
 
 
@@ -264,6 +265,7 @@ def load_spec(
             for src, version in sources
         ],
         "record": load_record_path(model, layout, root),
+        **models.spec_kwargs(config, model),  # an hf_models entry
     }
 
 

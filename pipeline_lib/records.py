@@ -55,6 +55,7 @@ MATRIX_SCHEMA = pa.schema(
         ("load_entries_mismatched", pa.int64()),
         ("max_abs_diff", pa.float64()),
         ("resume_max_rel_diff", pa.float64()),
+        ("loss_source", pa.string()),
         ("missing_entries", pa.string()),
         ("save_seconds", pa.float64()),
         ("save_blocked_seconds", pa.float64()),
@@ -247,6 +248,8 @@ def cell_row(model: str, save: dict, load: dict, spec: dict) -> dict[str, Any]:
         "resume_max_rel_diff": None
         if variant["mode"] in ("strict", "non_strict")
         else resume_rel_diff(save.get("resume_losses", []), load.get("resume_losses", [])),
+        # model (its own loss), user (the module's loss) or fallback (pipeline_lib.models._user).
+        "loss_source": save.get("loss_source"),
         "missing_entries": ", ".join(load.get("missing_entries", [])) or None,
         "save_seconds": st.get("save_s"),
         "save_blocked_seconds": st.get("save_blocked_s"),

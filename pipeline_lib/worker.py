@@ -181,6 +181,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     if "fault_applied" in files:
         checks_done["fault_applied"] = files["fault_applied"]
     losses = {"train_losses": train_losses, "resume_losses": resume_losses}
+    losses["loss_source"] = training.loss_source(trainee)
     job.write_result(unit, save_result(job, trainee, flat, dropped, checks_done, losses, timing))
 
 
