@@ -274,6 +274,11 @@ def write_all(matrix: pd.DataFrame, config: dict, out: str) -> list[Path]:
             or row["load_layout"] not in config["layouts"]
         ):
             continue
+        if row["model"] in config.get("hf_models", {}):
+            # The script inlines a model module's source; an hf_models entry has none.
+            why = "no reproducer: an hf_models model"
+            index.append(f"| {cell_id(row)} | {row['status']} | {why} |")
+            continue
         folder = root / cell_id(row)
         folder.mkdir()
         (folder / "repro.py").write_text(script(row, config))

@@ -398,3 +398,16 @@ def test_hf_example_end_to_end(tmp_path):
     tensors = pd.read_parquet(tmp_path / "results" / "tensors.parquet")
     assert "model.user_model.model.layers.1.self_attn.k_proj.weight" in set(tensors.entry)
     assert tensors.equal.all()
+
+
+def test_reproducers_list_an_hf_model_cell_without_writing_a_script(tmp_path):
+    import pandas as pd
+
+    from pipeline_lib import reproducer
+    from tests.test_baseline import cell
+
+    cfg = config.validate(hf_config())
+    rows = [cell("llm", save="single", load="single", status="fail", reason="load: differs")]
+    written = reproducer.write_all(pd.DataFrame(rows), cfg, str(tmp_path / "reproducers"))
+    index = (tmp_path / "reproducers" / "index.md").read_text()
+    assert written == [] and "| fail | no reproducer: an hf_models model |" in index
