@@ -411,3 +411,93 @@ def test_reproducers_list_an_hf_model_cell_without_writing_a_script(tmp_path):
     written = reproducer.write_all(pd.DataFrame(rows), cfg, str(tmp_path / "reproducers"))
     index = (tmp_path / "reproducers" / "index.md").read_text()
     assert written == [] and "| fail | no reproducer: an hf_models model |" in index
+
+
+# --- format hf_export -------------------------------------------------------------------------
+
+
+def test_hf_export_loads_back_equal_and_a_corrupted_export_does_not(tmp_path):
+    from pipeline_lib import hf_export
+
+    model = build("llama_gqa")
+    full = hf_export.exported_state(model.state_dict())
+    path = tmp_path / "hf_export"
+    hf_export.write(full, model.user_model.config, path)  # one process: no process group
+    assert {"config.json", "model.safetensors.index.json"} <= {p.name for p in path.iterdir()}
+    definition = model.source.definition
+    assert hf_export.compare(definition, full, path, torch.float32, 0) == ""
+    exported = next(path.glob("model-*.safetensors"))
+    data = bytearray(exported.read_bytes())
+    data[-4:] = bytes(b ^ 0xFF for b in data[-4:])  # the last tensor's last element
+    exported.write_bytes(bytes(data))
+    reason = hf_export.compare(definition, full, path, torch.float32, 0)
+    assert reason.startswith("tensor ") and reason.endswith(
+        "differs after from_pretrained (torch.float32 vs torch.float32)"
+    )
+
+
+def test_hf_export_logits_must_equal_the_savers(tmp_path):
+    from pipeline_lib import hf_export
+
+    model = build("llama_gqa")
+    full = hf_export.exported_state(model.state_dict())
+    path = tmp_path / "hf_export"
+    hf_export.write(full, model.user_model.config, path)
+    # The same tensors, but a config that computes otherwise: the logits check catches it.
+    model.user_model.config.rope_parameters = {"rope_type": "default", "rope_theta": 1.0}
+    model.user_model.config.save_pretrained(str(path))
+    reason = hf_export.compare(model.source.definition, full, path, torch.float32, 0)
+    assert reason.startswith("logits differ from the saver's (max_abs_diff ")
+
+
+def test_a_failed_hf_export_fails_the_cell():
+    from pipeline_lib.records import verdict
+
+    save = {"status": "ok", "state_check": {}, "files_check": {}, "resume_losses": [1.0],
+            "dropped_entries": [], "hf_export": {"loads": True, "reason": ""}}  # fmt: skip
+    load = {"status": "ok", "entries": {}, "resume_losses": [1.0]}
+    assert verdict(save, load, 1e-5) == ("pass", "")
+    save["hf_export"] = {"loads": False, "reason": "tensor lm_head.weight differs"}
+    assert verdict(save, load, 1e-5) == ("fail", "hf export: tensor lm_head.weight differs")
+
+
+@pytest.mark.torchrun
+def test_hf_export_under_fsdp2_and_tp(in_tmp, monkeypatch):
+    """Format hf_export: a Llama saved under FSDP2 and under TP exports a folder that
+    from_pretrained loads equal to the saver; a built-in model is a skip with the reason."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    raw = {
+        "models": ["llama_gqa", "mlp"],
+        "hf_models": {"llama_gqa": FAMILIES["llama_gqa"]},
+        "layouts": {
+            "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
+            "tp_2": {"framework": "tp", "mesh": [2]},
+        },
+        "pairs": [["fsdp2_2", "tp_2"], ["tp_2", "fsdp2_2"]],
+        "formats": ["hf_export"],
+        "train": {"steps": 2, "resume_steps": 2, "global_batch": 4},
+        "run": {"cell_timeout_s": 300},
+    }
+    rows = run_grid(raw)
+    for save, load in raw["pairs"]:
+        row = rows["format-hf_export", "llama_gqa", save, load]
+        assert (row["status"], row["reason"], row["hf_export_loads"]) == ("pass", "", True)
+        skipped = rows["format-hf_export", "mlp", save, load]
+        assert skipped["status"] == "skip" and skipped["hf_export_loads"] is None
+        assert (
+            "format hf_export exports Hugging Face models only (hf_models); mlp"
+            in skipped["reason"]
+        )
+    exported = (
+        in_tmp
+        / "results"
+        / "axes"
+        / "format-hf_export"
+        / "save"
+        / "llama_gqa"
+        / "tp_2"
+        / "hf_export"
+    )
+    assert (exported / "config.json").is_file() and (
+        exported / "model.safetensors.index.json"
+    ).is_file()
