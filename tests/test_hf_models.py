@@ -501,3 +501,35 @@ def test_hf_export_under_fsdp2_and_tp(in_tmp, monkeypatch):
     assert (exported / "config.json").is_file() and (
         exported / "model.safetensors.index.json"
     ).is_file()
+
+
+USER_TRANSFORMERS_MODULE = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+def build():
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+    return LlamaForCausalLM(config)
+
+def make_inputs(batch_size, generator):
+    ids = torch.randint(64, (batch_size, 6), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+"""
+
+
+def test_a_transformers_model_named_by_import_path_trains_on_its_own_loss(tmp_path, monkeypatch):
+    """Issue 17's report: CausalLMOutputWithPast has no .float(); now its loss is the model's."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "user_llama.py").write_text(USER_TRANSFORMERS_MODULE)
+    try:
+        torch.manual_seed(0)
+        model = models.get("user_llama:build").build()
+        inputs, targets = model.make_batch(0, 4, 0)
+        x = split_batch(inputs, 2, 1)
+        outputs = model(x)
+        loss, terms = model.loss_sum(outputs, split_batch(targets, 2, 1))
+        assert terms == 2 * 5 and torch.equal(loss, outputs.loss.float() * 10)
+        assert model.loss_source == "model" and x["attention_mask"].shape == (2, 6)
+    finally:
+        sys.modules.pop("user_llama", None)
