@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from pipeline_lib.errors import Incompatible, one_line
@@ -56,11 +57,10 @@ def refuse_unless_hf(item) -> None:
 def run(item, t, dtype: torch.dtype) -> ExportCheck:
     """Write the export and check it (every rank; rank 0's verdict on all)."""
     path = Path(item.spec.save_dir) / FOLDER
+    state = exported_state(get_model_state_dict(t.model))
     verdict = [None]
-    try:
-        write(exported_state(get_model_state_dict(t.model)), t.base.user_model.config, path)
-    except Exception as exc:  # e.g. the writer refuses tensors that share memory
-        verdict = [ExportCheck(False, f"cannot write: {one_line(exc)}")]
+    if error := write_error(state, t.base.user_model.config, path):
+        verdict = [ExportCheck(False, error)]
     full = get_model_state_dict(
         t.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -75,6 +75,16 @@ def run(item, t, dtype: torch.dtype) -> ExportCheck:
 def exported_state(model_state: dict) -> dict:
     """The model state under the names transformers uses (without the adapter's prefix)."""
     return {name.removeprefix(PREFIX): value for name, value in model_state.items()}
+
+
+def write_error(state: dict, config, path: Path) -> str:
+    """Write the export (``write``); "" or why it could not be written, e.g. DCP's
+    HuggingFaceStorageWriter refuses tensors that share memory (tied embeddings)."""
+    try:
+        write(state, config, path)
+    except (Exception, CheckpointException) as exc:  # CheckpointException: a BaseException
+        return f"cannot write: {one_line(exc)}"
+    return ""
 
 
 def write(state: dict, config, path: Path) -> None:

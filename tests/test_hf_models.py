@@ -533,3 +533,17 @@ def test_a_transformers_model_named_by_import_path_trains_on_its_own_loss(tmp_pa
         assert model.loss_source == "model" and x["attention_mask"].shape == (2, 6)
     finally:
         sys.modules.pop("user_llama", None)
+
+
+def test_an_export_that_cannot_be_written_says_why(tmp_path):
+    """Tied embeddings: DCP's HuggingFaceStorageWriter refuses tensors that share memory (kept
+    as the export's failure, hf_export_loads false, not worked around)."""
+    from pipeline_lib import hf_export
+
+    model = build("llama_tied")
+    state = hf_export.exported_state(model.state_dict())
+    error = hf_export.write_error(state, model.user_model.config, tmp_path / "hf_export")
+    assert error.startswith("cannot write: CheckpointException") and "share memory" in error
+    llama = build("llama_gqa")
+    state = hf_export.exported_state(llama.state_dict())
+    assert hf_export.write_error(state, llama.user_model.config, tmp_path / "ok") == ""
