@@ -21,8 +21,17 @@ AXES: dict[str, tuple[str, ...]] = {
     # dcp: FileSystemWriter; safetensors(_consolidated): HuggingFaceStorageWriter (sharded
     # files, and also one consolidated file); torch_save: DCP converted with dcp_to_torch_save
     # and loaded in a single-process layout; torch_save_to_dcp: a torch.save full state dict
-    # converted with torch_save_to_dcp and loaded under any layout.
-    "format": ("dcp", "safetensors", "safetensors_consolidated", "torch_save", "torch_save_to_dcp"),
+    # converted with torch_save_to_dcp and loaded under any layout; hf_export: dcp, plus the
+    # model state exported for Hugging Face and loaded back with from_pretrained on the save
+    # side (pipeline_lib.hf_export; hf_models only).
+    "format": (
+        "dcp",
+        "safetensors",
+        "safetensors_consolidated",
+        "torch_save",
+        "torch_save_to_dcp",
+        "hf_export",
+    ),
     # sync: dcp.save; thread / process: dcp.async_save with that checkpointer type.
     "async_save": ("sync", "thread", "process"),
     # pipeline_lib.optimizers
@@ -76,6 +85,11 @@ class Variant:
     def reads_full_state(self) -> bool:
         """The loader reads a torch.save file of the full state dict."""
         return self.mode == "full" or self.format == "torch_save"
+
+    @property
+    def exports_hf(self) -> bool:
+        """The saver also exports the model for Hugging Face (pipeline_lib.hf_export)."""
+        return self.format == "hf_export"
 
     @property
     def drops_entry(self) -> bool:

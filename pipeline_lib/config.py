@@ -161,10 +161,11 @@ def _check_semantics(config: dict, source: str) -> None:
     errors += _name_errors(config)
     if errors:
         raise ConfigError(_joined(errors, source))
+    errors += _hf_model_errors(config)
     errors += [
         f"models.{i}: {error}"
         for i, name in enumerate(config["models"])
-        if (error := _model_error(name, models.names()))
+        if name not in config["hf_models"] and (error := _model_error(name, models.names()))
     ]
     max_dp = 1
     for name, layout in config["layouts"].items():
@@ -361,6 +362,25 @@ def _model_error(name: str, known_models: list[str]) -> str | None:
         known = ", ".join(known_models)
         return f"unknown model {name!r} (known: {known}; or your own: package.module:callable)"
     return None
+
+
+def _hf_model_errors(config: dict) -> list[str]:
+    """Errors of the ``hf_models`` entries (imports transformers, only when there are some)."""
+    if not config["hf_models"]:
+        return []
+    errors = [
+        f"hf_models.{name}: {name!r} is a built-in model's name"
+        for name in config["hf_models"]
+        if name in models.names()
+    ]
+    try:
+        from pipeline_lib.models import _hf
+    except ImportError as exc:
+        return [*errors, f"hf_models: cannot import transformers: {exc}"]
+    for name, entry in config["hf_models"].items():
+        if error := _hf.definition_error(entry):
+            errors.append(f"hf_models.{name}.{error}")
+    return errors
 
 
 def _unknown_pair_names(config: dict, key: str, known, what: str) -> list[str]:

@@ -19,7 +19,7 @@ from pipeline_lib.errors import human_bytes
 
 if TYPE_CHECKING:
     from pipeline_lib.axes import Variant
-    from pipeline_lib.specs import JobSpec
+    from pipeline_lib.specs import ItemSpec, JobSpec
 
 # Built-in models: (parameter elements, parameter tensors, buffer elements, buffer tensors) of
 # build() (tests/test_hardening.py checks them against the models).
@@ -60,8 +60,9 @@ class Estimate:
         return f"about {human_bytes(self.total)}" + (f" ({shown})" if shown else "")
 
 
-def model_state(model: str) -> tuple[int, int, int, int]:
-    """(parameter elements, parameter tensors, buffer elements, buffer tensors) of a model."""
+def model_state(model: str, model_kwargs: dict | None = None) -> tuple[int, int, int, int]:
+    """(parameter elements, parameter tensors, buffer elements, buffer tensors) of a model
+    (``model_kwargs``: an hf_models entry, pipeline_lib.models.spec_kwargs)."""
     if model in BUILTIN_STATE:
         return BUILTIN_STATE[model]
     import torch
@@ -69,15 +70,15 @@ def model_state(model: str) -> tuple[int, int, int, int]:
     from pipeline_lib import models
 
     with torch.device("meta"):
-        module = models.get(model).build()
+        module = models.get(model, model_kwargs).build(**(model_kwargs or {}))
     params, buffers = list(module.parameters()), list(module.buffers())
     return (sum(p.numel() for p in params), len(params), sum(b.numel() for b in buffers),
             len(buffers))  # fmt: skip
 
 
-def _entries_and_bytes(model: str, variant: Variant) -> tuple[int, int]:
+def _entries_and_bytes(model: str, variant: Variant, kwargs: dict | None = None) -> tuple[int, int]:
     """(state entries, state bytes) of one item's saved state."""
-    p_numel, p_count, b_numel, b_count = model_state(model)
+    p_numel, p_count, b_numel, b_count = model_state(model, kwargs)
     element = 2 if variant.param_dtype == "bfloat16" else 4
     states = 1 if variant.optimizer == "sgd" else 2
     entries = p_count * (2 + states) + b_count + 2 * PARAM_GROUP_ENTRIES + 8
@@ -85,9 +86,9 @@ def _entries_and_bytes(model: str, variant: Variant) -> tuple[int, int]:
     return entries, data
 
 
-def save_item_bytes(model: str, variant: Variant, world_size: int) -> Estimate:
+def save_item_bytes(model: str, variant: Variant, world_size: int, kwargs=None) -> Estimate:
     """What one save item writes: checkpoint, reference, conversions, record."""
-    entries, data = _entries_and_bytes(model, variant)
+    entries, data = _entries_and_bytes(model, variant, kwargs)
     estimate = Estimate()
     full = data + entries * FILE_ENTRY_OVERHEAD
     dcp = data + entries * world_size * CHUNK_OVERHEAD
@@ -105,8 +106,8 @@ def save_item_bytes(model: str, variant: Variant, world_size: int) -> Estimate:
     return estimate
 
 
-def load_cell_bytes(model: str, variant: Variant) -> Estimate:
-    entries, _ = _entries_and_bytes(model, variant)
+def load_cell_bytes(model: str, variant: Variant, kwargs=None) -> Estimate:
+    entries, _ = _entries_and_bytes(model, variant, kwargs)
     estimate = Estimate()
     estimate.add("records", entries * LOAD_RECORD_PER_ENTRY)
     return estimate
@@ -120,13 +121,20 @@ def job_bytes(spec: JobSpec) -> Estimate:
         if item.skip:
             continue
         if spec.kind == "save":
-            part = save_item_bytes(item.model, item.variant, world)
+            part = save_item_bytes(item.model, item.variant, world, _hf_kwargs(item))
         else:
-            part = load_cell_bytes(item.model, item.variant)
+            part = load_cell_bytes(item.model, item.variant, _hf_kwargs(item))
             part.parts = {k: v * len(item.sources) for k, v in part.parts.items()}
         for key, value in part.parts.items():
             estimate.add(key, value)
     return estimate
+
+
+def _hf_kwargs(item: ItemSpec) -> dict | None:
+    """An item's hf_models entry (other model_kwargs resize a built-in: BUILTIN_STATE's)."""
+    from pipeline_lib.models import HF_KEY
+
+    return item.model_kwargs if HF_KEY in item.model_kwargs else None
 
 
 def grid_bytes(config: dict) -> Estimate:

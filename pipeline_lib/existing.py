@@ -37,19 +37,21 @@ def metadata_sha256(path: str) -> str:
     return hashlib.sha256((Path(path) / ".metadata").read_bytes()).hexdigest()
 
 
-def model_entries(model: str) -> tuple[str, set[str], set[str]]:
+def model_entries(model: str, kwargs: dict) -> tuple[str, set[str], set[str]]:
     """(the prefix of the model's entries, its entries, its parameters' names), from the
-    model built on the meta device (no values, no process group)."""
+    model built on the meta device (no values, no process group); ``kwargs``: its
+    ``model_kwargs`` (an hf_models entry)."""
     with torch.device("meta"):
-        base = models.get(model).build()
-    prefix = "model.user_model." if models.is_import_path(model) else "model."
+        base = models.get(model, kwargs).build(**kwargs)
+    # Your own model and an hf_models one run inside models._user.UserModel.
+    prefix = "model.user_model." if hasattr(base, "user_model") else "model."
     return prefix, {f"model.{k}" for k in base.state_dict()}, set(dict(base.named_parameters()))
 
 
-def placement(path: str, naming: str, model: str) -> Placement:
+def placement(path: str, naming: str, model: str, kwargs: dict) -> Placement:
     """Where the checkpoint's entries go, from its ``.metadata`` (read without unpickling
     anything beyond DCP's metadata)."""
-    prefix, known, _ = model_entries(model)
+    prefix, known, _ = model_entries(model, kwargs)
     names = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     return place(list(names), Naming(naming, prefix), known)
 
@@ -78,8 +80,8 @@ def import_checkpoint(spec: ExistingSpec) -> None:
 
 def _read(spec: ExistingSpec) -> dict:
     """Read every entry, write the reference; the record's account of the entries."""
-    places = placement(spec.path, spec.naming, spec.model)
-    _, _, params = model_entries(spec.model)
+    places = placement(spec.path, spec.naming, spec.model, spec.model_kwargs)
+    _, _, params = model_entries(spec.model, spec.model_kwargs)
     flat, unreadable = {}, []
     for name, value in checkpoint_entries(spec.path):
         if name in places.excluded:

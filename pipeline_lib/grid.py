@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from pipeline_lib import faults, frameworks, names
+from pipeline_lib import faults, frameworks, models, names
 from pipeline_lib.axes import DEFAULT, Variant, conflict, layout_conflict, variants
 from pipeline_lib.config import config_hash
 from pipeline_lib.specs import CheckpointPaths, ExistingSpec, FaultTag, ItemSpec, JobSpec, Source
@@ -229,6 +229,7 @@ def _item(config: dict, kind: str, model: str, layout: str, record: str, variant
         run=config["run"],
         config_hash=config_hash(config),
         record=record,
+        **models.spec_kwargs(config, model),  # an hf_models entry
         **more,
     )
 
@@ -389,6 +390,7 @@ def existing_spec(config: dict, name: str) -> ExistingSpec:
         reference=f"{existing_dir(name)}/reference",
         record=existing_record_path(name),
         config_hash=config_hash(config),
+        **models.spec_kwargs(config, entry["model"]),
     )
 
 

@@ -62,6 +62,8 @@ MATRIX_SCHEMA = pa.schema(
         ("resume_max_rel_diff", pa.float64()),
         ("resume_rtol", pa.float64()),
         ("resume_losses", pa.list_(pa.float64())),
+        ("loss_source", pa.string()),
+        ("hf_export_loads", pa.bool_()),
         ("missing_entries", pa.string()),
         ("save_seconds", pa.float64()),
         ("save_blocked_seconds", pa.float64()),
@@ -156,6 +158,8 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
         summarize("state dict vs live", save.get("state_check", {}))[1],
         save.get("files_error") or summarize("files vs saver", save["files_check"])[1],
     ]
+    if "hf_export" in save and not save["hf_export"]["loads"]:
+        reasons.append(f"hf export: {save['hf_export']['reason']}")
     if save.get("frozen_saved"):
         reasons.append(
             f"ignore_frozen_params: the saver's state holds {len(save['frozen_saved'])} frozen "
@@ -262,6 +266,10 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         else resume_rel_diff(save.get("resume_losses", []), load.get("resume_losses", [])),
         "resume_rtol": rtol,
         "resume_losses": load.get("resume_losses"),
+        # model (its own loss), user (the module's loss) or fallback (pipeline_lib.models._user).
+        "loss_source": save.get("loss_source"),
+        # Format hf_export: the export loads with from_pretrained equal to the saver's model.
+        "hf_export_loads": save["hf_export"]["loads"] if "hf_export" in save else None,
         "missing_entries": ", ".join(load.get("missing_entries", [])) or None,
         "save_seconds": st.get("save_s"),
         "save_blocked_seconds": st.get("save_blocked_s"),

@@ -277,8 +277,13 @@ def write_all(matrix: pd.DataFrame, config: dict, out: str) -> list[Path]:
         ):
             continue
         sides = (row["save_framework"], row["load_framework"])
-        if missing := [f for f in sides if f not in FRAMEWORK_CODE]:
+        why = None
+        if row["model"] in config.get("hf_models", {}):
+            # The script inlines a model module's source; an hf_models entry has none.
+            why = "no reproducer: an hf_models model"
+        elif missing := [f for f in sides if f not in FRAMEWORK_CODE]:
             why = f"no reproducer: framework {missing[0]} has no torch-only code (FRAMEWORK_CODE)"
+        if why:
             index.append(f"| {cell_id(row)} | {row['status']} | {why} |")
             continue
         folder = root / cell_id(row)

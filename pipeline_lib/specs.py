@@ -81,6 +81,7 @@ class ExistingSpec:
     reference: str
     record: str
     config_hash: str
+    model_kwargs: dict = field(default_factory=dict)  # an hf_models entry
 
     @classmethod
     def from_dict(cls, data: dict) -> ExistingSpec:

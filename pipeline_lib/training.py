@@ -19,6 +19,7 @@ from pipeline_lib import checkpoint_io, faults, models, optimizers
 from pipeline_lib.errors import Incompatible
 from pipeline_lib.frameworks import Framework
 from pipeline_lib.live import Anatomy, live_state
+from pipeline_lib.models._common import batch_to, split_batch
 from pipeline_lib.specs import ItemSpec
 
 # The loader's model starts from a different init, so an entry the load misses cannot pass.
@@ -30,7 +31,7 @@ class Item:
 
     def __init__(self, spec: ItemSpec):
         self.spec, self.id, self.train, self.variant = spec, spec.id, spec.train, spec.variant
-        self.model_module = models.get(spec.model)
+        self.model_module = models.get(spec.model, spec.model_kwargs)
 
     def in_mode(self, mode: str) -> Item:
         """This item with the state-dict mode ``mode`` (an existing checkpoint's own)."""
@@ -101,21 +102,24 @@ def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) 
 
 def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) -> list[float]:
     """Train ``steps`` steps on the global batches from ``first_step``; the global mean loss of
-    each step. Each data-parallel rank takes its slice of the same global batch."""
+    each step. Each data-parallel rank takes its slice of the same global batch (every tensor of
+    a dict batch too)."""
     settings = item.train
     dtype = getattr(torch, item.variant.param_dtype)
     losses = []
     for step in range(first_step, first_step + steps):
         inputs, targets = t.base.make_batch(step, settings["global_batch"], settings["seed"])
-        count = targets.numel()
-        x = inputs.tensor_split(at.dp_size)[at.dp_rank].to(at.device)
-        if x.is_floating_point():
-            x = x.to(dtype)
-        y = targets.tensor_split(at.dp_size)[at.dp_rank].to(at.device)
+        x = batch_to(split_batch(inputs, at.dp_size, at.dp_rank), at.device, dtype)
+        y = batch_to(split_batch(targets, at.dp_size, at.dp_rank), at.device, torch.float32)
+        outputs = t.model(x)
         # The loss in float32 whatever the parameters' dtype.
-        loss_sum, _ = t.base.loss_sum(t.model(x).float(), y)
+        if isinstance(outputs, torch.Tensor):
+            outputs = outputs.float()
+        loss_sum, terms = t.base.loss_sum(outputs, y)
+        count = _global_terms(terms, at)
         # Gradients are averaged over data-parallel ranks: scale so the result is the gradient
-        # of the global mean, whatever the slices' sizes.
+        # of the global mean over every loss term, whatever the slices' sizes. A model's own
+        # loss is a mean over its local terms; loss_sum gives it times their number.
         (loss_sum * (at.dp_size / count)).backward()
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
@@ -125,6 +129,20 @@ def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) ->
         dist.all_reduce(total)
         losses.append(float(total) / (at.tp_degree * count))
     return losses
+
+
+def _global_terms(local: int, at: Placement) -> int:
+    """The loss terms of the global batch: every rank's (TP ranks of one data-parallel rank
+    count the same terms)."""
+    total = torch.tensor([local], dtype=torch.int64, device=at.device)
+    dist.all_reduce(total)
+    return int(total) // at.tp_degree
+
+
+def loss_source(t: Trainee) -> str:
+    """Where the trainee's loss came from: ``model`` (a built-in's own ``loss_sum``, or the
+    model's returned loss), ``user`` or ``fallback`` (pipeline_lib.models._user)."""
+    return getattr(t.base, "loss_source", None) or "model"
 
 
 def state_dict(item: Item, t: Trainee, full: bool = False, fault=None) -> dict:

@@ -26,7 +26,16 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from pipeline_lib import checkpoint_io, checks, existing, faults, frameworks, timestamps, training
+from pipeline_lib import (
+    checkpoint_io,
+    checks,
+    existing,
+    faults,
+    frameworks,
+    hf_export,
+    timestamps,
+    training,
+)
 from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
@@ -142,6 +151,8 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     """One save item: build, train, the saver's reference, check 0, save, resume, check 1."""
     paths, settings, variant, fault = item.spec.paths, item.train, item.variant, item.spec.fault
     at, unit, timing = job.placement, item.id, {"startup_s": startup_s}
+    if variant.exports_hf:
+        hf_export.refuse_unless_hf(item)
     with job.phase("build", unit, timing, "build_s"):
         trainee = training.build(item, at, settings["seed"], fault=fault)
     with job.phase("train", unit, timing, "train_s"):
@@ -162,6 +173,10 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     with job.phase("save", unit):
         job.inject("save", fault)
         wait = checkpoint_io.write(variant, state, paths, timing)
+    export = None
+    if variant.exports_hf:
+        with job.phase("hf export", unit, timing, "hf_export_s"):
+            export = hf_export.run(item, trainee, getattr(torch, variant.param_dtype))
     with job.phase("resume", unit, timing, "resume_s"):
         # An async save is still writing while the training loop goes on.
         resume_losses = training.train(
@@ -178,9 +193,12 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     timing["convert_s"] = files.get("convert_s", 0.0)
     checks_done = {"state_check": state_check, "files_check": files_check}
     checks_done["files_error"] = files_error
+    if export is not None:
+        checks_done["hf_export"] = export.to_dict()
     if "fault_applied" in files:
         checks_done["fault_applied"] = files["fault_applied"]
     losses = {"train_losses": train_losses, "resume_losses": resume_losses}
+    losses["loss_source"] = training.loss_source(trainee)
     job.write_result(unit, save_result(job, trainee, flat, dropped, checks_done, losses, timing))
 
 
@@ -224,7 +242,10 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
     """One load cell: build with another init, load, check 2, resume."""
     places = None
     if source.naming is not None:  # an existing checkpoint: its optimizer entries decide
-        places = existing.placement(source.paths.checkpoint, source.naming, item.spec.model)
+        spec = item.spec
+        places = existing.placement(
+            source.paths.checkpoint, source.naming, spec.model, spec.model_kwargs
+        )
         item = item.in_mode("flattened_optim" if places.flattened_optim else "sharded")
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
     timing, missing = {}, []

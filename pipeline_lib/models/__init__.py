@@ -1,5 +1,6 @@
 """Models, one module each, registered by module name; or your own, named by import path
-(``package.module:callable``, adapted by ``_user``).
+(``package.module:callable``, adapted by ``_user``), or a Hugging Face architecture named in the
+config's ``hf_models`` (built by ``_hf``).
 
 A model module defines ``build() -> torch.nn.Module``; the module it returns provides:
 - ``forward(inputs)``;
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from pipeline_lib.models._user import UserModelSource
 
 
+# ItemSpec.model_kwargs key holding an ``hf_models`` entry (grid -> worker; models._hf).
+HF_KEY = "hf"
+
+
 class UserModelError(ValueError):
     """An import-path model cannot be used; the message says why."""
 
@@ -31,13 +36,24 @@ def names() -> list[str]:
     return module_names(__name__)
 
 
+def spec_kwargs(config: dict, name: str) -> dict:
+    """What a job's item spec adds for model ``name``: its ``hf_models`` entry, if any."""
+    entry = config.get("hf_models", {}).get(name)
+    return {"model_kwargs": {HF_KEY: entry}} if entry is not None else {}
+
+
 def is_import_path(name: str) -> bool:
     return ":" in name
 
 
-def get(name: str) -> ModuleType | UserModelSource:
-    """The model's module, or for an import path its UserModelSource: both have
-    ``build(**kwargs)``. An unusable import path raises UserModelError."""
+def get(name: str, model_kwargs: dict | None = None) -> ModuleType | UserModelSource:
+    """The model's module, or for an import path its UserModelSource, or for an ``hf_models``
+    name (``model_kwargs`` holds its entry under HF_KEY) its HFModelSource: all have
+    ``build(**model_kwargs)``. An unusable import path raises UserModelError."""
+    if model_kwargs and HF_KEY in model_kwargs:
+        from pipeline_lib.models import _hf  # imports transformers: only for those models
+
+        return _hf.HFModelSource(name)
     if is_import_path(name):
         from pipeline_lib.models import _user  # imports torch: only for your own model
 

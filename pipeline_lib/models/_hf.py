@@ -1,0 +1,190 @@
+"""A Hugging Face architecture as ``transformers`` ships it, named in the config without a Python
+file (``hf_models: {name: {architecture, config, seq_len}}``, docs/extending.md).
+
+Built from the architecture's own config class with random init (torch is seeded before the
+build, as for every model), eager attention and every dropout 0 unless the config says
+otherwise; nothing is downloaded (HF_HUB_OFFLINE=1, no ``from_pretrained`` of a hub id). The
+model runs as a ``_user.UserModel`` whose functions (``HFFunctions``) come from here:
+``make_inputs`` (token ids from the step's generator; ``labels = input_ids`` for a causal LM),
+``fsdp_units`` (the decoder layers), ``tp_plan`` (the config's ``base_model_tp_plan`` mapped to
+torch's styles, ``TP_STYLES``) and ``tp_dims`` (heads and key/value heads).
+
+Imports transformers: only for models that need it (models.get imports this module lazily).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it
+
+import torch
+import transformers
+from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+from pipeline_lib.errors import Incompatible
+from pipeline_lib.models._user import CAUSAL_LM_SUFFIXES, UserModel, _plan_targets
+
+DEFAULT_SEQ_LEN = 8
+# Config attributes that are dropout probabilities: 0 unless the config sets them (dropout
+# draws from each rank's RNG, so layouts would train on different masks).
+_DROPOUT_SUFFIXES = ("dropout", "pdrop")
+
+# transformers' TP style -> torch's, on the module types it may shard. The plan keeps the model's
+# output whole on every TP rank: a colwise layer is followed by a rowwise one, whose output is
+# replicated. "replicate" styles need no plan entry. Every other style (sequence_parallel,
+# packed_*, local_*, gather, moe_*, ep_*, grouped_gemm, ...) makes the TP cell a skip.
+TP_STYLES: dict[str, tuple[Any, tuple[type, ...]]] = {
+    "colwise": (lambda: ColwiseParallel(), (nn.Linear,)),
+    "rowwise": (lambda: RowwiseParallel(), (nn.Linear,)),
+    "colwise_rep": (lambda: ColwiseParallel(output_layouts=Replicate()), (nn.Linear,)),
+    "colwise_gather_output": (lambda: ColwiseParallel(output_layouts=Replicate()), (nn.Linear,)),
+    "rowwise_rep": (lambda: RowwiseParallel(input_layouts=Replicate()), (nn.Linear,)),
+    "embedding_rowwise": (
+        lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        (nn.Embedding,),
+    ),
+}
+REPLICATED_STYLES = ("replicate", "replicated_with_grad_allreduce")
+
+
+@dataclass(frozen=True)
+class HFModelDefinition:
+    """One ``hf_models`` entry: the architecture (a transformers class name), its config's
+    values, and the length of the token sequences the model trains on."""
+
+    architecture: str
+    config: dict = field(default_factory=dict)
+    seq_len: int = DEFAULT_SEQ_LEN
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HFModelDefinition:
+        return cls(data["architecture"], dict(data.get("config", {})), data.get("seq_len", 8))
+
+    @property
+    def model_class(self) -> type:
+        found = getattr(transformers, self.architecture, None)
+        if not (isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)):
+            raise ValueError(f"transformers has no model class {self.architecture!r}")
+        return found
+
+    def make_config(self):
+        config_class = self.model_class.config_class
+        defaults = config_class()
+        unknown = sorted(k for k in self.config if not hasattr(defaults, k))
+        if unknown:
+            raise ValueError(f"{config_class.__name__} has no {', '.join(map(repr, unknown))}")
+        no_dropout = {
+            k: 0.0 for k in vars(defaults) if k.endswith(_DROPOUT_SUFFIXES) and k not in self.config
+        }
+        values = {"attn_implementation": "eager", **no_dropout, **self.config}
+        return config_class(**values)
+
+    def build(self) -> nn.Module:
+        return self.model_class(self.make_config())
+
+
+def definition_error(data: dict) -> str | None:
+    """Why an ``hf_models`` entry cannot build, or None: ``<field>: <why>``, the field relative
+    to the entry (builds its config, not the model)."""
+    definition = HFModelDefinition.from_dict(data)
+    try:
+        config_class = definition.model_class.config_class
+    except ValueError as exc:
+        return f"architecture: {exc}"
+    defaults = config_class()
+    for key in definition.config:
+        if not hasattr(defaults, key):
+            return f"config.{key}: {config_class.__name__} has no {key!r}"
+    try:
+        config = definition.make_config()
+    except Exception as exc:  # transformers' own checks: ValueError, TypeError, ...
+        return "config: " + " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and definition.seq_len > positions:
+        return f"seq_len: {definition.seq_len} exceeds max_position_embeddings {positions}"
+    if not hasattr(config, "vocab_size"):
+        return f"architecture: {type(config).__name__} has no vocab_size to draw token ids from"
+    return None
+
+
+@dataclass(frozen=True)
+class HFModelSource:
+    """What ``models.get`` returns for an ``hf_models`` name: ``build(hf=definition)``."""
+
+    name: str
+
+    def build(self, hf: dict) -> UserModel:
+        definition = HFModelDefinition.from_dict(hf)
+        model = definition.build()
+        return UserModel(self.name, HFFunctions(self.name, definition, model.config), model)
+
+
+@dataclass(frozen=True)
+class HFFunctions:
+    """The functions a user's module provides (models._user), for a transformers model."""
+
+    name: str
+    definition: HFModelDefinition
+    config: Any  # the model's PretrainedConfig
+
+    def make_inputs(self, batch_size: int, generator: torch.Generator) -> dict:
+        shape = (batch_size, self.definition.seq_len)
+        ids = torch.randint(self.config.vocab_size, shape, generator=generator)
+        if self.definition.architecture.endswith(CAUSAL_LM_SUFFIXES):
+            return {"input_ids": ids, "labels": ids}
+        return {"input_ids": ids}
+
+    def fsdp_units(self, model: nn.Module) -> list[nn.Module]:
+        """The decoder layers: every block of a ModuleList of the base model (``model.layers``,
+        GPT-2's ``transformer.h``). Embeddings, final norm and head stay in the root unit, so
+        tied embeddings are one parameter in one unit."""
+        blocks = model.base_model.children()
+        return [layer for child in blocks if isinstance(child, nn.ModuleList) for layer in child]
+
+    def tp_plan(self, model: nn.Module) -> dict:
+        """The config's ``base_model_tp_plan``, keys under the base model's prefix, as torch
+        styles; Incompatible (a skip) for a style or module it cannot apply."""
+        source = getattr(self.config, "base_model_tp_plan", None)
+        if not source:
+            raise Incompatible(f"{self.name}: {self._no_plan_reason(model)}")
+        plan = {}
+        for key, style in source.items():
+            full_key = f"{model.base_model_prefix}.{key}"
+            if style in REPLICATED_STYLES:
+                continue
+            if style not in TP_STYLES:
+                raise Incompatible(
+                    f"{self.name}: TP style {style!r} of {key} has no torch equivalent here "
+                    f"(mapped: {', '.join(TP_STYLES)})"
+                )
+            make, types = TP_STYLES[style]
+            targets = _plan_targets(model, full_key)
+            if not targets:
+                raise Incompatible(f"{self.name}: TP plan key {key} ({style}) names no module")
+            wrong = [
+                f"{fqn} ({type(m).__name__})" for fqn, m in targets if not isinstance(m, types)
+            ]
+            if wrong:
+                kinds = "/".join(t.__name__ for t in types)
+                raise Incompatible(f"{self.name}: TP style {style!r} needs {kinds}: {wrong[0]}")
+            plan[full_key] = make()
+        return plan
+
+    def tp_dims(self, model: nn.Module) -> dict[str, int]:
+        """Heads and key/value heads: a TP degree must divide both (each rank a whole head)."""
+        names = ("num_attention_heads", "num_key_value_heads")
+        return {n: getattr(self.config, n) for n in names if getattr(self.config, n, None)}
+
+    def _no_plan_reason(self, model: nn.Module) -> str:
+        reason = f"{self.definition.architecture} has no base_model_tp_plan in its config"
+        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            reason += (
+                " (its Conv1D layers are not nn.Linear: torch's ColwiseParallel and "
+                "RowwiseParallel shard nn.Linear and nn.Embedding only)"
+            )
+        return reason
