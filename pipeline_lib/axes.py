@@ -46,6 +46,10 @@ AXES: dict[str, tuple[str, ...]] = {
     # device: the loading model is built with its values; meta: built on the meta device and
     # materialized empty (to_empty), so only the load can give it values.
     "load_init": ("device", "meta"),
+    # fresh: the load job's own process builds the loader; saver: the saver's process loads the
+    # checkpoint right after its save into its own model and optimizer (trained on since), as a
+    # trainer resumes after an evaluation; the cell (save layout = load layout) reads its result.
+    "load_process": ("fresh", "saver"),
 }
 CONFIG_KEYS = {
     "mode": "modes",
@@ -55,6 +59,7 @@ CONFIG_KEYS = {
     "optimizer": "train.optimizer",
     "param_dtype": "dtypes",
     "load_init": "load_init",
+    "load_process": "load_process",
 }
 
 
@@ -67,6 +72,7 @@ class Variant:
     optimizer: str = "adam"
     param_dtype: str = "float32"
     load_init: str = "device"
+    load_process: str = "fresh"
 
     @property
     def id(self) -> str:
@@ -132,12 +138,6 @@ class Variant:
         """A strict load of a checkpoint the saver changed on purpose must fail naming it."""
         return self.mode in ("strict", "strict_unexpected")
 
-    @property
-    def changes_entries(self) -> bool:
-        """The saver leaves out or adds an entry on purpose: the resumed losses of a non-strict
-        load that misses one differ by design."""
-        return self.drops_entry or self.adds_entry
-
 
 DEFAULT = Variant()
 # The modes a load_mode pairs (the state-dict modes proper; strict ones change entries).
@@ -174,6 +174,9 @@ def conflict(variant: Variant) -> str | None:
         return reason
     if variant.format != "dcp" and variant.mode != "sharded":
         return f"format {variant.format} is tested with mode sharded only (mode {variant.mode})"
+    if variant.load_process == "saver" and variant.load_init != "device":
+        init = variant.load_init
+        return f"load_process saver reuses the saver's model: load_init {init} does not apply"
     if variant.format.startswith("safetensors") and variant.optimizer == "adam_lr_warmup":
         return f"format {variant.format} holds tensors only, not the LR scheduler's state"
     if variant.async_save != "sync" and (variant.format != "dcp" or variant.mode == "full"):

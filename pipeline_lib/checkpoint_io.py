@@ -188,10 +188,8 @@ def _unknown(model_state: dict, present: dict) -> dict:
 
 def _broadcast_full_state(variant: Variant, trainee, state: dict, paths, opts) -> None:
     """A full state dict on rank 0, broadcast into every rank's model and optimizer: the
-    torch.save file, or the DCP checkpoint read on rank 0 alone into the loader's full state
-    dict (get_state_dict(full_state_dict=True, cpu_offload=True): the entries' shapes)."""
+    torch.save file, or the DCP checkpoint read on rank 0 alone (``_dcp_on_rank0``)."""
     from torch.distributed.checkpoint.state_dict import (
-        get_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
@@ -200,24 +198,34 @@ def _broadcast_full_state(variant: Variant, trainee, state: dict, paths, opts) -
     if variant.reads_full_state:
         full = torch.load(paths.full_state, weights_only=True) if dist.get_rank() == 0 else {}
     else:
-        gathered = replace(opts, full_state_dict=True, cpu_offload=True)
-        model_state, optim_state = get_state_dict(model, optimizer, options=gathered)
-        full = {"model": model_state, "optim": optim_state}
-        full.update({k: v.state_dict() for k, v in state.items() if k not in full})
-        error = None
-        if dist.get_rank() == 0:
-            reader, planner = _reader(variant, paths), SafeLoadPlanner()
-            try:
-                dcp.load(full, storage_reader=reader, planner=planner, no_dist=True)
-            except (Exception, CheckpointException) as exc:
-                error = exc
-        _raise_on_every_rank(error)
+        full = _dcp_on_rank0(variant, trainee, state, paths, opts)
     broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
     # Model and optimizer one call each: set_state_dict takes the other ranks' empty model state
     # as "optimizer only" and skips the model broadcast rank 0 joins (a hang, torch 2.13).
     set_model_state_dict(model, full.get("model", {}), options=broadcast)
     set_optimizer_state_dict(model, optimizer, full.get("optim", {}), options=broadcast)
     _load_stateful_from_rank0(state, full)
+
+
+def _dcp_on_rank0(variant: Variant, trainee, state: dict, paths, opts) -> dict:
+    """The DCP checkpoint read by rank 0 alone (``no_dist``) into the loader's full state dict
+    (get_state_dict(full_state_dict=True, cpu_offload=True): the entries' shapes, on rank 0;
+    {} on the others), and the Stateful entries' state dicts."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    gathered = replace(opts, full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(trainee.model, trainee.optimizer, options=gathered)
+    full = {"model": model_state, "optim": optim_state}
+    full.update({k: v.state_dict() for k, v in state.items() if k not in full})
+    error = None
+    if dist.get_rank() == 0:
+        reader, planner = _reader(variant, paths), SafeLoadPlanner()
+        try:
+            dcp.load(full, storage_reader=reader, planner=planner, no_dist=True)
+        except (Exception, CheckpointException) as exc:
+            error = exc
+    _raise_on_every_rank(error)
+    return full
 
 
 def _raise_on_every_rank(error: BaseException | None) -> None:

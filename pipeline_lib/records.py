@@ -32,6 +32,7 @@ AXIS_COLUMNS = [
     "optimizer",
     "param_dtype",
     "load_init",
+    "load_process",
 ]
 CELL_KEYS = [
     "model",

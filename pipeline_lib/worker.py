@@ -28,6 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from pipeline_lib import checkpoint_io, checks, faults, frameworks, timestamps, training
 from pipeline_lib.atomic import read_json, write_json
+from pipeline_lib.axes import layout_conflict
 from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
 from pipeline_lib.errors import Incompatible, one_line, whole_line
@@ -185,6 +186,8 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     losses = {"train_losses": train_losses, "resume_losses": resume_losses}
     changed = (dropped, sorted(f"model.{k}" for k in added))
     job.write_result(unit, save_result(job, trainee, flat, changed, checks_done, losses, timing))
+    with job.phase("reload", unit):
+        reload_in_saver(job, item, trainee)
 
 
 def save_result(job: Job, t: Trainee, flat: dict, changed, checks_done, losses, timing) -> dict:
@@ -232,14 +235,60 @@ def entry_table(flat: dict, t: Trainee) -> dict:
     return table
 
 
+def reload_in_saver(job: Job, item: Item, trainee: Trainee) -> None:
+    """load_process saver: the saver's process loads its checkpoint right after the save into
+    its own model and optimizer (trained ``resume_steps`` on since), checks it and resumes, as
+    a fresh loader does; rank 0 writes the cell's result beside the checkpoint for the load job
+    of this layout to take (``saver_reload``)."""
+    variant = item.variant
+    if variant.load_process != "saver" or layout_conflict(variant, "load", job.world_size):
+        return
+    paths, fault = item.spec.paths, item.spec.fault
+    source = Source(id=item.id, layout=item.spec.layout, paths=paths, save_record="", fault=fault)
+    timing: dict = {}
+    try:
+        with timed(timing, "build_s"):
+            state = training.state_dict(item, trainee, fault=fault, side="load")
+        result = load_into(job, item, trainee, state, source, timing)
+    except (Exception, CheckpointException) as exc:
+        result = {"status": "error", "reason": f"reload in the saver: {one_line(exc)}"}
+    if job.rank == 0:
+        write_json(saver_reload_path(paths.reference), result)
+
+
+def saver_reload_path(reference: str) -> str:
+    """Where the saver's process writes the result of its own reload (load_process saver)."""
+    return f"{os.path.dirname(reference)}/saver_reload.json"
+
+
+def saver_reload(job: Job, source: Source) -> dict:
+    """The cell of load_process saver: the result the saver's process wrote, for the cell of its
+    own layout; any other load layout is ``skip``."""
+    if source.layout["name"] != job.spec.layout["name"]:
+        reason = "load_process saver: the saver's own process loads under its own layout only"
+        return {"status": "skip", "reason": reason}
+    return read_json(saver_reload_path(source.paths.reference))
+
+
 def load_one(job: Job, item: Item, source: Source) -> dict:
-    """One load cell: build with another init, load, check 2, resume."""
+    """One load cell: build with another init, load, check 2, resume (load_process saver: the
+    saver's process did so, ``saver_reload``)."""
+    if item.variant.load_process == "saver":
+        return saver_reload(job, source)
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
-    timing, report = {}, checkpoint_io.LoadReport()
+    timing: dict = {}
     with timed(timing, "build_s"):
         seed = settings["seed"] + LOADER_SEED_OFFSET
         trainee = training.build(item, at, seed, meta=variant.load_init == "meta", fault=fault)
         state = training.state_dict(item, trainee, fault=fault, side="load")
+    return load_into(job, item, trainee, state, source, timing)
+
+
+def load_into(job: Job, item: Item, trainee: Trainee, state: dict, source: Source, timing) -> dict:
+    """Load ``source`` into ``trainee`` (``state``: its state dict in the loader's mode), check 2,
+    resume; the cell's result (``timing`` gets load_s, verify_s, resume_s)."""
+    settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
+    report = checkpoint_io.LoadReport()
     with timed(timing, "load_s"):
         job.inject("load", fault)
         try:

@@ -52,14 +52,17 @@ def tensors(model: str, load_layout: str) -> list[dict]:
 
 
 def run_grid(
-    raw_config: dict, load_fault: str | None = None
+    raw_config: dict, load_fault: str | None = None, save_fault: str | None = None
 ) -> dict[tuple[str, str, str, str], dict]:
     """Every save job, then every load job, of a config's grid (all variants and models):
     {(variant id, model, save layout, load layout): row}. ``load_fault``: injected into the load
-    of every cell."""
+    of every cell; ``save_fault``: into every save item."""
     cfg = config.validate(raw_config)
     for version_root, layout in grid.save_jobs(cfg):
-        cli("save", grid.save_job_spec(cfg, version_root, layout))
+        spec = grid.save_job_spec(cfg, version_root, layout)
+        for item in spec["items"]:
+            item["fault"] = save_fault
+        cli("save", spec)
     rows = {}
     for version_root, layout in grid.load_jobs(cfg):
         spec = grid.load_job_spec(cfg, version_root, layout)
