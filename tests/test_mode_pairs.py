@@ -5,10 +5,11 @@ check broken on purpose once."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
-from pipeline_lib import axes, config, faults, grid, records
+from pipeline_lib import axes, config, faults, grid, records, reproducer
 from pipeline_lib.axes import UNEXPECTED_ENTRY, Variant
 from pipeline_lib.reference import Reference, load_form_dir
 from tests.jobs import run_grid
@@ -215,3 +216,18 @@ def test_a_loader_that_ignores_the_unexpected_entry_fails_both_ways(in_tmp):
         "fail",
         f"non-strict load: reported unexpected [], the saver added [{UNEXPECTED_ENTRY}]",
     )
+
+
+def test_the_reproducer_says_which_pairs_it_cannot_replay(tmp_path, small_config):
+    row = {"model": "mlp", "save_layout": "single", "load_layout": "fsdp2_2", "status": "error"}
+    row |= {**Variant(mode="full", load_mode="flattened_optim").to_dict(), "reason": "KeyError"}
+    written = reproducer.write_all(pd.DataFrame([row]), config.validate(small_config), tmp_path)
+    assert written == []
+    index = (tmp_path / "index.md").read_text()
+    assert (
+        "not reproduced: load_mode flattened_optim (the script loads in the saver's mode)" in index
+    )
+    assert reproducer.not_modelled(Variant(mode="strict_unexpected")) == (
+        "mode strict_unexpected (the script adds no entry)"
+    )
+    assert reproducer.not_modelled(Variant()) is None
