@@ -16,8 +16,23 @@ AXES: dict[str, tuple[str, ...]] = {
     # sharded: DCP of get_state_dict; full: full state dict written by rank 0 with torch.save and
     # loaded with broadcast_from_rank0; flattened_optim: flatten_optimizer_state_dict=True;
     # strict / non_strict: the saver leaves one model entry out on purpose, a strict load must
-    # fail naming it, a non-strict one must report exactly it as missing.
-    "mode": ("sharded", "full", "flattened_optim", "strict", "non_strict"),
+    # fail naming it, a non-strict one must report exactly it as missing;
+    # strict_unexpected / non_strict_unexpected: the saver adds one model entry the model lacks
+    # (UNEXPECTED_ENTRY), a strict load must fail naming it, a non-strict one must report
+    # exactly it as unexpected.
+    "mode": (
+        "sharded",
+        "full",
+        "flattened_optim",
+        "strict",
+        "non_strict",
+        "strict_unexpected",
+        "non_strict_unexpected",
+    ),
+    # The loader's state-dict mode: same (the mode's own, both sides alike), or one of
+    # LOAD_MODES other than the mode: the saver writes what its mode writes, the loader loads
+    # it in this mode (docs/config.md, "Save mode != load mode").
+    "load_mode": ("same", "sharded", "full", "flattened_optim"),
     # dcp: FileSystemWriter; safetensors(_consolidated): HuggingFaceStorageWriter (sharded
     # files, and also one consolidated file); torch_save: DCP converted with dcp_to_torch_save
     # and loaded in a single-process layout; torch_save_to_dcp: a torch.save full state dict
@@ -40,25 +55,33 @@ AXES: dict[str, tuple[str, ...]] = {
     # device: the loading model is built with its values; meta: built on the meta device and
     # materialized empty (to_empty), so only the load can give it values.
     "load_init": ("device", "meta"),
+    # fresh: the load job's own process builds the loader; saver: the saver's process loads the
+    # checkpoint right after its save into its own model and optimizer (trained on since), as a
+    # trainer resumes after an evaluation; the cell (save layout = load layout) reads its result.
+    "load_process": ("fresh", "saver"),
 }
 CONFIG_KEYS = {
     "mode": "modes",
+    "load_mode": "load_modes",
     "format": "formats",
     "async_save": "async_save",
     "optimizer": "train.optimizer",
     "param_dtype": "dtypes",
     "load_init": "load_init",
+    "load_process": "load_process",
 }
 
 
 @dataclass(frozen=True)
 class Variant:
     mode: str = "sharded"
+    load_mode: str = "same"
     format: str = "dcp"
     async_save: str = "sync"
     optimizer: str = "adam"
     param_dtype: str = "float32"
     load_init: str = "device"
+    load_process: str = "fresh"
 
     @property
     def id(self) -> str:
@@ -76,6 +99,20 @@ class Variant:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def side_mode(self, side: str) -> str:
+        """The state-dict mode of one side ("save" or "load")."""
+        return self.mode if side == "save" or self.load_mode == "same" else self.load_mode
+
+    def flattened(self, side: str) -> bool:
+        """The side's optimizer state dict is flattened (flatten_optimizer_state_dict)."""
+        return self.side_mode(side) == "flattened_optim"
+
+    @property
+    def forms_differ(self) -> bool:
+        """The loader's state is named otherwise than the saver's (flattened optimizer state
+        on one side only): check 2 compares it with the saver's reference in its own form."""
+        return self.flattened("save") != self.flattened("load")
+
     @property
     def writes_full_state(self) -> bool:
         """Rank 0 writes the full state dict with torch.save (and no DCP of its own)."""
@@ -92,11 +129,35 @@ class Variant:
         return self.format == "hf_export"
 
     @property
+    def loads_full(self) -> bool:
+        """The loader's mode is full: rank 0 reads the full state dict, set_state_dict
+        broadcasts it (broadcast_from_rank0)."""
+        return self.side_mode("load") == "full"
+
+    @property
     def drops_entry(self) -> bool:
         return self.mode in ("strict", "non_strict")
 
+    @property
+    def adds_entry(self) -> bool:
+        return self.mode in ("strict_unexpected", "non_strict_unexpected")
+
+    @property
+    def strict(self) -> bool:
+        """The load is strict (every mode but the non_strict ones)."""
+        return not self.mode.startswith("non_strict")
+
+    @property
+    def load_must_fail(self) -> bool:
+        """A strict load of a checkpoint the saver changed on purpose must fail naming it."""
+        return self.mode in ("strict", "strict_unexpected")
+
 
 DEFAULT = Variant()
+# The modes a load_mode pairs (the state-dict modes proper; strict ones change entries).
+LOAD_MODES = ("sharded", "full", "flattened_optim")
+# The model entry a strict_unexpected / non_strict_unexpected saver adds (no model has it).
+UNEXPECTED_ENTRY = "model.dcp_matrix_unexpected"
 
 
 def axis_values(config: dict) -> dict[str, list[str]]:
@@ -123,8 +184,13 @@ def variants(config: dict) -> list[Variant]:
 
 def conflict(variant: Variant) -> str | None:
     """Why these axis values cannot combine (every cell of the variant is ``skip``)."""
+    if variant.load_mode != "same" and (reason := _load_mode_conflict(variant)):
+        return reason
     if variant.format != "dcp" and variant.mode != "sharded":
         return f"format {variant.format} is tested with mode sharded only (mode {variant.mode})"
+    if variant.load_process == "saver" and variant.load_init != "device":
+        init = variant.load_init
+        return f"load_process saver reuses the saver's model: load_init {init} does not apply"
     if variant.format.startswith("safetensors") and variant.optimizer == "adam_lr_warmup":
         return f"format {variant.format} holds tensors only, not the LR scheduler's state"
     if variant.async_save != "sync" and (variant.format != "dcp" or variant.mode == "full"):
@@ -132,6 +198,16 @@ def conflict(variant: Variant) -> str | None:
             f"async_save {variant.async_save} writes DCP with the default writer "
             f"(mode {variant.mode}, format {variant.format})"
         )
+    return None
+
+
+def _load_mode_conflict(variant: Variant) -> str | None:
+    if variant.load_mode == variant.mode:
+        return f"load_mode {variant.load_mode} is mode {variant.mode} itself (load_mode same)"
+    if variant.mode not in LOAD_MODES:
+        return f"load_mode pairs modes {', '.join(LOAD_MODES)} only (mode {variant.mode})"
+    if variant.format != "dcp":
+        return f"load_mode {variant.load_mode} is tested with format dcp only"
     return None
 
 

@@ -200,8 +200,16 @@ def load_expectations(path: str | Path) -> Expectations:
 def load_baseline(path: str | Path) -> Expectations | pd.DataFrame:
     """An expectations file (.yaml/.yml) or a previous matrix (.parquet)."""
     if str(path).endswith(".parquet"):
-        return pd.read_parquet(path)
+        return with_default_axes(pd.read_parquet(path))
     return load_expectations(path)
+
+
+def with_default_axes(matrix: pd.DataFrame) -> pd.DataFrame:
+    """A matrix written before an axis column existed (load_mode) holds its default value."""
+    from pipeline_lib.axes import DEFAULT
+
+    missing = {a: getattr(DEFAULT, a) for a in AXIS_COLUMNS if a not in matrix.columns}
+    return matrix.assign(**missing) if missing else matrix
 
 
 # --- comparison -------------------------------------------------------------------------------
@@ -252,10 +260,12 @@ def _positions(matrix: pd.DataFrame, baseline: pd.DataFrame) -> list[str]:
 def compare(
     matrix: pd.DataFrame, baseline: Expectations | pd.DataFrame, name: str = ""
 ) -> Comparison:
+    matrix = with_default_axes(matrix)
     cells = matrix.copy()
     cells["signature"] = [signature(r) for r in cells.reason]
     if isinstance(baseline, Expectations):
         return _compare_with_expectations(cells, baseline, name)
+    baseline = with_default_axes(baseline)
     keys = _positions(matrix, baseline)
     base = baseline[[*keys, "status", "reason"]].drop_duplicates(keys, keep="last").copy()
     base["baseline_signature"] = [signature(r) for r in base.reason]
@@ -349,7 +359,9 @@ def gate(matrix_path: str, baseline_path: str, fail_on_new: bool = False,
          ok_path: str | None = None, out: str | None = None) -> int:  # fmt: skip
     """The CI gate: print the lines, write ``out`` (the comparison as Parquet) and, when it
     passes, ``ok_path``; returns the exit code."""
-    comparison = compare(pd.read_parquet(matrix_path), load_baseline(baseline_path))
+    comparison = compare(
+        with_default_axes(pd.read_parquet(matrix_path)), load_baseline(baseline_path)
+    )
     code, lines = gate_lines(comparison, fail_on_new)
     print("\n".join(lines))
     if out:

@@ -8,25 +8,29 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
+from pipeline_lib import faults
 from pipeline_lib.axes import Variant
+from pipeline_lib.errors import one_line
 from pipeline_lib.specs import CheckpointPaths
 from pipeline_lib.untrusted import SafeLoadPlanner
 
 
-def options(variant: Variant, frozen: bool, full: bool) -> StateDictOptions:
-    """The state-dict options of a variant; ``full``: the full state dict on rank 0 (CPU)."""
+def options(variant: Variant, frozen: bool, full: bool, side: str = "save") -> StateDictOptions:
+    """The state-dict options of a variant on one side ("save" or "load"); ``full``: the full
+    state dict on rank 0 (CPU)."""
     return StateDictOptions(
         full_state_dict=full,
         cpu_offload=full,
         ignore_frozen_params=frozen,
-        flatten_optimizer_state_dict=variant.mode == "flattened_optim",
+        flatten_optimizer_state_dict=variant.flattened(side),
     )
 
 
@@ -99,21 +103,44 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
     return wait
 
 
-def read(variant: Variant, trainee, state: dict, paths: CheckpointPaths) -> list[str]:
+@dataclass(frozen=True)
+class LoadReport:
+    """What a non-strict load reported: model entries missing from, and unexpected in, the
+    checkpoint (``model.<fqn>``; empty for strict loads)."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def read(variant: Variant, trainee, state: dict, paths: CheckpointPaths, fault=None) -> LoadReport:
     """Load the checkpoint at ``paths`` into the trainee's model and optimizer (and the
-    Stateful entries of ``state``), strict unless the mode is non_strict. Returns the model
-    entries the load reported missing (non-strict loads)."""
+    Stateful entries of ``state``, the loader's state dict in its mode), the way the loader's
+    mode (``Variant.side_mode("load")``) says, strict unless the mode is a non_strict one."""
+    opts = options(variant, bool(trainee.frozen), full=False, side="load")
+    if variant.loads_full or (variant.reads_full_state and variant.load_mode == "same"):
+        _broadcast_full_state(variant, trainee, state, paths, opts)
+        return LoadReport()
+    if variant.reads_full_state:
+        _distribute_full_state(trainee, state, paths, opts)
+        return LoadReport()
+    return _read_sharded(variant, trainee, state, paths, opts, fault)
+
+
+def _read_sharded(variant: Variant, trainee, state: dict, paths, opts, fault) -> LoadReport:
+    """dcp.load into the loader's sharded state dict, then set_state_dict. A non-strict load
+    leaves out what the checkpoint lacks; a mode that adds an entry loads every model entry the
+    checkpoint holds (as a user loading a whole checkpoint does: from its metadata)."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    opts = options(variant, bool(trainee.frozen), full=False)
-    if variant.reads_full_state:
-        _read_full_state(trainee, state, paths, opts)
-        return []
-    strict = variant.mode != "non_strict"
+    strict = variant.strict
+    present = {}
+    if not strict or variant.adds_entry:
+        present = _reader(variant, paths).read_metadata().state_dict_metadata
     if not strict:
-        present = set(_reader(variant, paths).read_metadata().state_dict_metadata)
-        for key in _absent(state["model"], present):
+        for key in _absent(state["model"], set(present)):
             del state["model"][key]
+    if variant.adds_entry and not faults.ignores_unexpected(fault):
+        state["model"].update(_unknown(state["model"], present))
     # safetensors holds tensors only (part_in_format); DCP may lack the entry left out.
     partial = not strict and not variant.format.startswith("safetensors")
     reader, planner = _reader(variant, paths), SafeLoadPlanner(allow_partial_load=partial)
@@ -126,7 +153,12 @@ def read(variant: Variant, trainee, state: dict, paths: CheckpointPaths) -> list
         # The state left out frozen parameters: a strict set_state_dict would want them.
         options=replace(opts, strict=strict and not opts.ignore_frozen_params),
     )
-    return [] if strict else sorted(f"model.{k}" for k in result.missing_keys)
+    if strict:
+        return LoadReport()
+    return LoadReport(
+        sorted(f"model.{k}" for k in result.missing_keys),
+        sorted(f"model.{k}" for k in result.unexpected_keys),
+    )
 
 
 def _absent(model_state: dict, present: set[str]) -> list[str]:
@@ -139,21 +171,90 @@ def _absent(model_state: dict, present: set[str]) -> list[str]:
     ]
 
 
-def _read_full_state(trainee, state: dict, paths: CheckpointPaths, opts) -> None:
-    """A full state dict on rank 0, broadcast into every rank's model and optimizer."""
+def _unknown(model_state: dict, present: dict) -> dict:
+    """The checkpoint's model tensor entries the model state lacks (neither a key nor a part of
+    one), as empty tensors of their size and dtype for dcp.load to fill."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    unknown = {}
+    for name, meta in present.items():
+        key = name.removeprefix("model.")
+        if key == name or not isinstance(meta, TensorStorageMetadata) or key in model_state:
+            continue
+        if not any(key.startswith(f"{k}.") for k in model_state):
+            unknown[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    return unknown
+
+
+def _broadcast_full_state(variant: Variant, trainee, state: dict, paths, opts) -> None:
+    """A full state dict on rank 0, broadcast into every rank's model and optimizer: the
+    torch.save file, or the DCP checkpoint read on rank 0 alone (``_dcp_on_rank0``)."""
     from torch.distributed.checkpoint.state_dict import (
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
     model, optimizer = trainee.model, trainee.optimizer
-    full = torch.load(paths.full_state, weights_only=True) if dist.get_rank() == 0 else {}
+    if variant.reads_full_state:
+        full = torch.load(paths.full_state, weights_only=True) if dist.get_rank() == 0 else {}
+    else:
+        full = _dcp_on_rank0(variant, trainee, state, paths, opts)
     broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
     # Model and optimizer one call each: set_state_dict takes the other ranks' empty model state
     # as "optimizer only" and skips the model broadcast rank 0 joins (a hang, torch 2.13).
     set_model_state_dict(model, full.get("model", {}), options=broadcast)
     set_optimizer_state_dict(model, optimizer, full.get("optim", {}), options=broadcast)
     _load_stateful_from_rank0(state, full)
+
+
+def _dcp_on_rank0(variant: Variant, trainee, state: dict, paths, opts) -> dict:
+    """The DCP checkpoint read by rank 0 alone (``no_dist``) into the loader's full state dict
+    (get_state_dict(full_state_dict=True, cpu_offload=True): the entries' shapes, on rank 0;
+    {} on the others), and the Stateful entries' state dicts."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    gathered = replace(opts, full_state_dict=True, cpu_offload=True)
+    model_state, optim_state = get_state_dict(trainee.model, trainee.optimizer, options=gathered)
+    full = {"model": model_state, "optim": optim_state}
+    full.update({k: v.state_dict() for k, v in state.items() if k not in full})
+    error = None
+    if dist.get_rank() == 0:
+        reader, planner = _reader(variant, paths), SafeLoadPlanner()
+        try:
+            dcp.load(full, storage_reader=reader, planner=planner, no_dist=True)
+        except (Exception, CheckpointException) as exc:
+            error = exc
+    _raise_on_every_rank(error)
+    return full
+
+
+def _raise_on_every_rank(error: BaseException | None) -> None:
+    """Rank 0's exception (None: none), raised on every rank: the others would wait for its
+    broadcast otherwise (a hang)."""
+    told = [one_line(error) if error is not None else None]
+    dist.broadcast_object_list(told, src=0)
+    if error is not None:
+        raise error
+    if told[0] is not None:
+        raise RuntimeError(f"rank 0 failed to read the checkpoint: {told[0]}")
+
+
+def _distribute_full_state(trainee, state: dict, paths, opts) -> None:
+    """A torch.save file of the full state dict loaded by a sharded loader: every rank reads it
+    whole and set_state_dict(full_state_dict=True) keeps its own shards (no broadcast)."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    full = torch.load(paths.full_state, weights_only=True)
+    set_state_dict(
+        trainee.model,
+        trainee.optimizer,
+        model_state_dict=full["model"],
+        optim_state_dict=full["optim"],
+        options=replace(opts, full_state_dict=True),
+    )
+    for key, target in state.items():
+        if key not in ("model", "optim"):
+            target.load_state_dict(full[key])
 
 
 def convert(variant: Variant, paths: CheckpointPaths) -> None:

@@ -10,12 +10,13 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
 
 from pipeline_lib import checkpoint_io
+from pipeline_lib.axes import UNEXPECTED_ENTRY
 from pipeline_lib.compare import EntryComparison, merge, shared_storage, unmatched
 from pipeline_lib.entries import flatten
 from pipeline_lib.errors import one_line
 from pipeline_lib.live import Anatomy
 from pipeline_lib.readers import checkpoint_entries, file_entries
-from pipeline_lib.reference import Reference
+from pipeline_lib.reference import Reference, load_form_dir
 from pipeline_lib.specs import Source
 from pipeline_lib.training import Item, Placement, Trainee, live, state_dict
 
@@ -28,13 +29,15 @@ def against_reference(
     skip=(),
     drop_first: bool = False,
     shared: dict[str, str] | None = None,
+    form: str | None = None,
 ) -> dict:
     """Every rank's part of every entry of ``flat`` (a state of ``side``: "the saver's state
     dict", "the loader's state", ...) vs the saver's reference; entries sharing storage the
     model does not tie fail too. ``skip``: entries not to compare; ``drop_first`` (fault
     drop_loaded_entry): leave out the first on purpose; ``shared``: more entries that share
-    storage (name -> note)."""
-    reference = Reference(reference_path)
+    storage (name -> note); ``form``: the reference's entries in the loader's form
+    (``Reference``)."""
+    reference = Reference(reference_path, form)
     names = sorted(set(flat) - set(skip) - ({min(reference)} if drop_first else set()))
     mine = {name: reference.compare(name, flat[name]) for name in names if name in reference}
     shared = {**(shared or {}), **shared_storage({n: flat[n] for n in names}, anatomy.canonical)}
@@ -52,7 +55,7 @@ def against_reference(
     }
     for name in sorted(set().union(*(names for _, names in every_rank))):
         entries.setdefault(name, unmatched("not in the saver's state"))
-    for name in reference:
+    for name in set(reference) - set(skip):
         entries.setdefault(name, unmatched(f"missing in {side}"))
     return entries
 
@@ -93,23 +96,31 @@ def files_vs_saver(item: Item) -> tuple[dict, str]:
     return entries, ""
 
 
-def loader_vs_saver(item: Item, at: Placement, t: Trainee, source: Source, missing) -> dict:
-    """The loader's state, twice: as get_state_dict gives it, and from its live objects
-    (pipeline_lib.live), each against the saver's reference. An entry is equal only if both
-    are; a difference only the live objects show is noted ``live: ...``."""
-    fault, reference = source.fault, source.paths.reference
-    state = checkpoint_io.part_in_format(item.variant, state_dict(item, t, fault=fault))
+def loader_vs_saver(item: Item, at: Placement, t: Trainee, source: Source, report) -> dict:
+    """The loader's state, twice: as get_state_dict gives it in the loader's mode, and from its
+    live objects (pipeline_lib.live), each against the saver's reference in that form. An entry
+    is equal only if both are; a difference only the live objects show is noted ``live: ...``.
+    ``report``: the non-strict load's account (checkpoint_io.LoadReport), checked against the
+    saver's in records.verdict: those entries are not compared here."""
+    fault, reference, variant = source.fault, source.paths.reference, item.variant
+    form = load_form_dir(reference) if variant.forms_differ else None
+    state = state_dict(item, t, fault=fault, side="load")
+    # Reported missing or unexpected by the non-strict load: not in the loader's model.
+    skip = {*report.missing, *report.unexpected}
+    if variant.adds_entry:
+        skip.add(UNEXPECTED_ENTRY)
     through_api = against_reference(
-        flatten(checkpoint_io.stateful_as_dicts(state)),
+        flatten(checkpoint_io.stateful_as_dicts(checkpoint_io.part_in_format(variant, state))),
         reference,
         "the loader's state",
         t.anatomy,
-        # Reported missing by the non-strict load (and checked against the saver's account).
-        skip=set(missing),
+        skip=skip,
         drop_first=fault == "drop_loaded_entry",
+        form=form,
     )
+    mine = live(item, at, t, side="load")
     from_live = against_reference(
-        live(item, at, t), reference, "the loader's live state", t.anatomy, set(missing)
+        mine, reference, "the loader's live state", t.anatomy, skip, form=form
     )
     for name, found in from_live.items():
         if not found["equal"] and through_api.get(name, {"equal": True})["equal"]:

@@ -30,6 +30,12 @@ def one_line(exc: BaseException) -> str:
     return text[:400]
 
 
+def whole_line(exc: BaseException) -> str:
+    """Exception type and its whole message on one line (whitespace collapsed; at most 400
+    characters): a load_state_dict error names its keys on the lines after the first."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:400]
+
+
 def no_space(exc: BaseException) -> str:
     """'disk full' when ``exc`` (or an exception it was raised from) is ENOSPC or EDQUOT, 'no
     space left?' when it is a torch write error that a full disk gives, else ''."""

@@ -194,6 +194,15 @@ FAULTS: dict[str, Fault] = {
 }
 
 
+# Faults that mean something in one mode only, hence not in the campaign (whose cells are of the
+# default variant): tests/test_mode_pairs.py injects them into a cell of that mode.
+MODE_FAULTS = {
+    # modes strict_unexpected / non_strict_unexpected: the loader does not load the checkpoint's
+    # model entries its model lacks (a loader reading only its own keys, as dcp.load does).
+    "ignore_unexpected": "fail",
+}
+
+
 # --- hooks: where the jobs break themselves (pipeline_lib.worker, training, checks) ------------
 def inject(phase: str, fault: str | None, rank: int, world_size: int) -> None:
     """Worker faults: break this job on purpose at ``phase`` (save or load): the last rank is
@@ -216,6 +225,11 @@ def corrupt_state(fault: str | None, model_state: dict, optim_state: dict, at_bu
 def wants_state_at_build(fault: str | None) -> bool:
     """The fault returns a state taken right after the build (stale_param)."""
     return fault == "stale_param"
+
+
+def ignores_unexpected(fault: str | None) -> bool:
+    """ignore_unexpected: the loader loads only its own model's entries."""
+    return fault == "ignore_unexpected"
 
 
 def skew_resume(fault: str | None, optimizer) -> None:

@@ -29,7 +29,16 @@ STATUSES = ("pass", "fail", "error", "crash", "timeout", "skip")
 JOB_FAILURES = ("error", "crash", "timeout")
 
 # The variant's axes (pipeline_lib.axes) are columns of their own, after the layouts.
-AXIS_COLUMNS = ["mode", "format", "async_save", "optimizer", "param_dtype", "load_init"]
+AXIS_COLUMNS = [
+    "mode",
+    "load_mode",
+    "format",
+    "async_save",
+    "optimizer",
+    "param_dtype",
+    "load_init",
+    "load_process",
+]
 CELL_KEYS = [
     "model",
     "save_layout",
@@ -65,6 +74,7 @@ MATRIX_SCHEMA = pa.schema(
         ("loss_source", pa.string()),
         ("hf_export_loads", pa.bool_()),
         ("missing_entries", pa.string()),
+        ("unexpected_entries", pa.string()),
         ("save_seconds", pa.float64()),
         ("save_blocked_seconds", pa.float64()),
         ("load_seconds", pa.float64()),
@@ -145,7 +155,9 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
     A check that found a difference makes the cell ``fail`` even when the load then errored
     (a corrupt checkpoint is a finding); a job that died with no check failed names its status.
     Modes strict and non_strict (the saver left an entry out on purpose) check the load's
-    account of the missing entry instead of the resumed losses, which differ by design. One
+    account of the missing entry instead of the resumed losses, which differ by design;
+    strict_unexpected and non_strict_unexpected (the saver added one) the account of the
+    unexpected entry, besides the resumed losses (the model's own state loads whole). One
     function on purpose: the order of its steps is the order of the reason's parts.
     """
     for side, result in (("save", save), ("load", load)):
@@ -171,8 +183,8 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
         return "fail", "; ".join(
             [*filter(None, reasons), f"load {load['status']}: {load['reason']}"]
         )
-    if mode == "strict":
-        reasons.append(strict_load_reason(save["dropped_entries"], load.get("strict_error")))
+    if mode in ("strict", "strict_unexpected"):
+        reasons.append(strict_load_reason(_changed(save, mode), load.get("strict_error"), mode))
         return ("fail", "; ".join(filter(None, reasons))) if any(reasons) else ("pass", "")
     reasons.append(summarize("loader vs saver", load["entries"])[1])
     rel = resume_rel_diff(save["resume_losses"], load["resume_losses"])
@@ -180,29 +192,46 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
         pass  # no saver's losses: the load layouts must agree (agree_across_layouts)
     elif mode == "non_strict":
         reasons.append(missing_reason(save["dropped_entries"], load["missing_entries"]))
-    elif rel is None:
-        reasons.append(
-            f"resume: saver recorded {len(save['resume_losses'])} losses, "
-            f"loader {len(load['resume_losses'])}"
-        )
-    elif not rel <= rtol:  # NaN fails too
-        step = _worst_step(save["resume_losses"], load["resume_losses"])
-        reasons.append(
-            f"resume: loss differs by {rel:.3g} (relative) at resume step {step}, "
-            f"above resume_rtol {rtol:g}"
-        )
+    else:
+        if mode == "non_strict_unexpected":
+            reported = load.get("unexpected_entries", [])
+            reasons.append(unexpected_reason(save["added_entries"], reported))
+        reasons.append(_resume_reason(save["resume_losses"], load["resume_losses"], rel, rtol))
     reasons = [r for r in reasons if r]
     if reasons:
         return "fail", "; ".join(reasons)
     return "pass", ""
 
 
-def strict_load_reason(dropped: list[str], error: str | None) -> str:
-    """'' if the strict load of a checkpoint without ``dropped`` failed naming it."""
+def _resume_reason(saver: list[float], loader: list[float], rel, rtol: float) -> str:
+    """'' if the resumed losses agree within ``rtol`` (``rel``: their largest difference)."""
+    if rel is None:
+        return f"resume: saver recorded {len(saver)} losses, loader {len(loader)}"
+    if not rel <= rtol:  # NaN fails too
+        step = _worst_step(saver, loader)
+        return (
+            f"resume: loss differs by {rel:.3g} (relative) at resume step {step}, "
+            f"above resume_rtol {rtol:g}"
+        )
+    return ""
+
+
+def _changed(save: dict, mode: str) -> list[str]:
+    """The entries the saver left out (strict) or added (strict_unexpected) on purpose."""
+    return save["added_entries" if mode.endswith("unexpected") else "dropped_entries"]
+
+
+def strict_load_reason(changed: list[str], error: str | None, mode: str = "strict") -> str:
+    """'' if the strict load of a checkpoint without (mode strict) or with an added
+    (strict_unexpected) entry ``changed`` failed naming it. The load names a model entry by its
+    key in the model's state dict (``fc1.bias``), without the checkpoint's ``model.``."""
+    added = mode == "strict_unexpected"
+    with_or_without, kind = ("with", "unexpected") if added else ("without", "missing")
     if error is None:
-        return f"strict load: a checkpoint without {dropped[0]} loaded without an error"
-    if dropped[0] not in error:
-        return f"strict load: failed without naming the missing entry {dropped[0]}: {error}"
+        return f"strict load: a checkpoint {with_or_without} {changed[0]} loaded without an error"
+    key = changed[0].removeprefix("model.") if added else changed[0]
+    if key not in error:
+        return f"strict load: failed without naming the {kind} entry {changed[0]}: {error}"
     return ""
 
 
@@ -213,6 +242,16 @@ def missing_reason(dropped: list[str], reported: list[str]) -> str:
     return (
         f"non-strict load: reported missing [{', '.join(reported)}], "
         f"the saver left out [{', '.join(dropped)}]"
+    )
+
+
+def unexpected_reason(added: list[str], reported: list[str]) -> str:
+    """'' if a non-strict load reported exactly the entries the saver added as unexpected."""
+    if sorted(reported) == sorted(added):
+        return ""
+    return (
+        f"non-strict load: reported unexpected [{', '.join(reported)}], "
+        f"the saver added [{', '.join(added)}]"
     )
 
 
@@ -262,7 +301,7 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         # The resumed losses of a run that lost an entry on purpose differ by design; those of
         # an existing checkpoint are compared across its load layouts (agree_across_layouts).
         "resume_max_rel_diff": None
-        if variant.drops_entry or save.get("existing")
+        if variant.mode in ("strict", "non_strict", "strict_unexpected") or save.get("existing")
         else resume_rel_diff(save.get("resume_losses", []), load.get("resume_losses", [])),
         "resume_rtol": rtol,
         "resume_losses": load.get("resume_losses"),
@@ -271,6 +310,7 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         # Format hf_export: the export loads with from_pretrained equal to the saver's model.
         "hf_export_loads": save["hf_export"]["loads"] if "hf_export" in save else None,
         "missing_entries": ", ".join(load.get("missing_entries", [])) or None,
+        "unexpected_entries": ", ".join(load.get("unexpected_entries", [])) or None,
         "save_seconds": st.get("save_s"),
         "save_blocked_seconds": st.get("save_blocked_s"),
         "load_seconds": lt.get("load_s"),

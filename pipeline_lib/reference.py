@@ -121,7 +121,9 @@ class Reference:
     (``compare``), whether boxes (DTensor shards, whole tensors) or runs of elements (FSDP1's
     flat shards)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, form: str | None = None):
+        """``form``: a reference of the same state in another form (``load_form_dir``): its
+        entries replace this one's, parts it does not hold are read from ``directory``."""
         self.meta: dict[str, dict] = {}
         self.pieces: dict[str, list[Part]] = {}
         for path in sorted(Path(directory).glob("rank-*.pt")):
@@ -134,12 +136,22 @@ class Reference:
                     pieces.append(piece)
         if not self.meta:
             raise FileNotFoundError(f"no saver's reference in {directory}")
+        if form is not None:
+            other = Reference(form)
+            self.meta = other.meta
+            self.pieces = {n: other.pieces.get(n) or self.pieces.get(n, []) for n in self.meta}
 
     @staticmethod
-    def write(directory: str, flat: dict[str, Any], rank: int) -> None:
+    def write(directory: str, flat: dict[str, Any], rank: int, beside: dict | None = None) -> None:
         """This rank's file of the reference of ``flat`` (a flattened state). Collective: the
-        ranks agree which of them writes each replicated part."""
-        parts = {n: p for n, v in flat.items() if (p := local_piece(v)) is not None}
+        ranks agree which of them writes each replicated part. ``beside``: the state of the
+        reference this one is another form of (``load_form_dir``): the parts of entries of
+        the same name are left to it."""
+        parts = {
+            n: p
+            for n, v in flat.items()
+            if n not in (beside or {}) and (p := local_piece(v)) is not None
+        }
         owned = _owned(parts, rank)
         pieces = {
             name: (list(part.offsets), _own_storage(part.data), part.flat)
@@ -204,6 +216,12 @@ class Reference:
         if covered != mine.data.numel():
             return EntryComparison(False, None, "the saver's reference lacks part of this entry")
         return result
+
+
+def load_form_dir(directory: str) -> str:
+    """The saver's reference of the entries the loader names otherwise (a load_mode whose
+    optimizer state is flattened on one side only), beside the reference of ``directory``."""
+    return f"{directory}/load-form"
 
 
 def _stand_in(t) -> torch.Tensor:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline_lib import frameworks, models
-from pipeline_lib.axes import Variant
+from pipeline_lib.axes import DEFAULT, Variant
 from pipeline_lib.records import AXIS_COLUMNS
 
 PACKAGE = Path(__file__).resolve().parent
@@ -157,10 +157,16 @@ def layout_source(side: str, framework: str) -> str:
     return f"# --- the {side} layout: pipeline_lib/frameworks/{framework}.py\n{code}"
 
 
+def row_variant(row: dict) -> Variant:
+    """The variant of a matrix row; an axis a row predates (load_mode, load_process) holds its
+    default."""
+    return Variant(**{a: row.get(a, getattr(DEFAULT, a)) for a in AXIS_COLUMNS})
+
+
 def cell_id(row: dict) -> str:
     """Path-safe, unique within a matrix: variant, model, layouts (and torch releases when the
     two sides differ)."""
-    variant = Variant(**{a: row[a] for a in AXIS_COLUMNS}).id or "default"
+    variant = row_variant(row).id or "default"
     parts = [variant, row["model"], row["save_layout"], row["load_layout"]]
     if row.get("save_torch_version") != row.get("load_torch_version"):
         parts.append(f"{row['save_torch_version']}-{row['load_torch_version']}")
@@ -185,7 +191,7 @@ def _layout(config: dict, name: str) -> dict:
 
 
 def cell_spec(row: dict, config: dict) -> dict:
-    variant = Variant(**{a: row[a] for a in AXIS_COLUMNS})
+    variant = row_variant(row)
     train = {k: v for k, v in config["train"].items() if k != "optimizer"}
     rtol = config["verify"]["resume_rtol"]
     if variant.param_dtype == "bfloat16":
@@ -259,6 +265,18 @@ def readme(row: dict, config: dict) -> str:
     )
 
 
+def not_modelled(variant: Variant) -> str | None:
+    """Why the script cannot replay a variant (it models one mode on both sides, a fresh
+    loader and the entry a strict / non_strict saver leaves out), or None."""
+    if variant.load_mode != "same":
+        return f"load_mode {variant.load_mode} (the script loads in the saver's mode)"
+    if variant.adds_entry:
+        return f"mode {variant.mode} (the script adds no entry)"
+    if variant.load_process != "fresh":
+        return f"load_process {variant.load_process} (the script loads in a fresh process)"
+    return None
+
+
 def write_all(matrix: pd.DataFrame, config: dict, out: str) -> list[Path]:
     """A reproducer folder per cell whose status is not pass/skip (any earlier one removed);
     none for the cells of an existing checkpoint (its save layout is not a layout: the
@@ -276,15 +294,16 @@ def write_all(matrix: pd.DataFrame, config: dict, out: str) -> list[Path]:
             or row["load_layout"] not in config["layouts"]
         ):
             continue
-        sides = (row["save_framework"], row["load_framework"])
-        why = None
+        layouts = config["layouts"]
+        sides = (layouts[row["save_layout"]]["framework"], layouts[row["load_layout"]]["framework"])
+        why = not_modelled(row_variant(row))
         if row["model"] in config.get("hf_models", {}):
             # The script inlines a model module's source; an hf_models entry has none.
-            why = "no reproducer: an hf_models model"
+            why = "an hf_models model"
         elif missing := [f for f in sides if f not in FRAMEWORK_CODE]:
-            why = f"no reproducer: framework {missing[0]} has no torch-only code (FRAMEWORK_CODE)"
+            why = f"framework {missing[0]} has no torch-only code (FRAMEWORK_CODE)"
         if why:
-            index.append(f"| {cell_id(row)} | {row['status']} | {why} |")
+            index.append(f"| {cell_id(row)} | {row['status']} | not reproduced: {why} |")
             continue
         folder = root / cell_id(row)
         folder.mkdir()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from pipeline_lib import checkpoint_io, faults, models, optimizers
+from pipeline_lib.axes import UNEXPECTED_ENTRY
 from pipeline_lib.errors import Incompatible
 from pipeline_lib.frameworks import Framework
 from pipeline_lib.live import Anatomy, live_state
@@ -145,10 +146,11 @@ def loss_source(t: Trainee) -> str:
     return getattr(t.base, "loss_source", None) or "model"
 
 
-def state_dict(item: Item, t: Trainee, full: bool = False, fault=None) -> dict:
+def state_dict(item: Item, t: Trainee, full: bool = False, fault=None, side="save") -> dict:
     """The state a checkpoint holds: model, optimizer and (Stateful) LR scheduler, as
-    get_state_dict gives it (and a state fault corrupts it, on both sides)."""
-    opts = checkpoint_io.options(item.variant, bool(t.frozen), full)
+    get_state_dict gives it in the mode of ``side`` (save or load; a state fault corrupts it, on
+    both sides)."""
+    opts = checkpoint_io.options(item.variant, bool(t.frozen), full, side)
     model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
     faults.corrupt_state(fault, model_state, optim_state, t.at_build)
     state = {"model": model_state, "optim": optim_state}
@@ -157,10 +159,12 @@ def state_dict(item: Item, t: Trainee, full: bool = False, fault=None) -> dict:
     return state
 
 
-def live(item: Item, at: Placement, t: Trainee, dropped: list[str] = ()) -> dict:
+def live(
+    item: Item, at: Placement, t: Trainee, dropped: list[str] = (), side: str = "save"
+) -> dict:
     """This rank's live state (pipeline_lib.live: read from the model and optimizer, not through
-    the state-dict API), named and filtered as the variant's checkpoint holds it; ``dropped``:
-    entries the saver leaves out on purpose."""
+    the state-dict API), named and filtered as the variant's checkpoint holds it in the mode of
+    ``side`` (save or load); ``dropped``: entries the saver leaves out on purpose."""
     starts = at.framework.flat_starts(t.model) if at.framework.flat_starts else {}
     flat = live_state(
         t.model,
@@ -169,7 +173,7 @@ def live(item: Item, at: Placement, t: Trainee, dropped: list[str] = ()) -> dict
         t.anatomy,
         starts,
         ignore_frozen=bool(t.frozen),
-        flattened_optim=item.variant.mode == "flattened_optim",
+        flattened_optim=item.variant.flattened(side),
     )
     flat = checkpoint_io.entries_in_format(item.variant, flat)
     return {n: v for n, v in flat.items() if not any(_within(n, d) for d in dropped)}
@@ -180,6 +184,15 @@ def dropped_entries(item: Item, t: Trainee) -> list[str]:
     if not item.variant.drops_entry:
         return []
     return [f"model.{t.anatomy.first_entry(bool(t.frozen))}"]
+
+
+def added_entries(item: Item) -> dict:
+    """The entry a strict_unexpected / non_strict_unexpected saver adds on purpose (a model
+    entry no model has; a fixed value, replicated on every rank), by its model state key."""
+    if not item.variant.adds_entry:
+        return {}
+    key = UNEXPECTED_ENTRY.removeprefix("model.")
+    return {key: torch.arange(5, dtype=getattr(torch, item.variant.param_dtype))}
 
 
 def _within(entry: str, key: str) -> bool:

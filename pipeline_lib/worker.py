@@ -37,10 +37,11 @@ from pipeline_lib import (
     training,
 )
 from pipeline_lib.atomic import read_json, write_json
+from pipeline_lib.axes import layout_conflict
 from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
-from pipeline_lib.errors import Incompatible, one_line
-from pipeline_lib.reference import Reference
+from pipeline_lib.errors import Incompatible, one_line, whole_line
+from pipeline_lib.reference import Reference, load_form_dir
 from pipeline_lib.specs import JobSpec, Source
 from pipeline_lib.training import LOADER_SEED_OFFSET, Item, Placement, Trainee
 
@@ -159,12 +160,14 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         train_losses = training.train(item, at, trainee, 0, settings["steps"])
     with job.phase("reference", unit, timing, "reference_s"):
         dropped = training.dropped_entries(item, trainee)
-        live_shared = write_reference(item, at, trainee, dropped, job.rank)
+        added = training.added_entries(item)
+        live_shared = write_reference(item, at, trainee, (dropped, added), job.rank)
     with job.phase("state dict", unit, timing, "state_check_s"):
         state = training.state_dict(item, trainee, full=variant.writes_full_state, fault=fault)
         state = checkpoint_io.part_in_format(variant, state)
         for name in dropped:
             del state["model"][name.removeprefix("model.")]
+        state["model"].update(added)
         flat = flatten(checkpoint_io.stateful_as_dicts(state))
         dist.barrier()  # every rank's part of the reference is written
         state_check = checks.against_reference(
@@ -199,10 +202,13 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         checks_done["fault_applied"] = files["fault_applied"]
     losses = {"train_losses": train_losses, "resume_losses": resume_losses}
     losses["loss_source"] = training.loss_source(trainee)
-    job.write_result(unit, save_result(job, trainee, flat, dropped, checks_done, losses, timing))
+    changed = (dropped, sorted(f"model.{k}" for k in added))
+    job.write_result(unit, save_result(job, trainee, flat, changed, checks_done, losses, timing))
+    with job.phase("reload", unit):
+        reload_in_saver(job, item, trainee)
 
 
-def save_result(job: Job, t: Trainee, flat: dict, dropped, checks_done, losses, timing) -> dict:
+def save_result(job: Job, t: Trainee, flat: dict, changed, checks_done, losses, timing) -> dict:
     """A save item's result (rank 0's; the driver makes it the save record)."""
     return {
         "status": "ok",
@@ -210,7 +216,9 @@ def save_result(job: Job, t: Trainee, flat: dict, dropped, checks_done, losses, 
         **checks_done,
         **losses,
         "entries": entry_table(flat, t) if job.rank == 0 else {},
-        "dropped_entries": dropped,
+        # The entries the saver left out and added on purpose.
+        "dropped_entries": changed[0],
+        "added_entries": changed[1],
         # ignore_frozen_params: none of these may be in the state the saver wrote.
         "frozen_saved": sorted(n for n in flat if n.removeprefix("model.") in t.frozen),
         "timing": timing,
@@ -219,12 +227,19 @@ def save_result(job: Job, t: Trainee, flat: dict, dropped, checks_done, losses, 
     }
 
 
-def write_reference(item: Item, at: Placement, t: Trainee, dropped: list[str], rank: int) -> dict:
+def write_reference(item: Item, at: Placement, t: Trainee, changed: tuple, rank: int) -> dict:
     """The saver's reference: its live objects, read before the state-dict API runs (nothing
-    that API does to them reaches the reference); every rank writes its own parts. Returns the
-    live state's own entries that share storage (a model or optimizer bug), as notes."""
+    that API does to them reaches the reference); every rank writes its own parts. ``changed``:
+    the entries the saver leaves out and adds on purpose. A load_mode that names entries
+    otherwise gets them in its form too (``load_form_dir``). Returns the live state's own
+    entries that share storage (a model or optimizer bug), as notes."""
+    dropped, added = changed
     live = training.live(item, at, t, dropped)
+    live.update({f"model.{key}": value for key, value in added.items()})
     Reference.write(item.spec.paths.reference, live, rank)
+    if item.variant.forms_differ:
+        form = training.live(item, at, t, dropped, side="load")
+        Reference.write(load_form_dir(item.spec.paths.reference), form, rank, beside=live)
     shared = shared_storage(live, t.anatomy.canonical)
     return {name: f"live: {note}" for name, note in shared.items()}
 
@@ -238,8 +253,46 @@ def entry_table(flat: dict, t: Trainee) -> dict:
     return table
 
 
+def reload_in_saver(job: Job, item: Item, trainee: Trainee) -> None:
+    """load_process saver: the saver's process loads its checkpoint right after the save into
+    its own model and optimizer (trained ``resume_steps`` on since), checks it and resumes, as
+    a fresh loader does; rank 0 writes the cell's result beside the checkpoint for the load job
+    of this layout to take (``saver_reload``)."""
+    variant = item.variant
+    if variant.load_process != "saver" or layout_conflict(variant, "load", job.world_size):
+        return
+    paths, fault = item.spec.paths, item.spec.fault
+    source = Source(id=item.id, layout=item.spec.layout, paths=paths, save_record="", fault=fault)
+    timing: dict = {}
+    try:
+        with timed(timing, "build_s"):
+            state = training.state_dict(item, trainee, fault=fault, side="load")
+        result = load_into(job, item, trainee, state, source, timing)
+    except (Exception, CheckpointException) as exc:
+        result = {"status": "error", "reason": f"reload in the saver: {one_line(exc)}"}
+    if job.rank == 0:
+        write_json(saver_reload_path(paths.reference), result)
+
+
+def saver_reload_path(reference: str) -> str:
+    """Where the saver's process writes the result of its own reload (load_process saver)."""
+    return f"{os.path.dirname(reference)}/saver_reload.json"
+
+
+def saver_reload(job: Job, source: Source) -> dict:
+    """The cell of load_process saver: the result the saver's process wrote, for the cell of its
+    own layout; any other load layout is ``skip``."""
+    if source.layout["name"] != job.spec.layout["name"]:
+        reason = "load_process saver: the saver's own process loads under its own layout only"
+        return {"status": "skip", "reason": reason}
+    return read_json(saver_reload_path(source.paths.reference))
+
+
 def load_one(job: Job, item: Item, source: Source) -> dict:
-    """One load cell: build with another init, load, check 2, resume."""
+    """One load cell: build with another init, load, check 2, resume (load_process saver: the
+    saver's process did so, ``saver_reload``)."""
+    if item.variant.load_process == "saver":
+        return saver_reload(job, source)
     places = None
     if source.naming is not None:  # an existing checkpoint: its optimizer entries decide
         spec = item.spec
@@ -248,28 +301,41 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
         )
         item = item.in_mode("flattened_optim" if places.flattened_optim else "sharded")
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
-    timing, missing = {}, []
+    timing: dict = {}
     with timed(timing, "build_s"):
         seed = settings["seed"] + LOADER_SEED_OFFSET
         trainee = training.build(item, at, seed, meta=variant.load_init == "meta", fault=fault)
-        state = training.state_dict(item, trainee, fault=fault)
+        state = training.state_dict(item, trainee, fault=fault, side="load")
+    return load_into(job, item, trainee, state, source, timing, places)
+
+
+def load_into(
+    job: Job, item: Item, trainee: Trainee, state: dict, source: Source, timing, places=None
+) -> dict:
+    """Load ``source`` into ``trainee`` (``state``: its state dict in the loader's mode; an
+    existing checkpoint's under its ``places``), check 2, resume; the cell's result (``timing``
+    gets load_s, verify_s, resume_s)."""
+    settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
+    report = checkpoint_io.LoadReport()
     with timed(timing, "load_s"):
         job.inject("load", fault)
         try:
             if fault == "skip_load":
                 pass
             elif places is not None:
-                opts = checkpoint_io.options(variant, bool(trainee.frozen), full=False)
+                opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
                 existing.load(trainee, state, source.paths.checkpoint, places, opts)
             else:
-                missing = checkpoint_io.read(variant, trainee, state, source.paths)
-        except CheckpointException as exc:
-            if variant.mode != "strict":
+                report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
+        except (CheckpointException, RuntimeError) as exc:
+            if not _expected_failure(variant, exc):
                 raise
-            # The expected outcome of a strict load of a checkpoint with an entry left out.
-            return {"status": "ok", "reason": "", "strict_error": one_line(exc), "timing": timing}
+            # The expected outcome of a strict load of a checkpoint with an entry left out
+            # (dcp.load's CheckpointException) or added (set_state_dict's RuntimeError).
+            error = one_line(exc) if isinstance(exc, CheckpointException) else whole_line(exc)
+            return {"status": "ok", "reason": "", "strict_error": error, "timing": timing}
     with timed(timing, "verify_s"):
-        entries = checks.loader_vs_saver(item, at, trainee, source, missing)
+        entries = checks.loader_vs_saver(item, at, trainee, source, report)
     with timed(timing, "resume_s"):
         faults.skew_resume(fault, trainee.optimizer)
         resume = training.train(item, at, trainee, settings["steps"], settings["resume_steps"])
@@ -277,10 +343,19 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
         "status": "ok",
         "reason": "",
         "entries": entries,
-        "missing_entries": missing,
+        "missing_entries": report.missing,
+        "unexpected_entries": report.unexpected,
         "resume_losses": resume,
         "timing": timing,
     }
+
+
+def _expected_failure(variant, exc: BaseException) -> bool:
+    """A strict load's failure its mode expects: dcp.load's CheckpointException (mode strict:
+    an entry left out), set_state_dict's RuntimeError (strict_unexpected: an entry added)."""
+    if variant.mode == "strict":
+        return isinstance(exc, CheckpointException)
+    return variant.mode == "strict_unexpected" and not isinstance(exc, CheckpointException)
 
 
 def run_load(job: Job, item: Item, startup_s: float) -> None:

@@ -58,15 +58,24 @@ def tensors(model: str, load_layout: str) -> list[dict]:
     return read_json(grid.load_record_path(model, load_layout))["tensors"]
 
 
-def run_grid(raw_config: dict) -> dict[tuple[str, str, str, str], dict]:
+def run_grid(
+    raw_config: dict, load_fault: str | None = None, save_fault: str | None = None
+) -> dict[tuple[str, str, str, str], dict]:
     """Every save job, then every load job, of a config's grid (all variants and models):
-    {(variant id, model, save layout, load layout): row}."""
+    {(variant id, model, save layout, load layout): row}. ``load_fault``: injected into the load
+    of every cell; ``save_fault``: into every save item."""
     cfg = config.validate(raw_config)
     for version_root, layout in grid.save_jobs(cfg):
-        cli("save", grid.save_job_spec(cfg, version_root, layout))
+        spec = grid.save_job_spec(cfg, version_root, layout)
+        for item in spec["items"]:
+            item["fault"] = save_fault
+        cli("save", spec)
     rows = {}
     for version_root, layout in grid.load_jobs(cfg):
-        cli("load", grid.load_job_spec(cfg, version_root, layout))
+        spec = grid.load_job_spec(cfg, version_root, layout)
+        for source in (source for item in spec["items"] for source in item["sources"]):
+            source["fault"] = load_fault
+        cli("load", spec)
         records = grid.load_outputs(cfg, version_root, layout)
         for (variant, model), record in zip(grid.items(cfg), records, strict=True):
             for row in read_json(record)["cells"]:

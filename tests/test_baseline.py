@@ -119,7 +119,7 @@ def cell(model="mlp", save="ddp_2", load="single", status="pass", reason="", ver
          **axes) -> dict:  # fmt: skip
     row = {"model": model, "save_layout": save, "load_layout": load, "save_framework": save[:-2],
            "load_framework": load, "save_world_size": 2, "load_world_size": 1,
-           "mode": "sharded", "format": "dcp", "async_save": "sync", "optimizer": "adam",
+           "mode": "sharded", "load_mode": "same", "format": "dcp", "async_save": "sync", "optimizer": "adam",
            "param_dtype": "float32", "load_init": "device", "status": status, "reason": reason,
            "save_torch_version": version, "load_torch_version": version}  # fmt: skip
     row.update(axes)
