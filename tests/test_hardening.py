@@ -178,7 +178,7 @@ def test_every_interpreter_and_prefix_in_a_shell_command_is_quoted():
     rules = (REPO / "workflow" / "rules" / "matrix.smk").read_text()
     rules += (REPO / "workflow" / "rules" / "report.smk").read_text()
     assert "{params.python}" not in rules and "{params.prefix}" not in rules
-    assert "{params.prefix:q}" in rules and rules.count("{params.python:q}") == 9
+    assert "{params.prefix:q}" in rules and rules.count("{params.python:q}") == 10
 
 
 # --- 4. names: no length limit; Snakemake's PeriodicWildcardError ----------------------------
