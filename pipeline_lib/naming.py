@@ -18,9 +18,6 @@ Or a function of yours, named by import path ``package.module:function``.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,17 +59,9 @@ def _torchtitan(entry: str, model_prefix: str) -> str | None:
 
 
 def _user_function(name: str) -> Ours:
-    module_name, _, attr = name.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise NamingError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
-    function = getattr(module, attr, None)
-    if not callable(function):
-        raise NamingError(f"{module_name!r} has no callable {attr!r}")
-    return function
+    from pipeline_lib.registry import import_path
+
+    return import_path(name, NamingError)[1]
 
 
 def naming_error(name: str) -> str | None:

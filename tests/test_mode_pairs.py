@@ -13,17 +13,8 @@ from pipeline_lib import axes, config, faults, grid, records, reproducer
 from pipeline_lib.axes import UNEXPECTED_ENTRY, Variant
 from pipeline_lib.reference import Reference, load_form_dir
 from tests.jobs import run_grid
+from tests.test_torchrun import DDP_TO_FSDP2
 
-DDP_TO_FSDP2 = {
-    "models": ["mlp"],
-    "layouts": {
-        "ddp_2": {"framework": "ddp", "mesh": [2]},
-        "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
-    },
-    "pairs": [["ddp_2", "fsdp2_2"]],
-    "run": {"cell_timeout_s": 120},
-}
-CELL = ("ddp_2", "fsdp2_2")
 FIRST = "model.blocks.0.fc1.bias"  # mlp's first model entry
 
 

@@ -23,9 +23,6 @@ its state entries are ``model.user_model.<fqn>``.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -39,6 +36,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from pipeline_lib.errors import Incompatible
 from pipeline_lib.models import UserModelError
 from pipeline_lib.models._common import batch_to, split_batch, step_generator
+from pipeline_lib.registry import import_path
 
 REQUIRED_INPUTS = "make_inputs"
 # Where a cell's loss came from (the save record's and matrix's loss_source).
@@ -62,17 +60,7 @@ class UserModelSource:
 def load(name: str) -> UserModelSource:
     """Import ``package.module:callable`` and check the contract, or raise UserModelError."""
     module_name, _, attr = name.partition(":")
-    # Import from the working directory too, as `python -m` (every worker rank) does: the
-    # config check then sees the same modules as the jobs, also under `snakemake -d DIR`.
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise UserModelError(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise UserModelError(f"{module_name!r} has no callable {attr!r}")
+    module, factory = import_path(name, UserModelError)
     if not callable(getattr(module, REQUIRED_INPUTS, None)):
         raise UserModelError(
             f"{module_name!r} has no {REQUIRED_INPUTS}(batch_size, generator) beside {attr!r}"
