@@ -163,16 +163,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         added = training.added_entries(item)
         live_shared = write_reference(item, at, trainee, (dropped, added), job.rank)
     with job.phase("state dict", unit, timing, "state_check_s"):
-        state = training.state_dict(item, trainee, full=variant.writes_full_state, fault=fault)
-        state = checkpoint_io.part_in_format(variant, state)
-        for name in dropped:
-            del state["model"][name.removeprefix("model.")]
-        state["model"].update(added)
-        flat = flatten(checkpoint_io.stateful_as_dicts(state))
-        dist.barrier()  # every rank's part of the reference is written
-        state_check = checks.against_reference(
-            flat, paths.reference, "the saver's state dict", trainee.anatomy, shared=live_shared
-        )
+        state, flat, state_check = saved_state(item, trainee, (dropped, added), live_shared)
     with job.phase("save", unit):
         job.inject("save", fault)
         wait = checkpoint_io.write(variant, state, paths, timing)
@@ -206,6 +197,24 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     job.write_result(unit, save_result(job, trainee, flat, changed, checks_done, losses, timing))
     with job.phase("reload", unit):
         reload_in_saver(job, item, trainee)
+
+
+def saved_state(item: Item, trainee: Trainee, changed, live_shared) -> tuple[dict, dict, dict]:
+    """(the state the saver writes, flattened, check 0 on it): get_state_dict's state in the
+    variant's format, less the entry a strict mode drops and with the one it adds."""
+    variant, fault, (dropped, added) = item.variant, item.spec.fault, changed
+    state = training.state_dict(item, trainee, full=variant.writes_full_state, fault=fault)
+    state = checkpoint_io.part_in_format(variant, state)
+    for name in dropped:
+        del state["model"][name.removeprefix("model.")]
+    state["model"].update(added)
+    flat = flatten(checkpoint_io.stateful_as_dicts(state))
+    dist.barrier()  # every rank's part of the reference is written
+    state_check = checks.against_reference(
+        flat, item.spec.paths.reference, "the saver's state dict", trainee.anatomy,
+        shared=live_shared,
+    )  # fmt: skip
+    return state, flat, state_check
 
 
 def save_result(job: Job, t: Trainee, flat: dict, changed, checks_done, losses, timing) -> dict:
