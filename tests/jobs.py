@@ -67,15 +67,16 @@ def run_grid(
     cfg = config.validate(raw_config)
     for version_root, layout in grid.save_jobs(cfg):
         spec = grid.save_job_spec(cfg, version_root, layout)
-        for item in spec["items"]:
-            item["fault"] = save_fault
-        cli("save", spec)
+        items = tuple(replace(item, fault=save_fault) for item in spec.items)
+        cli("save", replace(spec, items=items))
     rows = {}
     for version_root, layout in grid.load_jobs(cfg):
         spec = grid.load_job_spec(cfg, version_root, layout)
-        for source in (source for item in spec["items"] for source in item["sources"]):
-            source["fault"] = load_fault
-        cli("load", spec)
+        items = tuple(
+            replace(item, sources=tuple(replace(s, fault=load_fault) for s in item.sources))
+            for item in spec.items
+        )
+        cli("load", replace(spec, items=items))
         records = grid.load_outputs(cfg, version_root, layout)
         for (variant, model), record in zip(grid.items(cfg), records, strict=True):
             for row in read_json(record)["cells"]:
