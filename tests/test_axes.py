@@ -111,6 +111,9 @@ def test_every_axis_value_passes_fsdp2_to_single(in_tmp):
     assert consolidated["status"] == "fail"
     assert consolidated["reason"].startswith("files vs saver: 10 of 40 entries differ; first ")
     assert ".step: bytes differ" in consolidated["reason"]
+    # hf_export exports hf_models only (tests/test_hf_models.py runs it); mlp is a skip.
+    exported = by_id.pop("format-hf_export")
+    assert exported["status"] == "skip" and "hf_export" in exported["reason"]
     for variant_id, row in by_id.items():
         assert (variant_id, row["status"], row["reason"]) == (variant_id, "pass", "")
         assert row["entries_checked"] > 10 and row["entries_mismatched"] == 0
