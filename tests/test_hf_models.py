@@ -411,7 +411,7 @@ def test_reproducers_list_an_hf_model_cell_without_writing_a_script(tmp_path):
     rows = [cell("llm", save="single", load="single", status="fail", reason="load: differs")]
     written = reproducer.write_all(pd.DataFrame(rows), cfg, str(tmp_path / "reproducers"))
     index = (tmp_path / "reproducers" / "index.md").read_text()
-    assert written == [] and "| fail | no reproducer: an hf_models model |" in index
+    assert written == [] and "| fail | not reproduced: an hf_models model |" in index
 
 
 # --- format hf_export -------------------------------------------------------------------------
