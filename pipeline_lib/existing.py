@@ -48,10 +48,10 @@ def model_entries(model: str, kwargs: dict) -> tuple[str, set[str], set[str]]:
     return prefix, {f"model.{k}" for k in base.state_dict()}, set(dict(base.named_parameters()))
 
 
-def placement(path: str, naming: str, model: str, kwargs: dict) -> Placement:
+def placement(path: str, naming: str, model: str, kwargs: dict, entries=None) -> Placement:
     """Where the checkpoint's entries go, from its ``.metadata`` (read without unpickling
-    anything beyond DCP's metadata)."""
-    prefix, known, _ = model_entries(model, kwargs)
+    anything beyond DCP's metadata); ``entries``: model_entries' answer, if already known."""
+    prefix, known, _ = entries or model_entries(model, kwargs)
     names = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     return place(list(names), Naming(naming, prefix), known)
 
@@ -80,8 +80,9 @@ def import_checkpoint(spec: ExistingSpec) -> None:
 
 def _read(spec: ExistingSpec) -> dict:
     """Read every entry, write the reference; the record's account of the entries."""
-    places = placement(spec.path, spec.naming, spec.model, spec.model_kwargs)
-    _, _, params = model_entries(spec.model, spec.model_kwargs)
+    anatomy = model_entries(spec.model, spec.model_kwargs)  # one meta build
+    places = placement(spec.path, spec.naming, spec.model, spec.model_kwargs, anatomy)
+    params = anatomy[2]
     flat, unreadable = {}, []
     for name, value in checkpoint_entries(spec.path):
         if name in places.excluded:
