@@ -7,12 +7,9 @@ save job, a cell ``specs.unit_id(item, source)`` of a load job). This side turns
 records and always writes them, also when the job itself failed: a failing cell never stops the
 matrix.
 
-The load record holds the cell's verdict (records.cell_row, called here, in the load job): a
-change to the verdict logic in pipeline_lib.records shows only in load jobs run after it. Snakemake
-does not notice such a change by itself (its ``code`` rerun trigger covers a rule's own shell
-command, not the modules it imports), so re-run the load jobs on purpose:
-``snakemake --forcerun load_checkpoints load_fault_checkpoint`` (the save jobs stay; aggregation,
-the report and the self-test follow from the new records).
+The load record holds the cell's verdict (records.cell_row, called here, in the load job). A
+rerun reuses every unit whose inputs key is unchanged (pipeline_lib.reuse); the key includes the
+project's code version, so a change to the verdict logic runs every cell again.
 """
 
 from __future__ import annotations
@@ -23,8 +20,8 @@ from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
-from pipeline_lib import timestamps
-from pipeline_lib.atomic import read_json, write_json
+from pipeline_lib import reuse, timestamps
+from pipeline_lib.atomic import read_json, write_json, write_text
 from pipeline_lib.launcher import Outcome, launch
 from pipeline_lib.names import inside
 from pipeline_lib.specs import ItemSpec, JobSpec, Source
@@ -103,21 +100,32 @@ def torch_version() -> str:
 
 
 def run_save_job(spec: JobSpec) -> None:
-    """Every item of a save job: one launch (more after a crash), then a record per item."""
+    """Every item of a save job whose inputs changed (pipeline_lib.reuse): one launch (more
+    after a crash), then a record per item; an unchanged item's record is written again byte
+    for byte and its folder left as it is."""
     from pipeline_lib.disk import room_error
 
     work = fresh_dir(Path(spec.work_dir))
-    for item in spec.items:
+    store = reuse.Store.of(spec)
+    kept = {i.id: text for i in spec.items if store and (text := store.saved_record(i))}
+    to_run = replace(spec, items=tuple(i for i in spec.items if i.id not in kept))
+    if store:
+        reuse.announce("save items", len(kept), len(spec.items))
+    for item in to_run.items:
         fresh_dir(Path(item.save_dir))
-    skipped = {i.id: {"status": "skip", "reason": i.skip} for i in spec.items if i.skip}
-    pending = [i.id for i in spec.items if not i.skip]
-    if no_room := room_error(spec, work):
+    skipped = {i.id: {"status": "skip", "reason": i.skip} for i in to_run.items if i.skip}
+    pending = [i.id for i in to_run.items if not i.skip]
+    if no_room := room_error(to_run, work):
         results = {unit: {"status": "error", "reason": no_room} for unit in pending}
     else:
-        results, _ = run_units(spec, work, pending)
+        results, _ = run_units(to_run, work, pending)
     for item in spec.items:
-        result = skipped.get(item.id) or results[item.id]
-        write_json(item.record, save_record_of(item, result))
+        if item.id in kept:
+            write_text(item.record, kept[item.id])
+            continue
+        write_json(item.record, save_record_of(item, skipped.get(item.id) or results[item.id]))
+        if store:
+            store.keep_saved(item)
 
 
 def save_record_of(item: ItemSpec, result: dict) -> dict:
@@ -143,12 +151,19 @@ def save_record_of(item: ItemSpec, result: dict) -> dict:
 
 
 def run_load_job(spec: JobSpec) -> None:
-    """Every cell of a load job (item x source): one launch (more after a crash or hang),
-    then one record per item, with the cells' verdicts (records.cell_row)."""
+    """Every cell of a load job whose inputs changed (pipeline_lib.reuse): one launch (more
+    after a crash or hang), then one record per item, with the cells' verdicts
+    (records.cell_row); an item none of whose cells ran gets its record again byte for byte."""
     from pipeline_lib.disk import room_error
 
     work = fresh_dir(Path(spec.work_dir))
     saves, results, to_run = _read_sources(spec)
+    store = reuse.Store.of(spec)
+    keys = _cell_keys(spec, store)
+    kept = {unit: rows for unit, key in keys.items() if (rows := store.cell(key))}
+    if store:
+        reuse.announce("load cells", len(kept), len(keys))
+    to_run = to_run.narrowed(set(to_run.units()) - set(kept))
     pending = to_run.units()
     if no_room := room_error(to_run, work):
         launched, launches = {unit: {"status": "error", "reason": no_room} for unit in pending}, 0
@@ -156,7 +171,34 @@ def run_load_job(spec: JobSpec) -> None:
         launched, launches = run_units(to_run, work, pending)
     results.update(launched)
     for item in spec.items:
-        write_json(item.record, load_record_of(item, saves, results, launches))
+        rows = {
+            item.unit(s): kept.get(item.unit(s)) or cell_rows(item, s, saves, results)
+            for s in item.sources
+        }
+        _write_load_record(item, launches, rows, store, keys, kept)
+
+
+def _cell_keys(spec: JobSpec, store: reuse.Store | None) -> dict[str, str]:
+    """The inputs key of every cell of the job (none without a store)."""
+    if store is None:
+        return {}
+    return {item.unit(s): store.cell_key(item, s) for item in spec.items for s in item.sources}
+
+
+def _write_load_record(
+    item: ItemSpec, launches: int, rows: dict[str, dict], store, keys: dict, kept: dict
+) -> None:
+    """The item's record from its cells' ``rows``; the stored text instead when every cell
+    was kept. New cells go into the store."""
+    record_key = store and store.record_key(item, [keys[unit] for unit in rows])
+    if store and set(rows) <= set(kept) and (text := store.load_record(record_key)):
+        write_text(item.record, text)
+        return
+    write_json(item.record, load_record_of(item, list(rows.values()), launches))
+    if store:
+        for unit in set(rows) - set(kept):
+            store.keep_cell(keys[unit], rows[unit])
+        store.keep_load_record(record_key, item)
 
 
 def _read_sources(spec: JobSpec) -> tuple[dict[str, dict], dict[str, dict], JobSpec]:
@@ -193,20 +235,26 @@ def _moved(source: Source, save: dict) -> str | None:
     return None
 
 
-def load_record_of(
-    item: ItemSpec, saves: dict[str, dict], results: dict[str, dict], launches: int
-) -> dict:
-    """The record of one load item: a matrix row (with its verdict) and the tensor rows of
-    every cell, from the save records and the load results."""
+def cell_rows(item: ItemSpec, source: Source, saves: dict, results: dict) -> dict:
+    """{"cell": matrix row (with its verdict), "tensors": its tensor rows} of one cell, from
+    its save record and load result."""
     from pipeline_lib.records import cell_row, tensor_rows
 
-    cells, tensors = [], []
-    for source in item.sources:
-        unit = item.unit(source)
-        load = {**results[unit], "layout": item.layout, "torch_version": torch_version()}
-        cells.append(cell_row(item.model, saves[unit], load, item))
-        tensors.extend(tensor_rows(item.model, saves[unit], load, item.variant))
-    record = {"cells": cells, "tensors": tensors, "launches": launches}
+    unit = item.unit(source)
+    load = {**results[unit], "layout": item.layout, "torch_version": torch_version()}
+    return {
+        "cell": cell_row(item.model, saves[unit], load, item),
+        "tensors": tensor_rows(item.model, saves[unit], load, item.variant),
+    }
+
+
+def load_record_of(item: ItemSpec, rows: list[dict], launches: int) -> dict:
+    """The record of one load item: its cells' matrix rows and tensor rows (cell_rows)."""
+    record = {
+        "cells": [r["cell"] for r in rows],
+        "tensors": [t for r in rows for t in r["tensors"]],
+        "launches": launches,
+    }
     if item.fault_tag is not None:
         record["fault"] = asdict(item.fault_tag)
     return record

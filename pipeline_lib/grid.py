@@ -311,7 +311,8 @@ def save_job_spec(config: dict, version_root: str, layout: str) -> JobSpec:
         for variant, model in items(config)
     ]
     work = f"{version_root}/work/save/{layout}"
-    return job_spec(config, "save", layout, work, specs, torch_env=version)
+    job = job_spec(config, "save", layout, work, specs, torch_env=version)
+    return replace(job, reuse_dir=reuse_dir(version_root))
 
 
 def load_job_spec(config: dict, version_root: str, layout: str) -> JobSpec:
@@ -326,16 +327,23 @@ def load_job_spec(config: dict, version_root: str, layout: str) -> JobSpec:
         for spec in specs
     ]
     work = f"{version_root}/work/load/{layout}"
-    return job_spec(config, "load", layout, work, specs, torch_env=version)
+    job = job_spec(config, "load", layout, work, specs, torch_env=version)
+    return replace(job, reuse_dir=reuse_dir(version_root))
 
 
-def save_outputs(config: dict, version_root: str, layout: str) -> tuple[list[str], list[str]]:
-    """(records, save folders) a save job writes, one each per item."""
-    roots = [(version_root + variant_dir(variant), model) for variant, model in items(config)]
-    return (
-        [save_record_path(model, layout, root) for root, model in roots],
-        [save_dir(model, layout, root) for root, model in roots],
-    )
+def reuse_dir(version_root: str) -> str:
+    """What the matrix jobs of a version root keep for reruns (pipeline_lib.reuse)."""
+    return f"{version_root}/reuse"
+
+
+def save_outputs(config: dict, version_root: str, layout: str) -> list[str]:
+    """The records a save job writes, one per item. Its save folders are not Snakemake
+    outputs: Snakemake would remove them before the job runs, and a rerun keeps the folder of
+    every unchanged item (pipeline_lib.reuse)."""
+    return [
+        save_record_path(model, layout, version_root + variant_dir(variant))
+        for variant, model in items(config)
+    ]
 
 
 def load_outputs(config: dict, version_root: str, layout: str) -> list[str]:
@@ -347,17 +355,13 @@ def load_outputs(config: dict, version_root: str, layout: str) -> list[str]:
 
 
 def load_inputs(config: dict, version_root: str, layout: str) -> list[str]:
-    """What a load job reads: the save record and folder of every item's every source (an
-    existing checkpoint's: its import job's)."""
+    """What a load job reads: the save record of every item's every source (it names the
+    folder; an existing checkpoint's: its import job's record and folder)."""
     version = version_roots(config)[version_root]
     saved = [
-        path
+        save_record_path(model, src, job_root(save_version, variant))
         for variant, model in items(config)
         for src, save_version in load_sources(config, layout, version)
-        for path in (
-            save_record_path(model, src, job_root(save_version, variant)),
-            save_dir(model, src, job_root(save_version, variant)),
-        )
     ]
     imported = [
         path

@@ -3,11 +3,9 @@
 Pure logic (no torch): the jobs report facts, this module decides pass/fail and the reason.
 
 Where the verdict runs: in the load job. pipeline_lib.driver calls cell_row (hence verdict) when
-it writes the load record, and aggregation only gathers those rows into matrix.parquet. So a
-change to the verdict here shows in load jobs run after it, not in results already on disk:
-re-run the load jobs (``snakemake --forcerun load_checkpoints load_fault_checkpoint``).
-Snakemake does not do so by itself: its ``code`` rerun trigger covers a rule's own shell
-command, not the modules that command imports. The save jobs need not run again.
+it writes the load record, and aggregation only gathers those rows into matrix.parquet. A change
+here changes the project's code version, so the next run computes every cell again
+(pipeline_lib.reuse).
 The schemas have checked-in copies (tests/schemas, tests/test_schemas.py): a change to a column
 is a deliberate edit of both.
 """

@@ -112,6 +112,15 @@ class Plan:
         Without the keys no job reads: setting a baseline must not re-run a finished job."""
         return json.dumps(job_inputs(self.config))
 
+    @property
+    def code_and_environment(self) -> str:
+        """The project's code version and this interpreter's environment (pipeline_lib.reuse):
+        a matrix job runs again when either changed; it then reruns only the units whose
+        inputs key changed. (A torch_versions environment is a job input of its own.)"""
+        from pipeline_lib import reuse
+
+        return f"code {reuse.code_version()[:16]}, environment {reuse.environment()[:16]}"
+
     def job_ranks(self, wildcards) -> int:
         """World size of the job of {layout} (also the fault campaign's save jobs)."""
         return self.layouts[wildcards.layout].world_size
@@ -119,11 +128,7 @@ class Plan:
     # Output patterns of the matrix jobs: one record (and save folder) per item.
     @property
     def save_job_records(self) -> list[str]:
-        return grid.save_outputs(self.config, "{version_root}", "{layout}")[0]
-
-    @property
-    def save_job_dirs(self) -> list[str]:
-        return grid.save_outputs(self.config, "{version_root}", "{layout}")[1]
+        return grid.save_outputs(self.config, "{version_root}", "{layout}")
 
     @property
     def load_job_records(self) -> list[str]:

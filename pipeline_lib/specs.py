@@ -181,6 +181,8 @@ class JobSpec:
     items: tuple[ItemSpec, ...]
     torch_env: str | None = None  # the torch_versions environment (None: the pipeline's own)
     launched_at: float | None = None  # set by the driver when it starts the ranks
+    # Where the job keeps what it may reuse on a rerun (pipeline_lib.reuse); None: run all.
+    reuse_dir: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> JobSpec:

@@ -40,10 +40,9 @@ def test_job_budget(default_config):
     for item in job.items:
         assert [s.layout["name"] for s in item.sources] == list(cfg["layouts"])
         assert item.record == f"results/load/{item.model}/tp_2.json"
-    records, dirs = grid.save_outputs(cfg, "results", "tp_2")
+    records = grid.save_outputs(cfg, "results", "tp_2")
     assert records == [f"results/save/{m}/tp_2.json" for m in cfg["models"]]
-    assert dirs == [f"results/save/{m}/tp_2" for m in cfg["models"]]
-    assert len(grid.load_inputs(cfg, "results", "tp_2")) == 2 * 4 * len(cfg["layouts"])
+    assert len(grid.load_inputs(cfg, "results", "tp_2")) == 4 * len(cfg["layouts"])
 
 
 def test_pairs_same_and_explicit(small_config):

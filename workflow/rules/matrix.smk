@@ -6,7 +6,6 @@ rule save_checkpoints:
         plan.job_env_inputs,
     output:
         records=plan.save_job_records,
-        save_dirs=directory(plan.save_job_dirs),
     log:
         "{version_root}/logs/save/{layout}.log",
     conda:
@@ -17,6 +16,7 @@ rule save_checkpoints:
     params:
         python=plan.job_python,
         grid=plan.grid_json,
+        inputs=plan.code_and_environment,
     shell:
         "{params.python:q} -m pipeline_lib save --grid {params.grid:q}"
         " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
@@ -37,6 +37,7 @@ rule load_checkpoints:
     params:
         python=plan.job_python,
         grid=plan.grid_json,
+        inputs=plan.code_and_environment,
     shell:
         "{params.python:q} -m pipeline_lib load --grid {params.grid:q}"
         " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"

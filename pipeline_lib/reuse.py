@@ -1,0 +1,153 @@
+"""Incremental reruns: a matrix job reuses every unit whose inputs did not change.
+
+A unit's **inputs key** (docs: glossary) is a SHA-256 of what can change its result:
+
+- save item: its spec (model, layout, variant, train, run, paths, ...; not its index in the job
+  nor the hash of the whole config), the project's code version and the job's environment;
+- load cell: the load item's spec without its other sources, the cell's source, the exact bytes
+  of the source's save record (a save item that ran again writes a new record, so every cell of
+  its checkpoint runs again), the code version and the environment.
+
+The code version hashes every ``pipeline_lib`` source file; the environment hashes Python's
+version and every installed distribution with its version (the job's own interpreter, so a
+``torch_versions`` environment is its own). What reuse trusts, and so does not check: that
+nothing but this pipeline writes below ``results/`` (a save item's folder is compared by file
+names, sizes and modification times, not by content). Delete ``<version root>/reuse`` to run
+everything again.
+
+The store is ``<version root>/reuse/`` (JobSpec.reuse_dir), one JSON file per key, never a
+Snakemake output, so Snakemake's removal of a job's outputs before it runs leaves it alone: a
+save item keeps the exact text of its record and the manifest of its folder; a load cell its
+matrix row and tensor rows; a load item the exact text of its record (written again byte for
+byte when none of its cells ran).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+from pipeline_lib.atomic import read_json, write_json
+from pipeline_lib.specs import ItemSpec, JobSpec, Source
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+@cache
+def code_version() -> str:
+    """SHA-256 of every Python file of pipeline_lib (its path and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@cache
+def environment() -> str:
+    """SHA-256 of this interpreter's Python version and installed distributions."""
+    packages = sorted(f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions())
+    return _digest([sys.version, packages])
+
+
+def _digest(value) -> str:
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _item_inputs(item: ItemSpec) -> dict:
+    """An item's spec without what does not change its result: its index in the job, the hash
+    of the whole config, and (load items) the sources, which each cell's key names itself."""
+    data = item.to_dict()
+    for key in ("id", "config_hash", "sources"):
+        data.pop(key, None)
+    return data
+
+
+def manifest(folder: str | Path) -> dict[str, list[int]]:
+    """Every file below ``folder``: relative path -> [size, modification time in ns]."""
+    root = Path(folder)
+    if not root.is_dir():
+        return {}
+    return {
+        str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns]
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@dataclass(frozen=True)
+class Store:
+    """The reuse store of one job (None for jobs that always run: the fault campaign's)."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, spec: JobSpec) -> Store | None:
+        return None if spec.reuse_dir is None else cls(Path(spec.reuse_dir))
+
+    def _key(self, *parts) -> str:
+        return _digest([code_version(), environment(), *parts])
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.json"
+
+    def _read(self, kind: str, key: str) -> dict | None:
+        path = self._path(kind, key)
+        try:
+            return read_json(path)
+        except (OSError, ValueError):
+            return None
+
+    # --- save items -------------------------------------------------------------------------
+    def save_key(self, item: ItemSpec) -> str:
+        return self._key("save", _item_inputs(item))
+
+    def saved_record(self, item: ItemSpec) -> str | None:
+        """The exact text of the item's record, when its inputs are unchanged and its folder
+        is as the save left it; else None (the item runs)."""
+        entry = self._read("save", self.save_key(item))
+        if entry is None or entry["manifest"] != manifest(item.save_dir):
+            return None
+        return entry["record"]
+
+    def keep_saved(self, item: ItemSpec) -> None:
+        """After the item's record is written: its text and the manifest of its folder."""
+        entry = {"record": Path(item.record).read_text(), "manifest": manifest(item.save_dir)}
+        write_json(self._path("save", self.save_key(item)), entry)
+
+    # --- load cells and items ---------------------------------------------------------------
+    def cell_key(self, item: ItemSpec, source: Source) -> str:
+        save_record = Path(source.save_record).read_bytes()
+        record_hash = hashlib.sha256(save_record).hexdigest()
+        return self._key("cell", _item_inputs(item), source.to_dict(), record_hash)
+
+    def cell(self, key: str) -> dict | None:
+        """{"cell": matrix row, "tensors": tensor rows} of an unchanged cell, else None."""
+        return self._read("cell", key)
+
+    def keep_cell(self, key: str, rows: dict) -> None:
+        write_json(self._path("cell", key), rows)
+
+    def record_key(self, item: ItemSpec, cell_keys: list[str]) -> str:
+        return self._key("load", _item_inputs(item), cell_keys)
+
+    def load_record(self, key: str) -> str | None:
+        entry = self._read("load", key)
+        return None if entry is None else entry["record"]
+
+    def keep_load_record(self, key: str, item: ItemSpec) -> None:
+        write_json(self._path("load", key), {"record": Path(item.record).read_text()})
+
+
+def announce(kind: str, reused: int, total: int) -> None:
+    """The job log's account of reuse (one line)."""
+    print(
+        f"dcp-matrix: reused {reused} of {total} {kind} (inputs unchanged); "
+        f"{total - reused} to run",
+        flush=True,
+    )
