@@ -47,8 +47,10 @@ AXES: dict[str, tuple[str, ...]] = {
         "torch_save_to_dcp",
         "hf_export",
     ),
-    # sync: dcp.save; thread / process: dcp.async_save with that checkpointer type.
-    "async_save": ("sync", "thread", "process"),
+    # sync: dcp.save; thread / process: dcp.async_save with that checkpointer type;
+    # process_pinned: the process checkpointer staging into pinned (and shared) memory with
+    # DCP's DefaultStager (CUDA only: a skip on a CPU-only job).
+    "async_save": ("sync", "thread", "process", "process_pinned"),
     # pipeline_lib.optimizers
     "optimizer": ("adam", "adamw", "sgd", "adamw_param_groups", "adam_lr_warmup"),
     "param_dtype": ("float32", "bfloat16"),

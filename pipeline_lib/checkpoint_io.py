@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from pipeline_lib import faults
 from pipeline_lib.axes import Variant
-from pipeline_lib.errors import one_line
+from pipeline_lib.errors import Incompatible, one_line
 from pipeline_lib.specs import CheckpointPaths
 from pipeline_lib.untrusted import SafeLoadPlanner
 
@@ -55,12 +55,25 @@ def _hf_writer(path: str, consolidate: bool):
     return HuggingFaceStorageWriter(path, save_distributed=True, enable_consolidation=consolidate)
 
 
+def _stager(variant: Variant):
+    """process_pinned: DCP's DefaultStager with every option on (pinned and shared memory,
+    staging in the background, non-blocking copies); otherwise None (async_save's default,
+    which stages with every option off). Its pinned memory needs CUDA."""
+    if variant.async_save != "process_pinned":
+        return None
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    if not torch.cuda.is_available():
+        raise Incompatible("async_save process_pinned stages into pinned memory: needs CUDA")
+    return DefaultStager(StagingOptions(True, True, True, True))
+
+
 def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
     """Write ``state``; returns a wait() to call once the training loop has moved on, which
     waits for an async save to complete. ``timing``: ``save_blocked_s``, the time the training
     loop was blocked, and ``save_s``, until the checkpoint was written."""
     t = time.perf_counter()
-    pending = None
+    pending = stager = None
     if variant.writes_full_state:
         if dist.get_rank() == 0:
             torch.save(stateful_as_dicts(state), paths.full_state)
@@ -71,15 +84,17 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
     elif variant.async_save != "sync":
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
-        kind = AsyncCheckpointerType[variant.async_save.upper()]
+        kind = AsyncCheckpointerType[variant.async_save.removesuffix("_pinned").upper()]
         # A process group of its own: the background save's collectives must not interleave
         # with the training loop's on the default group (gloo aborts the process).
         group = dist.new_group(backend="gloo")
+        stager = _stager(variant)
         pending = dcp.async_save(
             state,
             checkpoint_id=paths.checkpoint,
             process_group=group,
             async_checkpointer_type=kind,
+            async_stager=stager,
         )
     else:
         dcp.save(state, checkpoint_id=paths.checkpoint)
@@ -99,6 +114,8 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
     def wait() -> None:
         future.result()
         written.wait()  # callbacks may run just after result() returns
+        if stager is not None:  # ours, not async_save's: we close it after the last save
+            stager.close()
 
     return wait
 
