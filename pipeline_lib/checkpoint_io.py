@@ -55,10 +55,12 @@ def _hf_writer(path: str, consolidate: bool):
     return HuggingFaceStorageWriter(path, save_distributed=True, enable_consolidation=consolidate)
 
 
-def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
+def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict, keeper=None):
     """Write ``state``; returns a wait() to call once the training loop has moved on, which
     waits for an async save to complete. ``timing``: ``save_blocked_s``, the time the training
-    loop was blocked, and ``save_s``, until the checkpoint was written."""
+    loop was blocked, and ``save_s``, until the checkpoint was written. ``keeper``: a save
+    sequence's checkpointer (pipeline_lib.sequence_save.Checkpointer), whose process group and
+    stager every async save of the sequence uses."""
     t = time.perf_counter()
     pending = None
     if variant.writes_full_state:
@@ -74,12 +76,13 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
         kind = AsyncCheckpointerType[variant.async_save.upper()]
         # A process group of its own: the background save's collectives must not interleave
         # with the training loop's on the default group (gloo aborts the process).
-        group = dist.new_group(backend="gloo")
+        group = keeper.group if keeper else dist.new_group(backend="gloo")
         pending = dcp.async_save(
             state,
             checkpoint_id=paths.checkpoint,
             process_group=group,
             async_checkpointer_type=kind,
+            async_stager=keeper.stager if keeper else None,
         )
     else:
         dcp.save(state, checkpoint_id=paths.checkpoint)

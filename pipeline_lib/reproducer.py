@@ -274,6 +274,8 @@ def not_modelled(variant: Variant) -> str | None:
         return f"mode {variant.mode} (the script adds no entry)"
     if variant.load_process != "fresh":
         return f"load_process {variant.load_process} (the script loads in a fresh process)"
+    if variant.saves_sequence:
+        return f"save_sequence {variant.save_sequence} (the script saves once)"
     return None
 
 

@@ -1,0 +1,211 @@
+"""The save item of a save sequence (axis ``save_sequence``; the pure parts and the design in
+pipeline_lib.sequences): build, train, then at each step of the sequence the saver's reference
+at that step, check 0 and a save with the one checkpointer object of the run, training on
+between the saves; after the last, the resume, then check 1 of every checkpoint against the
+reference of its own step and the consecutive-checkpoints check. Imports torch; every function
+runs on all ranks, collectives in the same order everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+
+from pipeline_lib import checkpoint_io, checks, faults, sequences, training
+from pipeline_lib.compare import compare
+from pipeline_lib.errors import one_line
+from pipeline_lib.readers import checkpoint_entries
+from pipeline_lib.reference import Reference
+from pipeline_lib.training import Item, Trainee
+
+
+@dataclass(frozen=True)
+class SaverSteps:
+    """The steps of a save item that pipeline_lib.worker owns (handed in: this module does not
+    import the worker, which runs as ``__main__``)."""
+
+    write_reference: Callable
+    saved_state: Callable
+    save_result: Callable
+
+
+class Checkpointer:
+    """One checkpointer object for every save of a sequence, as a trainer keeps one: dcp.save,
+    or dcp.async_save of the variant's type with one process group and one DefaultStager for
+    every save (the stager keeps its staging buffers from save to save). A save waits for the
+    previous one to complete first, as torchtitan does. The faults stale_save and future_save
+    break it on purpose (pipeline_lib.faults)."""
+
+    def __init__(self, variant, fault: str | None):
+        self.variant, self.fault = variant, fault
+        self.group = self.stager = None
+        if variant.async_save != "sync":
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self.group = dist.new_group(backend="gloo")
+            self.stager = DefaultStager(StagingOptions(False, False, False, False))
+        self.first: dict | None = None  # stale_save: the state of the first save
+        self.hold_next = faults.future_save(fault)  # future_save: hold the first save ...
+        self.held: tuple | None = None  # ... past the next optimizer step
+        self.pending: Callable[[], None] = lambda: None
+
+    def save(self, state: dict, paths, timing: dict) -> None:
+        self.pending()
+        if faults.stale_save(self.fault):
+            if self.first is None:
+                self.first = copy.deepcopy(checkpoint_io.stateful_as_dicts(state))
+            else:
+                state = self.first
+        if self.hold_next:
+            self.hold_next, self.held = False, (state, paths, timing)  # the live tensors
+            return
+        self.pending = checkpoint_io.write(self.variant, state, paths, timing, keeper=self)
+
+    def after_update(self) -> None:
+        """The training loop made one optimizer step since the last save."""
+        if self.held is not None:
+            (state, paths, timing), self.held = self.held, None
+            self.pending = checkpoint_io.write(self.variant, state, paths, timing, keeper=self)
+
+    def close(self) -> None:
+        self.pending()
+        if self.stager is not None:
+            self.stager.close()
+
+
+def run(job, item: Item, startup_s: float, steps: SaverSteps) -> None:
+    """One save item of a sequence (``job``: the worker's Job)."""
+    settings, variant, unit, at = item.train, item.variant, item.id, job.placement
+    timing = {"startup_s": startup_s}
+    by_step = {
+        step: sequences.with_paths(item, paths)
+        for step, paths in sequences.paths_by_step(variant, item.spec.paths, settings).items()
+    }
+    points, loaded = list(by_step), sequences.loaded_step(variant, settings)
+    with job.phase("build", unit, timing, "build_s"):
+        trainee = training.build(item, at, settings["seed"], fault=item.spec.fault)
+    with job.phase("train", unit, timing, "train_s"):
+        losses = {0: training.train(item, at, trainee, 0, points[0])}
+    keeper, saved = Checkpointer(variant, item.spec.fault), {}
+    for index, step in enumerate(points):
+        if index:
+            with job.phase("train", unit):
+                losses[points[index - 1]] = _train_on(item, trainee, job, keeper, points[index - 1])
+        saved[step] = _save_at(job, by_step[step], trainee, keeper, steps)
+    with job.phase("resume", unit, timing, "resume_s"):
+        losses[points[-1]] = _train_on(item, trainee, job, keeper, points[-1])
+    with job.phase("save", unit):
+        keeper.close()
+    with job.phase("files check", unit):
+        files = job.convert_then_break(by_step[loaded])
+    if "error" in files:
+        job.write_result(unit, {"status": "error", "reason": files["error"]})
+        return
+    with job.phase("files check", unit, timing, "files_check_s"):
+        checked = {step: checks.files_vs_saver(by_step[step]) for step in points}
+        pairs = list(itertools.pairwise(points))
+        consecutive = [_consecutive(by_step[a], by_step[b], (a, b)) for a, b in pairs]
+    flat, state_check, save_timing = saved[loaded]
+    timing.update(save_timing, convert_s=files.get("convert_s", 0.0))
+    done = {"state_check": state_check, "files_check": checked[loaded][0]}
+    done["files_error"] = checked[loaded][1]
+    if "fault_applied" in files:
+        done["fault_applied"] = files["fault_applied"]
+    before = [loss for step in points if step < loaded for loss in losses[step]]
+    trained = {"train_losses": losses[0] + before, "resume_losses": losses[loaded]}
+    trained["loss_source"] = training.loss_source(trainee)
+    result = steps.save_result(job, trainee, flat, ([], []), done, trained, timing)
+    others = [s for s in points if s != loaded]
+    result.update(save_step=loaded, save_steps=points)
+    result["sequence"] = _other_checks(saved, checked, others) + consecutive
+    job.write_result(unit, result)
+
+
+def _train_on(item: Item, trainee: Trainee, job, keeper: Checkpointer, start: int) -> list[float]:
+    """``resume_steps`` steps from ``start`` (a save's step); the checkpointer hears of the
+    first optimizer step (future_save writes then)."""
+    count, at = item.train["resume_steps"], job.placement
+    losses = training.train(item, at, trainee, start, 1)
+    keeper.after_update()
+    return losses + training.train(item, at, trainee, start + 1, count - 1)
+
+
+def _save_at(job, item: Item, trainee: Trainee, keeper: Checkpointer, steps: SaverSteps):
+    """The saver's reference at this step (``item``'s paths), check 0, the save; (the saved
+    state flattened, check 0, the save's timing)."""
+    unit, timing = item.id, {}
+    with job.phase("reference", unit):
+        live_shared = steps.write_reference(item, job.placement, trainee, ([], {}), job.rank)
+    with job.phase("state dict", unit):
+        state, flat, state_check = steps.saved_state(item, trainee, ([], {}), live_shared)
+    with job.phase("save", unit):
+        job.inject("save", item.spec.fault)
+        keeper.save(state, item.spec.paths, timing)
+    return flat, state_check, timing
+
+
+def _other_checks(saved: dict, checked: dict, others: list[int]) -> list[dict]:
+    """Checks 0 and 1 of the checkpoints the cells do not load, named with their step."""
+    found = []
+    for step in others:
+        state = sequences.check_at("state dict vs live", step)
+        found.append(sequences.sequence_check(state, saved[step][1]))
+        files = sequences.check_at("files vs saver", step)
+        found.append(sequences.sequence_check(files, *checked[step]))
+    return found
+
+
+def _consecutive(earlier: Item, later: Item, steps: tuple[int, int]) -> dict:
+    """The consecutive-checkpoints check of two checkpoints of the sequence: every rank reads a
+    share of the later checkpoint's entries and the same entries of the earlier one (no process
+    group), and compares the two with each other and the saver's references of the two steps
+    with each other. Rank 0 gets the check (sequences.unchanged; {} on the other ranks)."""
+    refs = [Reference(i.spec.paths.reference) for i in (earlier, later)]
+    share = (dist.get_rank(), dist.get_world_size())
+    changed, same, error = {}, {}, ""
+    try:
+        then = dict(checkpoint_entries(later.spec.paths.checkpoint, False, share))
+        names = [n for n, v in then.items() if not isinstance(v, BaseException)]
+        names = [n for n in names if n in refs[0] and n in refs[1]]
+        first = _read(earlier.spec.paths.checkpoint, names)
+        for name in (n for n in names if n in first):
+            changed[name] = not compare(refs[0].whole(name), refs[1].whole(name)).equal
+            same[name] = compare(first[name], then[name]).equal
+    except (Exception, CheckpointException) as exc:
+        error = f"{sequences.CONSECUTIVE}: cannot read the checkpoints of steps {steps}: "
+        error += one_line(exc)
+    every_rank = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((changed, same, error), every_rank, dst=0)
+    if every_rank is None:
+        return {}
+    errors = [e for _, _, e in every_rank if e]
+    changed = {n: c for part, _, _ in every_rank for n, c in part.items()}
+    same = {n: s for _, part, _ in every_rank for n, s in part.items()}
+    entries = sequences.unchanged(changed, same, steps)
+    return sequences.sequence_check(sequences.CONSECUTIVE, entries, errors[0] if errors else "")
+
+
+def _read(path: str, names: list[str]) -> dict:
+    """The entries ``names`` of a DCP checkpoint, read in this process (no process group);
+    those it lacks are left out."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from pipeline_lib.untrusted import SafeFileSystemReader, SafeLoadPlanner
+
+    reader = SafeFileSystemReader(path)
+    metadata = reader.read_metadata().state_dict_metadata
+    holder = {}
+    for name in (n for n in names if n in metadata):
+        meta = metadata[name]
+        tensor = isinstance(meta, TensorStorageMetadata)
+        holder[name] = torch.empty(meta.size, dtype=meta.properties.dtype) if tensor else None
+    if holder:
+        dcp.load(holder, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    return holder
