@@ -296,7 +296,9 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         "load_world_size": load_layout["world_size"],
         **{axis: getattr(variant, axis) for axis in AXIS_COLUMNS},
         # The training step of the checkpoint the cell loaded (save_sequence: which one).
-        "save_step": save.get("save_step", None if save.get("existing") else spec.train["steps"]),
+        "save_step": save.get(
+            "save_step", None if save.get("existing") else spec.train.get("steps")
+        ),
         "status": status,
         "reason": reason,
         "entries_checked": len(set().union(*checked)),
