@@ -59,8 +59,8 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict, k
     """Write ``state``; returns a wait() to call once the training loop has moved on, which
     waits for an async save to complete. ``timing``: ``save_blocked_s``, the time the training
     loop was blocked, and ``save_s``, until the checkpoint was written. ``keeper``: a save
-    sequence's checkpointer (pipeline_lib.sequence_save.Checkpointer), whose process group and
-    stager every async save of the sequence uses."""
+    sequence's checkpointer (pipeline_lib.sequence_save.Checkpointer), whose storage writer every
+    save of the sequence uses, and whose process group and stager every async save."""
     t = time.perf_counter()
     pending = None
     if variant.writes_full_state:
@@ -83,9 +83,11 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict, k
             process_group=group,
             async_checkpointer_type=kind,
             async_stager=keeper.stager if keeper else None,
+            storage_writer=keeper.writer if keeper else None,
         )
     else:
-        dcp.save(state, checkpoint_id=paths.checkpoint)
+        writer = keeper.writer if keeper else None
+        dcp.save(state, checkpoint_id=paths.checkpoint, storage_writer=writer)
     timing["save_blocked_s"] = timing["save_s"] = time.perf_counter() - t
     if pending is None:
         return lambda: None

@@ -37,14 +37,16 @@ class SaverSteps:
 
 
 class Checkpointer:
-    """One checkpointer object for every save of a sequence, as a trainer keeps one: dcp.save,
-    or dcp.async_save of the variant's type with one process group and one DefaultStager for
-    every save (the stager keeps its staging buffers from save to save). A save waits for the
-    previous one to complete first, as torchtitan does. The faults stale_save and future_save
-    break it on purpose (pipeline_lib.faults)."""
+    """One checkpointer object for every save of a sequence, as a trainer keeps one: one
+    FileSystemWriter (DCP resets it to each save's folder), and for dcp.async_save of the
+    variant's type one process group and one DefaultStager (which keeps its staging buffers
+    from save to save). A save waits for the previous one to complete first, as torchtitan
+    does. The faults stale_save and future_save break it on purpose (pipeline_lib.faults)."""
 
-    def __init__(self, variant, fault: str | None):
+    def __init__(self, variant, fault: str | None, first: str):
+        """``first``: the folder of the first save (the writer is made for it)."""
         self.variant, self.fault = variant, fault
+        self.writer = dcp.FileSystemWriter(first)
         self.group = self.stager = None
         if variant.async_save != "sync":
             from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
@@ -93,7 +95,8 @@ def run(job, item: Item, startup_s: float, steps: SaverSteps) -> None:
         trainee = training.build(item, at, settings["seed"], fault=item.spec.fault)
     with job.phase("train", unit, timing, "train_s"):
         losses = {0: training.train(item, at, trainee, 0, points[0])}
-    keeper, saved = Checkpointer(variant, item.spec.fault), {}
+    first = by_step[points[0]].spec.paths.checkpoint
+    keeper, saved = Checkpointer(variant, item.spec.fault, first), {}
     for index, step in enumerate(points):
         if index:
             with job.phase("train", unit):

@@ -119,6 +119,17 @@ def test_the_verdict_names_each_checkpoint_by_its_step():
     assert "; cannot read; " in records.verdict(save, load, 1e-5)[1]
 
 
+def test_save_step_is_the_loaded_checkpoints_step():
+    from tests.test_records import SPEC, load_result, save_record
+
+    spec = replace(SPEC, train=TRAIN, variant=LAST)
+    assert records.cell_row("mlp", save_record(save_step=4), load_result(), spec)["save_step"] == 4
+    once = replace(spec, variant=Variant())
+    assert records.cell_row("mlp", save_record(), load_result(), once)["save_step"] == 2
+    existing = save_record(existing=True)
+    assert records.cell_row("mlp", existing, load_result(), once)["save_step"] is None
+
+
 def test_sequence_faults_are_not_in_the_campaign():
     assert set(faults.SEQUENCE_FAULTS) == {"stale_save", "future_save"}
     assert not set(faults.SEQUENCE_FAULTS) & set(faults.FAULTS)
