@@ -84,36 +84,19 @@ class Checkpointer:
 
 def run(job, item: Item, startup_s: float, steps: SaverSteps) -> None:
     """One save item of a sequence (``job``: the worker's Job)."""
-    settings, variant, unit, at = item.train, item.variant, item.id, job.placement
-    timing = {"startup_s": startup_s}
-    by_step = {
-        step: sequences.with_paths(item, paths)
-        for step, paths in sequences.paths_by_step(variant, item.spec.paths, settings).items()
-    }
-    points, loaded = list(by_step), sequences.loaded_step(variant, settings)
-    with job.phase("build", unit, timing, "build_s"):
-        trainee = training.build(item, at, settings["seed"], fault=item.spec.fault)
-    with job.phase("train", unit, timing, "train_s"):
-        losses = {0: training.train(item, at, trainee, 0, points[0])}
-    first = by_step[points[0]].spec.paths.checkpoint
-    keeper, saved = Checkpointer(variant, item.spec.fault, first), {}
-    for index, step in enumerate(points):
-        if index:
-            with job.phase("train", unit):
-                losses[points[index - 1]] = _train_on(item, trainee, job, keeper, points[index - 1])
-        saved[step] = _save_at(job, by_step[step], trainee, keeper, steps)
-    with job.phase("resume", unit, timing, "resume_s"):
-        losses[points[-1]] = _train_on(item, trainee, job, keeper, points[-1])
-    with job.phase("save", unit):
-        keeper.close()
+    unit, timing = item.id, {"startup_s": startup_s}
+    folders = sequences.paths_by_step(item.variant, item.spec.paths, item.train)
+    by_step = {step: sequences.with_paths(item, paths) for step, paths in folders.items()}
+    loaded = sequences.loaded_step(item.variant, item.train)
+    trainee, losses, saved = _train_and_save(job, item, by_step, steps, timing)
     with job.phase("files check", unit):
         files = job.convert_then_break(by_step[loaded])
     if "error" in files:
         job.write_result(unit, {"status": "error", "reason": files["error"]})
         return
     with job.phase("files check", unit, timing, "files_check_s"):
-        checked = {step: checks.files_vs_saver(by_step[step]) for step in points}
-        pairs = list(itertools.pairwise(points))
+        checked = {step: checks.files_vs_saver(by_step[step]) for step in by_step}
+        pairs = list(itertools.pairwise(by_step))
         consecutive = [_consecutive(by_step[a], by_step[b], (a, b)) for a, b in pairs]
     flat, state_check, save_timing = saved[loaded]
     timing.update(save_timing, convert_s=files.get("convert_s", 0.0))
@@ -121,14 +104,37 @@ def run(job, item: Item, startup_s: float, steps: SaverSteps) -> None:
     done["files_error"] = checked[loaded][1]
     if "fault_applied" in files:
         done["fault_applied"] = files["fault_applied"]
-    before = [loss for step in points if step < loaded for loss in losses[step]]
-    trained = {"train_losses": losses[0] + before, "resume_losses": losses[loaded]}
-    trained["loss_source"] = training.loss_source(trainee)
-    result = steps.save_result(job, trainee, flat, ([], []), done, trained, timing)
-    others = [s for s in points if s != loaded]
-    result.update(save_step=loaded, save_steps=points)
+    result = steps.save_result(job, trainee, flat, ([], []), done, losses[loaded], timing)
+    result.update(save_step=loaded, save_steps=list(by_step))
+    others = [step for step in by_step if step != loaded]
     result["sequence"] = _other_checks(saved, checked, others) + consecutive
     job.write_result(unit, result)
+
+
+def _train_and_save(job, item: Item, by_step: dict, steps: SaverSteps, timing: dict):
+    """Build, train, and at each step of ``by_step`` (step -> the item at that step's folders)
+    the reference, check 0 and a save with the one checkpointer, training on between the saves
+    and after the last. (trainee, the losses as the cells of each step see them: {step:
+    {train_losses, resume_losses, loss_source}}, {step: (saved state flattened, check 0, save
+    timing)})."""
+    settings, unit, at, points = item.train, item.id, job.placement, list(by_step)
+    with job.phase("build", unit, timing, "build_s"):
+        trainee = training.build(item, at, settings["seed"], fault=item.spec.fault)
+    with job.phase("train", unit, timing, "train_s"):
+        before = training.train(item, at, trainee, 0, points[0])
+    keeper = Checkpointer(item.variant, item.spec.fault, by_step[points[0]].spec.paths.checkpoint)
+    saved, losses = {}, {}
+    for step, after in itertools.pairwise([*points, None]):
+        saved[step] = _save_at(job, by_step[step], trainee, keeper, steps)
+        phase = ("train", unit) if after is not None else ("resume", unit, timing, "resume_s")
+        with job.phase(*phase):
+            resumed = _train_on(item, trainee, job, keeper, step)
+        source = training.loss_source(trainee)
+        losses[step] = {"train_losses": before, "resume_losses": resumed, "loss_source": source}
+        before = before + resumed
+    with job.phase("save", unit):
+        keeper.close()
+    return trainee, losses, saved
 
 
 def _train_on(item: Item, trainee: Trainee, job, keeper: Checkpointer, start: int) -> list[float]:
