@@ -130,6 +130,20 @@ def test_save_step_is_the_loaded_checkpoints_step():
     assert records.cell_row("mlp", existing, load_result(), once)["save_step"] is None
 
 
+def test_the_report_counts_a_check_named_with_its_step():
+    from pipeline_lib.report import findings
+    from tests.test_report import CONFIG, results_tables
+
+    matrix, tensors = (t.to_pandas() for t in results_tables())
+    stale = "files vs saver at step 4: 1 of 2 entries differ; first model.w: bytes differ; "
+    stale += "save sequence: 1 of 2 entries differ; first model.w: equal in the checkpoints"
+    matrix.loc[matrix.status == "fail", "reason"] = stale
+    found = findings(matrix, tensors, CONFIG)
+    assert (matrix.status == "fail").sum() == 2
+    assert "Check files vs saver finds a difference in 2 cells" in found
+    assert "Check save sequence finds a difference in 2 cells" in found
+
+
 def test_sequence_faults_are_not_in_the_campaign():
     assert set(faults.SEQUENCE_FAULTS) == {"stale_save", "future_save"}
     assert not set(faults.SEQUENCE_FAULTS) & set(faults.FAULTS)
