@@ -58,6 +58,11 @@ def test_what_a_sequence_does_not_combine_with_is_skip(variant, reason):
     assert reason in grid.skip_reason(variant, "save", layout)
 
 
+def test_an_existing_checkpoint_is_not_a_sequence():
+    assert grid.existing_conflict(LAST) == "save_sequence load_last"
+    assert grid.existing_conflict(Variant()) is None
+
+
 def test_steps_and_folders_of_a_sequence():
     assert sequences.save_steps({"steps": 3, "resume_steps": 2}) == [3, 5]
     paths = CheckpointPaths("r/checkpoint", "r/full_state.pt", "r/reference")
