@@ -61,6 +61,10 @@ AXES: dict[str, tuple[str, ...]] = {
     # checkpoint right after its save into its own model and optimizer (trained on since), as a
     # trainer resumes after an evaluation; the cell (save layout = load layout) reads its result.
     "load_process": ("fresh", "saver"),
+    # once: one save; load_last / load_first: the saver saves twice with one checkpointer
+    # object, at steps train.steps and train.steps + train.resume_steps, into separate folders;
+    # the cells load the last checkpoint of the sequence or the first (pipeline_lib.sequences).
+    "save_sequence": ("once", "load_last", "load_first"),
 }
 CONFIG_KEYS = {
     "mode": "modes",
@@ -71,6 +75,7 @@ CONFIG_KEYS = {
     "param_dtype": "dtypes",
     "load_init": "load_init",
     "load_process": "load_process",
+    "save_sequence": "save_sequences",
 }
 
 
@@ -84,6 +89,7 @@ class Variant:
     param_dtype: str = "float32"
     load_init: str = "device"
     load_process: str = "fresh"
+    save_sequence: str = "once"
 
     @property
     def id(self) -> str:
@@ -150,6 +156,11 @@ class Variant:
         return not self.mode.startswith("non_strict")
 
     @property
+    def saves_sequence(self) -> bool:
+        """The saver saves more than once in one run (pipeline_lib.sequences)."""
+        return self.save_sequence != "once"
+
+    @property
     def load_must_fail(self) -> bool:
         """A strict load of a checkpoint the saver changed on purpose must fail naming it."""
         return self.mode in ("strict", "strict_unexpected")
@@ -195,6 +206,8 @@ def conflict(variant: Variant) -> str | None:
         return f"load_process saver reuses the saver's model: load_init {init} does not apply"
     if variant.format.startswith("safetensors") and variant.optimizer == "adam_lr_warmup":
         return f"format {variant.format} holds tensors only, not the LR scheduler's state"
+    if variant.saves_sequence and (reason := _sequence_conflict(variant)):
+        return reason
     if variant.async_save != "sync" and (variant.format != "dcp" or variant.mode == "full"):
         return (
             f"async_save {variant.async_save} writes DCP with the default writer "
@@ -210,6 +223,20 @@ def _load_mode_conflict(variant: Variant) -> str | None:
         return f"load_mode pairs modes {', '.join(LOAD_MODES)} only (mode {variant.mode})"
     if variant.format != "dcp":
         return f"load_mode {variant.load_mode} is tested with format dcp only"
+    return None
+
+
+def _sequence_conflict(variant: Variant) -> str | None:
+    others = {
+        "mode": ("sharded", variant.mode),
+        "format": ("dcp", variant.format),
+        "load_mode": ("same", variant.load_mode),
+        "load_process": ("fresh", variant.load_process),
+    }
+    for axis, (tested, value) in others.items():
+        if value != tested:
+            sequence = variant.save_sequence
+            return f"save_sequence {sequence} is tested with {axis} {tested} only ({axis} {value})"
     return None
 
 

@@ -55,25 +55,27 @@ def _hf_writer(path: str, consolidate: bool):
     return HuggingFaceStorageWriter(path, save_distributed=True, enable_consolidation=consolidate)
 
 
-def _stager(variant: Variant):
-    """process_pinned: DCP's DefaultStager with every option on (pinned and shared memory,
-    staging in the background, non-blocking copies); otherwise None (async_save's default,
-    which stages with every option off). Its pinned memory needs CUDA."""
-    if variant.async_save != "process_pinned":
-        return None
+def stager(variant: Variant):
+    """The DefaultStager of an async save: every StagingOptions off (what dcp.async_save makes
+    when given none) or, for process_pinned, every one on (pinned and shared memory, staging in
+    the background, non-blocking copies), which needs CUDA. Its owner closes it."""
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+    if variant.async_save != "process_pinned":
+        return DefaultStager(StagingOptions(False, False, False, False))
     if not torch.cuda.is_available():
         raise Incompatible("async_save process_pinned stages into pinned memory: needs CUDA")
     return DefaultStager(StagingOptions(True, True, True, True))
 
 
-def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
+def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict, keeper=None):
     """Write ``state``; returns a wait() to call once the training loop has moved on, which
     waits for an async save to complete. ``timing``: ``save_blocked_s``, the time the training
-    loop was blocked, and ``save_s``, until the checkpoint was written."""
+    loop was blocked, and ``save_s``, until the checkpoint was written. ``keeper``: a save
+    sequence's checkpointer (pipeline_lib.sequence_save.Checkpointer), whose storage writer every
+    save of the sequence uses, and whose process group and stager every async save."""
     t = time.perf_counter()
-    pending = stager = None
+    pending = owned = None
     if variant.writes_full_state:
         if dist.get_rank() == 0:
             torch.save(stateful_as_dicts(state), paths.full_state)
@@ -87,17 +89,20 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
         kind = AsyncCheckpointerType[variant.async_save.removesuffix("_pinned").upper()]
         # A process group of its own: the background save's collectives must not interleave
         # with the training loop's on the default group (gloo aborts the process).
-        group = dist.new_group(backend="gloo")
-        stager = _stager(variant)
+        group = keeper.group if keeper else dist.new_group(backend="gloo")
+        # A sequence's checkpointer keeps its stager; a single save's is closed after it.
+        owned = None if keeper else stager(variant)
         pending = dcp.async_save(
             state,
             checkpoint_id=paths.checkpoint,
             process_group=group,
             async_checkpointer_type=kind,
-            async_stager=stager,
+            async_stager=keeper.stager if keeper else owned,
+            storage_writer=keeper.writer if keeper else None,
         )
     else:
-        dcp.save(state, checkpoint_id=paths.checkpoint)
+        writer = keeper.writer if keeper else None
+        dcp.save(state, checkpoint_id=paths.checkpoint, storage_writer=writer)
     timing["save_blocked_s"] = timing["save_s"] = time.perf_counter() - t
     if pending is None:
         return lambda: None
@@ -114,8 +119,8 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict):
     def wait() -> None:
         future.result()
         written.wait()  # callbacks may run just after result() returns
-        if stager is not None:  # ours, not async_save's: we close it after the last save
-            stager.close()
+        if owned is not None:
+            owned.close()
 
     return wait
 

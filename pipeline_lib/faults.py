@@ -201,6 +201,18 @@ MODE_FAULTS = {
     # model entries its model lacks (a loader reading only its own keys, as dcp.load does).
     "ignore_unexpected": "fail",
 }
+# Faults that mean something in a save sequence only (axis save_sequence; the campaign's cells
+# save once): tests/test_save_sequences.py injects them into a cell of a sequence. Both break
+# the checkpointer the saver keeps for every save of the sequence (pipeline_lib.sequence_save).
+SEQUENCE_FAULTS = {
+    # Every save after the first writes the state the checkpointer staged at the first, as a
+    # checkpointer that stages once and never again (NeMo RL #3312: with async saving, every
+    # checkpoint after the first equal to the first).
+    "stale_save": "fail",
+    # The first save writes the state as it is after the next optimizer step, as an async save
+    # that captures its tensors late (pytorch #144657).
+    "future_save": "fail",
+}
 
 
 # --- hooks: where the jobs break themselves (pipeline_lib.worker, training, checks) ------------
@@ -230,6 +242,16 @@ def wants_state_at_build(fault: str | None) -> bool:
 def ignores_unexpected(fault: str | None) -> bool:
     """ignore_unexpected: the loader loads only its own model's entries."""
     return fault == "ignore_unexpected"
+
+
+def stale_save(fault: str | None) -> bool:
+    """stale_save: every save of a sequence after the first writes the first one's state."""
+    return fault == "stale_save"
+
+
+def future_save(fault: str | None) -> bool:
+    """future_save: the first save of a sequence writes the state after the next update."""
+    return fault == "future_save"
 
 
 def skew_resume(fault: str | None, optimizer) -> None:

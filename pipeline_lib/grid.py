@@ -409,6 +409,7 @@ def existing_conflict(variant: Variant) -> str | None:
     """Why the existing checkpoints are not loaded in items of ``variant`` (None: they are):
     the axes that describe how a checkpoint was written are the checkpoint's own."""
     fixed = {"mode": "sharded", "format": "dcp", "async_save": "sync", "param_dtype": "float32"}
+    fixed["save_sequence"] = "once"
     differ = [f"{k} {getattr(variant, k)}" for k, v in fixed.items() if getattr(variant, k) != v]
     return ", ".join(differ) or None
 

@@ -36,6 +36,7 @@ AXIS_COLUMNS = [
     "param_dtype",
     "load_init",
     "load_process",
+    "save_sequence",
 ]
 CELL_KEYS = [
     "model",
@@ -58,6 +59,7 @@ MATRIX_SCHEMA = pa.schema(
         ("load_mesh", pa.string()),
         ("load_world_size", pa.int64()),
         *((axis, pa.string()) for axis in AXIS_COLUMNS),
+        ("save_step", pa.int64()),
         ("status", pa.string()),
         ("reason", pa.string()),
         ("entries_checked", pa.int64()),
@@ -164,9 +166,12 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
     if save["status"] in JOB_FAILURES:
         side = "import" if save.get("existing") else "save"
         return save["status"], f"{side}: {save['reason']}"
+    at = f" at step {save['save_step']}" if "save_step" in save else ""  # a save_sequence
     reasons = [
-        summarize("state dict vs live", save.get("state_check", {}))[1],
-        save.get("files_error") or summarize("files vs saver", save["files_check"])[1],
+        summarize(f"state dict vs live{at}", save.get("state_check", {}))[1],
+        save.get("files_error") or summarize(f"files vs saver{at}", save["files_check"])[1],
+        # save_sequence: the other checkpoints' checks and consecutive ones' (sequences.py)
+        *(c["error"] or summarize(c["check"], c["entries"])[1] for c in save.get("sequence", [])),
     ]
     if "hf_export" in save and not save["hf_export"]["loads"]:
         reasons.append(f"hf export: {save['hf_export']['reason']}")
@@ -288,6 +293,10 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         "load_mesh": "x".join(map(str, load_layout["mesh"])),
         "load_world_size": load_layout["world_size"],
         **{axis: getattr(variant, axis) for axis in AXIS_COLUMNS},
+        # The training step of the checkpoint the cell loaded (save_sequence: which one).
+        "save_step": save.get(
+            "save_step", None if save.get("existing") else spec.train.get("steps")
+        ),
         "status": status,
         "reason": reason,
         "entries_checked": len(set().union(*checked)),

@@ -30,8 +30,9 @@ from pipeline_lib.config import config_hash
 from pipeline_lib.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-# The check names records.verdict puts at the start of each part of a `fail` reason.
-CHECKS = ("state dict vs live", "files vs saver", "loader vs saver", "resume")
+# The check names records.verdict puts at the start of each part of a `fail` reason (checks 0
+# and 1 of a save sequence's checkpoints end in " at step <n>").
+CHECKS = ("state dict vs live", "files vs saver", "save sequence", "loader vs saver", "resume")
 # Skipped cells are left out of the shared-status findings: they are counted by reason.
 STATUS_VERBS = {
     "pass": "passes",
@@ -197,7 +198,7 @@ def findings(matrix: pd.DataFrame, tensors: pd.DataFrame, config: dict) -> list[
         found.append(f"{_count(n)} with status {status}, which this report does not know")
     failed = matrix[matrix.status == "fail"]
     for check in CHECKS:
-        pattern = rf"(?:^|; ){re.escape(check)}:"
+        pattern = rf"(?:^|; ){re.escape(check)}(?: at step \d+)?:"
         n = int(failed.reason.str.contains(pattern).sum())
         if n:
             found.append(f"Check {check} finds a difference in {_count(n)}")

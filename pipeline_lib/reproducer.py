@@ -276,6 +276,8 @@ def not_modelled(variant: Variant) -> str | None:
         return f"load_process {variant.load_process} (the script loads in a fresh process)"
     if variant.async_save == "process_pinned":
         return "async_save process_pinned (the script stages with async_save's default)"
+    if variant.saves_sequence:
+        return f"save_sequence {variant.save_sequence} (the script saves once)"
     return None
 
 

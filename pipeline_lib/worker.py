@@ -33,6 +33,8 @@ from pipeline_lib import (
     faults,
     frameworks,
     hf_export,
+    sequence_save,
+    sequences,
     timestamps,
     training,
 )
@@ -150,6 +152,9 @@ def _placement(layout: dict, device_type: str, device: torch.device) -> Placemen
 
 def run_save(job: Job, item: Item, startup_s: float) -> None:
     """One save item: build, train, the saver's reference, check 0, save, resume, check 1."""
+    if item.variant.saves_sequence:  # more than one save: pipeline_lib.sequence_save
+        steps = sequence_save.SaverSteps(write_reference, saved_state, save_result)
+        return sequence_save.run(job, item, startup_s, steps)
     paths, settings, variant, fault = item.spec.paths, item.train, item.variant, item.spec.fault
     at, unit, timing = job.placement, item.id, {"startup_s": startup_s}
     if variant.exports_hf:
@@ -302,6 +307,7 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
     saver's process did so, ``saver_reload``)."""
     if item.variant.load_process == "saver":
         return saver_reload(job, source)
+    item = sequences.as_loaded(item)  # save_sequence: resume from the loaded checkpoint's step
     places = None
     if source.naming is not None:  # an existing checkpoint: its optimizer entries decide
         spec = item.spec
