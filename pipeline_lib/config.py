@@ -233,6 +233,10 @@ def _fault_errors(config: dict) -> list[str]:
         if entry["fault"] not in known_faults:
             known = ", ".join(known_faults)
             errors.append(f"faults.{i}.fault: unknown fault {entry['fault']!r} (known: {known})")
+        elif entry["fault"] not in ["all", *faults.campaign(config["verify"])]:
+            errors.append(
+                f"faults.{i}.fault: {entry['fault']} breaks a seal (needs verify.reference: sealed)"
+            )
         if entry["model"] not in known_models:
             errors.append(f"faults.{i}.model: unknown model {entry['model']!r}")
         for key in ("save", "load"):
