@@ -24,7 +24,8 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from pipeline_lib import seal
-from pipeline_lib.compare import EntryComparison, compare, merge, unmatched
+from pipeline_lib.compare import EntryComparison, merge, unmatched
+from pipeline_lib.compare import compare as _compare
 from pipeline_lib.entries import flatten
 from pipeline_lib.errors import Incompatible, one_line
 from pipeline_lib.readers import READ_BATCH_BYTES
@@ -116,10 +117,17 @@ class Files:
             return torch.empty(meta.size, dtype=meta.properties.dtype, device="meta")
         return None
 
-    def compare_many(self, actual: dict[str, Any]) -> dict[str, EntryComparison]:
+    def compare_many(
+        self, actual: dict[str, Any], files_first: bool = True
+    ) -> dict[str, EntryComparison]:
         """Each entry of ``actual`` (this rank's part of it; every name in the files) vs the files:
         global type, dtype and shape, then bit for bit. Reads a batch of entries per dcp.load;
-        an entry that cannot be read is not equal, noted ``unreadable: ...``."""
+        an entry that cannot be read is not equal, noted ``unreadable: ...``. ``files_first``:
+        notes say the files' dtype, shape or value first (the other side's when False)."""
+
+        def compare(expected, value):
+            return _compare(expected, value) if files_first else _compare(value, expected)
+
         found, wanted = {}, {}
         for name, value in actual.items():
             expected, mine = self._expected(name), local_piece(value)
@@ -237,7 +245,7 @@ def files_vs_live(variant, paths, live: dict) -> tuple[dict, str]:
         files = _files(variant, paths)
         names = set(files)
         present = {n: v for n, v in mine.items() if n in files}
-        entries = {n: vars(c) for n, c in files.compare_many(present).items()}
+        entries = {n: vars(c) for n, c in files.compare_many(present, False).items()}
     except (Exception, CheckpointException) as exc:
         error = f"files vs saver: cannot read checkpoint {paths.read_by(variant)}: {one_line(exc)}"
     every_rank = [None] * dist.get_world_size() if rank == 0 else None

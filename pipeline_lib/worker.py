@@ -223,7 +223,7 @@ def check_and_seal(job: Job, item: Item, live: dict, timing: dict) -> tuple[dict
     with job.phase("seal", unit, timing, "seal_s"):
         filecheck.write_seal(paths.read_by(variant))
     if job.rank == 0 and (
-        broken := faults.apply_after_seal(item.spec.fault, paths.read_by(variant))
+        broken := faults.apply_after_seal(item.spec.fault, Path(paths.read_by(variant)))
     ):
         files["fault_applied"] = broken
     return files, files_check, files_error
