@@ -6,6 +6,8 @@ file, while a clean cell passes."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -121,19 +123,21 @@ def test_faults_that_break_a_seal_need_sealed_mode(small_config):
     assert {c.fault for c in cells} == set(faults.FAULTS)
 
 
-FILES = "files vs saver: 1 of 52 entries differ; first model.blocks.0.fc1.bias"
+FILES = re.escape("files vs saver: 1 of 52 entries differ; first model.blocks.0.fc1.bias")
+SHARD = r"(__\d+_\d+\.distcp)"
 SEALED_REASONS = {
     "flip_byte": f"{FILES}: bytes differ",
     "truncate_shard": "files vs saver: ",
     "delete_shard": "files vs saver: ",
     "delete_metadata": "files vs saver: cannot read checkpoint results/faults/delete_metadata",
     "drop_entry": f"{FILES}: missing in the checkpoint",
-    "change_shape": f"{FILES}: shape [32] != [33]",
+    "change_shape": f"{FILES}: shape \\[32\\] != \\[33\\]",
     "change_dtype": f"{FILES}: dtype torch.float32 != torch.float64",
-    # Files changed between the jobs: check 1 held, the load job's seal check names the file.
-    "change_after_seal": "seal: __0_0.distcp changed since the save (xxh3_128 ",
-    "delete_after_seal": "seal: sealed file __0_0.distcp is missing from results/faults/",
-    "corrupt_seal": "seal: .metadata changed since the save (xxh3_128 ",
+    # Files changed between the jobs: check 1 held, the load job's seal check names the file
+    # the fault changed (its account in the save record).
+    "change_after_seal": f"seal: {SHARD} changed since the save \\(xxh3_128 [0-9a-f]{{32}}, sealed ",
+    "delete_after_seal": f"seal: sealed file {SHARD} is missing from results/faults/",
+    "corrupt_seal": "seal: (\\.metadata) changed since the save \\(xxh3_128 [0-9a-f]{32}, sealed ",
 }
 
 
@@ -141,16 +145,28 @@ SEALED_REASONS = {
 def test_sealed_fault_campaign(tmp_path):
     (tmp_path / "config.yaml").write_text((REPO / "configs" / "selftest-sealed.yaml").read_text())
     snakemake(tmp_path)
-    table = pd.read_parquet(tmp_path / "results" / "selftest.parquet").set_index("fault")
+    assert_sealed_campaign(tmp_path)
+
+
+def assert_sealed_campaign(run: Path) -> None:
+    table = pd.read_parquet(run / "results" / "selftest.parquet").set_index("fault")
     checkpoint_faults = {n for n, f in faults.FAULTS.items() if f.stage == "checkpoint"}
     assert set(table.index) == set(SEALED_REASONS) >= checkpoint_faults
     for fault, row in table.iterrows():
         assert (row.status, row.reference_mode) == ("fail", "sealed"), (fault, row.reason)
-        assert row.reason.startswith(SEALED_REASONS[fault]), (fault, row.reason)
-        assert row.caught
+        found = re.match(SEALED_REASONS[fault], row.reason)
+        assert found and row.caught, (fault, row.reason)
+        if faults.FAULTS[fault].stage == "sealed":
+            cell = grid.FaultCell(fault, "mlp", "ddp_2", "fsdp2_2")
+            save = read_json(run / grid.save_record_path("mlp", "ddp_2", cell.root))
+            assert (save["status"], save["files_check"][ENTRY]["equal"]) == ("ok", True)
+            assert found.group(1) in save["fault_applied"], (fault, save["fault_applied"])
     # The clean cell: no reference written, the seal beside the checkpoint, and it passes.
-    save = tmp_path / grid.save_dir("mlp", "fsdp1_2")
-    assert not (save / "reference").exists() and (save / "checkpoint.seal.json").exists()
-    (cell,) = read_json(tmp_path / grid.load_record_path("mlp", "fsdp2_2"))["cells"]
+    save_dir = run / grid.save_dir("mlp", "fsdp1_2")
+    assert not (save_dir / "reference").exists() and (save_dir / "checkpoint.seal.json").exists()
+    (cell,) = read_json(run / grid.load_record_path("mlp", "fsdp2_2"))["cells"]
     assert (cell["status"], cell["reference_mode"], cell["seal_ok"]) == ("pass", "sealed", True)
     assert cell["entries_checked"] == 52 and cell["seal_seconds"] is not None
+
+
+ENTRY = "model.blocks.0.fc1.bias"
