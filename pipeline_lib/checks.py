@@ -110,6 +110,8 @@ def loader_vs_saver(
     form = load_form_dir(reference) if variant.forms_differ else None
     # Sealed mode: the files are the reference (their seal held: pipeline_lib.filecheck).
     files = filecheck.files_reference(variant, source.paths) if sealed else None
+    if files is not None:
+        files.keep = True  # the parts the first comparison reads serve the second too
     state = state_dict(item, t, fault=fault, side="load")
     # Reported missing or unexpected by the non-strict load: not in the loader's model.
     skip = {*report.missing, *report.unexpected}
@@ -126,6 +128,8 @@ def loader_vs_saver(
         against=files,
     )
     mine = live(item, at, t, side="load")
+    if files is not None:
+        files.keep = False
     from_live = against_reference(
         mine, reference, "the loader's live state", t.anatomy, skip, form=form, against=files
     )

@@ -11,6 +11,7 @@ Public but not in torch's documented index: ``planner_helpers.create_read_items_
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +94,9 @@ class Files:
         import torch.distributed.checkpoint as dcp
 
         self.path, self.full = path, full
+        # keep: the parts read are kept for the next compare_many of the same parts (check 2
+        # compares two states of one loader: one read of the files, at one shard's memory).
+        self.keep, self._kept = False, {}
         if full:
             self.whole = flatten(torch.load(path, mmap=True, weights_only=True))
             self.meta = {n: v for n, v in self.whole.items()}
@@ -138,8 +142,16 @@ class Files:
                 found[name] = compare(expected, value if mine is None else _stand_in(value))
             else:
                 wanted[name] = mine
-        for name, read in self._read(wanted):
-            mine, value = wanted[name], actual[name]
+        kept, parts = {}, dict(wanted)
+        for name, mine in parts.items():
+            key = None if mine is None else (name, _box(mine, self._expected(name).shape))
+            if key in self._kept:
+                kept[name] = self._kept.pop(key)
+                del wanted[name]
+        for name, read in itertools.chain(kept.items(), self._read(wanted)):
+            mine, value = parts[name], actual[name]
+            if self.keep and mine is not None and not isinstance(read, BaseException):
+                self._kept[name, _box(mine, self._expected(name).shape)] = read
             if isinstance(read, BaseException):
                 found[name] = EntryComparison(False, None, f"unreadable: {one_line(read)}")
             elif mine is None:
@@ -274,14 +286,23 @@ def sharing_only(live_shared: dict, flat_shared: dict) -> dict:
 
 
 def check_seal(path: str) -> str:
-    """Rank 0 checks the seal of ``path``; every rank gets its reason ('' when it holds)."""
-    shared = [seal.check(path) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
+    """Every rank checks the seal of ``path`` for its share of the files; every rank gets the
+    reason of the lowest rank that found one ('' when the seal holds). Collective."""
+    part = (dist.get_rank(), dist.get_world_size())
+    every_rank = [None] * part[1]
+    dist.all_gather_object(every_rank, seal.check(path, part))
+    return next((reason for reason in every_rank if reason), "")
 
 
 def write_seal(path: str) -> None:
-    """Rank 0 seals ``path`` as it is now; the other ranks wait for it."""
-    if dist.get_rank() == 0 and Path(path).exists():
-        seal.write(path)
+    """Every rank digests its share of the files of ``path`` as they are now; rank 0 writes the
+    seal. Collective."""
+    part = (dist.get_rank(), dist.get_world_size())
+    mine = seal.make(path, part) if Path(path).exists() else seal.Seal()
+    every_rank = [None] * part[1] if part[0] == 0 else None
+    dist.gather_object(mine.files, every_rank, dst=0)
+    if every_rank is not None and Path(path).exists():
+        seal.write(path, seal.Seal(files=dict(sorted(
+            (name, f) for files in every_rank for name, f in files.items()
+        ))))  # fmt: skip
     dist.barrier()

@@ -70,21 +70,30 @@ def files_of(sealed: Path) -> dict[str, Path]:
     return {str(p.relative_to(sealed)): p for p in sorted(found)}
 
 
-def make(sealed: str) -> Seal:
+def share(names: list[str], part: tuple[int, int]) -> list[str]:
+    """The ``part`` (i, n) i-th of n shares of ``names`` (every n-th, sorted): the ranks of a
+    job digest the files in parallel."""
+    return sorted(names)[part[0] :: part[1]]
+
+
+def make(sealed: str, part: tuple[int, int] = (0, 1)) -> Seal:
+    """The seal of ``sealed``'s files as they are now (``part``: only that share of them)."""
     files = files_of(Path(sealed))
-    return Seal(files={n: SealedFile(p.stat().st_size, digest(p)) for n, p in files.items()})
+    mine = share(list(files), part)
+    return Seal(files={n: SealedFile(files[n].stat().st_size, digest(files[n])) for n in mine})
 
 
-def write(sealed: str) -> Seal:
-    """Seal ``sealed`` (its files as they are now) and write the seal beside it."""
-    seal = make(sealed)
+def write(sealed: str, seal: Seal | None = None) -> Seal:
+    """Write the seal of ``sealed`` beside it (``seal``: one made already; default: now)."""
+    seal = seal or make(sealed)
     Path(seal_path(sealed)).write_text(json.dumps(seal.to_dict(), indent=1) + "\n")
     return seal
 
 
-def check(sealed: str) -> str:
+def check(sealed: str, part: tuple[int, int] = (0, 1)) -> str:
     """'' if every file the seal of ``sealed`` names is there with its size and digest and no
-    other file is; else a one-line reason naming the first file that differs."""
+    other file is; else a one-line reason naming the first file that differs. ``part``: digest
+    only that share of the files (the presence of every file is checked whatever the share)."""
     where = seal_path(sealed)
     try:
         seal = Seal.from_dict(json.loads(Path(where).read_text()))
@@ -99,7 +108,8 @@ def check(sealed: str) -> str:
         return f"seal: sealed file {name} is missing from {sealed}"
     for name in sorted(set(found) - set(seal.files)):
         return f"seal: file {name} in {sealed} is not in the seal"
-    for name, sealed_file in seal.files.items():
+    for name in share(list(seal.files), part):
+        sealed_file = seal.files[name]
         size = found[name].stat().st_size
         if size != sealed_file.bytes:
             return f"seal: {name} changed since the save ({size} bytes, sealed {sealed_file.bytes})"

@@ -47,6 +47,15 @@ def test_a_changed_byte_names_the_file(sealed_dir):
     )
 
 
+def test_the_ranks_digest_shares_of_the_files(sealed_dir):
+    path = sealed_dir / "__0_0.distcp"
+    path.write_bytes(path.read_bytes()[::-1])
+    reasons = [seal.check(str(sealed_dir), (i, 2)) for i in range(2)]
+    assert sorted(reasons)[0] == "" and "__0_0.distcp changed" in sorted(reasons)[1]
+    halves = [seal.make(str(sealed_dir), (i, 2)).files for i in range(2)]
+    assert {**halves[0], **halves[1]} == seal.make(str(sealed_dir)).files
+
+
 def test_a_truncated_deleted_or_added_file_is_named(sealed_dir):
     (sealed_dir / ".metadata").write_bytes(b"m" * 99)
     assert seal.check(str(sealed_dir)) == (
@@ -104,6 +113,12 @@ def test_files_are_read_by_part_and_compared_bit_for_bit(tmp_path):
     assert found["model.b"].note == "dtype torch.float32 != torch.float64"
     assert found["optim.param_groups.0.lr"].note == "value 0.1 != 0.2"
     assert files.compare_many({"model.b": b[:4]}, False)["model.b"].note == "shape [4] != [5]"
+    # Check 2 compares two states of the loader: the parts read for the first serve the second.
+    files.keep = True
+    assert files.compare_many({"model.w": run})["model.w"].note == "bytes differ"
+    files.keep = False
+    good = FlatPiece(8, w.reshape(-1)[8:23].clone(), w.shape)
+    assert files.compare_many({"model.w": good})["model.w"].equal and not files._kept
 
 
 def test_a_broken_seal_fails_the_cell_whatever_else_held():
