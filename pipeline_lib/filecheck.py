@@ -99,7 +99,7 @@ class Files:
         self.keep, self._kept = False, {}
         if full:
             self.whole = flatten(torch.load(path, mmap=True, weights_only=True))
-            self.meta = {n: v for n, v in self.whole.items()}
+            self.meta = dict(self.whole)
             return
         self.reader = (
             dcp.HuggingFaceStorageReader(path) if safetensors else SafeFileSystemReader(path)
