@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed.checkpoint import CheckpointException
 
-from pipeline_lib import checkpoint_io
+from pipeline_lib import checkpoint_io, filecheck
 from pipeline_lib.axes import UNEXPECTED_ENTRY
 from pipeline_lib.compare import EntryComparison, merge, shared_storage, unmatched
 from pipeline_lib.entries import flatten
@@ -30,16 +30,18 @@ def against_reference(
     drop_first: bool = False,
     shared: dict[str, str] | None = None,
     form: str | None = None,
+    against=None,
 ) -> dict:
     """Every rank's part of every entry of ``flat`` (a state of ``side``: "the saver's state
     dict", "the loader's state", ...) vs the saver's reference; entries sharing storage the
     model does not tie fail too. ``skip``: entries not to compare; ``drop_first`` (fault
     drop_loaded_entry): leave out the first on purpose; ``shared``: more entries that share
     storage (name -> note); ``form``: the reference's entries in the loader's form
-    (``Reference``)."""
-    reference = Reference(reference_path, form)
+    (``Reference``); ``against``: another reference than the saver's (sealed mode: the files,
+    pipeline_lib.filecheck.Files)."""
+    reference = against if against is not None else Reference(reference_path, form)
     names = sorted(set(flat) - set(skip) - ({min(reference)} if drop_first else set()))
-    mine = {name: reference.compare(name, flat[name]) for name in names if name in reference}
+    mine = reference.compare_many({name: flat[name] for name in names if name in reference})
     shared = {**(shared or {}), **shared_storage({n: flat[n] for n in names}, anatomy.canonical)}
     for name, note in shared.items():
         found = mine.get(name, EntryComparison(True, None))
@@ -96,7 +98,9 @@ def files_vs_saver(item: Item) -> tuple[dict, str]:
     return entries, ""
 
 
-def loader_vs_saver(item: Item, at: Placement, t: Trainee, source: Source, report) -> dict:
+def loader_vs_saver(
+    item: Item, at: Placement, t: Trainee, source: Source, report, sealed: bool = False
+) -> dict:
     """The loader's state, twice: as get_state_dict gives it in the loader's mode, and from its
     live objects (pipeline_lib.live), each against the saver's reference in that form. An entry
     is equal only if both are; a difference only the live objects show is noted ``live: ...``.
@@ -104,6 +108,10 @@ def loader_vs_saver(item: Item, at: Placement, t: Trainee, source: Source, repor
     saver's in records.verdict: those entries are not compared here."""
     fault, reference, variant = source.fault, source.paths.reference, item.variant
     form = load_form_dir(reference) if variant.forms_differ else None
+    # Sealed mode: the files are the reference (their seal held: pipeline_lib.filecheck).
+    files = filecheck.files_reference(variant, source.paths) if sealed else None
+    if files is not None:
+        files.keep = True  # the parts the first comparison reads serve the second too
     state = state_dict(item, t, fault=fault, side="load")
     # Reported missing or unexpected by the non-strict load: not in the loader's model.
     skip = {*report.missing, *report.unexpected}
@@ -117,10 +125,13 @@ def loader_vs_saver(item: Item, at: Placement, t: Trainee, source: Source, repor
         skip=skip,
         drop_first=fault == "drop_loaded_entry",
         form=form,
+        against=files,
     )
     mine = live(item, at, t, side="load")
+    if files is not None:
+        files.keep = False
     from_live = against_reference(
-        mine, reference, "the loader's live state", t.anatomy, skip, form=form
+        mine, reference, "the loader's live state", t.anatomy, skip, form=form, against=files
     )
     for name, found in from_live.items():
         if not found["equal"] and through_api.get(name, {"equal": True})["equal"]:

@@ -224,6 +224,12 @@ def _axis_errors(config: dict) -> list[str]:
             if value not in known:
                 where = key if axis == "optimizer" and single_optimizer else f"{key}.{i}"
                 errors.append(f"{where}: unknown {axis} {value!r} (known: {', '.join(known)})")
+    sequences = [v for v in config.get("save_sequences", []) if v != "once"]
+    if sequences and config["verify"].get("reference") == "sealed":
+        errors.append(
+            f"save_sequences: {sequences[0]} is checked against the saver's reference at each "
+            "step; verify.reference sealed writes none (use exact)"
+        )
     return errors
 
 
@@ -233,6 +239,10 @@ def _fault_errors(config: dict) -> list[str]:
         if entry["fault"] not in known_faults:
             known = ", ".join(known_faults)
             errors.append(f"faults.{i}.fault: unknown fault {entry['fault']!r} (known: {known})")
+        elif entry["fault"] not in ["all", *faults.campaign(config["verify"])]:
+            errors.append(
+                f"faults.{i}.fault: {entry['fault']} breaks a seal (needs verify.reference: sealed)"
+            )
         if entry["model"] not in known_models:
             errors.append(f"faults.{i}.model: unknown model {entry['model']!r}")
         for key in ("save", "load"):

@@ -10,7 +10,10 @@ Each fault names the status the verifier must give. Stages:
 - ``source``: the load job reads a checkpoint written by a different model;
 - ``state``: the state dict ``get_state_dict`` returns is corrupted the same way on the save and
   the load side (``corrupt``), as a state-dict API that returns wrong values would: only a check
-  independent of that API (the saver's state dict vs its live objects) can see it.
+  independent of that API (the saver's state dict vs its live objects) can see it;
+- ``sealed`` (``verify.reference: sealed`` only): change the files, or the seal, after the save
+  job sealed them (rank 0, ``apply_after_seal``), as a file changed between the jobs: the load
+  job's seal check must name the file.
 """
 
 from __future__ import annotations
@@ -167,6 +170,29 @@ def stale_param(model_state: dict, optim_state: dict, at_build: dict) -> None:
     model_state[name] = at_build[name]
 
 
+def change_after_seal(checkpoint: Path) -> str:
+    return f"after sealing: {flip_byte(checkpoint)}"
+
+
+def delete_after_seal(checkpoint: Path) -> str:
+    return f"after sealing: {delete_shard(checkpoint)}"
+
+
+def corrupt_seal(checkpoint: Path) -> str:
+    """Change the digest the seal holds for its first file (the file itself stays)."""
+    import json
+
+    from pipeline_lib.seal import seal_path
+
+    path = Path(seal_path(str(checkpoint)))
+    data = json.loads(path.read_text())
+    name = min(data["files"])
+    digest = data["files"][name]["digest"]
+    data["files"][name]["digest"] = ("0" if digest[0] != "0" else "1") + digest[1:]
+    path.write_text(json.dumps(data))
+    return f"changed the digest of {name} in {path.name}"
+
+
 FAULTS: dict[str, Fault] = {
     f.name: f
     for f in [
@@ -190,8 +216,21 @@ FAULTS: dict[str, Fault] = {
         Fault("segfault_load", "load", "crash"),
         Fault("hang_save", "save", "timeout"),
         Fault("hang_load", "load", "timeout"),
+        Fault("change_after_seal", "sealed", "fail", change_after_seal),
+        Fault("delete_after_seal", "sealed", "fail", delete_after_seal),
+        Fault("corrupt_seal", "sealed", "fail", corrupt_seal),
     ]
 }
+
+
+# The stages whose fault the save job injects (the others: the load job).
+SAVE_STAGES = ("checkpoint", "save", "state", "sealed")
+
+
+def campaign(verify: dict) -> list[str]:
+    """The faults of ``fault: all``: those of stage ``sealed`` in sealed mode only."""
+    sealed = verify.get("reference", "exact") == "sealed"
+    return [name for name, f in FAULTS.items() if sealed or f.stage != "sealed"]
 
 
 # Faults that mean something in one mode only, hence not in the campaign (whose cells are of the
@@ -264,6 +303,13 @@ def skew_resume(fault: str | None, optimizer) -> None:
 def apply_to_checkpoint(fault: str | None, checkpoint: Path) -> str | None:
     """Checkpoint faults: change the written files; a description naming file and entry."""
     if fault in FAULTS and FAULTS[fault].stage == "checkpoint":
+        return FAULTS[fault].apply(checkpoint)
+    return None
+
+
+def apply_after_seal(fault: str | None, checkpoint: Path) -> str | None:
+    """Sealed faults: change the files or the seal after sealing; a description naming them."""
+    if fault in FAULTS and FAULTS[fault].stage == "sealed":
         return FAULTS[fault].apply(checkpoint)
     return None
 

@@ -229,6 +229,7 @@ def _item(config: dict, kind: str, model: str, layout: str, record: str, variant
         run=config["run"],
         config_hash=config_hash(config),
         record=record,
+        verify=config["verify"],
         **models.spec_kwargs(config, model),  # an hf_models entry
         **more,
     )
@@ -284,7 +285,7 @@ def load_spec(
     record = load_record_path(model, layout, root)
     return _item(
         config, "load", model, layout, record, variant,
-        verify=config["verify"], sources=checkpoints,
+        sources=checkpoints,
     )  # fmt: skip
 
 
@@ -472,7 +473,7 @@ class FaultCell:
 def fault_cells(config: dict) -> list[FaultCell]:
     cells = []
     for entry in config["faults"]:
-        names = list(faults.FAULTS) if entry["fault"] == "all" else [entry["fault"]]
+        names = faults.campaign(config["verify"]) if entry["fault"] == "all" else [entry["fault"]]
         cells += [FaultCell(name, entry["model"], entry["save"], entry["load"]) for name in names]
     return list(dict.fromkeys(cells))
 
@@ -484,7 +485,7 @@ def fault_cell(config: dict, fault_id: str) -> FaultCell:
 def fault_save_spec(config: dict, cell: FaultCell) -> JobSpec:
     """The save job of a fault cell (one item)."""
     spec = save_spec(config, cell.save_model, cell.save, cell.root)
-    if faults.FAULTS[cell.fault].stage in ("checkpoint", "save", "state"):
+    if faults.FAULTS[cell.fault].stage in faults.SAVE_STAGES:
         spec = replace(spec, fault=cell.fault)
     return job_spec(config, "save", cell.save, f"{cell.root}/work/save", [spec])
 

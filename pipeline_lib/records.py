@@ -60,6 +60,7 @@ MATRIX_SCHEMA = pa.schema(
         ("load_world_size", pa.int64()),
         *((axis, pa.string()) for axis in AXIS_COLUMNS),
         ("save_step", pa.int64()),
+        ("reference_mode", pa.string()),
         ("status", pa.string()),
         ("reason", pa.string()),
         ("entries_checked", pa.int64()),
@@ -75,11 +76,14 @@ MATRIX_SCHEMA = pa.schema(
         ("hf_export_loads", pa.bool_()),
         ("missing_entries", pa.string()),
         ("unexpected_entries", pa.string()),
+        ("seal_ok", pa.bool_()),
         ("save_seconds", pa.float64()),
         ("save_blocked_seconds", pa.float64()),
         ("load_seconds", pa.float64()),
         ("verify_seconds", pa.float64()),
         ("files_check_seconds", pa.float64()),
+        ("seal_seconds", pa.float64()),
+        ("seal_check_seconds", pa.float64()),
         ("save_job_startup_seconds", pa.float64()),
         ("save_train_seconds", pa.float64()),
         ("load_job_startup_seconds", pa.float64()),
@@ -186,6 +190,8 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
         return "fail", "; ".join(
             [*filter(None, reasons), f"load {load['status']}: {load['reason']}"]
         )
+    if load.get("seal_error"):  # sealed mode: the files changed since the save; not loaded
+        return "fail", "; ".join([*filter(None, reasons), load["seal_error"]])
     if mode in ("strict", "strict_unexpected"):
         reasons.append(strict_load_reason(_changed(save, mode), load.get("strict_error"), mode))
         return ("fail", "; ".join(filter(None, reasons))) if any(reasons) else ("pass", "")
@@ -297,6 +303,7 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         "save_step": save.get(
             "save_step", None if save.get("existing") else spec.train.get("steps")
         ),
+        "reference_mode": verify.get("reference", "exact"),
         "status": status,
         "reason": reason,
         "entries_checked": len(set().union(*checked)),
@@ -318,11 +325,15 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         "hf_export_loads": save["hf_export"]["loads"] if "hf_export" in save else None,
         "missing_entries": ", ".join(load.get("missing_entries", [])) or None,
         "unexpected_entries": ", ".join(load.get("unexpected_entries", [])) or None,
+        # Sealed mode: the load job found the seal intact (False: seal_error in the reason).
+        "seal_ok": load.get("seal_ok"),
         "save_seconds": st.get("save_s"),
         "save_blocked_seconds": st.get("save_blocked_s"),
         "load_seconds": lt.get("load_s"),
         "verify_seconds": lt.get("verify_s"),
         "files_check_seconds": st.get("files_check_s"),
+        "seal_seconds": st.get("seal_s"),
+        "seal_check_seconds": lt.get("seal_s"),
         "save_job_startup_seconds": st.get("startup_s"),
         "save_train_seconds": st.get("train_s"),
         "load_job_startup_seconds": lt.get("startup_s"),

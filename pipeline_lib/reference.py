@@ -204,6 +204,10 @@ class Reference:
             return compare(expected, actual if mine is None else _stand_in(actual))
         return self.compare_part(name, mine)
 
+    def compare_many(self, actual: dict[str, Any]) -> dict[str, EntryComparison]:
+        """``compare`` of every entry of ``actual`` (name -> this rank's part)."""
+        return {name: self.compare(name, value) for name, value in actual.items()}
+
     def compare_part(self, name: str, mine: Part) -> EntryComparison:
         """The saver's tensor entry ``name`` vs ``mine``, a part of it of the right dtype, bit
         for bit where each saved part overlaps it; not equal unless they cover it."""

@@ -15,7 +15,10 @@ import pyarrow.parquet as pq
 
 from pipeline_lib.atomic import read_json, write_text, write_with
 
-COLUMNS = ["fault", "model", "save_layout", "load_layout", "expected", "status", "caught", "reason"]
+COLUMNS = [
+    "fault", "model", "save_layout", "load_layout", "reference_mode", "expected", "status",
+    "caught", "reason",
+]  # fmt: skip
 
 
 def summarize(record_paths: list[str], table_path: str, markdown_path: str) -> None:
@@ -29,6 +32,7 @@ def summarize(record_paths: list[str], table_path: str, markdown_path: str) -> N
                 "model": cell["model"],
                 "save_layout": cell["save_layout"],
                 "load_layout": cell["load_layout"],
+                "reference_mode": cell.get("reference_mode", "exact"),
                 "expected": fault["expect"],
                 "status": cell["status"],
                 "caught": cell["status"] == fault["expect"] and bool(cell["reason"]),

@@ -118,7 +118,7 @@ class ItemSpec:
     paths: CheckpointPaths | None = None  # save items
     save_dir: str | None = None  # save items: the folder holding paths
     sources: tuple[Source, ...] = ()  # load items
-    verify: dict = field(default_factory=dict)  # load items
+    verify: dict = field(default_factory=dict)  # config key verify (resume_rtol, reference)
     fault: str | None = None  # save items: the campaign's fault
     fault_tag: FaultTag | None = None  # load items of the campaign
     model_kwargs: dict = field(default_factory=dict)  # benchmarks: resize a model
@@ -149,7 +149,7 @@ class ItemSpec:
             "record": self.record,
         }
         if self.kind == "save":
-            data.update(save_dir=self.save_dir, **asdict(self.paths))
+            data.update(save_dir=self.save_dir, verify=self.verify, **asdict(self.paths))
             if self.fault is not None:
                 data["fault"] = self.fault
         else:

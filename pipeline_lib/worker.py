@@ -31,10 +31,12 @@ from pipeline_lib import (
     checks,
     existing,
     faults,
+    filecheck,
     frameworks,
     hf_export,
     sequence_save,
     sequences,
+    seal,
     timestamps,
     training,
 )
@@ -166,7 +168,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     with job.phase("reference", unit, timing, "reference_s"):
         dropped = training.dropped_entries(item, trainee)
         added = training.added_entries(item)
-        live_shared = write_reference(item, at, trainee, (dropped, added), job.rank)
+        live, live_shared = write_reference(item, at, trainee, (dropped, added), job.rank)
     with job.phase("state dict", unit, timing, "state_check_s"):
         state, flat, state_check = saved_state(item, trainee, (dropped, added), live_shared)
     with job.phase("save", unit):
@@ -176,19 +178,27 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     if variant.exports_hf:
         with job.phase("hf export", unit, timing, "hf_export_s"):
             export = hf_export.run(item, trainee, getattr(torch, variant.param_dtype))
+    sealed = None
+    if seal.is_sealed(item.spec.verify):
+        wait()  # check 1 reads what the save wrote before the resume changes the live state
+        sealed = check_and_seal(job, item, live, timing)
     with job.phase("resume", unit, timing, "resume_s"):
         # An async save is still writing while the training loop goes on.
         resume_losses = training.train(
             item, at, trainee, settings["steps"], settings["resume_steps"]
         )
     wait()
-    with job.phase("files check", unit):
-        files = job.convert_then_break(item)
+    if sealed is None:
+        with job.phase("files check", unit):
+            files = job.convert_then_break(item)
+        if "error" not in files:
+            with job.phase("files check", unit, timing, "files_check_s"):
+                files_check, files_error = checks.files_vs_saver(item)
+    else:
+        files, files_check, files_error = sealed
     if "error" in files:
         job.write_result(unit, {"status": "error", "reason": files["error"]})
         return
-    with job.phase("files check", unit, timing, "files_check_s"):
-        files_check, files_error = checks.files_vs_saver(item)
     timing["convert_s"] = files.get("convert_s", 0.0)
     checks_done = {"state_check": state_check, "files_check": files_check}
     checks_done["files_error"] = files_error
@@ -204,6 +214,26 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         reload_in_saver(job, item, trainee)
 
 
+def check_and_seal(job: Job, item: Item, live: dict, timing: dict) -> tuple[dict, dict, str]:
+    """Sealed mode, before the resume changes the live state: the conversion and checkpoint
+    fault (``convert_then_break``), check 1 of the files against the live state, then the seal
+    (and a sealed fault after it). (account, check 1, reason the files cannot be read)."""
+    paths, variant, unit = item.spec.paths, item.variant, item.id
+    with job.phase("files check", unit):
+        files = job.convert_then_break(item)
+    if "error" in files:
+        return files, {}, ""
+    with job.phase("files check", unit, timing, "files_check_s"):
+        files_check, files_error = filecheck.files_vs_live(variant, paths, live)
+    with job.phase("seal", unit, timing, "seal_s"):
+        filecheck.write_seal(paths.read_by(variant))
+    if job.rank == 0 and (
+        broken := faults.apply_after_seal(item.spec.fault, Path(paths.read_by(variant)))
+    ):
+        files["fault_applied"] = broken
+    return files, files_check, files_error
+
+
 def saved_state(item: Item, trainee: Trainee, changed, live_shared) -> tuple[dict, dict, dict]:
     """(the state the saver writes, flattened, check 0 on it): get_state_dict's state in the
     variant's format, less the entry a strict mode drops and with the one it adds."""
@@ -214,6 +244,9 @@ def saved_state(item: Item, trainee: Trainee, changed, live_shared) -> tuple[dic
         del state["model"][name.removeprefix("model.")]
     state["model"].update(added)
     flat = flatten(checkpoint_io.stateful_as_dicts(state))
+    if seal.is_sealed(item.spec.verify):  # no reference: values are check 1's (files vs live)
+        shared = shared_storage(flat, trainee.anatomy.canonical)
+        return state, flat, filecheck.sharing_only(live_shared, shared)
     dist.barrier()  # every rank's part of the reference is written
     state_check = checks.against_reference(
         flat, item.spec.paths.reference, "the saver's state dict", trainee.anatomy,
@@ -241,21 +274,25 @@ def save_result(job: Job, t: Trainee, flat: dict, changed, checks_done, losses, 
     }
 
 
-def write_reference(item: Item, at: Placement, t: Trainee, changed: tuple, rank: int) -> dict:
+def write_reference(item: Item, at: Placement, t: Trainee, changed: tuple, rank: int):
     """The saver's reference: its live objects, read before the state-dict API runs (nothing
     that API does to them reaches the reference); every rank writes its own parts. ``changed``:
     the entries the saver leaves out and adds on purpose. A load_mode that names entries
-    otherwise gets them in its form too (``load_form_dir``). Returns the live state's own
-    entries that share storage (a model or optimizer bug), as notes."""
+    otherwise gets them in its form too (``load_form_dir``). Returns the live state (flat) and
+    its own entries that share storage (a model or optimizer bug), as notes. Sealed mode writes
+    no reference: check 1 compares the files with the live state itself."""
     dropped, added = changed
     live = training.live(item, at, t, dropped)
     live.update({f"model.{key}": value for key, value in added.items()})
+    shared = shared_storage(live, t.anatomy.canonical)
+    notes = {name: f"live: {note}" for name, note in shared.items()}
+    if seal.is_sealed(item.spec.verify):
+        return live, notes
     Reference.write(item.spec.paths.reference, live, rank)
     if item.variant.forms_differ:
         form = training.live(item, at, t, dropped, side="load")
         Reference.write(load_form_dir(item.spec.paths.reference), form, rank, beside=live)
-    shared = shared_storage(live, t.anatomy.canonical)
-    return {name: f"live: {note}" for name, note in shared.items()}
+    return live, notes
 
 
 def entry_table(flat: dict, t: Trainee) -> dict:
@@ -332,6 +369,13 @@ def load_into(
     gets load_s, verify_s, resume_s)."""
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
     report = checkpoint_io.LoadReport()
+    sealed = filecheck.sealed_source(item, source)
+    if sealed:
+        with timed(timing, "seal_s"):
+            broken = filecheck.check_seal(source.paths.read_by(variant))
+        if broken:
+            return {"status": "ok", "reason": "", "seal_ok": False, "seal_error": broken,
+                    "timing": timing}  # fmt: skip
     with timed(timing, "load_s"):
         job.inject("load", fault)
         try:
@@ -348,9 +392,10 @@ def load_into(
             # The expected outcome of a strict load of a checkpoint with an entry left out
             # (dcp.load's CheckpointException) or added (set_state_dict's RuntimeError).
             error = one_line(exc) if isinstance(exc, CheckpointException) else whole_line(exc)
-            return {"status": "ok", "reason": "", "strict_error": error, "timing": timing}
+            result = {"status": "ok", "reason": "", "strict_error": error, "timing": timing}
+            return {**result, **({"seal_ok": True} if sealed else {})}
     with timed(timing, "verify_s"):
-        entries = checks.loader_vs_saver(item, at, trainee, source, report)
+        entries = checks.loader_vs_saver(item, at, trainee, source, report, sealed)
     with timed(timing, "resume_s"):
         faults.skew_resume(fault, trainee.optimizer)
         resume = training.train(item, at, trainee, settings["steps"], settings["resume_steps"])
@@ -362,6 +407,7 @@ def load_into(
         "unexpected_entries": report.unexpected,
         "resume_losses": resume,
         "timing": timing,
+        **({"seal_ok": True} if sealed else {}),
     }
 
 

@@ -102,3 +102,11 @@ def test_config_hash_changes_with_content(small_config):
     a = config.config_hash(config.validate(small_config))
     small_config["train"]["steps"] = 3
     assert config.config_hash(config.validate(small_config)) != a
+
+
+def test_save_sequences_need_the_exact_reference(small_config):
+    small_config.update(save_sequences=["once", "load_last"], verify={"reference": "sealed"})
+    with pytest.raises(config.ConfigError, match=r"save_sequences: load_last is checked against"):
+        config.validate(small_config)
+    small_config["verify"]["reference"] = "exact"
+    config.validate(small_config)
