@@ -34,9 +34,9 @@ from pipeline_lib import (
     filecheck,
     frameworks,
     hf_export,
+    seal,
     sequence_save,
     sequences,
-    seal,
     timestamps,
     training,
 )
