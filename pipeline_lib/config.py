@@ -211,7 +211,11 @@ def _layout_errors(where: str, layout: dict, run: dict) -> tuple[list[str], int]
             f"{where}.mesh: world size {world} does not split evenly over {nodes} nodes of "
             f"run.gpus_per_node={gpus_per_node} (every node runs the same number of ranks)"
         )
-    dp = math.prod(s for s, d in zip(mesh, fw.mesh_dims, strict=True) if d != fw.tp_dim)
+    for key in ("schedule", "microbatches"):
+        if key in layout and not fw.pp_dim:
+            errors.append(f"{where}.{key}: framework {fw.name} has no pipeline stages")
+    dims = fw.data_parallel_dims
+    dp = math.prod(s for s, d in zip(mesh, fw.mesh_dims, strict=True) if d in dims)
     return errors, dp
 
 

@@ -41,6 +41,7 @@ from pipeline_lib.axes import layout_conflict
 from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
 from pipeline_lib.errors import Incompatible, one_line, whole_line
+from pipeline_lib.pipelining import PipelineSettings
 from pipeline_lib.reference import Reference, load_form_dir
 from pipeline_lib.specs import JobSpec, Source
 from pipeline_lib.training import LOADER_SEED_OFFSET, Item, Placement, Trainee
@@ -145,7 +146,10 @@ def _placement(layout: dict, device_type: str, device: torch.device) -> Placemen
         dp_rank = dp_rank * mesh[dim].size() + mesh.get_local_rank(dim)
         dp_size *= mesh[dim].size()
     tp_degree = mesh[layout["tp_dim"]].size() if layout["tp_dim"] else 1
-    return Placement(device, framework, mesh, dp_rank, dp_size, tp_degree)
+    pipeline = None
+    if framework.pp_dim:
+        pipeline = PipelineSettings.of(layout, mesh, framework.pp_dim)
+    return Placement(device, framework, mesh, dp_rank, dp_size, tp_degree, pipeline)
 
 
 def run_save(job: Job, item: Item, startup_s: float) -> None:
@@ -212,7 +216,7 @@ def saved_state(item: Item, trainee: Trainee, changed, live_shared) -> tuple[dic
     dist.barrier()  # every rank's part of the reference is written
     state_check = checks.against_reference(
         flat, item.spec.paths.reference, "the saver's state dict", trainee.anatomy,
-        shared=live_shared,
+        shared=live_shared, stage=trainee.pipeline is not None,
     )  # fmt: skip
     return state, flat, state_check
 
@@ -335,7 +339,9 @@ def load_into(
                 opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
                 existing.load(trainee, state, source.paths.checkpoint, places, opts)
             else:
-                report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
+                read = checkpoint_io.read
+                with _stages_agree(at.pipeline is not None):
+                    report = read(variant, trainee, state, source.paths, fault)
         except (CheckpointException, RuntimeError) as exc:
             if not _expected_failure(variant, exc):
                 raise
@@ -357,6 +363,29 @@ def load_into(
         "resume_losses": resume,
         "timing": timing,
     }
+
+
+@contextlib.contextmanager
+def _stages_agree(pipeline: bool):
+    """Pipeline stages load different entries: one stage's load may fail where the others'
+    succeed, and they would wait in the next collective. When one rank fails, every rank raises
+    (the others name it); nothing to agree on for other layouts."""
+    error = None
+    try:
+        yield
+    except (Exception, CheckpointException) as exc:
+        if not pipeline:
+            raise
+        error = exc
+    if not pipeline:
+        return
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, error and one_line(error))
+    if error is not None:
+        raise error
+    failed = [(rank, why) for rank, why in enumerate(every_rank) if why]
+    if failed:
+        raise RuntimeError(f"rank {failed[0][0]} failed to load: {failed[0][1]}")
 
 
 def _expected_failure(variant, exc: BaseException) -> bool:
