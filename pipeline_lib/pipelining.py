@@ -57,9 +57,10 @@ def stage_units(model: nn.Module, name: str, stages: int) -> list[list[str]]:
     before the layer stack, each layer, the part after; Incompatible (a skip) when the model
     names no layer stack or has fewer units than stages."""
     split = getattr(model, "pipeline_split", None)
-    if split is None:
+    found = split() if split is not None else None
+    if found is None:
         raise Incompatible(f"{name} has no layer stack to split into pipeline stages")
-    layers_name, before, after = split()
+    layers_name, before, after = found
     layers = model.get_submodule(layers_name)
     units = [list(before), *([f"{layers_name}.{i}"] for i, _ in layers.named_children())]
     units.append(list(after))
@@ -82,14 +83,18 @@ def split(model: nn.Module, name: str, at: PipelineSettings) -> nn.Module:
     """The stage ``at.stage`` of ``model``, in place: every unit of the other stages deleted."""
     units = stage_units(model, name, at.stages)
     keep = {n for unit in stage_of(units, at.stage, at.stages) for n in unit}
+    stand_in = getattr(model, "pipeline_stand_in", lambda: None)
     for unit in units:
         for part in unit:
             if part not in keep:
-                _delete(model, part)
+                _delete(model, part, stand_in())
+    model.pipeline_stage = (at.stage, at.stages)
     return model
 
 
-def _delete(model: nn.Module, name: str) -> None:
+def _delete(model: nn.Module, name: str, stand_in: nn.Module | None) -> None:
+    """Delete a module or parameter: None, or the model's parameterless ``stand_in`` for a
+    module (nn.Identity, where the model's forward calls it anyway: transformers' models)."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     if isinstance(parent, nn.ModuleList):
@@ -97,7 +102,7 @@ def _delete(model: nn.Module, name: str) -> None:
     elif attr in parent._parameters:
         parent.register_parameter(attr, None)
     else:
-        setattr(parent, attr, None)
+        setattr(parent, attr, stand_in)
 
 
 def stage_plan(model: nn.Module, plan: dict) -> dict:
@@ -105,11 +110,11 @@ def stage_plan(model: nn.Module, plan: dict) -> dict:
     return {key: style for key, style in plan.items() if _holds(model, key)}
 
 
-def _holds(model: nn.Module, name: str) -> bool:
-    try:
-        return model.get_submodule(name) is not None
-    except AttributeError:
-        return False
+def _holds(model: nn.Module, key: str) -> bool:
+    """A plan key ('*' matches one name) names a module of this stage that holds parameters."""
+    from pipeline_lib.models._user import _plan_targets
+
+    return any(any(True for _ in m.parameters()) for _, m in _plan_targets(model, key))
 
 
 def loss_terms(targets) -> int:
@@ -147,9 +152,14 @@ class Pipeline:
         rows = split_batch_rows(targets)
         self._targets, self._scale, self._sums = targets, scale, {}
         self._starts = [int(c[0]) for c in torch.arange(rows).tensor_split(self.at.microbatches)]
-        args = (inputs,) if self.is_first else ()
+        # A dict of inputs (a user model's) as keyword arguments: stage arguments are tensors.
+        args, named = (inputs,), {}
+        if isinstance(inputs, dict):
+            args, named = (), inputs
+        if not self.is_first:
+            args, named = (), {}
         target = torch.arange(rows) if self.is_last else None
-        self.schedule.step(*args, target=target)
+        self.schedule.step(*args, target=target, **named)
         if not self._sums:
             return torch.zeros((), dtype=torch.float32)
         return torch.stack([self._sums[k] for k in sorted(self._sums)]).sum()
@@ -161,6 +171,8 @@ class Pipeline:
         targets = split_batch(self._targets, self.at.microbatches, index)
         if isinstance(output, torch.Tensor):
             output = output.float()
+        if hasattr(self.base, "stage_outputs"):  # a user model's: its loss as its forward's
+            output = self.base.stage_outputs(output, targets)
         loss_sum, _ = self.base.loss_sum(output, targets)
         self._sums[index] = loss_sum.detach().float().cpu()
         return loss_sum * self._scale
