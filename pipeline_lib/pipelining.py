@@ -17,13 +17,16 @@ the sum over microbatches is then the gradient of the global mean). Imports torc
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 
-from pipeline_lib.errors import Incompatible
+from pipeline_lib.errors import Incompatible, one_line
 from pipeline_lib.models._common import split_batch
 
 
@@ -115,6 +118,29 @@ def _holds(model: nn.Module, key: str) -> bool:
     from pipeline_lib.models._user import _plan_targets
 
     return any(any(True for _ in m.parameters()) for _, m in _plan_targets(model, key))
+
+
+@contextlib.contextmanager
+def stages_agree(pipeline: bool):
+    """Pipeline stages load different entries: one stage's load may fail where the others'
+    succeed, and they would wait in the next collective. When one rank fails, every rank raises
+    (the others name it); nothing to agree on for other layouts."""
+    error = None
+    try:
+        yield
+    except (Exception, CheckpointException) as exc:
+        if not pipeline:
+            raise
+        error = exc
+    if not pipeline:
+        return
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, error and one_line(error))
+    if error is not None:
+        raise error
+    failed = [(rank, why) for rank, why in enumerate(every_rank) if why]
+    if failed:
+        raise RuntimeError(f"rank {failed[0][0]} failed to load: {failed[0][1]}")
 
 
 def loss_terms(targets) -> int:

@@ -41,7 +41,7 @@ from pipeline_lib.axes import layout_conflict
 from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
 from pipeline_lib.errors import Incompatible, one_line, whole_line
-from pipeline_lib.pipelining import PipelineSettings
+from pipeline_lib.pipelining import PipelineSettings, stages_agree
 from pipeline_lib.reference import Reference, load_form_dir
 from pipeline_lib.specs import JobSpec, Source
 from pipeline_lib.training import LOADER_SEED_OFFSET, Item, Placement, Trainee
@@ -339,9 +339,8 @@ def load_into(
                 opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
                 existing.load(trainee, state, source.paths.checkpoint, places, opts)
             else:
-                read = checkpoint_io.read
-                with _stages_agree(at.pipeline is not None):
-                    report = read(variant, trainee, state, source.paths, fault)
+                with stages_agree(at.pipeline is not None):
+                    report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
         except (CheckpointException, RuntimeError) as exc:
             if not _expected_failure(variant, exc):
                 raise
@@ -363,29 +362,6 @@ def load_into(
         "resume_losses": resume,
         "timing": timing,
     }
-
-
-@contextlib.contextmanager
-def _stages_agree(pipeline: bool):
-    """Pipeline stages load different entries: one stage's load may fail where the others'
-    succeed, and they would wait in the next collective. When one rank fails, every rank raises
-    (the others name it); nothing to agree on for other layouts."""
-    error = None
-    try:
-        yield
-    except (Exception, CheckpointException) as exc:
-        if not pipeline:
-            raise
-        error = exc
-    if not pipeline:
-        return
-    every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, error and one_line(error))
-    if error is not None:
-        raise error
-    failed = [(rank, why) for rank, why in enumerate(every_rank) if why]
-    if failed:
-        raise RuntimeError(f"rank {failed[0][0]} failed to load: {failed[0][1]}")
 
 
 def _expected_failure(variant, exc: BaseException) -> bool:

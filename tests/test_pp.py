@@ -82,6 +82,9 @@ def test_schedule_and_microbatches_are_layout_keys_of_pipeline_frameworks_only()
     bad = {"fsdp2_2": {"framework": "fsdp2", "mesh": [2], "schedule": "gpipe"}}
     with pytest.raises(config.ConfigError, match=r"layouts\.fsdp2_2\.schedule: framework fsdp2"):
         config.validate({"models": ["mlp"], "layouts": bad})
+    few = {"pp_4": {"framework": "pp", "mesh": [4], "microbatches": 2}}
+    with pytest.raises(config.ConfigError, match=r"layouts\.pp_4\.microbatches: 1f1b needs"):
+        config.validate({"models": ["mlp"], "layouts": few})
     unknown = {"pp_2": {"framework": "pp", "mesh": [2], "schedule": "zero_bubble"}}
     with pytest.raises(config.ConfigError, match=r"layouts\.pp_2\.schedule"):
         config.validate({"models": ["mlp"], "layouts": unknown})
@@ -127,3 +130,33 @@ def test_pp_cells_against_fsdp2_and_across_pipeline_degrees(in_tmp):
     # The last stage's entries: layers.1, norm and output; named in the reason.
     assert "missing in the saver's state dict" in dropped["reason"], dropped["reason"]
     assert "model.layers.1." in dropped["reason"] or "model.norm" in dropped["reason"]
+
+
+LLAMA = {
+    "architecture": "LlamaForCausalLM",
+    "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64,
+               "max_position_embeddings": 32},
+}  # fmt: skip
+
+
+@pytest.mark.torchrun
+def test_hf_export_under_pp_keeps_every_stages_keys(in_tmp):
+    """A Hugging Face decoder saved under 2 stages exports every stage's tensors (from_pretrained
+    equal to the saver); a last stage that exports nothing fails the cell, naming a tensor."""
+    layouts = {
+        "single": {"framework": "single", "mesh": [1]},
+        "pp_2": {"framework": "pp", "mesh": [2], "microbatches": 2},
+        "pp_2_drop": {"framework": "pp", "mesh": [2], "microbatches": 2},
+    }
+    raw = {"models": ["llama"], "hf_models": {"llama": LLAMA}, "layouts": layouts,
+           "pairs": [["pp_2", "single"], ["pp_2_drop", "single"]], "formats": ["hf_export"],
+           "train": {"global_batch": 4}}  # fmt: skip
+    rows = run_matrix(raw, model="llama", save_faults={"pp_2_drop": "drop_last_stage_export"})
+    assert rows["pp_2", "single"]["hf_export_loads"] is True
+    dropped = rows["pp_2_drop", "single"]
+    assert (dropped["status"], dropped["hf_export_loads"]) == ("fail", False)
+    # The last stage's 11 tensors (layers.1, norm, lm_head), the first by name.
+    assert (
+        "hf export: 11 tensor(s) missing in the export; first lm_head.weight" in dropped["reason"]
+    ), dropped["reason"]
