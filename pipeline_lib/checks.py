@@ -31,6 +31,7 @@ def against_reference(
     shared: dict[str, str] | None = None,
     form: str | None = None,
     against=None,
+    stage: bool = False,
 ) -> dict:
     """Every rank's part of every entry of ``flat`` (a state of ``side``: "the saver's state
     dict", "the loader's state", ...) vs the saver's reference; entries sharing storage the
@@ -38,28 +39,49 @@ def against_reference(
     drop_loaded_entry): leave out the first on purpose; ``shared``: more entries that share
     storage (name -> note); ``form``: the reference's entries in the loader's form
     (``Reference``); ``against``: another reference than the saver's (sealed mode: the files,
-    pipeline_lib.filecheck.Files)."""
+    pipeline_lib.filecheck.Files; not with ``stage``, config.py refuses the pair);
+    ``stage``: each rank holds a pipeline stage's part of each list entry (an optimizer param
+    group's names): the parts together must hold the saver's list."""
     reference = against if against is not None else Reference(reference_path, form)
     names = sorted(set(flat) - set(skip) - ({min(reference)} if drop_first else set()))
-    mine = reference.compare_many({name: flat[name] for name in names if name in reference})
+    wanted = {name: flat[name] for name in names if name in reference}
+    mine = reference.compare_many(wanted, part=True) if stage else reference.compare_many(wanted)
+    parts = {n: flat[n] for n in names if stage and n in reference and isinstance(flat[n], list)}
     shared = {**(shared or {}), **shared_storage({n: flat[n] for n in names}, anatomy.canonical)}
     for name, note in shared.items():
         found = mine.get(name, EntryComparison(True, None))
         detail = "" if found.equal else f"; {found.note}"
         mine[name] = EntryComparison(False, found.max_abs_diff, note + detail)
     extra = [name for name in names if name not in reference]
-    every_rank = _gather((mine, extra))
+    every_rank = _gather((mine, extra, parts))
     if every_rank is None:
         return {}
     entries = {
-        name: vars(merge([part[name] for part, _ in every_rank if name in part]))
-        for name in sorted(set().union(*(part for part, _ in every_rank)))
+        name: vars(merge([part[name] for part, *_ in every_rank if name in part]))
+        for name in sorted(set().union(*(part for part, *_ in every_rank)))
     }
-    for name in sorted(set().union(*(names for _, names in every_rank))):
+    entries.update(_uncovered(reference, [held for *_, held in every_rank]))
+    for name in sorted(set().union(*(names for _, names, _ in every_rank))):
         entries.setdefault(name, unmatched("not in the saver's state"))
     for name in set(reference) - set(skip):
         entries.setdefault(name, unmatched(f"missing in {side}"))
     return entries
+
+
+def _uncovered(reference: Reference, every_rank: list[dict]) -> dict:
+    """The list entries pipeline stages hold parts of where no rank holds some item of the
+    saver's list: not equal, naming the first such item."""
+    found = {}
+    for name in set().union(*every_rank):
+        union = reference.meta[name]["value"]
+        held = [value for parts in every_rank for value in parts.get(name, [])]
+        missing = [v for v in union if v not in held]
+        if missing:
+            note = (
+                f"the stages' parts lack {len(missing)} of {len(union)} items; first {missing[0]!r}"
+            )
+            found[name] = unmatched(note)
+    return found
 
 
 def files_vs_saver(item: Item) -> tuple[dict, str]:
@@ -126,12 +148,20 @@ def loader_vs_saver(
         drop_first=fault == "drop_loaded_entry",
         form=form,
         against=files,
+        stage=at.pipeline is not None,
     )
     mine = live(item, at, t, side="load")
     if files is not None:
         files.keep = False
     from_live = against_reference(
-        mine, reference, "the loader's live state", t.anatomy, skip, form=form, against=files
+        mine,
+        reference,
+        "the loader's live state",
+        t.anatomy,
+        skip,
+        form=form,
+        against=files,
+        stage=at.pipeline is not None,
     )
     for name, found in from_live.items():
         if not found["equal"] and through_api.get(name, {"equal": True})["equal"]:

@@ -211,8 +211,25 @@ def _layout_errors(where: str, layout: dict, run: dict) -> tuple[list[str], int]
             f"{where}.mesh: world size {world} does not split evenly over {nodes} nodes of "
             f"run.gpus_per_node={gpus_per_node} (every node runs the same number of ranks)"
         )
-    dp = math.prod(s for s, d in zip(mesh, fw.mesh_dims, strict=True) if d != fw.tp_dim)
+    errors += _pipeline_errors(where, layout, fw)
+    dims = fw.data_parallel_dims
+    dp = math.prod(s for s, d in zip(mesh, fw.mesh_dims, strict=True) if d in dims)
     return errors, dp
+
+
+def _pipeline_errors(where: str, layout: dict, fw) -> list[str]:
+    """``schedule`` and ``microbatches`` name a pipeline-parallel framework's; 1F1B needs at
+    least one microbatch per stage (torch's Schedule1F1B refuses fewer)."""
+    if not fw.pp_dim:
+        keys = [key for key in ("schedule", "microbatches") if key in layout]
+        return [f"{where}.{key}: framework {fw.name} has no pipeline stages" for key in keys]
+    stages = layout["mesh"][fw.mesh_dims.index(fw.pp_dim)]
+    microbatches = layout.get("microbatches", frameworks.DEFAULT_MICROBATCHES)
+    schedule = layout.get("schedule", frameworks.DEFAULT_PP_SCHEDULE)
+    if schedule == "1f1b" and microbatches < stages:
+        why = f"1f1b needs at least one per stage ({stages}), got {microbatches}"
+        return [f"{where}.microbatches: {why}"]
+    return []
 
 
 def _axis_errors(config: dict) -> list[str]:
@@ -224,6 +241,18 @@ def _axis_errors(config: dict) -> list[str]:
             if value not in known:
                 where = key if axis == "optimizer" and single_optimizer else f"{key}.{i}"
                 errors.append(f"{where}: unknown {axis} {value!r} (known: {', '.join(known)})")
+    if config["verify"].get("reference") == "sealed":
+        staged = [
+            name
+            for name, layout in config["layouts"].items()
+            if layout["framework"] in frameworks.names()
+            and frameworks.get(layout["framework"]).pp_dim
+        ]
+        if staged:
+            errors.append(
+                f"layouts.{staged[0]}: a pipeline-parallel layout is checked against the saver's "
+                "reference; verify.reference sealed writes none (use exact)"
+            )
     sequences = [v for v in config.get("save_sequences", []) if v != "once"]
     if sequences and config["verify"].get("reference") == "sealed":
         errors.append(

@@ -254,6 +254,31 @@ SEQUENCE_FAULTS = {
 }
 
 
+# Faults that mean something under pipeline parallelism only, hence not in the campaign:
+# tests/test_pp.py injects them into a cell whose saver is a pipeline-parallel layout.
+PIPELINE_FAULTS = {
+    # The saver's last stage writes none of its model entries (a save under PP that wrote only
+    # some stages' parameters, torchtitan #474).
+    "drop_last_stage": "fail",
+    # Format hf_export: the last stage exports none of its tensors (a consolidation under PP
+    # that dropped the last stage's keys, NeMo Automodel #2096).
+    "drop_last_stage_export": "fail",
+}
+
+
+def drop_last_stage(fault: str | None, model_state: dict, pipeline, side: str) -> None:
+    """drop_last_stage: on the saver's last pipeline stage, the model state holds nothing."""
+    if fault == "drop_last_stage" and side == "save" and pipeline and pipeline.is_last:
+        model_state.clear()
+
+
+def drop_last_stage_export(fault: str | None, state: dict, pipeline) -> dict:
+    """drop_last_stage_export: the state the last pipeline stage exports is empty."""
+    if fault == "drop_last_stage_export" and pipeline and pipeline.is_last:
+        return {}
+    return state
+
+
 # --- hooks: where the jobs break themselves (pipeline_lib.worker, training, checks) ------------
 def inject(phase: str, fault: str | None, rank: int, world_size: int) -> None:
     """Worker faults: break this job on purpose at ``phase`` (save or load): the last rank is

@@ -28,6 +28,9 @@ class Layout:
     mesh: tuple[int, ...]
     mesh_dims: tuple[str, ...]
     tp_dim: str | None
+    # Pipeline-parallel frameworks only (None for others): the schedule and its microbatches.
+    schedule: str | None = None
+    microbatches: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -59,6 +62,12 @@ def layouts(config: dict) -> dict[str, Layout]:
     for name, spec in config["layouts"].items():
         fw = frameworks.get(spec["framework"])
         result[name] = Layout(name, fw.name, tuple(spec["mesh"]), fw.mesh_dims, fw.tp_dim)
+        if fw.pp_dim:
+            result[name] = replace(
+                result[name],
+                schedule=spec.get("schedule", frameworks.DEFAULT_PP_SCHEDULE),
+                microbatches=spec.get("microbatches", frameworks.DEFAULT_MICROBATCHES),
+            )
     return result
 
 

@@ -15,6 +15,7 @@ Imports torch; transformers only through models._hf (HF models only).
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from pipeline_lib import faults
 from pipeline_lib.errors import Incompatible, one_line
 from pipeline_lib.models import HF_KEY
 from pipeline_lib.models._common import step_generator
@@ -58,18 +60,29 @@ def run(item, t, dtype: torch.dtype) -> ExportCheck:
     """Write the export and check it (every rank; rank 0's verdict on all)."""
     path = Path(item.spec.save_dir) / FOLDER
     state = exported_state(get_model_state_dict(t.model))
+    state = faults.drop_last_stage_export(item.spec.fault, state, t.pipeline)
     verdict = [None]
     if error := write_error(state, t.base.user_model.config, path):
         verdict = [ExportCheck(False, error)]
-    full = get_model_state_dict(
-        t.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    full = full_state(t)
     if dist.get_rank() == 0 and verdict[0] is None:
         definition = t.base.source.definition
         reason = compare(definition, exported_state(full), path, dtype, item.train["seed"])
         verdict = [ExportCheck(not reason, reason)]
     dist.broadcast_object_list(verdict, src=0)
     return verdict[0]
+
+
+def full_state(t) -> dict:
+    """The saver's full model state on rank 0 (every rank calls). Under pipeline parallelism
+    each stage's ranks hold its entries only: rank 0 gets the union of every stage's."""
+    if t.pipeline is None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(t.model, options=options)
+    mine = get_model_state_dict(t.model, options=StateDictOptions(full_state_dict=True))
+    every_rank = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object({k: v.cpu() for k, v in mine.items()}, every_rank, dst=0)
+    return {k: v for part in every_rank or [] for k, v in part.items()}
 
 
 def exported_state(model_state: dict) -> dict:
@@ -106,6 +119,8 @@ def compare(definition, full: dict, path: Path, dtype: torch.dtype, seed: int) -
         )
     except Exception as exc:
         return f"from_pretrained: {one_line(exc)}"
+    if reason := _missing_in_export(full, path):
+        return reason
     if reason := _tensors_differ(full, loaded.state_dict()):
         return reason
     fresh = definition.build().to(dtype)
@@ -120,6 +135,19 @@ def compare(definition, full: dict, path: Path, dtype: torch.dtype, seed: int) -
     if not torch.equal(want, got):
         diff = (want.float() - got.float()).abs().max().item()
         return f"logits differ from the saver's (max_abs_diff {diff:.3g})"
+    return ""
+
+
+def _missing_in_export(full: dict, path: Path) -> str:
+    """The saver's tensors the export's index does not list (from_pretrained initializes such
+    a tensor afresh, and says so only in a log line)."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return ""
+    listed = set(json.loads(index.read_text())["weight_map"])
+    missing = sorted(set(full) - listed)
+    if missing:
+        return f"{len(missing)} tensor(s) missing in the export; first {missing[0]}"
     return ""
 
 

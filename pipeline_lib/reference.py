@@ -126,9 +126,9 @@ class Reference:
         entries replace this one's, parts it does not hold are read from ``directory``."""
         self.meta: dict[str, dict] = {}
         self.pieces: dict[str, list[Part]] = {}
-        for path in sorted(Path(directory).glob("rank-*.pt")):
+        for path in sorted(Path(directory).glob("rank-*.pt"), key=_rank_order):
             part = torch.load(path, mmap=True, weights_only=True)
-            self.meta.update(part["meta"])
+            self._add_meta(part["meta"])
             for name, (offsets, data, flat) in part["pieces"].items():
                 pieces = self.pieces.setdefault(name, [])
                 piece = Part(tuple(offsets), data, flat)
@@ -140,6 +140,18 @@ class Reference:
             other = Reference(form)
             self.meta = other.meta
             self.pieces = {n: other.pieces.get(n) or self.pieces.get(n, []) for n in self.meta}
+
+    def _add_meta(self, meta: dict) -> None:
+        """One rank's entries: a list value another rank holds otherwise is a part (pipeline
+        stages: each stage's optimizer param group names its own parameters); the entry's
+        value is the union of the parts, in rank order. Any other value: the last rank's."""
+        for name, found in meta.items():
+            known = self.meta.get(name, {}).get("value")
+            value = found.get("value")
+            if isinstance(known, list) and isinstance(value, list) and known != value:
+                union = known + [v for v in value if v not in known]
+                found = {"value": union}
+            self.meta[name] = found
 
     @staticmethod
     def write(directory: str, flat: dict[str, Any], rank: int, beside: dict | None = None) -> None:
@@ -190,11 +202,14 @@ class Reference:
                 whole[_box(part.offsets, part.data.shape)] = part.data
         return whole
 
-    def compare(self, name: str, actual: Any) -> EntryComparison:
+    def compare(self, name: str, actual: Any, part: bool = False) -> EntryComparison:
         """The saver's entry ``name`` vs ``actual``, this rank's part of it (a DTensor's local
         shard, a FlatPiece, a plain tensor or value whole): global type, dtype and shape, then
-        bit for bit where each saved part overlaps this rank's. No collective."""
+        bit for bit where each saved part overlaps this rank's. ``part``: this rank holds a
+        part of each list entry (a pipeline stage: ``compare_list_part``). No collective."""
         meta, mine = self.meta[name], local_piece(actual)
+        if part and isinstance(meta.get("value"), list) and isinstance(actual, list):
+            return compare_list_part(meta["value"], actual)
         if "value" in meta:
             # A tensor where a value was saved compares as a stand-in (no data needed).
             return compare(meta["value"], actual if mine is None else _stand_in(actual))
@@ -204,9 +219,11 @@ class Reference:
             return compare(expected, actual if mine is None else _stand_in(actual))
         return self.compare_part(name, mine)
 
-    def compare_many(self, actual: dict[str, Any]) -> dict[str, EntryComparison]:
+    def compare_many(
+        self, actual: dict[str, Any], part: bool = False
+    ) -> dict[str, EntryComparison]:
         """``compare`` of every entry of ``actual`` (name -> this rank's part)."""
-        return {name: self.compare(name, value) for name, value in actual.items()}
+        return {name: self.compare(name, value, part) for name, value in actual.items()}
 
     def compare_part(self, name: str, mine: Part) -> EntryComparison:
         """The saver's tensor entry ``name`` vs ``mine``, a part of it of the right dtype, bit
@@ -220,6 +237,22 @@ class Reference:
         if covered != mine.data.numel():
             return EntryComparison(False, None, "the saver's reference lacks part of this entry")
         return result
+
+
+def compare_list_part(union: list, actual: list) -> EntryComparison:
+    """A rank's part of a list entry the saver's ranks held parts of: items of the union, in
+    its order (whether the parts cover the union is checks.against_reference's)."""
+    if actual == union or (
+        [v for v in union if v in actual] == actual and len(set(actual)) == len(actual)
+    ):
+        return EntryComparison(True, None)
+    outside = [v for v in actual if v not in union]
+    why = f"{outside[0]!r} is in no saver's part" if outside else "not in the saver's order"
+    return EntryComparison(False, None, f"list part {actual!r}: {why}")
+
+
+def _rank_order(path: Path) -> int:
+    return int(path.stem.removeprefix("rank-"))
 
 
 def load_form_dir(directory: str) -> str:

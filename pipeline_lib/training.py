@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from pipeline_lib import checkpoint_io, faults, models, optimizers
+from pipeline_lib import checkpoint_io, faults, models, optimizers, pipelining
 from pipeline_lib.axes import UNEXPECTED_ENTRY
 from pipeline_lib.errors import Incompatible
 from pipeline_lib.frameworks import Framework
@@ -52,6 +52,11 @@ class Placement:
     dp_rank: int
     dp_size: int
     tp_degree: int
+    pipeline: pipelining.PipelineSettings | None = None  # pipeline-parallel layouts only
+
+    @property
+    def pp_degree(self) -> int:
+        return self.pipeline.stages if self.pipeline else 1
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Trainee:
     scheduler: Any
     anatomy: Anatomy  # the model's state entries, from the unwrapped module
     at_build: dict = field(default_factory=dict)  # fault stale_param: the state at build
+    pipeline: pipelining.Pipeline | None = None  # the stage's schedule (pipeline parallelism)
 
     @property
     def param_names(self) -> set[str]:
@@ -80,6 +86,8 @@ def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) 
     # model_kwargs (benchmarks only) resize a model, e.g. a 1 GB mlp.
     with torch.device("meta") if meta else contextlib.nullcontext():
         base = item.model_module.build(**item.spec.model_kwargs)
+    if at.pipeline is not None:  # this rank's stage: the model less the other stages' units
+        base = pipelining.split(base, item.spec.model, at.pipeline)
     for dim, size in base.tp_dims().items():
         if size % at.tp_degree:
             model = item.spec.model
@@ -95,6 +103,8 @@ def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) 
         model.to_empty(device=at.device)
     optimizer, scheduler = optimizers.make(item.variant.optimizer, model, item.train["lr"])
     trainee = Trainee(model, base, optimizer, scheduler, anatomy)
+    if at.pipeline is not None:
+        trainee.pipeline = _pipeline(item, at, model, base)
     if faults.wants_state_at_build(fault):
         model_state, _ = get_state_dict(model, optimizer)
         trainee.at_build = {name: value.clone() for name, value in model_state.items()}
@@ -112,16 +122,11 @@ def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) ->
         inputs, targets = t.base.make_batch(step, settings["global_batch"], settings["seed"])
         x = batch_to(split_batch(inputs, at.dp_size, at.dp_rank), at.device, dtype)
         y = batch_to(split_batch(targets, at.dp_size, at.dp_rank), at.device, torch.float32)
-        outputs = t.model(x)
-        # The loss in float32 whatever the parameters' dtype.
-        if isinstance(outputs, torch.Tensor):
-            outputs = outputs.float()
-        loss_sum, terms = t.base.loss_sum(outputs, y)
-        count = _global_terms(terms, at)
-        # Gradients are averaged over data-parallel ranks: scale so the result is the gradient
-        # of the global mean over every loss term, whatever the slices' sizes. A model's own
-        # loss is a mean over its local terms; loss_sum gives it times their number.
-        (loss_sum * (at.dp_size / count)).backward()
+        if t.pipeline is not None:
+            count = _global_terms(pipelining.loss_terms(y), at)
+            loss_sum = t.pipeline.forward_backward(x, y, at.dp_size / count).to(at.device)
+        else:
+            loss_sum, count = _forward_backward(at, t, x, y)
         t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
         if t.scheduler is not None:
@@ -132,12 +137,39 @@ def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) ->
     return losses
 
 
+def _forward_backward(at: Placement, t: Trainee, x, y) -> tuple[torch.Tensor, int]:
+    """One step's forward and backward; (this rank's summed loss, the global batch's terms)."""
+    outputs = t.model(x)
+    # The loss in float32 whatever the parameters' dtype.
+    if isinstance(outputs, torch.Tensor):
+        outputs = outputs.float()
+    loss_sum, terms = t.base.loss_sum(outputs, y)
+    count = _global_terms(terms, at)
+    # Gradients are averaged over data-parallel ranks: scale so the result is the gradient
+    # of the global mean over every loss term, whatever the slices' sizes. A model's own
+    # loss is a mean over its local terms; loss_sum gives it times their number.
+    (loss_sum * (at.dp_size / count)).backward()
+    return loss_sum, count
+
+
 def _global_terms(local: int, at: Placement) -> int:
-    """The loss terms of the global batch: every rank's (TP ranks of one data-parallel rank
-    count the same terms)."""
+    """The loss terms of the global batch: every rank's (TP ranks of one data-parallel rank,
+    and the stages of one pipeline, count the same terms)."""
     total = torch.tensor([local], dtype=torch.int64, device=at.device)
     dist.all_reduce(total)
-    return int(total) // at.tp_degree
+    return int(total) // (at.tp_degree * at.pp_degree)
+
+
+def _pipeline(item: Item, at: Placement, model, base) -> pipelining.Pipeline:
+    """The stage's schedule; Incompatible (a skip) when a data-parallel rank's slice of the
+    global batch has fewer samples than the layout's microbatches."""
+    rows = item.train["global_batch"] // at.dp_size
+    if rows < at.pipeline.microbatches:
+        raise Incompatible(
+            f"{at.pipeline.microbatches} microbatches need {at.pipeline.microbatches} samples "
+            f"per data-parallel rank; global_batch {item.train['global_batch']} gives {rows}"
+        )
+    return pipelining.Pipeline(model, base, at.pipeline, at.device)
 
 
 def loss_source(t: Trainee) -> str:
@@ -153,6 +185,7 @@ def state_dict(item: Item, t: Trainee, full: bool = False, fault=None, side="sav
     opts = checkpoint_io.options(item.variant, bool(t.frozen), full, side)
     model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
     faults.corrupt_state(fault, model_state, optim_state, t.at_build)
+    faults.drop_last_stage(fault, model_state, t.pipeline, side)
     state = {"model": model_state, "optim": optim_state}
     if t.scheduler is not None:
         state["scheduler"] = t.scheduler

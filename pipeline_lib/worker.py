@@ -45,6 +45,7 @@ from pipeline_lib.axes import layout_conflict
 from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
 from pipeline_lib.errors import Incompatible, one_line, whole_line
+from pipeline_lib.pipelining import PipelineSettings, stages_agree
 from pipeline_lib.reference import Reference, load_form_dir
 from pipeline_lib.specs import JobSpec, Source
 from pipeline_lib.training import LOADER_SEED_OFFSET, Item, Placement, Trainee
@@ -149,7 +150,10 @@ def _placement(layout: dict, device_type: str, device: torch.device) -> Placemen
         dp_rank = dp_rank * mesh[dim].size() + mesh.get_local_rank(dim)
         dp_size *= mesh[dim].size()
     tp_degree = mesh[layout["tp_dim"]].size() if layout["tp_dim"] else 1
-    return Placement(device, framework, mesh, dp_rank, dp_size, tp_degree)
+    pipeline = None
+    if framework.pp_dim:
+        pipeline = PipelineSettings.of(layout, mesh, framework.pp_dim)
+    return Placement(device, framework, mesh, dp_rank, dp_size, tp_degree, pipeline)
 
 
 def run_save(job: Job, item: Item, startup_s: float) -> None:
@@ -250,7 +254,7 @@ def saved_state(item: Item, trainee: Trainee, changed, live_shared) -> tuple[dic
     dist.barrier()  # every rank's part of the reference is written
     state_check = checks.against_reference(
         flat, item.spec.paths.reference, "the saver's state dict", trainee.anatomy,
-        shared=live_shared,
+        shared=live_shared, stage=trainee.pipeline is not None,
     )  # fmt: skip
     return state, flat, state_check
 
@@ -385,7 +389,8 @@ def load_into(
                 opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
                 existing.load(trainee, state, source.paths.checkpoint, places, opts)
             else:
-                report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
+                with stages_agree(at.pipeline is not None):
+                    report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
         except (CheckpointException, RuntimeError) as exc:
             if not _expected_failure(variant, exc):
                 raise

@@ -110,3 +110,12 @@ def test_save_sequences_need_the_exact_reference(small_config):
         config.validate(small_config)
     small_config["verify"]["reference"] = "exact"
     config.validate(small_config)
+
+
+def test_pipeline_parallel_layouts_need_the_exact_reference(small_config):
+    small_config["layouts"]["pp_2"] = {"framework": "pp", "mesh": [2]}
+    small_config["models"] = ["transformer"]
+    config.validate(small_config)
+    small_config["verify"] = {"reference": "sealed"}
+    with pytest.raises(config.ConfigError, match=r"layouts.pp_2: a pipeline-parallel layout"):
+        config.validate(small_config)

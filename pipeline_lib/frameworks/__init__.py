@@ -13,6 +13,12 @@ from typing import Any
 
 from pipeline_lib.registry import load_module, module_names
 
+# Pipeline schedules a pipeline-parallel layout may name (torch.distributed.pipelining's
+# ScheduleGPipe and Schedule1F1B), and the layout's defaults (docs/config.md).
+PP_SCHEDULES = ("1f1b", "gpipe")
+DEFAULT_PP_SCHEDULE = "1f1b"
+DEFAULT_MICROBATCHES = 4
+
 
 @dataclass(frozen=True)
 class Framework:
@@ -36,10 +42,13 @@ class Framework:
     # The dtype forward and backward compute in when it is not the parameters' (mixed
     # precision): the resumed losses of its cells are judged with resume_rtol_bfloat16.
     compute_dtype: str | None = None
+    # The mesh dim of pipeline parallelism: each rank holds the stage of its place on this dim
+    # (pipeline_lib.pipelining splits the model before ``parallelize``, which gets the stage).
+    pp_dim: str | None = None
 
     @property
     def data_parallel_dims(self) -> tuple[str, ...]:
-        return tuple(d for d in self.mesh_dims if d != self.tp_dim)
+        return tuple(d for d in self.mesh_dims if d not in (self.tp_dim, self.pp_dim))
 
 
 def names() -> list[str]:

@@ -112,6 +112,10 @@ def definition_error(data: dict) -> str | None:
     return None
 
 
+def _index(children: list, name: str) -> int:
+    return [n for n, _ in children].index(name)
+
+
 @dataclass(frozen=True)
 class HFModelSource:
     """What ``models.get`` returns for an ``hf_models`` name: ``build(hf=definition)``."""
@@ -145,6 +149,42 @@ class HFFunctions:
         tied embeddings are one parameter in one unit."""
         blocks = model.base_model.children()
         return [layer for child in blocks if isinstance(child, nn.ModuleList) for layer in child]
+
+    def pipeline_split(self, model: nn.Module):
+        """(the decoder's layer stack, its embeddings, its final norm and the head) by module
+        order in the base model; None (no pipeline stages) without one ModuleList of layers, or
+        with input and output embeddings tied (one weight on the first and the last stage)."""
+        if getattr(self.config, "tie_word_embeddings", False):
+            return None
+        prefix = model.base_model_prefix
+        children = list(model.base_model.named_children())
+        stacks = [i for i, (_, child) in enumerate(children) if isinstance(child, nn.ModuleList)]
+        if len(stacks) != 1 or model.get_output_embeddings() is None:
+            return None
+        holds = [(n, c) for n, c in children if any(True for _ in c.parameters(recurse=True))]
+        before = [f"{prefix}.{n}" for n, c in holds if _index(children, n) < stacks[0]]
+        after = [f"{prefix}.{n}" for n, c in holds if _index(children, n) > stacks[0]]
+        head = next(n for n, m in model.named_children() if m is model.get_output_embeddings())
+        return f"{prefix}.{children[stacks[0]][0]}", before, [*after, head]
+
+    def pipeline_stand_in(self) -> nn.Module:
+        """transformers' forwards call their norm and head whatever the stage: an identity."""
+        return nn.Identity()
+
+    def stage_forward(self, model: nn.Module, inputs):
+        """A pipeline stage's forward: token ids on the first stage (its embeddings), the
+        previous stage's hidden states on the others; the logits (the hidden states where the
+        norm and head are identities)."""
+        if isinstance(inputs, dict):
+            return model(input_ids=inputs["input_ids"]).logits
+        return model(inputs_embeds=inputs).logits
+
+    def stage_outputs(self, model: nn.Module, logits, batch: dict) -> dict:
+        """The last stage's logits with the loss the model's forward computes from them."""
+        if "labels" not in batch:
+            return logits
+        loss = model.loss_function(logits, batch["labels"], vocab_size=self.config.vocab_size)
+        return {"logits": logits, "loss": loss}
 
     def tp_plan(self, model: nn.Module) -> dict:
         """The config's ``base_model_tp_plan``, keys under the base model's prefix, as torch

@@ -97,7 +97,11 @@ class UserModel(nn.Module):
         self.user_model = user_model
         self.loss_source: str | None = None  # set by loss_sum: one of LOSS_SOURCES
 
-    def forward(self, inputs):
+    def forward(self, inputs=None, **named):
+        # A pipeline stage gets a dict of inputs as keyword arguments (pipeline_lib.pipelining).
+        inputs = named or inputs
+        if getattr(self, "pipeline_stage", None) and hasattr(self.source, "stage_forward"):
+            return self.source.stage_forward(self.user_model, inputs)
         if isinstance(inputs, dict):
             return self.user_model(**inputs)
         return self.user_model(inputs)
@@ -130,6 +134,29 @@ class UserModel(nn.Module):
             return mean * targets.samples, targets.samples
         self.loss_source = "fallback"
         return first_float(outputs, self.name).float().square().sum(), targets.samples
+
+    def pipeline_split(self):
+        """The user's ``pipeline_split(model)`` (names relative to the user's model), or None:
+        no layer stack to split into pipeline stages (pipeline_lib.pipelining)."""
+        if not hasattr(self.source, "pipeline_split"):
+            return None
+        found = self.source.pipeline_split(self.user_model)
+        if found is None:
+            return None
+        layers, before, after = found
+        prefixed = [f"user_model.{n}" for n in before], [f"user_model.{n}" for n in after]
+        return f"user_model.{layers}", *prefixed
+
+    def pipeline_stand_in(self):
+        return (
+            self.source.pipeline_stand_in() if hasattr(self.source, "pipeline_stand_in") else None
+        )
+
+    def stage_outputs(self, outputs, targets: UserTargets):
+        """The last pipeline stage's outputs as the forward returns them (its own loss)."""
+        if hasattr(self.source, "stage_outputs"):
+            return self.source.stage_outputs(self.user_model, outputs, targets.batch)
+        return outputs
 
     def fsdp_units(self):
         if hasattr(self.source, "fsdp_units"):

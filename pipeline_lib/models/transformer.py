@@ -62,10 +62,14 @@ class Transformer(nn.Module):
         self.output = nn.Linear(dim, vocab, bias=False)
 
     def forward(self, tokens):
-        x = self.tok_embeddings(tokens) + self.pos_embeddings[: tokens.shape[1]]
+        # A pipeline stage holds some of the parts (the others are None): it takes the previous
+        # stage's output and returns its own (pipeline_lib.pipelining).
+        x = tokens
+        if self.tok_embeddings is not None:
+            x = self.tok_embeddings(tokens) + self.pos_embeddings[: tokens.shape[1]]
         for layer in self.layers:
             x = layer(x)
-        return self.output(self.norm(x))
+        return x if self.output is None else self.output(self.norm(x))
 
     def make_batch(self, step: int, global_batch: int, seed: int):
         return token_batch(step, global_batch, seed, self.vocab, self.seq_len)
@@ -83,12 +87,16 @@ class Transformer(nn.Module):
             ),
             "output": ColwiseParallel(output_layouts=Replicate()),
         }
-        for i in range(len(self.layers)):
+        for i, _ in self.layers.named_children():  # a pipeline stage's layers keep their index
             for name in ("attention.wq", "attention.wk", "attention.wv", "ffn.w1"):
                 plan[f"layers.{i}.{name}"] = ColwiseParallel()
             for name in ("attention.wo", "ffn.w2"):
                 plan[f"layers.{i}.{name}"] = RowwiseParallel()
         return plan
+
+    def pipeline_split(self):
+        """(layer stack, the parts before it, the parts after it) for pipeline stages."""
+        return "layers", ["tok_embeddings", "pos_embeddings"], ["norm", "output"]
 
     def tp_dims(self):
         return {"vocab": self.vocab, "heads": self.heads, "hidden": self.hidden}
