@@ -10,7 +10,9 @@ Each fault names the status the verifier must give. Stages:
 - ``source``: the load job reads a checkpoint written by a different model;
 - ``state``: the state dict ``get_state_dict`` returns is corrupted the same way on the save and
   the load side (``corrupt``), as a state-dict API that returns wrong values would: only a check
-  independent of that API (the saver's state dict vs its live objects) can see it.
+  independent of that API (the saver's state dict vs its live objects) can see it;
+- ``sequence``: the checkpointer a save sequence keeps for its saves writes the wrong step's
+  state (pipeline_lib.sequence_save); the fault's cell runs a sequence (``axes``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Fault:
     # state faults only: corrupt(model_state, optim_state, at_build) changes the state dicts in
     # place; at_build: the model state dict as it was right after the build
     corrupt: Callable[[dict, dict, dict], None] | None = None
+    # The axes' values of the fault's cell where it means something in one variant only
+    # (pipeline_lib.axes.Variant keywords; none: the default variant).
+    axes: tuple[tuple[str, str], ...] = ()
 
 
 def _metadata(checkpoint: Path):
@@ -167,6 +172,9 @@ def stale_param(model_state: dict, optim_state: dict, at_build: dict) -> None:
     model_state[name] = at_build[name]
 
 
+# The variant of a sequence fault's cell: the cells load the last checkpoint.
+_SEQUENCE = (("save_sequence", "load_last"),)
+
 FAULTS: dict[str, Fault] = {
     f.name: f
     for f in [
@@ -190,28 +198,24 @@ FAULTS: dict[str, Fault] = {
         Fault("segfault_load", "load", "crash"),
         Fault("hang_save", "save", "timeout"),
         Fault("hang_load", "load", "timeout"),
+        # Every save of a sequence after the first writes the state the checkpointer took at
+        # the first, as a checkpointer that stages once and never again (NeMo RL #3312: with
+        # async saving, every checkpoint after the first equal to the first).
+        Fault("stale_save", "sequence", "fail", axes=(*_SEQUENCE, ("async_save", "thread"))),
+        # The first save of a sequence writes the state as it is after the next optimizer
+        # step, as an async save that captures its tensors late (pytorch #144657).
+        Fault("future_save", "sequence", "fail", axes=(*_SEQUENCE, ("async_save", "process"))),
     ]
 }
 
 
 # Faults that mean something in one mode only, hence not in the campaign (whose cells are of the
-# default variant): tests/test_mode_pairs.py injects them into a cell of that mode.
+# default variant, but a sequence fault's: Fault.axes): tests/test_mode_pairs.py injects them
+# into a cell of that mode.
 MODE_FAULTS = {
     # modes strict_unexpected / non_strict_unexpected: the loader does not load the checkpoint's
     # model entries its model lacks (a loader reading only its own keys, as dcp.load does).
     "ignore_unexpected": "fail",
-}
-# Faults that mean something in a save sequence only (axis save_sequence; the campaign's cells
-# save once): tests/test_save_sequences.py injects them into a cell of a sequence. Both break
-# the checkpointer the saver keeps for every save of the sequence (pipeline_lib.sequence_save).
-SEQUENCE_FAULTS = {
-    # Every save after the first writes the state the checkpointer staged at the first, as a
-    # checkpointer that stages once and never again (NeMo RL #3312: with async saving, every
-    # checkpoint after the first equal to the first).
-    "stale_save": "fail",
-    # The first save writes the state as it is after the next optimizer step, as an async save
-    # that captures its tensors late (pytorch #144657).
-    "future_save": "fail",
 }
 
 
