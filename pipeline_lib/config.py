@@ -269,8 +269,11 @@ def _fault_errors(config: dict) -> list[str]:
             known = ", ".join(known_faults)
             errors.append(f"faults.{i}.fault: unknown fault {entry['fault']!r} (known: {known})")
         elif entry["fault"] not in ["all", *faults.campaign(config["verify"])]:
+            stage = faults.FAULTS[entry["fault"]].stage
+            why = "a save sequence" if stage == "sequence" else "breaks a seal"
+            needs = "exact" if stage == "sequence" else "sealed"
             errors.append(
-                f"faults.{i}.fault: {entry['fault']} breaks a seal (needs verify.reference: sealed)"
+                f"faults.{i}.fault: {entry['fault']} {why} (needs verify.reference: {needs})"
             )
         if entry["model"] not in known_models:
             errors.append(f"faults.{i}.model: unknown model {entry['model']!r}")

@@ -14,6 +14,8 @@ Each fault names the status the verifier must give. Stages:
 - ``sealed`` (``verify.reference: sealed`` only): change the files, or the seal, after the save
   job sealed them (rank 0, ``apply_after_seal``), as a file changed between the jobs: the load
   job's seal check must name the file.
+- ``sequence``: the checkpointer a save sequence keeps for its saves writes the wrong step's
+  state (pipeline_lib.sequence_save); the fault's cell runs a sequence (``axes``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Fault:
     # state faults only: corrupt(model_state, optim_state, at_build) changes the state dicts in
     # place; at_build: the model state dict as it was right after the build
     corrupt: Callable[[dict, dict, dict], None] | None = None
+    # The axes' values of the fault's cell where it means something in one variant only
+    # (pipeline_lib.axes.Variant keywords; none: the default variant).
+    axes: tuple[tuple[str, str], ...] = ()
 
 
 def _metadata(checkpoint: Path):
@@ -193,6 +198,9 @@ def corrupt_seal(checkpoint: Path) -> str:
     return f"changed the digest of {name} in {path.name}"
 
 
+# The variant of a sequence fault's cell: the cells load the last checkpoint.
+_SEQUENCE = (("save_sequence", "load_last"),)
+
 FAULTS: dict[str, Fault] = {
     f.name: f
     for f in [
@@ -219,38 +227,37 @@ FAULTS: dict[str, Fault] = {
         Fault("change_after_seal", "sealed", "fail", change_after_seal),
         Fault("delete_after_seal", "sealed", "fail", delete_after_seal),
         Fault("corrupt_seal", "sealed", "fail", corrupt_seal),
+        # Every save of a sequence after the first writes the state the checkpointer took at
+        # the first, as a checkpointer that stages once and never again (NeMo RL #3312: with
+        # async saving, every checkpoint after the first equal to the first).
+        Fault("stale_save", "sequence", "fail", axes=(*_SEQUENCE, ("async_save", "thread"))),
+        # The first save of a sequence writes the state as it is after the next optimizer
+        # step, as an async save that captures its tensors late (pytorch #144657).
+        Fault("future_save", "sequence", "fail", axes=(*_SEQUENCE, ("async_save", "process"))),
     ]
 }
 
 
 # The stages whose fault the save job injects (the others: the load job).
-SAVE_STAGES = ("checkpoint", "save", "state", "sealed")
+SAVE_STAGES = ("checkpoint", "save", "state", "sealed", "sequence")
 
 
 def campaign(verify: dict) -> list[str]:
-    """The faults of ``fault: all``: those of stage ``sealed`` in sealed mode only."""
+    """The faults of ``fault: all``: those of stage ``sealed`` in sealed mode only, those of
+    stage ``sequence`` in exact mode only (a save sequence is checked against the saver's
+    reference at each step, which sealed mode does not write)."""
     sealed = verify.get("reference", "exact") == "sealed"
-    return [name for name, f in FAULTS.items() if sealed or f.stage != "sealed"]
+    wrong_mode = "sequence" if sealed else "sealed"
+    return [name for name, f in FAULTS.items() if f.stage != wrong_mode]
 
 
 # Faults that mean something in one mode only, hence not in the campaign (whose cells are of the
-# default variant): tests/test_mode_pairs.py injects them into a cell of that mode.
+# default variant, but a sequence fault's: Fault.axes): tests/test_mode_pairs.py injects them
+# into a cell of that mode.
 MODE_FAULTS = {
     # modes strict_unexpected / non_strict_unexpected: the loader does not load the checkpoint's
     # model entries its model lacks (a loader reading only its own keys, as dcp.load does).
     "ignore_unexpected": "fail",
-}
-# Faults that mean something in a save sequence only (axis save_sequence; the campaign's cells
-# save once): tests/test_save_sequences.py injects them into a cell of a sequence. Both break
-# the checkpointer the saver keeps for every save of the sequence (pipeline_lib.sequence_save).
-SEQUENCE_FAULTS = {
-    # Every save after the first writes the state the checkpointer staged at the first, as a
-    # checkpointer that stages once and never again (NeMo RL #3312: with async saving, every
-    # checkpoint after the first equal to the first).
-    "stale_save": "fail",
-    # The first save writes the state as it is after the next optimizer step, as an async save
-    # that captures its tensors late (pytorch #144657).
-    "future_save": "fail",
 }
 
 

@@ -491,9 +491,14 @@ def fault_cell(config: dict, fault_id: str) -> FaultCell:
     return next(c for c in fault_cells(config) if c.id == fault_id)
 
 
+def fault_variant(fault: str) -> Variant:
+    """The variant a fault's cell runs (the default, but for a fault of one variant only)."""
+    return Variant(**dict(faults.FAULTS[fault].axes))
+
+
 def fault_save_spec(config: dict, cell: FaultCell) -> JobSpec:
     """The save job of a fault cell (one item)."""
-    spec = save_spec(config, cell.save_model, cell.save, cell.root)
+    spec = save_spec(config, cell.save_model, cell.save, cell.root, fault_variant(cell.fault))
     if faults.FAULTS[cell.fault].stage in faults.SAVE_STAGES:
         spec = replace(spec, fault=cell.fault)
     return job_spec(config, "save", cell.save, f"{cell.root}/work/save", [spec])
@@ -508,7 +513,8 @@ def fault_load_spec(config: dict, cell: FaultCell) -> JobSpec:
 
 def _fault_load_item(config: dict, cell: FaultCell) -> ItemSpec:
     fault = faults.FAULTS[cell.fault]
-    spec = load_spec(config, cell.model, cell.load, [(cell.save, None)], cell.root)
+    variant = fault_variant(cell.fault)
+    spec = load_spec(config, cell.model, cell.load, [(cell.save, None)], cell.root, variant)
     (saved,) = spec.sources
     # A foreign_checkpoint cell reads the checkpoint another model saved.
     saved = replace(

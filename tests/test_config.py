@@ -119,3 +119,12 @@ def test_pipeline_parallel_layouts_need_the_exact_reference(small_config):
     small_config["verify"] = {"reference": "sealed"}
     with pytest.raises(config.ConfigError, match=r"layouts.pp_2: a pipeline-parallel layout"):
         config.validate(small_config)
+
+
+def test_sequence_faults_need_the_exact_reference(small_config):
+    small_config["faults"] = [{"fault": "stale_save", "model": "mlp", "save": "single",
+                               "load": "fsdp2_2"}]  # fmt: skip
+    config.validate(small_config)
+    small_config["verify"] = {"reference": "sealed"}
+    with pytest.raises(config.ConfigError, match=r"stale_save a save sequence \(needs verify"):
+        config.validate(small_config)

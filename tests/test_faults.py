@@ -37,6 +37,9 @@ EXPECTED_REASONS = {
     "segfault_load": "load: rank 0 killed by SIGSEGV during cell ddp_2",
     "hang_save": "save: no progress for 20 s during save; job killed",
     "hang_load": "load: no progress for 20 s during cell ddp_2; job killed",
+    # A save sequence (steps 2 and 4, the cells load the last): the step is named.
+    "stale_save": "files vs saver at step 4: 40 of 52 entries differ; first " + ENTRY,
+    "future_save": "files vs saver at step 2: 40 of 52 entries differ; first " + ENTRY,
 }
 
 
@@ -56,6 +59,8 @@ def test_fault_campaign(tmp_path):
         assert row.reason.startswith(EXPECTED_REASONS[fault]), (fault, row.reason)
         assert row.caught
     assert "unreadable" in table.loc["truncate_shard", "reason"]
+    stuck = f"save sequence: 40 of 52 entries differ; first {ENTRY}: equal in the checkpoints "
+    assert stuck + "of steps 2 and 4" in table.loc["stale_save", "reason"]
     assert "FileNotFoundError" in table.loc["delete_shard", "reason"]
     assert (
         "Missing key" in table.loc["foreign_checkpoint", "reason"]
