@@ -1,7 +1,8 @@
 """Benchmark dcp-matrix against its limits; prints figures and ratios (run on purpose, not in CI).
 
-    .venv/bin/python bench/benchmark.py                # all four; the matrix 3 times (~35 min)
-    .venv/bin/python bench/benchmark.py --skip-matrix  # the three quick ones
+    .venv/bin/python bench/benchmark.py                # all six; the matrix 3 times (~50 min)
+    .venv/bin/python bench/benchmark.py --skip-matrix  # all but the matrix and the rerun
+    .venv/bin/python bench/benchmark.py --only rerun   # the matrix, then + mlp_frozen
     .venv/bin/python bench/benchmark.py --state-gb 1 --repeats 3
     .venv/bin/python bench/benchmark.py --only aggregate  # one of them alone
     .venv/bin/python bench/benchmark.py --only growth --sweep-gb 0.25,1,4
@@ -16,13 +17,18 @@
 3. ``snakemake -n`` on a generated 10,000-cell grid;
 4. aggregating 10,000 cell records into Parquet and rendering the report;
 5. growth: the big cell at each ``--sweep-gb`` size in both modes (and bare): seconds per GB of
-   each phase, peak RSS per rank, and the spread of the per-GB cost across the sweep.
+   each phase, peak RSS per rank, and the spread of the per-GB cost across the sweep;
+6. rerun: the matrix of ``--config``, then the same with ``--rerun-model`` added, in one folder:
+   the rerun's wall time ÷ the full run's (incremental reruns, pipeline_lib.reuse).
+
+``--device cuda`` runs the big cell and the growth sweep on GPUs (nccl; two visible GPUs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -166,12 +172,15 @@ def mlp_size(state_gb: float) -> dict:
     return {"dim": dim, "hidden": max(8, round(state_gb * 2**30 / (3 * 4 * 4 * dim))), "out": 8}
 
 
-def run_cell(state_gb: float, reference: str, work: Path) -> dict:
+def run_cell(state_gb: float, reference: str, work: Path, device: str = "cpu") -> dict:
     """One fsdp2_2 cell of about ``state_gb`` through the pipeline's save and load jobs in mode
     ``reference`` (exact or sealed): its phases' seconds, state bytes, extra disk (what it
     writes beside the checkpoint: the saver's reference, or the seal) and peak RSS per rank."""
     raw = {"models": ["mlp"], "layouts": {"fsdp2_2": {"framework": "fsdp2", "mesh": [2]}}}
-    cfg = config_lib.validate({**raw, "pairs": "same", "verify": {"reference": reference}})
+    run = {"device": device}
+    cfg = config_lib.validate(
+        {**raw, "pairs": "same", "verify": {"reference": reference}, "run": run}
+    )
     cell_dir = work / f"cell-{reference}-{state_gb}"
     cell_dir.mkdir()
     for command, spec in (
@@ -200,9 +209,9 @@ def run_cell(state_gb: float, reference: str, work: Path) -> dict:
     }
 
 
-def run_bare(state_gb: float, work: Path) -> dict:
+def run_bare(state_gb: float, work: Path, device: str = "cpu") -> dict:
     size = mlp_size(state_gb)
-    _, bare = torchrun(2, "dcp", str(size["dim"]), str(size["hidden"]), cwd=work)
+    _, bare = torchrun(2, "dcp", str(size["dim"]), str(size["hidden"]), device, cwd=work)
     shutil.rmtree(bare["checkpoint"])
     return {"seconds": bare["save_s"] + bare["load_s"], **bare}
 
@@ -212,15 +221,15 @@ def per_rank(cell: dict) -> float:
     return cell["rss_mb"] / (cell["state_bytes"] / 2 / 2**20)
 
 
-def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
+def bench_big_cell(state_gb: float, repeats: int, work: Path, device: str) -> None:
     """One fsdp2_2 cell of about ``state_gb``, ``repeats`` times in each mode and as a bare
     dcp.save + dcp.load: each figure beside its target."""
     runs: dict[str, list] = {"exact": [], "sealed": [], "bare": []}
     for attempt in range(repeats):
-        bare = run_bare(state_gb, work)
+        bare = run_bare(state_gb, work, device)
         runs["bare"].append(bare)
         for mode in ("exact", "sealed"):
-            cell = run_cell(state_gb, mode, work)
+            cell = run_cell(state_gb, mode, work, device)
             runs[mode].append(cell)
             spent = ", ".join(f"{k} {v:.2f}" for k, v in cell["phases"].items() if v)
             print(
@@ -231,7 +240,7 @@ def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
     bare_s = statistics.median(b["seconds"] for b in runs["bare"])
     state = statistics.median(c["state_bytes"] for c in runs["exact"])
     bare_rss = statistics.median(b["peak_rss_mb"] / (state / 2 / 2**20) for b in runs["bare"])
-    print(f"2. big cell ({state_gb:g} GB, fsdp2_2, medians of {repeats}):")
+    print(f"2. big cell ({state_gb:g} GB, fsdp2_2 on {device}, medians of {repeats}):")
     for mode in ("exact", "sealed"):
         cells = runs[mode]
         ratio = statistics.median(c["seconds"] for c in cells) / bare_s
@@ -245,14 +254,16 @@ def bench_big_cell(state_gb: float, repeats: int, work: Path) -> None:
         )
 
 
-def bench_growth(sizes: list[float], work: Path) -> None:
+def bench_growth(sizes: list[float], work: Path, device: str) -> None:
     """The cell at every size of ``sizes`` (GB) in both modes, once: seconds per GB of each
     phase and peak RSS per rank; the spread of the per-GB cost across the sweep."""
     print(f"5. growth sweep ({', '.join(f'{g:g}' for g in sizes)} GB; fsdp2_2; one run each)")
     for mode in ("exact", "sealed", "bare"):
         per_gb = []
         for gb in sizes:
-            cell = run_bare(gb, work) if mode == "bare" else run_cell(gb, mode, work)
+            cell = (
+                run_bare(gb, work, device) if mode == "bare" else run_cell(gb, mode, work, device)
+            )
             state_gb = (cell.get("state_bytes") or gb * 2**30) / 2**30
             per_gb.append(cell["seconds"] / state_gb)
             phases = cell.get("phases", {"save": cell.get("save_s"), "load": cell.get("load_s")})
@@ -267,6 +278,31 @@ def bench_growth(sizes: list[float], work: Path) -> None:
             f"   {mode}: per-GB cost spread {spread:.0%} across the sweep "
             f"(target <= {GROWTH_SPREAD:.0%})"
         )
+
+
+def bench_rerun(config_path: Path, model: str, work: Path) -> None:
+    """5. The matrix of ``config_path``, then the same with ``model`` added to ``models:`` in
+    the same folder: the rerun's wall time ÷ the full run's, and the units each reused."""
+    run_dir = work / "rerun"
+    run_dir.mkdir()
+    cfg = yaml.safe_load(config_path.read_text())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    full = timed(snakemake_command(run_dir), work)[0]
+    cfg["models"] = [*cfg["models"], model]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rerun = timed(snakemake_command(run_dir), work)[0]
+    counts = Counter()
+    for log in (run_dir / grid.RESULTS / "logs").glob("*/*.log"):
+        if found := re.search(r"reused (\d+) of (\d+) (save items|load cells)", log.read_text()):
+            counts[found[3], "reused"] += int(found[1])
+            counts[found[3], "all"] += int(found[2])
+    print("5. incremental rerun: the matrix, then + one model in the same folder")
+    print(f"   full run {full:.1f} s; + {model}: {rerun:.1f} s")
+    for kind in ("save items", "load cells"):
+        reused, total = counts[kind, "reused"], counts[kind, "all"]
+        print(f"   {kind}: {total - reused} of {total} ran, {reused} reused")
+    print(f"   ratio: {rerun / full:.2f} (target <= 0.4)")
+    shutil.rmtree(run_dir)
 
 
 def ten_thousand_cell_config(path: Path) -> dict:
@@ -350,7 +386,7 @@ def bench_aggregate(work: Path, template_record: Path) -> None:
     )
 
 
-BENCHMARKS = ("matrix", "big-cell", "dry-run", "aggregate", "growth")
+BENCHMARKS = ("matrix", "big-cell", "dry-run", "aggregate", "growth", "rerun")
 
 
 def main() -> None:
@@ -359,7 +395,7 @@ def main() -> None:
     )
     parser.add_argument("--config", type=Path, default=REPO / "config.yaml", help="matrix to time")
     parser.add_argument(
-        "--skip-matrix", action="store_true", help="skip benchmark 1 (the long one)"
+        "--skip-matrix", action="store_true", help="skip benchmarks 1 and 6 (the long ones)"
     )
     parser.add_argument("--state-gb", type=float, default=1.0, help="state size of the big cell")
     parser.add_argument("--repeats", type=int, default=3, help="runs per floor and big cell")
@@ -367,22 +403,27 @@ def main() -> None:
     parser.add_argument(
         "--sweep-gb", default="0.25,1,4", help="state sizes of the growth sweep (GB, commas)"
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the big cell and the growth sweep run")  # fmt: skip
+    parser.add_argument("--rerun-model", default="mlp_frozen", help="the model the rerun adds")
     args = parser.parse_args()
-    skipped = {"matrix"} if args.skip_matrix else set()
+    skipped = {"matrix", "rerun"} if args.skip_matrix else set()
     run = {args.only} if args.only else set(BENCHMARKS) - skipped
     work = Path(tempfile.mkdtemp(prefix="dcp-matrix-bench-"))
     try:
         if "matrix" in run:
             bench_matrix(args.config.resolve(), args.repeats, work)
         if "big-cell" in run:
-            bench_big_cell(args.state_gb, args.repeats, work)
+            bench_big_cell(args.state_gb, args.repeats, work, args.device)
         if "dry-run" in run:
             bench_dry_run(work)
         if "aggregate" in run:
             # A real record of the default matrix (transformer, ddp_2 -> fsdp2_4) as the template.
             bench_aggregate(work, REPO / "bench" / "load_record.json")
         if "growth" in run:
-            bench_growth([float(g) for g in args.sweep_gb.split(",")], work)
+            bench_growth([float(g) for g in args.sweep_gb.split(",")], work, args.device)
+        if "rerun" in run:
+            bench_rerun(args.config.resolve(), args.rerun_model, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
