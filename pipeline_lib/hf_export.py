@@ -112,15 +112,16 @@ def write(state: dict, config, path: Path) -> None:
 
 def compare(definition, full: dict, path: Path, dtype: torch.dtype, seed: int) -> str:
     """Why the export at ``path`` does not load as ``full`` (the saver's full model state), or
-    "": every tensor bit for bit, then the logits on a fixed batch."""
+    "": every tensor listed in its index, every tensor bit for bit after from_pretrained, then
+    the logits on a fixed batch."""
+    if reason := _missing_in_export(full, path):
+        return reason
     try:
         loaded = definition.model_class.from_pretrained(
             str(path), dtype=dtype, attn_implementation="eager"
         )
     except Exception as exc:
         return f"from_pretrained: {one_line(exc)}"
-    if reason := _missing_in_export(full, path):
-        return reason
     if reason := _tensors_differ(full, loaded.state_dict()):
         return reason
     fresh = definition.build().to(dtype)
