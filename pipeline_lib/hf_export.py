@@ -6,11 +6,12 @@ part of the model state with DCP's ``HuggingFaceStorageWriter`` (consolidated in
 ``model-*.safetensors`` with ``model.safetensors.index.json``, the shards under ``sharded/``)
 into ``<save dir>/hf_export``, and rank 0 adds the model's ``config.json``. Rank 0 then loads
 the folder with ``<architecture>.from_pretrained`` and checks that every tensor equals the
-saver's full model state (under pipeline parallelism the union of every stage's, so an export
-that drops a stage's keys fails) bit for bit, and that its logits on a fixed batch equal those of the
-architecture built fresh with the saver's state: both forwards run in one process, on the CPU,
-in the same dtype, with eager attention, on the same values, so any difference is the export's
-(the saver's own forward under TP or FSDP may sum in another order, so it is not the reference).
+saver's full model state (under pipeline parallelism the union of every stage's, so an
+export that drops a stage's keys fails) bit for bit, and that its logits on a fixed batch equal
+those of the architecture built fresh with the saver's state: both forwards run in one
+process, on the CPU, in the same dtype, with eager attention, on the same values, so any
+difference is the export's (the saver's own forward under TP or FSDP may sum in another order,
+so it is not the reference).
 Imports torch; transformers only through models._hf (HF models only).
 """
 
