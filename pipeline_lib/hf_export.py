@@ -6,10 +6,12 @@ part of the model state with DCP's ``HuggingFaceStorageWriter`` (consolidated in
 ``model-*.safetensors`` with ``model.safetensors.index.json``, the shards under ``sharded/``)
 into ``<save dir>/hf_export``, and rank 0 adds the model's ``config.json``. Rank 0 then loads
 the folder with ``<architecture>.from_pretrained`` and checks that every tensor equals the
-saver's full model state bit for bit, and that its logits on a fixed batch equal those of the
-architecture built fresh with the saver's state: both forwards run in one process, on the CPU,
-in the same dtype, with eager attention, on the same values, so any difference is the export's
-(the saver's own forward under TP or FSDP may sum in another order, so it is not the reference).
+saver's full model state (under pipeline parallelism the union of every stage's, so an
+export that drops a stage's keys fails) bit for bit, and that its logits on a fixed batch equal
+those of the architecture built fresh with the saver's state: both forwards run in one
+process, on the CPU, in the same dtype, with eager attention, on the same values, so any
+difference is the export's (the saver's own forward under TP or FSDP may sum in another order,
+so it is not the reference).
 Imports torch; transformers only through models._hf (HF models only).
 """
 
@@ -112,15 +114,16 @@ def write(state: dict, config, path: Path) -> None:
 
 def compare(definition, full: dict, path: Path, dtype: torch.dtype, seed: int) -> str:
     """Why the export at ``path`` does not load as ``full`` (the saver's full model state), or
-    "": every tensor bit for bit, then the logits on a fixed batch."""
+    "": every tensor listed in its index, every tensor bit for bit after from_pretrained, then
+    the logits on a fixed batch."""
+    if reason := _missing_in_export(full, path):
+        return reason
     try:
         loaded = definition.model_class.from_pretrained(
             str(path), dtype=dtype, attn_implementation="eager"
         )
     except Exception as exc:
         return f"from_pretrained: {one_line(exc)}"
-    if reason := _missing_in_export(full, path):
-        return reason
     if reason := _tensors_differ(full, loaded.state_dict()):
         return reason
     fresh = definition.build().to(dtype)

@@ -160,3 +160,24 @@ def test_hf_export_under_pp_keeps_every_stages_keys(in_tmp):
     assert (
         "hf export: 11 tensor(s) missing in the export; first lm_head.weight" in dropped["reason"]
     ), dropped["reason"]
+
+
+def test_the_savers_list_is_the_union_of_the_stages_and_their_parts_must_cover_it(tmp_path):
+    """A list entry each stage holds part of (its optimizer param group's names): the saver's
+    reference holds the union; loaded parts that lack an item fail, naming it."""
+    from pipeline_lib.checks import _uncovered
+    from pipeline_lib.reference import Reference
+
+    name = "optim.param_groups.0.params"
+    Reference.write(str(tmp_path), {name: ["a", "b"]}, rank=0)
+    Reference.write(str(tmp_path), {name: ["c"]}, rank=1)
+    reference = Reference(str(tmp_path))
+    assert reference.meta[name]["value"] == ["a", "b", "c"]
+    assert reference.compare(name, ["a", "b", "c"]).equal  # a whole list: the union
+    assert not reference.compare(name, ["a", "b"]).equal
+    assert reference.compare(name, ["a", "b"], part=True).equal  # a stage's part
+    assert _uncovered(reference, [{name: ["a"]}, {name: ["c"]}]) == {
+        name: {"equal": False, "max_abs_diff": None,
+               "note": "the stages' parts lack 1 of 3 items; first 'b'"}
+    }  # fmt: skip
+    assert _uncovered(reference, [{name: ["a", "b"]}, {name: ["c"]}]) == {}
