@@ -17,8 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 # it carries this file (it made the folder), whatever torch_env_dir and the version name say.
 MARKER = ".dcp-matrix-env"
 # What a save or load job imports besides torch (pandas: the CLI's gate commands; numpy:
-# torch wheels other than the local CPU build do not pull it in).
-JOB_PACKAGES = ("numpy", "pandas", "pyarrow", "jsonschema", "PyYAML", "psutil", "safetensors")
+# torch wheels other than the local CPU build do not pull it in; xxhash: the seal). The rule
+# torch_env takes their pins as a param, so a change here rebuilds the environments.
+JOB_PACKAGES = (
+    "numpy", "pandas", "pyarrow", "jsonschema", "PyYAML", "psutil", "safetensors", "xxhash",
+)  # fmt: skip
 
 
 def pinned(names: tuple[str, ...]) -> list[str]:

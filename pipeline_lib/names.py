@@ -47,7 +47,7 @@ def name_error(name: object, model: bool = False) -> str | None:
 def variant_id_error(variant_id: str) -> str | None:
     """Why a variant id (pipeline_lib.axes: ``mode-full+format-torch_save``, made of the axes'
     own values, never of config text) cannot be a folder name, or None."""
-    if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,200}", variant_id) or variant_id in (".", ".."):
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]{1,255}", variant_id) or variant_id in (".", ".."):
         return f"variant id {variant_id[:40]!r} is not a usable folder name"
     return periodic_error(variant_id)
 

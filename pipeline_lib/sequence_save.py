@@ -149,7 +149,7 @@ def _save_at(job, item: Item, trainee: Trainee, keeper: Checkpointer, steps: Sav
     state flattened, check 0, the save's timing)."""
     unit, timing = item.id, {}
     with job.phase("reference", unit):
-        live_shared = steps.write_reference(item, job.placement, trainee, ([], {}), job.rank)
+        _, live_shared = steps.write_reference(item, job.placement, trainee, ([], {}), job.rank)
     with job.phase("state dict", unit):
         state, flat, state_check = steps.saved_state(item, trainee, ([], {}), live_shared)
     with job.phase("save", unit):

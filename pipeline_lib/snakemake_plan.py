@@ -93,6 +93,13 @@ class Plan:
     def torch_env_prefix(self, wildcards) -> str:
         return grid.env_dir(self.config, wildcards.version)
 
+    @property
+    def torch_env_packages(self) -> str:
+        """The pinned packages an environment gets besides torch: a change rebuilds it."""
+        from pipeline_lib.environments import JOB_PACKAGES, pinned
+
+        return " ".join(pinned(JOB_PACKAGES))
+
     # --- the matrix jobs (rules save_checkpoints, load_checkpoints) -------------------------
     def _version(self, wildcards) -> str | None:
         return grid.version_roots(self.config)[wildcards.version_root]

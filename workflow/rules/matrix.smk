@@ -74,6 +74,7 @@ rule torch_env:
         python=PYTHON,
         requirement=plan.torch_requirement,
         prefix=plan.torch_env_prefix,
+        packages=plan.torch_env_packages,
     shell:
         "{params.python:q} -m pipeline_lib make-env --requirement {params.requirement:q}"
         " --prefix {params.prefix:q} > {log} 2>&1"
