@@ -73,11 +73,8 @@ def manifest(folder: str | Path) -> dict[str, list[int]]:
     root = Path(folder)
     if not root.is_dir():
         return {}
-    return {
-        str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns]
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+    stats = {str(p.relative_to(root)): p.stat() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {name: [stat.st_size, stat.st_mtime_ns] for name, stat in stats.items()}
 
 
 @dataclass(frozen=True)
