@@ -5,12 +5,26 @@ from __future__ import annotations
 import copy
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    """Snakemake's Slurm executor plugin runs ``scontrol show config`` whenever Snakemake starts
+    (snakemake-executor-plugin-slurm 2.7.1, at import). With Slurm's client installed and no
+    controller reachable (``setup.sh --dev`` installs it for tests/test_slurm.py) that waits
+    about 10 s, in every one of the suite's Snakemake runs. The tests point SLURM_CONF at a
+    configuration without a cluster, so the probe fails at once; the Slurm tests name the
+    cluster they bring up (tests/test_slurm.py). A SLURM_CONF already set is kept."""
+    if "SLURM_CONF" not in os.environ:
+        conf = Path(tempfile.mkdtemp(prefix="dcp-matrix-tests-")) / "slurm.conf"
+        conf.write_text("# dcp-matrix tests: no Slurm cluster outside tests/test_slurm.py\n")
+        os.environ["SLURM_CONF"] = str(conf)
 
 
 @pytest.fixture

@@ -30,6 +30,9 @@ from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
 SNAKEMAKE_TIMEOUT_S = 900
+# The configuration scripts/slurm_up.sh writes: the cluster these tests bring up (the others
+# run with a SLURM_CONF of no cluster, tests/conftest.py).
+CLUSTER_ENV = {"SLURM_CONF": "/etc/slurm/slurm.conf"}
 KEYS = ["model", "save_layout", "load_layout"]
 
 GRID = {
@@ -50,7 +53,7 @@ class SlurmCluster:
 
     def __init__(self, base: Path):
         self.base = base
-        self.env = {**os.environ, "SLURM_BASE": str(base)}
+        self.env = {**os.environ, "SLURM_BASE": str(base), **CLUSTER_ENV}
         self.pids: dict[str, int] = {}
 
     def start(self) -> None:
@@ -103,7 +106,7 @@ def run_snakemake(workdir: Path, *args: str, env: dict | None = None) -> str:
         [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
          "--configfile", str(workdir / "config.yaml"), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **CLUSTER_ENV, **(env or {})},
     )  # fmt: skip
     try:
         out, _ = proc.communicate(timeout=SNAKEMAKE_TIMEOUT_S)
