@@ -61,11 +61,30 @@ def against_reference(
         for name in sorted(set().union(*(part for part, *_ in every_rank)))
     }
     entries.update(_uncovered(reference, [held for *_, held in every_rank]))
+    held_by_rank = [{*part, *names} for part, names, _ in every_rank]
+    entries.update(_group_gaps(sorted(set(reference) - set(skip)), held_by_rank, side))
     for name in sorted(set().union(*(names for _, names, _ in every_rank))):
         entries.setdefault(name, unmatched("not in the saver's state"))
     for name in set(reference) - set(skip):
         entries.setdefault(name, unmatched(f"missing in {side}"))
     return entries
+
+
+def _group_gaps(reference: list[str], held_by_rank: list[set], side: str) -> dict:
+    """A param group's settings are on every rank whose optimizer has the group (every rank
+    of a replicated or sharded layout; every stage that holds one of its parameters): an entry
+    ``optim.param_groups.<group>.<key>`` of the reference that a rank holding other keys of
+    that group lacks is not equal, naming the first such rank (a stage whose loaded group came
+    without its hyperparameters would otherwise pass, as another stage holds them)."""
+    groups_by_rank = [{h.rpartition(".")[0] for h in held} for held in held_by_rank]
+    found = {}
+    for name in (n for n in reference if n.startswith("optim.param_groups.")):
+        group = name.rpartition(".")[0]
+        for rank, (held, groups) in enumerate(zip(held_by_rank, groups_by_rank, strict=True)):
+            if name not in held and group in groups:
+                found[name] = unmatched(f"missing on rank {rank} in {side} (its group {group})")
+                break
+    return found
 
 
 def _uncovered(reference: Reference, every_rank: list[dict]) -> dict:

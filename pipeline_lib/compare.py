@@ -21,6 +21,23 @@ class EntryComparison:
     note: str = ""
 
 
+def value_note(expected: Any, actual: Any) -> str:
+    """How two non-tensor values differ, short: both values, or for two long lists their
+    lengths and the first item where they differ."""
+    text = f"value {expected!r} != {actual!r}"
+    if len(text) <= 160 or not (isinstance(expected, list) and isinstance(actual, list)):
+        return text
+    at = next(
+        (i for i, pair in enumerate(zip(expected, actual, strict=False)) if pair[0] != pair[1]),
+        min(len(expected), len(actual)),
+    )
+    first = [repr(v[at]) if at < len(v) else "(end)" for v in (expected, actual)]
+    return (
+        f"lists differ: {len(expected)} items != {len(actual)}; "
+        f"first at index {at}: {first[0]} != {first[1]}"
+    )
+
+
 def compare(expected: Any, actual: Any) -> EntryComparison:
     """Bit-for-bit comparison; max_abs_diff is informative (NaN-aware, in float64)."""
     exp_is_tensor, act_is_tensor = (
@@ -33,7 +50,7 @@ def compare(expected: Any, actual: Any) -> EntryComparison:
         )
     if not exp_is_tensor:
         equal = _plain(expected) == _plain(actual)
-        return EntryComparison(equal, None, "" if equal else f"value {expected!r} != {actual!r}")
+        return EntryComparison(equal, None, "" if equal else value_note(expected, actual))
     if expected.dtype != actual.dtype:
         return EntryComparison(False, None, f"dtype {expected.dtype} != {actual.dtype}")
     if expected.shape != actual.shape:

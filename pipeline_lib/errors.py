@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 
 # What torch's own writers say when a write fails for want of space, with no errno to tell
 # (torch.save on a full disk, torch 2.13: "[enforce fail at inline_container.cc:672] . unexpected
@@ -28,6 +29,20 @@ def one_line(exc: BaseException) -> str:
         # The whole reason stays short: the disk part is kept, the message is cut.
         return f"{text[:240]} ({kind}: {free_space(path)} free on the filesystem of {path})"
     return text[:400]
+
+
+def log_traceback(what: str, exc: BaseException) -> None:
+    """The whole traceback of an exception a record keeps as one line, on stderr (the job's
+    log), headed by the unit and rank: where in torch a cell's error comes from."""
+    import traceback
+
+    rank = os.environ.get("RANK", "?")
+    lines = traceback.format_exception(exc)
+    print(f"dcp-matrix: rank {rank}, {what}:\n{''.join(lines)}", file=sys.stderr, flush=True)
+    for failed, (cause, stack) in (getattr(exc, "failures", None) or {}).items():
+        # DCP's CheckpointException: each failing rank's exception and where it was raised
+        where = "".join(stack.format()) if hasattr(stack, "format") else ""
+        print(f"rank {failed}: {where}{whole_line(cause)}", file=sys.stderr, flush=True)
 
 
 def whole_line(exc: BaseException) -> str:

@@ -189,6 +189,8 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
             f"parameter(s); first {save['frozen_saved'][0]}"
         )
     if load["status"] in JOB_FAILURES:
+        # a resume that failed after check 2 ran (worker.load_into) keeps its entries
+        reasons.append(summarize("loader vs saver", load.get("entries", {}))[1])
         if not any(reasons):
             return load["status"], f"load: {load['reason']}"
         return "fail", "; ".join(

@@ -127,7 +127,10 @@ def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) ->
             loss_sum = t.pipeline.forward_backward(x, y, at.dp_size / count).to(at.device)
         else:
             loss_sum, count = _forward_backward(at, t, x, y)
-        t.optimizer.step()
+        # A stage's optimizer may fail where the others' step (a param group loaded without
+        # its hyperparameters): every stage raises, instead of waiting in the next schedule.
+        with pipelining.stages_agree(t.pipeline is not None):
+            t.optimizer.step()
         t.optimizer.zero_grad(set_to_none=True)
         if t.scheduler is not None:
             t.scheduler.step()

@@ -44,7 +44,7 @@ from pipeline_lib.atomic import read_json, write_json
 from pipeline_lib.axes import layout_conflict
 from pipeline_lib.compare import shared_storage
 from pipeline_lib.entries import describe, entry_kind, flatten
-from pipeline_lib.errors import Incompatible, one_line, whole_line
+from pipeline_lib.errors import Incompatible, log_traceback, one_line, whole_line
 from pipeline_lib.pipelining import PipelineSettings, stages_agree
 from pipeline_lib.reference import Reference, load_form_dir
 from pipeline_lib.specs import JobSpec, Source
@@ -324,6 +324,7 @@ def reload_in_saver(job: Job, item: Item, trainee: Trainee) -> None:
             state = training.state_dict(item, trainee, fault=fault, side="load")
         result = load_into(job, item, trainee, state, source, timing)
     except (Exception, CheckpointException) as exc:
+        log_traceback(f"reload of {item.id} in the saver", exc)
         result = {"status": "error", "reason": f"reload in the saver: {one_line(exc)}"}
     if job.rank == 0:
         write_json(saver_reload_path(paths.reference), result)
@@ -401,9 +402,14 @@ def load_into(
             return {**result, **({"seal_ok": True} if sealed else {})}
     with timed(timing, "verify_s"):
         entries = checks.loader_vs_saver(item, at, trainee, source, report, sealed)
-    with timed(timing, "resume_s"):
-        faults.skew_resume(fault, trainee.optimizer)
-        resume = training.train(item, at, trainee, settings["steps"], settings["resume_steps"])
+    try:
+        with timed(timing, "resume_s"):
+            faults.skew_resume(fault, trainee.optimizer)
+            resume = training.train(item, at, trainee, settings["steps"], settings["resume_steps"])
+    except (Exception, CheckpointException) as exc:  # check 2's findings stay in the record
+        log_traceback(f"resume of cell {source.id}", exc)
+        return {"status": "error", "reason": f"resume: {one_line(exc)}", "entries": entries,
+                "timing": timing}  # fmt: skip
     return {
         "status": "ok",
         "reason": "",
@@ -433,6 +439,7 @@ def run_load(job: Job, item: Item, startup_s: float) -> None:
         except Incompatible:
             raise
         except (Exception, CheckpointException) as exc:
+            log_traceback(f"cell {source.id}", exc)
             result = {"status": "error", "reason": one_line(exc)}
         result["timing"] = {**result.get("timing", {}), "startup_s": startup_s}
         result.update(peak_rss_mb=job.peak_rss_mb(), env=job.env, created_at=timestamps.now())

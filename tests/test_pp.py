@@ -181,3 +181,63 @@ def test_the_savers_list_is_the_union_of_the_stages_and_their_parts_must_cover_i
                "note": "the stages' parts lack 1 of 3 items; first 'b'"}
     }  # fmt: skip
     assert _uncovered(reference, [{name: ["a", "b"]}, {name: ["c"]}]) == {}
+
+
+def test_a_rank_whose_param_group_lacks_a_setting_fails_though_another_holds_it():
+    """Broken on purpose: stage 0's loaded group came without its hyperparameters (lr), stage
+    1's has them; the entry is held by some rank, but not by every rank with that group."""
+    from pipeline_lib.checks import _group_gaps
+
+    group = "optim.param_groups.0"
+    reference = [f"{group}.lr", f"{group}.params", "optim.state.w.exp_avg"]
+    whole = {f"{group}.lr", f"{group}.params"}
+    assert _group_gaps(reference, [whole, whole], "the loader's state") == {}
+    found = _group_gaps(reference, [{f"{group}.params"}, whole], "the loader's state")
+    assert found == {
+        f"{group}.lr": {"equal": False, "max_abs_diff": None,
+                        "note": f"missing on rank 0 in the loader's state (its group {group})"}
+    }  # fmt: skip
+    # A rank without that group at all (a full state dict on rank 0 only) is not a gap.
+    assert _group_gaps(reference, [whole, set()], "the loader's state") == {}
+
+
+@pytest.mark.torchrun
+def test_sharded_mode_under_pp_keeps_one_stages_param_group_and_the_cell_names_it(in_tmp):
+    """The finding of docs/findings.md (pipeline parallelism, mode sharded): DCP writes one
+    stage's ``param_groups.0.params``, and the other stage's optimizer loads a group without
+    its hyperparameters. The cell fails naming both, and the resume's KeyError ends the cell
+    on every stage at once (it used to wait in the next schedule until the cell timeout)."""
+    layouts = {"pp_2": {"framework": "pp", "mesh": [2], "microbatches": 2}}
+    raw = {"models": ["transformer"], "layouts": layouts, "pairs": [["pp_2", "pp_2"]],
+           "modes": ["sharded"], "run": {"cell_timeout_s": 120}}  # fmt: skip
+    row = run_matrix(raw, model="transformer")["pp_2", "pp_2"]
+    assert row["status"] == "fail", row
+    reason = row["reason"]
+    assert (
+        "files vs saver: 1 of" in reason
+        and "first optim.param_groups.0.params: lists differ: 24 items != 12" in reason
+    ), reason
+    assert "missing on rank 0 in the loader's state (its group optim.param_groups.0)" in reason, (
+        reason
+    )
+    assert reason.endswith("load error: resume: KeyError: 'betas'"), reason
+
+
+@pytest.mark.torchrun
+@pytest.mark.parametrize("flatten", [False, True])
+def test_the_torch_only_reproducer_of_the_pp_param_group_finding(flatten, tmp_path):
+    """docs/findings/pp_optim_param_groups.py prints BUG on this torch and OK with
+    flatten_optimizer_state_dict=True (torchtitan's choice under PP)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "docs/findings/pp_optim_param_groups.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    args = [*torchrun, str(script), *(["--flatten"] if flatten else [])]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if flatten:
+        assert done.returncode == 0 and "OK: every stage's optimizer steps" in done.stdout, done
+    else:
+        assert done.returncode != 0, done.stdout
+        assert "BUG: rank 0: Adam.step raised KeyError 'betas'" in done.stdout, done.stdout

@@ -57,6 +57,21 @@ def test_compare_dtype_shape_and_values():
     assert compare(torch.tensor(3.0), torch.tensor(3.0)).equal  # 0-dim (optimizer step)
 
 
+def test_long_lists_name_their_lengths_and_first_difference():
+    """A param group's ``params`` of one pipeline stage against every stage's: the reason
+    stays short and says where the lists part."""
+    every = [f"layers.{i}.weight" for i in range(12)]
+    note = compare(every, every[8:]).note
+    assert (
+        note
+        == "lists differ: 12 items != 4; first at index 0: 'layers.0.weight' != 'layers.8.weight'"
+    )
+    assert compare(every, every[:-1]).note.endswith(
+        "first at index 11: 'layers.11.weight' != (end)"
+    )
+    assert compare(every, list(every)).equal
+
+
 def test_flatten_matches_dcp_entry_names(tmp_path):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.Adam(model.parameters())
