@@ -14,12 +14,15 @@ project's code version, so a change to the verdict logic runs every cell again.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 from importlib import metadata
 from pathlib import Path
 
+import pipeline_lib
 from pipeline_lib import reuse, timestamps
 from pipeline_lib.atomic import read_json, write_json, write_text
 from pipeline_lib.launcher import Outcome, launch
@@ -36,20 +39,55 @@ def fresh_dir(path: Path) -> Path:
     return path
 
 
-def _run_worker(spec: JobSpec, work: Path, attempt: int) -> Outcome:
+class JobClock:
+    """Where a job's process spends its time, for its log's last line: preparing (imports, the
+    spec, reuse keys), the launches of the ranks (torchrun and everything in it) and writing
+    the records. bench/benchmark.py sums these lines over a matrix."""
+
+    def __init__(self) -> None:
+        self.launches, self.ranks_s = 0, 0.0
+        self.launched: float | None = None
+        # `python -m pipeline_lib save|load`: from the package's import; called in-process
+        # (tests), from here.
+        as_cli = Path(sys.argv[0]).parent.name == "pipeline_lib"
+        self.started = pipeline_lib.STARTED if as_cli else time.time()
+
+    @contextlib.contextmanager
+    def launch(self):
+        started = time.time()
+        self.launched = self.launched or started
+        try:
+            yield
+        finally:
+            self.launches += 1
+            self.ranks_s += time.time() - started
+
+    def report(self) -> None:
+        ended = time.time()
+        prepare = (self.launched or ended) - self.started
+        records = ended - self.started - prepare - self.ranks_s
+        print(
+            f"dcp-matrix: job time {ended - self.started:.2f} s: prepare {prepare:.2f} s, "
+            f"ranks {self.ranks_s:.2f} s ({self.launches} launch(es)), records {records:.2f} s",
+            flush=True,
+        )
+
+
+def _run_worker(spec: JobSpec, work: Path, attempt: int, clock: JobClock) -> Outcome:
     """Launch the worker ranks for ``spec`` (a job): the launcher's outcome, with rank 0's
     own account of a job-level exception, which is more precise than the exit code."""
     spec = replace(spec, launched_at=time.time())
     spec_path = work / f"spec-{attempt}.json"
     write_json(spec_path, spec.to_dict())
     run = spec.run
-    outcome = launch(
-        spec.layout["world_size"],
-        [str(spec_path)],
-        work,
-        run["cell_timeout_s"],
-        run["startup_timeout_s"],
-    )
+    with clock.launch():
+        outcome = launch(
+            spec.layout["world_size"],
+            [str(spec_path)],
+            work,
+            run["cell_timeout_s"],
+            run["startup_timeout_s"],
+        )
     job_file = work / "results" / "job.json"
     if job_file.exists() and outcome.status == "error":
         reason = read_json(job_file)["reason"]
@@ -58,15 +96,17 @@ def _run_worker(spec: JobSpec, work: Path, attempt: int) -> Outcome:
     return outcome
 
 
-def run_units(spec: JobSpec, work: Path, pending: list[str]) -> tuple[dict[str, dict], int]:
+def run_units(
+    spec: JobSpec, work: Path, pending: list[str], clock: JobClock | None = None
+) -> tuple[dict[str, dict], int]:
     """A result for every pending unit of the job, and the number of launches it took. One
     launch runs them all; after a crash or hang, the unit in progress is recorded as such and
     the units not reached run again in a fresh launch."""
     results: dict[str, dict] = {}
-    attempt = 0
+    attempt, clock = 0, clock or JobClock()
     while pending:
         attempt += 1
-        outcome = _run_worker(spec.narrowed(set(pending)), work, attempt)
+        outcome = _run_worker(spec.narrowed(set(pending)), work, attempt, clock)
         for unit in pending:
             path = work / "results" / f"{unit}.json"
             if path.exists():
@@ -105,7 +145,7 @@ def run_save_job(spec: JobSpec) -> None:
     for byte and its folder left as it is."""
     from pipeline_lib.disk import room_error
 
-    work = fresh_dir(Path(spec.work_dir))
+    work, clock = fresh_dir(Path(spec.work_dir)), JobClock()
     store = reuse.Store.of(spec)
     kept = {i.id: text for i in spec.items if store and (text := store.saved_record(i))}
     to_run = replace(spec, items=tuple(i for i in spec.items if i.id not in kept))
@@ -118,7 +158,7 @@ def run_save_job(spec: JobSpec) -> None:
     if no_room := room_error(to_run, work):
         results = {unit: {"status": "error", "reason": no_room} for unit in pending}
     else:
-        results, _ = run_units(to_run, work, pending)
+        results, _ = run_units(to_run, work, pending, clock)
     for item in spec.items:
         if item.id in kept:
             write_text(item.record, kept[item.id])
@@ -126,6 +166,7 @@ def run_save_job(spec: JobSpec) -> None:
         write_json(item.record, save_record_of(item, skipped.get(item.id) or results[item.id]))
         if store:
             store.keep_saved(item)
+    clock.report()
 
 
 def save_record_of(item: ItemSpec, result: dict) -> dict:
@@ -156,7 +197,7 @@ def run_load_job(spec: JobSpec) -> None:
     (records.cell_row); an item none of whose cells ran gets its record again byte for byte."""
     from pipeline_lib.disk import room_error
 
-    work = fresh_dir(Path(spec.work_dir))
+    work, clock = fresh_dir(Path(spec.work_dir)), JobClock()
     saves, results, to_run = _read_sources(spec)
     store = reuse.Store.of(spec)
     keys = _cell_keys(spec, store)
@@ -168,7 +209,7 @@ def run_load_job(spec: JobSpec) -> None:
     if no_room := room_error(to_run, work):
         launched, launches = {unit: {"status": "error", "reason": no_room} for unit in pending}, 0
     else:
-        launched, launches = run_units(to_run, work, pending)
+        launched, launches = run_units(to_run, work, pending, clock)
     results.update(launched)
     for item in spec.items:
         rows = {
@@ -176,6 +217,7 @@ def run_load_job(spec: JobSpec) -> None:
             for s in item.sources
         }
         _write_load_record(item, launches, rows, store, keys, kept)
+    clock.report()
 
 
 def _cell_keys(spec: JobSpec, store: reuse.Store | None) -> dict[str, str]:

@@ -35,3 +35,30 @@ def test_report_keeps_its_command_option_apart_from_the_subcommand():
     argv = ["report", *files, "--markdown", "s", "--command", "snakemake -n"]
     args = cli.build_parser().parse_args(argv)
     assert args.command == "report" and args.command_line == "snakemake -n"
+
+
+def test_a_jobs_clock_accounts_for_its_time_in_parts_that_add_up(capsys, monkeypatch):
+    """The last line of a job's log (bench/benchmark.py sums it over a matrix): prepare until
+    the first launch, the launches, the rest writing records."""
+    import re
+    import time
+
+    from pipeline_lib import driver
+
+    clock = driver.JobClock()
+    clock.started -= 1.0  # one second of imports and spec before this point
+    with clock.launch():
+        time.sleep(0.2)
+    with clock.launch():
+        time.sleep(0.1)
+    clock.report()
+    line = capsys.readouterr().out.strip()
+    found = re.fullmatch(
+        r"dcp-matrix: job time ([\d.]+) s: prepare ([\d.]+) s, ranks ([\d.]+) s "
+        r"\(2 launch\(es\)\), records ([\d.]+) s",
+        line,
+    )
+    assert found, line
+    total, prepare, ranks, records = map(float, found.groups())
+    assert prepare >= 1.0 and 0.3 <= ranks < 0.6 and records < 0.2
+    assert abs(prepare + ranks + records - total) < 0.02
