@@ -150,7 +150,9 @@ def test_a_save_record_cannot_point_the_loader_at_another_reference(in_tmp, monk
     Path(source.save_record).write_text(json.dumps(record))
     launched = []
     real = driver.run_units
-    monkeypatch.setattr(driver, "run_units", lambda s, w, p, *c: launched.append(p) or real(s, w, p, *c))
+    monkeypatch.setattr(
+        driver, "run_units", lambda s, w, p, *c: launched.append(p) or real(s, w, p, *c)
+    )
     driver.run_load_job(spec)
     (cell,) = json.loads(Path(spec.items[0].record).read_text())["cells"]
     assert cell["status"] == "error"
