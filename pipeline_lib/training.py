@@ -198,7 +198,9 @@ def live(
     """This rank's live state (pipeline_lib.live: read from the model and optimizer, not through
     the state-dict API), named and filtered as the variant's checkpoint holds it in the mode of
     ``side`` (save or load); ``dropped``: entries the saver leaves out on purpose."""
-    starts = at.framework.flat_starts(t.model) if at.framework.flat_starts else {}
+    framework = at.framework
+    starts = framework.flat_starts(t.model) if framework.flat_starts else {}
+    members = framework.flat_members(t.model) if framework.flat_members else {}
     flat = live_state(
         t.model,
         t.optimizer,
@@ -207,6 +209,7 @@ def live(
         starts,
         ignore_frozen=bool(t.frozen),
         flattened_optim=item.variant.flattened(side),
+        flat_members=members,
     )
     flat = checkpoint_io.entries_in_format(item.variant, flat)
     return {n: v for n, v in flat.items() if not any(_within(n, d) for d in dropped)}
