@@ -95,10 +95,10 @@ def live_state(
     parameters flat over several original ones (FSDP1 use_orig_params=False): each becomes one
     FlatPiece per original parameter, and so does its optimizer state."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    at = _Flat(flat_starts, flat_members or {})
-    entries = model_entries(model, anatomy, at, ddp, ignore_frozen)
+    flat = _Flat(flat_starts, flat_members or {})
+    entries = model_entries(model, anatomy, flat, ddp, ignore_frozen)
     names = {id(p): own_name(n, ddp) for n, p in model.named_parameters()}
-    entries.update(optimizer_entries(optimizer, names, anatomy, at, flattened_optim))
+    entries.update(optimizer_entries(optimizer, names, anatomy, flat, flattened_optim))
     if scheduler is not None:
         entries.update(flatten(scheduler.state_dict(), "scheduler."))
     return entries
@@ -112,11 +112,13 @@ class _Flat:
     starts: Mapping[int, int | None]
     members: Mapping[int, tuple[FlatMember, ...]]
 
-    def entries(self, name: str, value: torch.Tensor, param, anatomy: Anatomy) -> dict[str, Any]:
+    def entries(self, name: str, value: Any, param, anatomy: Anatomy) -> dict[str, Any]:
         """A parameter's (or its optimizer state's) value as entries by original parameter
         name (None where this rank holds none of it)."""
         if id(param) in self.members:
             return _members(name, value, param, self.members[id(param)])
+        if not isinstance(value, torch.Tensor):
+            return {name: value}
         return {name: _tensor(value, param, anatomy.shapes.get(name), self.starts)}
 
 
@@ -169,16 +171,12 @@ def _member_names(name: str, param, flat: _Flat) -> list[str]:
 def _state_entries(state: Mapping, name: str, param, anatomy: Anatomy, flat: _Flat) -> dict:
     """One parameter's optimizer state as ``optim.state.<fqn>.<key>`` entries, by original
     parameter (those this rank holds none of left out)."""
-    per_key = {
-        key: flat.entries(name, value, param, anatomy) if isinstance(value, torch.Tensor) else None
-        for key, value in state.items()
-    }
+    per_key = {key: flat.entries(name, value, param, anatomy) for key, value in state.items()}
     entries: dict[str, Any] = {}
     for fqn in _member_names(name, param, flat):
-        for key, value in state.items():
-            part = value if per_key[key] is None else per_key[key][fqn]
-            if part is not None:
-                entries[f"optim.state.{fqn}.{key}"] = part
+        for key, parts in per_key.items():
+            if parts[fqn] is not None:
+                entries[f"optim.state.{fqn}.{key}"] = parts[fqn]
     return entries
 
 
@@ -188,20 +186,23 @@ def _member_name(flat_name: str, member: FlatMember) -> str:
     return own_name(f"{module}.{member.fqn}" if module else member.fqn, ddp=False)
 
 
-def _members(flat_name: str, value: torch.Tensor, param, members) -> dict[str, Any]:
+def _members(flat_name: str, value: Any, param, members) -> dict[str, Any]:
     """A flat parameter's (or its optimizer state's) shard as one entry per original parameter:
     a FlatPiece of this rank's run of its elements, None where the shard holds none; a value not
-    of the flat parameter's shape (0-dim state: Adam's step) whole, where the shard holds some."""
-    value = value.detach()
+    of the flat parameter's shape (0-dim state: Adam's step; not a tensor) whole, where the
+    shard holds some."""
+    value = value.detach() if isinstance(value, torch.Tensor) else value
     pieces: dict[str, Any] = {}
     for member in members:
         name = _member_name(flat_name, member)
         if member.offset is None:
             pieces[name] = None
+        elif not isinstance(value, torch.Tensor):
+            pieces[name] = value
         elif value.shape != param.shape:
             # One tensor (Adam's step) stands for every original parameter's: each entry gets
-            # its own copy, so that the storage check sees the state's own sharing, not this
-            # reader's (the state dict gives each parameter its own step).
+            # its own copy, as each parameter has a step of its own in every other layout, so
+            # the storage check sees the state dict's sharing, not this reader's.
             pieces[name] = value.clone()
         else:
             run = value[member.offset : member.offset + member.numel]
