@@ -19,6 +19,11 @@ def no_decay(name: str) -> bool:
     return leaf == "bias" or module.endswith("norm")
 
 
+# Recipes that put a model's parameters into param groups by name: under a framework whose
+# parameters are flat over several original ones (FSDP1 use_orig_params=False) they cannot.
+GROUPS_BY_NAME = frozenset({"adamw_param_groups"})
+
+
 def make(name: str, model: torch.nn.Module, lr: float):
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adam":

@@ -92,6 +92,7 @@ def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) 
         if size % at.tp_degree:
             model = item.spec.model
             raise Incompatible(f"TP degree {at.tp_degree} does not divide {model} {dim}={size}")
+    check_param_groups(at.framework, item.variant.optimizer)
     anatomy = Anatomy.of(base)
     base.to(getattr(torch, item.variant.param_dtype))
     if not meta:
@@ -109,6 +110,17 @@ def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) 
         model_state, _ = get_state_dict(model, optimizer)
         trainee.at_build = {name: value.clone() for name, value in model_state.items()}
     return trainee
+
+
+def check_param_groups(framework: Framework, recipe: str) -> None:
+    """Incompatible (a skip) for a recipe that groups parameters by name under a framework that
+    keeps a unit's parameters as one flat parameter: it is in one group (the recipe's other
+    group would be empty)."""
+    if framework.flat_members is not None and recipe in optimizers.GROUPS_BY_NAME:
+        raise Incompatible(
+            f"optimizer {recipe} groups parameters by name; under {framework.name} each unit's "
+            "parameters are one FlatParameter, in one param group"
+        )
 
 
 def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) -> list[float]:
@@ -201,7 +213,9 @@ def live(
     """This rank's live state (pipeline_lib.live: read from the model and optimizer, not through
     the state-dict API), named and filtered as the variant's checkpoint holds it in the mode of
     ``side`` (save or load); ``dropped``: entries the saver leaves out on purpose."""
-    starts = at.framework.flat_starts(t.model) if at.framework.flat_starts else {}
+    framework = at.framework
+    starts = framework.flat_starts(t.model) if framework.flat_starts else {}
+    members = framework.flat_members(t.model) if framework.flat_members else {}
     flat = live_state(
         t.model,
         t.optimizer,
@@ -210,6 +224,7 @@ def live(
         starts,
         ignore_frozen=bool(t.frozen),
         flattened_optim=item.variant.flattened(side),
+        flat_members=members,
     )
     flat = checkpoint_io.entries_in_format(item.variant, flat)
     return {n: v for n, v in flat.items() if not any(_within(n, d) for d in dropped)}

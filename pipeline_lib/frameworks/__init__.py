@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline_lib.registry import load_module, module_names
 
@@ -18,6 +18,17 @@ from pipeline_lib.registry import load_module, module_names
 PP_SCHEDULES = ("1f1b", "gpipe")
 DEFAULT_PP_SCHEDULE = "1f1b"
 DEFAULT_MICROBATCHES = 4
+
+
+class FlatMember(NamedTuple):
+    """One original parameter of a flat parameter (FSDP1's ``FlatParameter`` with
+    ``use_orig_params=False``) as this rank's shard of the flat parameter holds it."""
+
+    fqn: str  # its name in the module that holds the flat parameter
+    shape: tuple[int, ...]
+    offset: int | None  # where its run of elements starts in this rank's shard (None: none here)
+    numel: int  # how many of its elements this rank's shard holds
+    start: int | None  # where that run starts in the parameter's own elements
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,10 @@ class Framework:
     # parameter's elements, None where it holds none}, for frameworks that keep parameters as
     # flat shards (FSDP1); pipeline_lib.live reads such parameters as FlatPieces.
     flat_starts: Callable[[Any], dict[int, int | None]] | None = None
+    # flat_members(wrapped model) -> {id(flat parameter): its original parameters}, for
+    # frameworks whose parameters (and optimizer state) are flat over several original ones
+    # (FSDP1 use_orig_params=False); pipeline_lib.live reads one entry per original parameter.
+    flat_members: Callable[[Any], dict[int, tuple[FlatMember, ...]]] | None = None
     # The dtype forward and backward compute in when it is not the parameters' (mixed
     # precision): the resumed losses of its cells are judged with resume_rtol_bfloat16.
     compute_dtype: str | None = None

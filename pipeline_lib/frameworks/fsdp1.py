@@ -1,9 +1,10 @@
-"""FSDP1 (FullyShardedDataParallel, FULL_SHARD), one FSDP unit per model block plus the root."""
+"""FSDP1 (FullyShardedDataParallel, FULL_SHARD), one FSDP unit per model block plus the root,
+``use_orig_params=True`` (``fsdp1_flat``: the same with ``use_orig_params=False``)."""
 
 from pipeline_lib.frameworks import Framework
 
 
-def wrap(model, mesh, strategy_name: str):
+def wrap(model, mesh, strategy_name: str, use_orig_params: bool = True):
     import torch
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -17,7 +18,7 @@ def wrap(model, mesh, strategy_name: str):
         device_mesh=mesh,
         # The CPU device must be named explicitly, or FSDP1 looks for an accelerator.
         device_id=device if device.type == "cuda" else torch.device("cpu"),
-        use_orig_params=True,
+        use_orig_params=use_orig_params,
     )
 
 
