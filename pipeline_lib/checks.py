@@ -11,7 +11,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from pipeline_lib import checkpoint_io, filecheck
 from pipeline_lib.axes import UNEXPECTED_ENTRY
-from pipeline_lib.compare import EntryComparison, merge, shared_storage, unmatched
+from pipeline_lib.compare import EntryComparison, ParamNames, merge, shared_storage, unmatched
 from pipeline_lib.entries import flatten
 from pipeline_lib.errors import one_line
 from pipeline_lib.live import Anatomy
@@ -159,7 +159,9 @@ def loader_vs_saver(
     if variant.adds_entry:
         skip.add(UNEXPECTED_ENTRY)
     through_api = against_reference(
-        flatten(checkpoint_io.stateful_as_dicts(checkpoint_io.part_in_format(variant, state))),
+        names_as_sets(
+            flatten(checkpoint_io.stateful_as_dicts(checkpoint_io.part_in_format(variant, state)))
+        ),
         reference,
         "the loader's state",
         t.anatomy,
@@ -169,7 +171,7 @@ def loader_vs_saver(
         against=files,
         stage=at.pipeline is not None,
     )
-    mine = live(item, at, t, side="load")
+    mine = names_as_sets(live(item, at, t, side="load"))
     if files is not None:
         files.keep = False
     from_live = against_reference(
@@ -186,6 +188,18 @@ def loader_vs_saver(
         if not found["equal"] and through_api.get(name, {"equal": True})["equal"]:
             through_api[name] = {**found, "note": f"live: {found['note']}"}
     return through_api
+
+
+def names_as_sets(flat: dict) -> dict:
+    """The loader's param groups' parameter names as compare.ParamNames (compared as sets)."""
+    return {
+        name: ParamNames(value)
+        if name.startswith("optim.param_groups.")
+        and name.endswith(".params")
+        and isinstance(value, list)
+        else value
+        for name, value in flat.items()
+    }
 
 
 def _gather(mine) -> list | None:

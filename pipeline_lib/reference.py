@@ -13,7 +13,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from pipeline_lib.atomic import write_with
-from pipeline_lib.compare import EntryComparison, compare, merge
+from pipeline_lib.compare import EntryComparison, ParamNames, compare, merge
 from pipeline_lib.entries import FlatPiece
 
 
@@ -241,7 +241,11 @@ class Reference:
 
 def compare_list_part(union: list, actual: list) -> EntryComparison:
     """A rank's part of a list entry the saver's ranks held parts of: items of the union, in
-    its order (whether the parts cover the union is checks.against_reference's)."""
+    its order (whether the parts cover the union is checks.against_reference's); a loader's
+    ParamNames (compare.ParamNames) in any order."""
+    unique = len(set(actual)) == len(actual)
+    if isinstance(actual, ParamNames) and set(actual) <= set(union) and unique:
+        return EntryComparison(True, None)
     if actual == union or (
         [v for v in union if v in actual] == actual and len(set(actual)) == len(actual)
     ):

@@ -240,3 +240,28 @@ def test_shared_storage_names_both_entries_unless_tied():
     # Neighbouring slices of one storage (FSDP1's flat parameter) do not share bytes.
     flat = torch.zeros(10)
     assert shared_storage({"x": flat[:5], "y": flat[5:], "s": torch.tensor(1.0)}, str) == {}
+
+
+def test_a_loaders_param_names_compare_as_a_set_and_only_on_the_loaders_side():
+    """Check 2 takes a loader's param group names in its optimizer's order (FSDP1 without
+    use_orig_params holds the root unit first); another name, a missing or a repeated one
+    still fails, and the saver's own lists (checks 0 and 1) stay ordered."""
+    from pipeline_lib.checks import names_as_sets
+    from pipeline_lib.compare import ParamNames
+    from pipeline_lib.reference import compare_list_part
+
+    saver = ["blocks.0.w", "blocks.1.w", "head.w"]
+    loader = names_as_sets({"optim.param_groups.0.params": ["head.w", "blocks.0.w", "blocks.1.w"],
+                            "optim.param_groups.0.betas": [0.9, 0.999]})  # fmt: skip
+    assert type(loader["optim.param_groups.0.params"]) is ParamNames
+    assert type(loader["optim.param_groups.0.betas"]) is list  # not a names list: ordered
+    assert compare(saver, loader["optim.param_groups.0.params"]).equal
+    for wrong in (["head.w", "blocks.0.w"], ["head.w", "blocks.0.w", "blocks.2.w"],
+                  ["head.w", "blocks.0.w", "blocks.1.w", "head.w"]):  # fmt: skip
+        found = compare(saver, ParamNames(wrong))
+        assert not found.equal and found.note.startswith("as a set: "), wrong
+    assert not compare(saver, list(reversed(saver))).equal  # checks 0 and 1: in order
+    # A pipeline stage's part: its names, any order, each in the saver's union once.
+    assert compare_list_part(saver, ParamNames(["head.w", "blocks.1.w"])).equal
+    assert not compare_list_part(saver, ParamNames(["head.w", "head.w"])).equal
+    assert not compare_list_part(saver, ParamNames(["other.w"])).equal
