@@ -171,7 +171,7 @@ def test_generated_configs_are_accepted_or_refused_one_line_per_field(cfg, tmp_p
     assert {p.name for p in scratch.iterdir()} == {"config.yaml"}
 
 
-@settings(max_examples=8, deadline=None, database=None, derandomize=True,
+@settings(max_examples=20, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.filter_too_much])  # fmt: skip
 @given(cfg=valid_config())
