@@ -16,6 +16,15 @@ for f in "$BASE"/pids/*.pid; do
   }
 done
 
+# The configuration this script writes (Slurm's default path; SLURM_UP_CONF only for its tests).
+# One that another hand wrote (a real cluster's) is never overwritten.
+CONF=${SLURM_UP_CONF:-/etc/slurm/slurm.conf}
+MARK="# Written by dcp-matrix scripts/slurm_up.sh"
+if [ -e "$CONF" ] && ! grep -qxF "${MARK}: single-node test cluster, no accounting." "$CONF"; then
+  echo "slurm_up: $CONF exists and was not written by this script; not overwriting it" >&2
+  exit 1
+fi
+
 export DEBIAN_FRONTEND=noninteractive
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
   || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null; then
@@ -43,9 +52,9 @@ if ! munge -n </dev/null >/dev/null 2>&1; then
 fi
 
 # --- slurm.conf: one node, this host, all its CPUs ----------------------------------------------
-mkdir -p /etc/slurm
-cat >/etc/slurm/slurm.conf <<CONF
-# Written by dcp-matrix scripts/slurm_up.sh: single-node test cluster, no accounting.
+mkdir -p "$(dirname "$CONF")"
+cat >"$CONF" <<CONF
+${MARK}: single-node test cluster, no accounting.
 ClusterName=localcluster
 SlurmctldHost=${HOST}(127.0.0.1)
 SlurmUser=root

@@ -242,6 +242,22 @@ def _plan(gpus_per_node: int) -> Plan:
     return Plan(cfg, str(REPO))
 
 
+def test_slurm_up_never_overwrites_a_configuration_it_did_not_write(tmp_path):
+    """A real cluster's slurm.conf stays as it is: slurm_up.sh stops before it installs or
+    starts anything, naming the file (SLURM_UP_CONF: the path it would write)."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=production\n")
+    env = {**os.environ, "SLURM_BASE": str(tmp_path / "base"), "SLURM_UP_CONF": str(conf)}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm_up.sh")], env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"slurm_up: {conf} exists and was not written by this script; not overwriting it"
+    )
+    assert conf.read_text() == "ClusterName=production\n"
+    assert not (tmp_path / "base").exists()
+
+
 def test_plan_leaves_the_callers_config_alone():
     raw = {"models": ["mlp"], "layouts": {"single": {"framework": "single", "mesh": [1]}}}
     before = yaml.safe_dump(raw)
