@@ -12,7 +12,7 @@ from torch.distributed.checkpoint import CheckpointException
 from pipeline_lib import checkpoint_io, filecheck
 from pipeline_lib.axes import UNEXPECTED_ENTRY
 from pipeline_lib.compare import EntryComparison, ParamNames, merge, shared_storage, unmatched
-from pipeline_lib.entries import flatten
+from pipeline_lib.entries import PARAM_GROUPS, flatten
 from pipeline_lib.errors import one_line
 from pipeline_lib.live import Anatomy
 from pipeline_lib.readers import checkpoint_entries, file_entries
@@ -78,7 +78,7 @@ def _group_gaps(reference: list[str], held_by_rank: list[set], side: str) -> dic
     without its hyperparameters would otherwise pass, as another stage holds them)."""
     groups_by_rank = [{h.rpartition(".")[0] for h in held} for held in held_by_rank]
     found = {}
-    for name in (n for n in reference if n.startswith("optim.param_groups.")):
+    for name in (n for n in reference if n.startswith(PARAM_GROUPS)):
         group = name.rpartition(".")[0]
         for rank, (held, groups) in enumerate(zip(held_by_rank, groups_by_rank, strict=True)):
             if name not in held and group in groups:
@@ -192,14 +192,8 @@ def loader_vs_saver(
 
 def names_as_sets(flat: dict) -> dict:
     """The loader's param groups' parameter names as compare.ParamNames (compared as sets)."""
-    return {
-        name: ParamNames(value)
-        if name.startswith("optim.param_groups.")
-        and name.endswith(".params")
-        and isinstance(value, list)
-        else value
-        for name, value in flat.items()
-    }
+    names = (n for n in flat if n.startswith(PARAM_GROUPS) and n.endswith(".params"))
+    return {**flat, **{n: ParamNames(flat[n]) for n in names if isinstance(flat[n], list)}}
 
 
 def _gather(mine) -> list | None:

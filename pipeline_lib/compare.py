@@ -28,10 +28,14 @@ class ParamNames(list):
     compare with the saver's as a set: the same names, each once."""
 
 
-def _names_equal(expected: list, actual: list) -> bool:
-    return len(set(actual)) == len(actual) and sorted(map(str, expected)) == sorted(
-        map(str, actual)
-    )
+def _compare_names(expected: Any, actual: Any) -> EntryComparison:
+    """compare() of a ParamNames with the other side: the same names, each once."""
+    if not (isinstance(expected, list) and isinstance(actual, list)):
+        return EntryComparison(False, None, value_note(expected, actual))
+    mine, theirs = sorted(map(str, actual)), sorted(map(str, expected))
+    if mine == theirs and len(set(actual)) == len(actual):
+        return EntryComparison(True, None)
+    return EntryComparison(False, None, "as a set: " + value_note(theirs, mine))
 
 
 def value_note(expected: Any, actual: Any) -> str:
@@ -62,10 +66,7 @@ def compare(expected: Any, actual: Any) -> EntryComparison:
             False, None, f"type {type(expected).__name__} != {type(actual).__name__}"
         )
     if not exp_is_tensor and ParamNames in (type(expected), type(actual)):
-        equal = isinstance(expected, list) and isinstance(actual, list)
-        equal = equal and _names_equal(expected, actual)
-        note = "" if equal else "as a set: " + value_note(sorted(expected), sorted(actual))
-        return EntryComparison(equal, None, note)
+        return _compare_names(expected, actual)
     if not exp_is_tensor:
         equal = _plain(expected) == _plain(actual)
         return EntryComparison(equal, None, "" if equal else value_note(expected, actual))

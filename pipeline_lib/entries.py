@@ -35,13 +35,17 @@ def _holds_structure(values: list) -> bool:
     return any(isinstance(v, (Mapping, list, torch.Tensor)) for v in values)
 
 
+# Where an optimizer's param group settings are named (``optim.param_groups.<i|fqn>.<key>``).
+PARAM_GROUPS = "optim.param_groups."
+
+
 def entry_kind(entry: str, param_names: set[str]) -> str:
     """param, buffer, optim.<state key> (exp_avg, step, ...) or optim.param_groups."""
     if entry.startswith("model."):
         return "param" if entry[len("model.") :] in param_names else "buffer"
     if entry.startswith("optim.state."):
         return "optim." + entry.rsplit(".", 1)[1]
-    if entry.startswith("optim.param_groups."):
+    if entry.startswith(PARAM_GROUPS):
         return "optim.param_groups"
     return "other"
 

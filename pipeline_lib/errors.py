@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import sys
+import traceback
 
 # What torch's own writers say when a write fails for want of space, with no errno to tell
 # (torch.save on a full disk, torch 2.13: "[enforce fail at inline_container.cc:672] . unexpected
@@ -34,8 +35,6 @@ def one_line(exc: BaseException) -> str:
 def log_traceback(what: str, exc: BaseException) -> None:
     """The whole traceback of an exception a record keeps as one line, on stderr (the job's
     log), headed by the unit and rank: where in torch a cell's error comes from."""
-    import traceback
-
     rank = os.environ.get("RANK", "?")
     lines = traceback.format_exception(exc)
     print(f"dcp-matrix: rank {rank}, {what}:\n{''.join(lines)}", file=sys.stderr, flush=True)
