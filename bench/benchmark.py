@@ -47,7 +47,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 from pipeline_lib import config as config_lib  # noqa: E402
-from pipeline_lib import grid  # noqa: E402
+from pipeline_lib import grid, launcher  # noqa: E402
 from pipeline_lib.atomic import read_json  # noqa: E402
 
 
@@ -149,10 +149,18 @@ def overhead(run: dict, floor_sum: float) -> None:
     print(
         f"   where the rest ({run['wall'] - floor_sum - run['phases']:.1f} s) goes: inside the "
         f"ranks beyond floors and phases (imports beyond the floor's, model builds outside a "
-        f"phase, teardown) {beyond:.1f} s over {run['launches']:.0f} launches; the jobs' own "
+        f"phase, teardown; below 0 when the launches start faster than a no-op torchrun job) "
+        f"{beyond:.1f} s over {run['launches']:.0f} launches; the jobs' own "
         f"processes {run['prepare']:.1f} s preparing + {run['records']:.1f} s writing records; "
         f"Snakemake (its start, scheduling, aggregate and report) "
         f"{run['wall'] - run['job']:.1f} s"
+    )
+    print(
+        f"   without the floors: wall ÷ Σ phases {run['wall'] / run['phases']:.2f}; the "
+        f"launches outside their phases (start-up, builds, teardown) "
+        f"{run['ranks'] - run['phases']:.1f} s, "
+        f"{(run['ranks'] - run['phases']) / max(run['launches'], 1):.2f} s each; ranks started "
+        f"by {launcher.rank_start()} ({launcher.RANK_START_ENV})"
     )
 
 
@@ -317,6 +325,7 @@ def bench_rerun(config_path: Path, model: str, work: Path) -> None:
     cfg = yaml.safe_load(config_path.read_text())
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     full = timed(snakemake_command(run_dir), work)[0]
+    full_phases = cells_work(run_dir / grid.RESULTS)
     cfg["models"] = [*cfg["models"], model]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     rerun = timed(snakemake_command(run_dir), work)[0]
@@ -327,6 +336,13 @@ def bench_rerun(config_path: Path, model: str, work: Path) -> None:
             counts[found[3], "all"] += int(found[2])
     print("5. incremental rerun: the matrix, then + one model in the same folder")
     print(f"   full run {full:.1f} s; + {model}: {rerun:.1f} s")
+    times, phases = job_times(run_dir / grid.RESULTS), cells_work(run_dir / grid.RESULTS)
+    print(
+        f"   the rerun's jobs: {times['job']:.1f} s in all ({times['prepare']:.1f} s preparing, "
+        f"{times['ranks']:.1f} s in {times['launches']:.0f} launches of which the new units' "
+        f"phases {phases - full_phases:.1f} s, {times['records']:.1f} s records); Snakemake "
+        f"and its other rules {rerun - times['job']:.1f} s"
+    )
     for kind in ("save items", "load cells"):
         reused, total = counts[kind, "reused"], counts[kind, "all"]
         print(f"   {kind}: {total - reused} of {total} ran, {reused} reused")
@@ -439,6 +455,13 @@ def main() -> None:
     skipped = {"matrix", "rerun"} if args.skip_matrix else set()
     run = {args.only} if args.only else set(BENCHMARKS) - skipped
     work = Path(tempfile.mkdtemp(prefix="dcp-matrix-bench-"))
+    if "SLURM_CONF" not in os.environ:
+        # Snakemake's Slurm plugin asks scontrol for the cluster's configuration at every start;
+        # with Slurm's client and no controller that waits 10 s (docs/slurm.md). The benchmark
+        # runs Snakemake locally: a file without a cluster makes scontrol answer at once.
+        (work / "no-slurm.conf").touch()
+        os.environ["SLURM_CONF"] = str(work / "no-slurm.conf")
+        print("   (SLURM_CONF set to an empty file: no 10 s Slurm probe per Snakemake start)")
     try:
         if "matrix" in run:
             bench_matrix(args.config.resolve(), args.repeats, work)

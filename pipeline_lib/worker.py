@@ -461,6 +461,9 @@ def run_item(job: Job, item: Item, startup_s: float) -> None:
 @record
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit():  # a forked rank has its agent's thread count: the launcher's share
+        torch.set_num_threads(int(threads))
     spec = JobSpec.from_dict(read_json(argv[0]))
     job = Job(spec)
     startup_s = time.time() - spec.launched_at

@@ -350,3 +350,9 @@ def test_agent_failures_from_every_node_name_the_first_real_cause(tmp_path):
         "message": "Traceback ...\nRuntimeError: boom"}}})  # fmt: skip
     status, cause, detail = launcher.describe_failure(launcher.read_agent_failures(tmp_path))
     assert (status, cause, detail) == ("error", "rank 4 exited with code 1", "RuntimeError: boom")
+    # Rank 0 raised on the closed connection in the same second rank 5 was SIGKILLed.
+    write_json(tmp_path / "node-0.json", {"0": {"exitcode": 1, "timestamp": 7, "message": {
+        "message": "RuntimeError: Connection closed by peer"}}})  # fmt: skip
+    write_json(tmp_path / "node-1.json", {"5": {"exitcode": -9, "timestamp": 7, "message": ""}})
+    failures = launcher.read_agent_failures(tmp_path)
+    assert launcher.describe_failure(failures) == ("crash", "rank 5 killed by SIGKILL", "")
