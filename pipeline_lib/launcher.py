@@ -52,6 +52,7 @@ POLL_S = 0.1
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
 LAUNCHER_ENV = "DCP_MATRIX_LAUNCHER"
 RANK_START_ENV = "DCP_MATRIX_RANK_START"
+FORKED_ENV = "DCP_MATRIX_FORKED_RANK"  # set in a forked rank only
 # A forked rank that raises waits this long before it exits (_forked_rank): 10 x torchrun's
 # default monitor interval.
 FORKED_ERROR_GRACE_S = 1.0
@@ -280,6 +281,7 @@ def _forked_rank(*worker_args: str) -> None:
 
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(number, signal.SIG_DFL)
+    os.environ[FORKED_ENV] = "1"  # the rank's record says how it started (env.rank_start)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(line_buffering=True)
@@ -384,6 +386,7 @@ def launch(
     progress.unlink(missing_ok=True)
     try:
         allocation = slurm_allocation()
+        rank_start()  # a bad DCP_MATRIX_RANK_START fails here, naming the variable
         srun = None
         if choose_launcher(allocation) == "srun":
             srun = _SrunLauncher(allocation, world_size, worker_args, work_dir)
