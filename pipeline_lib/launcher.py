@@ -16,14 +16,6 @@ Two launchers, one outcome (:class:`Outcome`, classified by :func:`describe_fail
 
 ``DCP_MATRIX_LAUNCHER`` (``auto``, ``standalone`` or ``srun``) overrides the choice; ``auto``
 (the default) takes ``srun`` only inside a Slurm allocation of more than one node.
-
-How an agent starts its ranks (``DCP_MATRIX_RANK_START``): ``fork`` (the default) forks them
-from the agent's process, which has imported torch, DCP and the worker once (torchrun's own
-``--start-method fork`` for a function entrypoint): a rank starts in a fraction of a second
-instead of a Python start-up and a torch import each (about 2.4 s of CPU, 4 ranks on 2 cores:
-7.8 s against 0.3 s for a no-op job). ``exec``: every rank a fresh ``python -m
-pipeline_lib.worker``, as a plain ``torchrun`` starts it; taken also when this process has
-initialized CUDA (a forked child cannot use it).
 """
 
 from __future__ import annotations
@@ -38,7 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +42,6 @@ from pipeline_lib.atomic import read_json, write_json
 POLL_S = 0.1
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
 LAUNCHER_ENV = "DCP_MATRIX_LAUNCHER"
-RANK_START_ENV = "DCP_MATRIX_RANK_START"
-FORKED_ENV = "DCP_MATRIX_FORKED_RANK"  # set in a forked rank only
-# A forked rank that raises waits this long before it exits (_forked_rank): 10 x torchrun's
-# default monitor interval.
-FORKED_ERROR_GRACE_S = 1.0
 # Rendezvous ports of the srun launcher: below Linux's ephemeral range (32768-60999). Jobs
 # whose ids differ by less than RDZV_SLOTS never share a port; each job has RDZV_PER_JOB ports
 # for its successive launches (a load job launches again after a crash).
@@ -256,71 +242,14 @@ def _prepare_torchrun(argv: list[str]):
     return args
 
 
-def rank_start(environ: dict | None = None) -> str:
-    """``fork`` or ``exec`` (module docstring), from ``DCP_MATRIX_RANK_START``."""
-    environ = os.environ if environ is None else environ
-    mode = environ.get(RANK_START_ENV, "fork") or "fork"
-    if mode not in ("fork", "exec"):
-        raise ValueError(f"{RANK_START_ENV}={mode!r}: expected fork or exec")
-    return mode
-
-
-def _forked_rank(*worker_args: str) -> None:
-    """A forked rank: the signal handlers torchrun's agent set in this process back to the
-    defaults (a rank the agent stops dies by SIGTERM, as an exec'd one does, and does not
-    report the stop as its own error), output flushed by line (a killed rank's lines are not
-    lost: ``python -u`` for an exec'd one), then the worker.
-
-    A rank that raises waits ``FORKED_ERROR_GRACE_S`` before it exits. For ranks started by
-    fork, torchrun's agent reports only the first rank it sees exited (torch.multiprocessing's
-    ``ProcessContext.join``; an exec'd rank's agent reports every rank): when a peer was killed
-    by a signal, this rank's error ("Connection closed by peer") is its consequence, and the
-    peer must be the one reported (a crash, not an error). A rank whose error is the cause
-    loses only the grace: its peers wait in a collective until it exits."""
-    from pipeline_lib import worker
-
-    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(number, signal.SIG_DFL)
-    os.environ[FORKED_ENV] = "1"  # the rank's record says how it started (env.rank_start)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, ValueError):
-            stream.reconfigure(line_buffering=True)
-    try:
-        worker.main(list(worker_args))
-    except BaseException:
-        time.sleep(FORKED_ERROR_GRACE_S)
-        raise
-
-
-def _agent(args) -> None:
-    """torchrun's agent in this process for the parsed ``args``, starting the ranks the way
-    ``rank_start`` says. Raises ChildFailedError as torchrun does."""
-    import torch
-    from torch.distributed.run import run
-
-    if rank_start() == "exec" or torch.cuda.is_initialized():
-        run(args)
-        return
-    from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args
-
-    import pipeline_lib.worker  # noqa: F401  (imported once here, shared by the forked ranks)
-
-    if args.standalone:  # as torch.distributed.run.run sets it up
-        args.rdzv_backend, args.rdzv_endpoint = "c10d", "localhost:0"
-        args.rdzv_id = str(uuid.uuid4())
-    args.start_method = "fork"
-    config, _, _ = config_from_args(args)
-    elastic_launch(config, entrypoint=_forked_rank)(*args.training_script_args)
-
-
 def _run_standalone(world_size: int, worker_args: list[str]) -> tuple[str, str, str]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
 
     argv = ["--standalone", f"--nproc-per-node={world_size}", "-m", "pipeline_lib.worker"]
     args = _prepare_torchrun([*argv, *worker_args])
     try:
-        _agent(args)
+        run(args)
     except ChildFailedError as exc:
         return describe_failure(exc.failures)
     return "ok", "", ""
@@ -386,7 +315,6 @@ def launch(
     progress.unlink(missing_ok=True)
     try:
         allocation = slurm_allocation()
-        rank_start()  # a bad DCP_MATRIX_RANK_START fails here, naming the variable
         srun = None
         if choose_launcher(allocation) == "srun":
             srun = _SrunLauncher(allocation, world_size, worker_args, work_dir)
@@ -414,10 +342,11 @@ def node_agent(out_dir: Path, torchrun_argv: list[str]) -> int:
     """Run torchrun's agent in process on this node; on failure, write its per-rank failures
     to ``out_dir/node-<node>.json`` (read by :func:`read_agent_failures`) and exit 1."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
 
     args = _prepare_torchrun(torchrun_argv)
     try:
-        _agent(args)
+        run(args)
     except ChildFailedError as exc:
         node = os.environ.get("SLURM_NODEID") or os.environ.get("SLURM_PROCID", "0")
         failures = {

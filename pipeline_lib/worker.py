@@ -34,7 +34,6 @@ from pipeline_lib import (
     filecheck,
     frameworks,
     hf_export,
-    launcher,
     seal,
     sequence_save,
     sequences,
@@ -75,7 +74,6 @@ class Job:
             "device": device_type,
             "hostname": platform.node(),
             "threads_per_rank": torch.get_num_threads(),
-            "rank_start": "fork" if os.environ.get(launcher.FORKED_ENV) else "exec",
         }
 
     def progress(self, step: str, unit: str) -> None:
@@ -463,9 +461,6 @@ def run_item(job: Job, item: Item, startup_s: float) -> None:
 @record
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit():  # a forked rank has its agent's thread count: the launcher's share
-        torch.set_num_threads(int(threads))
     spec = JobSpec.from_dict(read_json(argv[0]))
     job = Job(spec)
     startup_s = time.time() - spec.launched_at

@@ -1,5 +1,4 @@
-"""The launcher's share of CPU threads per rank and its rank start (pure; the torchrun path,
-both rank starts: test_torchrun.py)."""
+"""The launcher's share of CPU threads per rank (pure; the torchrun path: test_torchrun.py)."""
 
 from __future__ import annotations
 
@@ -23,10 +22,3 @@ def test_threads_are_shared_among_the_ranks(monkeypatch, cpus, job_threads, rank
     monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda _: set(range(cpus)))
     environ = {"OMP_NUM_THREADS": job_threads} if job_threads else {}
     assert launcher.threads_per_rank(ranks, environ) == expected
-
-
-def test_ranks_are_forked_unless_told_to_exec():
-    assert launcher.rank_start({}) == "fork"
-    assert launcher.rank_start({launcher.RANK_START_ENV: "exec"}) == "exec"
-    with pytest.raises(ValueError, match="DCP_MATRIX_RANK_START='spawn': expected fork or exec"):
-        launcher.rank_start({launcher.RANK_START_ENV: "spawn"})

@@ -51,25 +51,9 @@ def test_cross_layout_cells_pass_bit_for_bit(in_tmp, monkeypatch):
     )
     assert entries["optim.state.block.fc1.weight.step"]["kind"] == "optim.step"
     assert all(t["equal"] for t in entries.values())
-    # The launcher shares the job's 2 threads among its 2 ranks, forked from its process.
+    # The launcher shares the job's 2 threads among its 2 ranks.
     save = read_json(grid.save_record_path("tied_embedding", "fsdp1_hybrid_1x2"))
     assert save["env"]["threads_per_rank"] == 1
-    assert save["env"]["rank_start"] == "fork"
-
-
-def test_ranks_started_as_fresh_processes_pass_too(in_tmp, monkeypatch):
-    # DCP_MATRIX_RANK_START=exec: every rank a `python -m pipeline_lib.worker`, as torchrun
-    # starts a script; a rank that dies still fails its cell as a crash.
-    monkeypatch.setenv("DCP_MATRIX_RANK_START", "exec")
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    cfg = {**DDP_TO_FSDP2, "pairs": [["ddp_2", "fsdp2_2"], ["ddp_2", "ddp_2"]]}
-    rows = run_matrix(cfg, load_faults={("ddp_2", "ddp_2"): "kill_rank_load"})
-    assert (rows[CELL]["status"], rows[CELL]["reason"]) == ("pass", "")
-    assert (rows["ddp_2", "ddp_2"]["status"], rows["ddp_2", "ddp_2"]["reason"]) == (
-        "crash", "load: rank 1 killed by SIGKILL during cell ddp_2",
-    )  # fmt: skip
-    save = read_json(grid.save_record_path("mlp", "ddp_2"))
-    assert save["env"] == {**save["env"], "rank_start": "exec", "threads_per_rank": 1}
 
 
 def test_tp_degree_that_does_not_divide_is_skip(in_tmp):
