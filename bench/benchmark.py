@@ -149,8 +149,7 @@ def overhead(run: dict, floor_sum: float) -> None:
     print(
         f"   where the rest ({run['wall'] - floor_sum - run['phases']:.1f} s) goes: inside the "
         f"ranks beyond floors and phases (imports beyond the floor's, model builds outside a "
-        f"phase, teardown) "
-        f"{beyond:.1f} s over {run['launches']:.0f} launches; the jobs' own "
+        f"phase, teardown) {beyond:.1f} s over {run['launches']:.0f} launches; the jobs' own "
         f"processes {run['prepare']:.1f} s preparing + {run['records']:.1f} s writing records; "
         f"Snakemake (its start, scheduling, aggregate and report) "
         f"{run['wall'] - run['job']:.1f} s"

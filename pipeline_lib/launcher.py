@@ -73,14 +73,14 @@ def last_exception(text: str) -> str:
 
 def describe_failure(failures: dict) -> tuple[str, str, str]:
     """(status, cause, detail) from torchrun's per-rank failures. Ranks that the agent itself
-    stopped with SIGTERM after the first failure are not the cause, so they come last. A rank
-    killed by another signal comes before ranks that exited with an error: torchrun's
-    timestamps are whole seconds, and a peer that died makes the others raise ("Connection
-    closed by peer") within the same second."""
+    stopped with SIGTERM after the first failure are not the cause, so they come last. Within
+    one second, a rank killed by another signal comes before ranks that exited with an error:
+    torchrun's timestamps are whole seconds, and a peer that died makes the others raise
+    ("Connection closed by peer") within the same second."""
 
     def order(item):
         rank, failure = item
-        return (failure.exitcode == -signal.SIGTERM, failure.exitcode > 0, failure.timestamp, rank)
+        return (failure.exitcode == -signal.SIGTERM, failure.timestamp, failure.exitcode > 0, rank)
 
     rank, failure = min(failures.items(), key=order)
     if failure.exitcode < 0:

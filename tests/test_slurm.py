@@ -356,3 +356,12 @@ def test_agent_failures_from_every_node_name_the_first_real_cause(tmp_path):
     write_json(tmp_path / "node-1.json", {"5": {"exitcode": -9, "timestamp": 7, "message": ""}})
     failures = launcher.read_agent_failures(tmp_path)
     assert launcher.describe_failure(failures) == ("crash", "rank 5 killed by SIGKILL", "")
+    # An error a second before the kill stays the cause.
+    write_json(tmp_path / "node-0.json", {"0": {"exitcode": 1, "timestamp": 6, "message": {
+        "message": "RuntimeError: boom"}}})  # fmt: skip
+    failures = launcher.read_agent_failures(tmp_path)
+    assert launcher.describe_failure(failures) == (
+        "error",
+        "rank 0 exited with code 1",
+        "RuntimeError: boom",
+    )
