@@ -47,7 +47,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 from pipeline_lib import config as config_lib  # noqa: E402
-from pipeline_lib import grid  # noqa: E402
+from pipeline_lib import grid, launcher  # noqa: E402
 from pipeline_lib.atomic import read_json  # noqa: E402
 
 
@@ -149,7 +149,8 @@ def overhead(run: dict, floor_sum: float) -> None:
     print(
         f"   where the rest ({run['wall'] - floor_sum - run['phases']:.1f} s) goes: inside the "
         f"ranks beyond floors and phases (imports beyond the floor's, model builds outside a "
-        f"phase, teardown) {beyond:.1f} s over {run['launches']:.0f} launches; the jobs' own "
+        f"phase, teardown; below 0 when the launches start faster than a no-op torchrun job) "
+        f"{beyond:.1f} s over {run['launches']:.0f} launches; the jobs' own "
         f"processes {run['prepare']:.1f} s preparing + {run['records']:.1f} s writing records; "
         f"Snakemake (its start, scheduling, aggregate and report) "
         f"{run['wall'] - run['job']:.1f} s"
@@ -158,7 +159,8 @@ def overhead(run: dict, floor_sum: float) -> None:
         f"   without the floors: wall ÷ Σ phases {run['wall'] / run['phases']:.2f}; the "
         f"launches outside their phases (start-up, builds, teardown) "
         f"{run['ranks'] - run['phases']:.1f} s, "
-        f"{(run['ranks'] - run['phases']) / max(run['launches'], 1):.2f} s each"
+        f"{(run['ranks'] - run['phases']) / max(run['launches'], 1):.2f} s each; ranks started "
+        f"by {launcher.rank_start()} ({launcher.RANK_START_ENV})"
     )
 
 

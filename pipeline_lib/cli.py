@@ -16,6 +16,9 @@ from pathlib import Path
 
 def _cmd_job(args: argparse.Namespace) -> None:
     """A save or load job: its spec as given (--spec), or expanded from the grid (--grid)."""
+    from pipeline_lib import launcher
+
+    launcher.start_rank_server()  # its imports run while this process prepares the job
     from pipeline_lib import driver, grid
     from pipeline_lib.specs import JobSpec
 

@@ -16,12 +16,26 @@ Two launchers, one outcome (:class:`Outcome`, classified by :func:`describe_fail
 
 ``DCP_MATRIX_LAUNCHER`` (``auto``, ``standalone`` or ``srun``) overrides the choice; ``auto``
 (the default) takes ``srun`` only inside a Slurm allocation of more than one node.
+
+How an agent starts its ranks (``DCP_MATRIX_RANK_START``):
+
+- ``forkserver`` (the default): torchrun's ``--start-method forkserver`` for a function
+  entrypoint. The agent's first launch starts Python's fork server, a single-threaded process
+  that imports torch, DCP and the worker once; every rank of every launch of the job is then
+  forked from it, in a fraction of a second instead of a Python start-up and a torch import
+  each (about 2.5 s of CPU per rank). The server holds no lock of another thread when it forks
+  (a rank forked from the agent itself, which runs TCPStore threads, hung in glibc's resolver
+  lock: docs/benchmarks.md). The server keeps the environment it started with, so each rank
+  takes the job's environment at launch time (:func:`_served_rank`).
+- ``exec``: every rank a fresh ``python -m pipeline_lib.worker``, as a plain ``torchrun``
+  starts it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import os
 import re
@@ -30,6 +44,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +57,15 @@ from pipeline_lib.atomic import read_json, write_json
 POLL_S = 0.1
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
 LAUNCHER_ENV = "DCP_MATRIX_LAUNCHER"
+RANK_START_ENV = "DCP_MATRIX_RANK_START"
+RANK_STARTS = ("forkserver", "exec")
+SERVED_ENV = "DCP_MATRIX_SERVED_RANK"  # set in a rank forked by the fork server only
+# A served rank that raises waits this long before it exits (_served_rank): 10 x torchrun's
+# default monitor interval.
+SERVED_ERROR_GRACE_S = 1.0
+# This process's environment when this module was imported: in the fork server, the
+# environment it started with (the ranks it forks inherit it, plus torchrun's variables).
+_IMPORT_ENV, _IMPORT_PID = dict(os.environ), os.getpid()
 # Rendezvous ports of the srun launcher: below Linux's ephemeral range (32768-60999). Jobs
 # whose ids differ by less than RDZV_SLOTS never share a port; each job has RDZV_PER_JOB ports
 # for its successive launches (a load job launches again after a crash).
@@ -91,11 +115,20 @@ def describe_failure(failures: dict) -> tuple[str, str, str]:
     return "error", f"rank {rank} exited with code {failure.exitcode}", last_exception(str(message))
 
 
+def _is_fork_server(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return "from multiprocessing.forkserver import main" in " ".join(process.cmdline())
+    return False
+
+
 def kill_children() -> None:
-    """SIGKILL every descendant of this process (the ranks, or srun and its agents)."""
+    """SIGKILL every descendant of this process (the ranks, or srun and its agents) but the
+    fork server: it serves the job's next launch, and reports how its ranks died (killed with
+    them, it could not: torchrun would see exit code 255 instead of the signal)."""
     for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.send_signal(signal.SIGKILL)
+        if not _is_fork_server(child):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signal.SIGKILL)
 
 
 class Watchdog(threading.Thread):
@@ -242,14 +275,111 @@ def _prepare_torchrun(argv: list[str]):
     return args
 
 
+def rank_start(environ: dict | None = None) -> str:
+    """``forkserver`` or ``exec`` (module docstring), from ``DCP_MATRIX_RANK_START``."""
+    environ = os.environ if environ is None else environ
+    mode = environ.get(RANK_START_ENV, RANK_STARTS[0]) or RANK_STARTS[0]
+    if mode not in RANK_STARTS:
+        raise ValueError(f"{RANK_START_ENV}={mode!r}: expected {' or '.join(RANK_STARTS)}")
+    return mode
+
+
+def rank_environment(job_env: dict, server_env: dict, current: dict) -> dict:
+    """A served rank's environment: the job's at launch time (``job_env``), plus what
+    torchrun's agent set for this rank (``current`` where it differs from the server's start
+    environment ``server_env``: RANK, WORLD_SIZE, MASTER_PORT, ...)."""
+    set_by_agent = {k: v for k, v in current.items() if server_env.get(k) != v}
+    return {**job_env, **set_by_agent}
+
+
+def _served_rank(job_env: dict, target: str, *args: str):
+    """A rank forked by the fork server: the job's environment (``rank_environment``), output
+    flushed by line (a killed rank's lines are not lost: ``python -u`` for an exec'd one), its
+    thread count from ``OMP_NUM_THREADS`` (an exec'd rank's torch reads it at import), then
+    ``target`` (``module:function``, the worker's ``main``) called with ``args``.
+
+    A rank that raises waits ``SERVED_ERROR_GRACE_S`` before it exits. For a function
+    entrypoint, torchrun's agent reports only the first rank it sees exited
+    (torch.multiprocessing's ``ProcessContext.join``; an exec'd rank's agent reports every
+    rank): when a peer was killed by a signal, this rank's error ("Connection closed by peer")
+    is its consequence, and the peer must be the one reported (a crash, not an error). A rank
+    whose error is the cause loses only the grace: its peers wait in a collective until it
+    exits."""
+    import torch
+
+    if os.getpid() == _IMPORT_PID:  # imported here, not by the server: _IMPORT_ENV is not its
+        raise RuntimeError(
+            "the fork server did not preload pipeline_lib (not importable from where the job "
+            f"started?); run with {RANK_START_ENV}=exec"
+        )
+    environ = rank_environment(job_env, _IMPORT_ENV, dict(os.environ))
+    os.environ.clear()
+    os.environ.update(environ)
+    os.environ[SERVED_ENV] = "1"  # the rank's record says how it started (env.rank_start)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(line_buffering=True)
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit():
+        torch.set_num_threads(int(threads))
+    module, _, name = target.partition(":")
+    function = getattr(importlib.import_module(module), name)
+    try:
+        return function(list(args))
+    except BaseException:
+        time.sleep(SERVED_ERROR_GRACE_S)
+        raise
+
+
+PRELOAD = ["pipeline_lib.launcher", "pipeline_lib.worker"]
+WORKER = "pipeline_lib.worker:main"
+
+
+def start_rank_server() -> None:
+    """Start the fork server now (``forkserver`` rank start only), so that its imports run
+    beside the job's own preparing instead of before its first launch. Idempotent; a bad
+    ``DCP_MATRIX_RANK_START`` is left to :func:`launch`, which records it."""
+    try:
+        if rank_start() != "forkserver":
+            return
+    except ValueError:
+        return
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+
+
+def _agent(args, target: str = WORKER) -> dict:
+    """torchrun's agent in this process for the parsed ``args``, starting the ranks the way
+    ``rank_start`` says; a served rank calls ``target`` (an exec'd one runs ``args``' module).
+    Raises ChildFailedError as torchrun does; else {rank: what it returned} ({} if exec'd)."""
+    from torch.distributed.run import run
+
+    if rank_start() == "exec":
+        run(args)
+        return {}
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args
+
+    start_rank_server()
+    if args.standalone:  # as torch.distributed.run.run sets it up
+        args.rdzv_backend, args.rdzv_endpoint = "c10d", "localhost:0"
+        args.rdzv_id = str(uuid.uuid4())
+    args.start_method = "forkserver"
+    config, _, _ = config_from_args(args)
+    launch = elastic_launch(config, entrypoint=_served_rank)
+    return launch(dict(os.environ), target, *args.training_script_args)
+
+
 def _run_standalone(world_size: int, worker_args: list[str]) -> tuple[str, str, str]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import run
 
     argv = ["--standalone", f"--nproc-per-node={world_size}", "-m", "pipeline_lib.worker"]
     args = _prepare_torchrun([*argv, *worker_args])
     try:
-        run(args)
+        _agent(args)
     except ChildFailedError as exc:
         return describe_failure(exc.failures)
     return "ok", "", ""
@@ -315,6 +445,7 @@ def launch(
     progress.unlink(missing_ok=True)
     try:
         allocation = slurm_allocation()
+        rank_start()  # a bad DCP_MATRIX_RANK_START fails here, naming the variable
         srun = None
         if choose_launcher(allocation) == "srun":
             srun = _SrunLauncher(allocation, world_size, worker_args, work_dir)
@@ -342,11 +473,10 @@ def node_agent(out_dir: Path, torchrun_argv: list[str]) -> int:
     """Run torchrun's agent in process on this node; on failure, write its per-rank failures
     to ``out_dir/node-<node>.json`` (read by :func:`read_agent_failures`) and exit 1."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import run
 
     args = _prepare_torchrun(torchrun_argv)
     try:
-        run(args)
+        _agent(args)
     except ChildFailedError as exc:
         node = os.environ.get("SLURM_NODEID") or os.environ.get("SLURM_PROCID", "0")
         failures = {

@@ -34,6 +34,7 @@ from pipeline_lib import (
     filecheck,
     frameworks,
     hf_export,
+    launcher,
     seal,
     sequence_save,
     sequences,
@@ -74,6 +75,7 @@ class Job:
             "device": device_type,
             "hostname": platform.node(),
             "threads_per_rank": torch.get_num_threads(),
+            "rank_start": "forkserver" if os.environ.get(launcher.SERVED_ENV) else "exec",
         }
 
     def progress(self, step: str, unit: str) -> None:

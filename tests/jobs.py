@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -83,3 +84,10 @@ def run_grid(
             for row in read_json(record)["cells"]:
                 rows[variant.id, model, row["save_layout"], row["load_layout"]] = row
     return rows
+
+
+def probe(args: list[str]) -> dict:
+    """A served rank's view of itself (the launcher's ``target`` in test_torchrun.py)."""
+    import torch
+
+    return {"env": dict(os.environ), "args": args, "threads": torch.get_num_threads()}

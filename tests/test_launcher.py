@@ -1,4 +1,5 @@
-"""The launcher's share of CPU threads per rank (pure; the torchrun path: test_torchrun.py)."""
+"""The launcher's share of CPU threads per rank, its rank start and a served rank's environment
+(pure; the torchrun path, both rank starts: test_torchrun.py)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,21 @@ def test_threads_are_shared_among_the_ranks(monkeypatch, cpus, job_threads, rank
     monkeypatch.setattr(launcher.os, "sched_getaffinity", lambda _: set(range(cpus)))
     environ = {"OMP_NUM_THREADS": job_threads} if job_threads else {}
     assert launcher.threads_per_rank(ranks, environ) == expected
+
+
+def test_ranks_are_served_unless_told_to_exec():
+    assert launcher.rank_start({}) == "forkserver"
+    assert launcher.rank_start({launcher.RANK_START_ENV: "exec"}) == "exec"
+    with pytest.raises(
+        ValueError, match="DCP_MATRIX_RANK_START='fork': expected forkserver or exec"
+    ):
+        launcher.rank_start({launcher.RANK_START_ENV: "fork"})
+
+
+def test_a_served_rank_has_the_jobs_environment_and_the_agents_variables():
+    server = {"PATH": "/bin", "CHANGED": "at server start", "GONE": "1", "SAME": "s"}
+    current = {**server, "RANK": "1", "MASTER_PORT": "29500"}  # torchrun's _wrap set these
+    job = {"PATH": "/bin", "CHANGED": "at launch", "SAME": "s", "NEW": "n"}
+    assert launcher.rank_environment(job, server, current) == {
+        **job, "RANK": "1", "MASTER_PORT": "29500",
+    }  # fmt: skip

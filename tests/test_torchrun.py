@@ -3,12 +3,16 @@ failing cell never takes the others with it. (Every fault kind: tests/test_fault
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 
 from pipeline_lib import config, grid
 from pipeline_lib.atomic import read_json
+from tests.conftest import REPO
 from tests.jobs import cli, run_matrix, tensors
 
 pytestmark = pytest.mark.torchrun
@@ -51,9 +55,57 @@ def test_cross_layout_cells_pass_bit_for_bit(in_tmp, monkeypatch):
     )
     assert entries["optim.state.block.fc1.weight.step"]["kind"] == "optim.step"
     assert all(t["equal"] for t in entries.values())
-    # The launcher shares the job's 2 threads among its 2 ranks.
+    # The launcher shares the job's 2 threads among its 2 ranks, served by the fork server.
     save = read_json(grid.save_record_path("tied_embedding", "fsdp1_hybrid_1x2"))
     assert save["env"]["threads_per_rank"] == 1
+    assert save["env"]["rank_start"] == "forkserver"
+
+
+def test_ranks_started_as_fresh_processes_pass_too(in_tmp, monkeypatch):
+    # DCP_MATRIX_RANK_START=exec: every rank a `python -m pipeline_lib.worker`, as torchrun
+    # starts a script; a rank that dies still fails its cell as a crash.
+    monkeypatch.setenv("DCP_MATRIX_RANK_START", "exec")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    cfg = {**DDP_TO_FSDP2, "pairs": [["ddp_2", "fsdp2_2"], ["ddp_2", "ddp_2"]]}
+    rows = run_matrix(cfg, load_faults={("ddp_2", "ddp_2"): "kill_rank_load"})
+    assert (rows[CELL]["status"], rows[CELL]["reason"]) == ("pass", "")
+    assert (rows["ddp_2", "ddp_2"]["status"], rows["ddp_2", "ddp_2"]["reason"]) == (
+        "crash", "load: rank 1 killed by SIGKILL during cell ddp_2",
+    )  # fmt: skip
+    save = read_json(grid.save_record_path("mlp", "ddp_2"))
+    assert save["env"] == {**save["env"], "rank_start": "exec", "threads_per_rank": 1}
+
+
+# The fork server started with one environment; the job changes it before it launches.
+SERVED = """
+import json, os, psutil
+os.environ.update(PROBE="at server start", GONE="1", OMP_NUM_THREADS="2")
+from pipeline_lib import launcher
+launcher.start_rank_server()
+os.environ["PROBE"] = "at launch"
+del os.environ["GONE"]
+args = launcher._prepare_torchrun(["--standalone", "--nproc-per-node=2", "-m", "x", "a1"])
+ranks = launcher._agent(args, target="tests.jobs:probe")
+server = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+print(json.dumps({"ranks": ranks, "server_threads": [p.num_threads() for p in server]}))
+"""
+
+
+def test_served_ranks_run_with_the_jobs_environment_at_launch():
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVED], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    ranks = {int(rank): view for rank, view in out["ranks"].items()}
+    assert sorted(ranks) == [0, 1]
+    for rank, view in ranks.items():
+        env = view["env"]
+        assert (env["PROBE"], env["RANK"], env["WORLD_SIZE"]) == ("at launch", str(rank), "2")
+        assert "GONE" not in env and env["DCP_MATRIX_SERVED_RANK"] == "1"
+        assert (view["args"], view["threads"]) == (["a1"], 1)  # the job's 2 threads shared
+    # One thread: no other thread can hold a lock (glibc's resolver's) at a fork.
+    assert out["server_threads"] == [1]
 
 
 def test_tp_degree_that_does_not_divide_is_skip(in_tmp):
