@@ -504,4 +504,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # The package's own module, not this __main__ copy: a served rank is handed
+    # pipeline_lib.launcher._served_rank, the one the fork server preloaded.
+    from pipeline_lib import launcher
+
+    launcher.main()
