@@ -20,8 +20,9 @@ Two launchers, one outcome (:class:`Outcome`, classified by :func:`describe_fail
 How an agent starts its ranks (``DCP_MATRIX_RANK_START``):
 
 - ``forkserver`` (the default): torchrun's ``--start-method forkserver`` for a function
-  entrypoint. The agent's first launch starts Python's fork server, a single-threaded process
-  that imports torch, DCP and the worker once; every rank of every launch of the job is then
+  entrypoint. The job starts Python's fork server when it starts (:func:`start_rank_server`;
+  a node agent, at its first launch): a single-threaded process that imports torch, DCP and
+  the worker once (``PRELOAD``); every rank of every launch of the job is then
   forked from it, in a fraction of a second instead of a Python start-up and a torch import
   each (about 2.5 s of CPU per rank). The server holds no lock of another thread when it forks
   (a rank forked from the agent itself, which runs TCPStore threads, hung in glibc's resolver
@@ -115,7 +116,8 @@ def describe_failure(failures: dict) -> tuple[str, str, str]:
     return "error", f"rank {rank} exited with code {failure.exitcode}", last_exception(str(message))
 
 
-def _is_fork_server(process: psutil.Process) -> bool:
+def is_fork_server(process: psutil.Process) -> bool:
+    """Whether ``process`` is a ``multiprocessing`` fork server (by its command line)."""
     with contextlib.suppress(psutil.Error):
         return "from multiprocessing.forkserver import main" in " ".join(process.cmdline())
     return False
@@ -123,10 +125,10 @@ def _is_fork_server(process: psutil.Process) -> bool:
 
 def kill_children() -> None:
     """SIGKILL every descendant of this process (the ranks, or srun and its agents) but the
-    fork server: it serves the job's next launch, and reports how its ranks died (killed with
-    them, it could not: torchrun would see exit code 255 instead of the signal)."""
+    fork server: it serves the job's next launch (killed, it would be started again, its
+    imports paid again) and reports how its ranks died."""
     for child in psutil.Process().children(recursive=True):
-        if not _is_fork_server(child):
+        if not is_fork_server(child):
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.send_signal(signal.SIGKILL)
 

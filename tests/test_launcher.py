@@ -41,3 +41,9 @@ def test_a_served_rank_has_the_jobs_environment_and_the_agents_variables():
     assert launcher.rank_environment(job, server, current) == {
         **job, "RANK": "1", "MASTER_PORT": "29500",
     }  # fmt: skip
+
+
+def test_a_rank_the_server_did_not_preload_refuses_to_run():
+    # This process imported the launcher itself: its import environment is not a server's.
+    with pytest.raises(RuntimeError, match="fork server did not preload pipeline_lib"):
+        launcher._served_rank({}, "tests.jobs:probe")

@@ -86,7 +86,7 @@ os.environ["PROBE"] = "at launch"
 del os.environ["GONE"]
 args = launcher._prepare_torchrun(["--standalone", "--nproc-per-node=2", "-m", "x", "a1"])
 ranks = launcher._agent(args, target="tests.jobs:probe")
-server = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+server = [p for p in psutil.Process().children() if launcher.is_fork_server(p)]
 print(json.dumps({"ranks": ranks, "server_threads": [p.num_threads() for p in server]}))
 """
 
