@@ -1,10 +1,11 @@
 """The floor a cell is measured against, started by torchrun from bench/benchmark.py.
 
 ``noop``: import torch, init gloo, pass a barrier (the cost of any torchrun job).
-``dcp WIDTH HIDDEN [DEVICE]``: the benchmark's mlp under FSDP2 with Adam state, on ``cpu``
-(gloo; the default) or ``cuda`` (nccl, one GPU per rank), then only a bare ``dcp.save`` and
-``dcp.load`` of that state; rank 0 prints one JSON line with the seconds and the peak RSS of the
-ranks (and, on cuda, their peak GPU memory).
+``dcp WIDTH HIDDEN [DEVICE] [STEPS]``: the benchmark's mlp under FSDP2 with Adam state, on
+``cpu`` (gloo; the default) or ``cuda`` (nccl, one GPU per rank), trained ``STEPS`` steps (1)
+as the pipeline trains (``zero_grad(set_to_none=True)`` after each), then only a bare
+``dcp.save`` and ``dcp.load`` of that state; rank 0 prints one JSON line with the seconds and
+the peak RSS of the ranks (and, on cuda, their peak GPU memory).
 """
 
 import json
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 
-def bare_save_load(dim: int, hidden: int, device: str = "cpu") -> dict:
+def bare_save_load(dim: int, hidden: int, device: str = "cpu", steps: int = 1) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -28,9 +29,11 @@ def bare_save_load(dim: int, hidden: int, device: str = "cpu") -> dict:
     mesh = init_device_mesh(device, (dist.get_world_size(),), mesh_dim_names=("shard",))
     model = fsdp2.shard(mlp.build(dim=dim, hidden=hidden).to(device), mesh)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    inputs, targets = (t.to(device) for t in model.make_batch(0, 8, 0))
-    model.loss_sum(model(inputs), targets)[0].backward()
-    optimizer.step()
+    for step in range(steps):
+        inputs, targets = (t.to(device) for t in model.make_batch(step, 8, 0))
+        model.loss_sum(model(inputs), targets)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     directory = [tempfile.mkdtemp(prefix="bare-dcp-") if dist.get_rank() == 0 else None]
@@ -64,7 +67,8 @@ def main() -> None:
     dist.init_process_group("cpu:gloo,cuda:nccl" if device == "cuda" else "gloo")
     result = {}
     if sys.argv[1] == "dcp":
-        result = bare_save_load(int(sys.argv[2]), int(sys.argv[3]), device)
+        steps = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+        result = bare_save_load(int(sys.argv[2]), int(sys.argv[3]), device, steps)
     dist.barrier()
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(result), flush=True)

@@ -5,7 +5,7 @@
     .venv/bin/python bench/benchmark.py --only rerun   # the matrix, then + mlp_frozen
     .venv/bin/python bench/benchmark.py --state-gb 1 --repeats 3
     .venv/bin/python bench/benchmark.py --only aggregate  # one of them alone
-    .venv/bin/python bench/benchmark.py --only growth --sweep-gb 0.25,1,4
+    .venv/bin/python bench/benchmark.py --only growth --sweep-gb 0.25,1,4 --growth-repeats 3
 
 1. matrix: wall time of the matrix (``--config``, median of ``--repeats`` runs) ÷ Σ over its jobs
    of the no-op torchrun floor at that job's world size (the floors measured here, median of
@@ -209,15 +209,19 @@ def mlp_size(state_gb: float) -> dict:
     return {"dim": dim, "hidden": max(8, round(state_gb * 2**30 / (3 * 4 * 4 * dim))), "out": 8}
 
 
+BIG_CELL = {
+    "models": ["mlp"],
+    "layouts": {"fsdp2_2": {"framework": "fsdp2", "mesh": [2]}},
+    "pairs": "same",
+}
+
+
 def run_cell(state_gb: float, reference: str, work: Path, device: str = "cpu") -> dict:
     """One fsdp2_2 cell of about ``state_gb`` through the pipeline's save and load jobs in mode
     ``reference`` (exact or sealed): its phases' seconds, state bytes, extra disk (what it
     writes beside the checkpoint: the saver's reference, or the seal) and peak RSS per rank."""
-    raw = {"models": ["mlp"], "layouts": {"fsdp2_2": {"framework": "fsdp2", "mesh": [2]}}}
     run = {"device": device}
-    cfg = config_lib.validate(
-        {**raw, "pairs": "same", "verify": {"reference": reference}, "run": run}
-    )
+    cfg = config_lib.validate({**BIG_CELL, "verify": {"reference": reference}, "run": run})
     cell_dir = work / f"cell-{reference}-{state_gb}"
     cell_dir.mkdir()
     for command, spec in (
@@ -247,8 +251,12 @@ def run_cell(state_gb: float, reference: str, work: Path, device: str = "cpu") -
 
 
 def run_bare(state_gb: float, work: Path, device: str = "cpu") -> dict:
-    size = mlp_size(state_gb)
-    _, bare = torchrun(2, "dcp", str(size["dim"]), str(size["hidden"]), device, cwd=work)
+    """A bare dcp.save + dcp.load of the big cell's state, trained as many steps as the cell
+    trains before its save (the default ``train.steps``): both peak RSS figures hold the same
+    training, so their difference is what the cell's checkpointing and checks add."""
+    size, steps = mlp_size(state_gb), config_lib.validate(BIG_CELL)["train"]["steps"]
+    args = ("dcp", str(size["dim"]), str(size["hidden"]), device, str(steps))
+    _, bare = torchrun(2, *args, cwd=work)
     shutil.rmtree(bare["checkpoint"])
     return {"seconds": bare["save_s"] + bare["load_s"], **bare}
 
@@ -291,19 +299,24 @@ def bench_big_cell(state_gb: float, repeats: int, work: Path, device: str) -> No
         )
 
 
-def bench_growth(sizes: list[float], work: Path, device: str) -> None:
-    """The cell at every size of ``sizes`` (GB) in both modes, once: seconds per GB of each
-    phase and peak RSS per rank; the spread of the per-GB cost across the sweep."""
-    print(f"5. growth sweep ({', '.join(f'{g:g}' for g in sizes)} GB; fsdp2_2; one run each)")
+def bench_growth(sizes: list[float], repeats: int, work: Path, device: str) -> None:
+    """The cell at every size of ``sizes`` (GB) in both modes, ``repeats`` times (the median run
+    of each): seconds per GB of each phase and peak RSS per rank; the spread of the per-GB cost
+    across the sweep, of the whole cell and of what the pipeline adds to DCP's own save and load
+    (the phases but ``save`` and ``load``)."""
+    print(
+        f"5. growth sweep ({', '.join(f'{g:g}' for g in sizes)} GB; fsdp2_2; median of "
+        f"{repeats} run(s) each)"
+    )
     for mode in ("exact", "sealed", "bare"):
-        per_gb = []
+        per_gb, added_gb = [], []
         for gb in sizes:
-            cell = (
-                run_bare(gb, work, device) if mode == "bare" else run_cell(gb, mode, work, device)
-            )
+            cell = _median_run(mode, gb, repeats, work, device)
             state_gb = (cell.get("state_bytes") or gb * 2**30) / 2**30
             per_gb.append(cell["seconds"] / state_gb)
             phases = cell.get("phases", {"save": cell.get("save_s"), "load": cell.get("load_s")})
+            added = sum(v for k, v in phases.items() if k not in ("save", "load"))
+            added_gb.append(added / state_gb)
             shown = ", ".join(f"{k} {v / state_gb:.2f}" for k, v in phases.items() if v)
             rss = cell.get("rss_mb", cell.get("peak_rss_mb"))
             print(
@@ -311,10 +324,23 @@ def bench_growth(sizes: list[float], work: Path, device: str) -> None:
                 f"{rss:.0f} MB ({rss / (state_gb * 1024 / 2):.2f} x its share)"
             )
         spread = max(per_gb) / min(per_gb) - 1
-        print(
-            f"   {mode}: per-GB cost spread {spread:.0%} across the sweep "
-            f"(target <= {GROWTH_SPREAD:.0%})"
-        )
+        line = f"   {mode}: per-GB cost spread {spread:.0%} across the sweep"
+        if mode != "bare":
+            line += f", of the phases beside DCP's save and load {_spread(added_gb)}"
+        print(f"{line} (target <= {GROWTH_SPREAD:.0%})")
+
+
+def _median_run(mode: str, gb: float, repeats: int, work: Path, device: str) -> dict:
+    """The run of median seconds of ``repeats`` runs of the cell (``mode``) or the bare job."""
+    runs = [
+        run_bare(gb, work, device) if mode == "bare" else run_cell(gb, mode, work, device)
+        for _ in range(repeats)
+    ]
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
+def _spread(values: list[float]) -> str:
+    return f"{max(values) / min(values) - 1:.0%}" if min(values) > 0 else "n/a"
 
 
 def bench_rerun(config_path: Path, model: str, work: Path) -> None:
@@ -444,6 +470,9 @@ def main() -> None:
     )
     parser.add_argument("--state-gb", type=float, default=1.0, help="state size of the big cell")
     parser.add_argument("--repeats", type=int, default=3, help="runs per floor and big cell")
+    parser.add_argument(
+        "--growth-repeats", type=int, default=1, help="runs per size of the growth sweep (median)"
+    )
     parser.add_argument("--only", choices=BENCHMARKS, help="run this benchmark alone")
     parser.add_argument(
         "--sweep-gb", default="0.25,1,4", help="state sizes of the growth sweep (GB, commas)"
@@ -473,7 +502,8 @@ def main() -> None:
             # A real record of the default matrix (transformer, ddp_2 -> fsdp2_4) as the template.
             bench_aggregate(work, REPO / "bench" / "load_record.json")
         if "growth" in run:
-            bench_growth([float(g) for g in args.sweep_gb.split(",")], work, args.device)
+            sizes = [float(g) for g in args.sweep_gb.split(",")]
+            bench_growth(sizes, args.growth_repeats, work, args.device)
         if "rerun" in run:
             bench_rerun(args.config.resolve(), args.rerun_model, work)
     finally:

@@ -24,13 +24,13 @@ from torch.distributed.checkpoint.default_planner import create_default_local_lo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from pipeline_lib import seal
+from pipeline_lib import mapped, seal
 from pipeline_lib.compare import EntryComparison, merge, unmatched
 from pipeline_lib.compare import compare as _compare
 from pipeline_lib.entries import flatten
 from pipeline_lib.errors import Incompatible, one_line
 from pipeline_lib.readers import READ_BATCH_BYTES
-from pipeline_lib.reference import Part, _owned, local_piece
+from pipeline_lib.reference import Part, _owned, compare_overlaps, local_piece
 from pipeline_lib.untrusted import SafeFileSystemReader, SafeLoadPlanner
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes) of a part of an entry
@@ -97,6 +97,10 @@ class Files:
         # keep: the parts read are kept for the next compare_many of the same parts (check 2
         # compares two states of one loader: one read of the files, at one shard's memory).
         self.keep, self._kept = False, {}
+        # FileSystemWriter's folder: tensor parts compared on its mapped pages (pipeline_lib.
+        # mapped) where they are the plain case; dcp.load reads the rest. A full-state file is
+        # memory-mapped whole by torch.load.
+        self.mappable = not (safetensors or full)
         if full:
             self.whole = flatten(torch.load(path, mmap=True, weights_only=True))
             self.meta = dict(self.whole)
@@ -104,7 +108,8 @@ class Files:
         self.reader = (
             dcp.HuggingFaceStorageReader(path) if safetensors else SafeFileSystemReader(path)
         )
-        self.meta = self.reader.read_metadata().state_dict_metadata
+        self.metadata = self.reader.read_metadata()
+        self.meta = self.metadata.state_dict_metadata
 
     def __contains__(self, name: str) -> bool:
         return name in self.meta
@@ -142,6 +147,11 @@ class Files:
                 found[name] = compare(expected, value if mine is None else _stand_in(value))
             else:
                 wanted[name] = mine
+        for name in [n for n, mine in wanted.items() if mine is not None and self.mappable]:
+            mapped_result = self._compare_mapped(name, wanted[name], files_first)
+            if mapped_result is not None:
+                found[name] = mapped_result
+                del wanted[name]
         kept, parts = {}, dict(wanted)
         for name, mine in parts.items():
             key = None if mine is None else (name, _box(mine, self._expected(name).shape))
@@ -160,6 +170,14 @@ class Files:
             else:
                 found[name] = compare(_in_box(mine, self._expected(name).shape, read), mine.data)
         return found
+
+    def _compare_mapped(self, name: str, mine: Part, files_first: bool) -> EntryComparison | None:
+        """``mine`` vs the entry's chunks on the files' mapped pages; None where a chunk is not
+        the plain case (DCP reads the entry then)."""
+        with mapped.open_parts(self.path, self.metadata, name) as chunks:
+            if chunks is None:
+                return None
+            return compare_overlaps(self._expected(name).shape, mine, chunks, files_first)
 
     def _read(self, wanted: dict[str, Part | None]) -> Iterator[tuple[str, Any]]:
         """(name, the box of the part or the whole value, or the exception reading it)."""

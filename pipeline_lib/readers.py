@@ -4,7 +4,7 @@ full state dicts, entry by entry in batches, in byte-balanced shares. Imports to
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -18,11 +18,16 @@ READ_BATCH_BYTES = 32 * 2**20
 
 
 def checkpoint_entries(
-    path: str, safetensors: bool = False, share: tuple[int, int] = (0, 1)
+    path: str,
+    safetensors: bool = False,
+    share: tuple[int, int] = (0, 1),
+    skip: Callable[[str], bool] = lambda name: False,
 ) -> Iterator[tuple[str, Any]]:
     """Read a DCP checkpoint (``safetensors``: one written by HuggingFaceStorageWriter) back in
     this one process (no process group), with the whole value of each entry, a batch of entries
-    at a time; ``share`` (i, n): only the i-th of n shares of the entries (``shares``). An entry
+    at a time; ``share`` (i, n): only the i-th of n shares of the entries (``shares``); ``skip``:
+    entries of the share the caller deals with otherwise (called once per entry, before any
+    read: check 1 compares them on the files' mapped pages, pipeline_lib.checks). An entry
     that cannot be read yields the exception instead of its value (a failing batch is read
     again entry by entry to say which)."""
     import torch.distributed.checkpoint as dcp
@@ -47,7 +52,8 @@ def checkpoint_entries(
         name: meta.size.numel() * meta.properties.dtype.itemsize if hasattr(meta, "size") else 0
         for name, meta in metadata.state_dict_metadata.items()
     }
-    for batch in _batches(shares(sizes, share[1])[share[0]], sizes):
+    mine = [name for name in shares(sizes, share[1])[share[0]] if not skip(name)]
+    for batch in _batches(mine, sizes):
         try:
             yield from read(batch).items()
         except (Exception, CheckpointException):

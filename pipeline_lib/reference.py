@@ -228,15 +228,27 @@ class Reference:
     def compare_part(self, name: str, mine: Part) -> EntryComparison:
         """The saver's tensor entry ``name`` vs ``mine``, a part of it of the right dtype, bit
         for bit where each saved part overlaps it; not equal unless they cover it."""
-        result, covered = EntryComparison(True, 0.0), 0
-        for saved in self.pieces.get(name, []):
-            overlap = _overlap_values(self.meta[name]["shape"], mine, saved)
-            if overlap is not None:
-                covered += overlap[0].numel()
-                result = merge([result, compare(overlap[1], overlap[0])])
-        if covered != mine.data.numel():
+        shape = self.meta[name]["shape"]
+        result = compare_overlaps(shape, mine, self.pieces.get(name, []))
+        if result is None:
             return EntryComparison(False, None, "the saver's reference lacks part of this entry")
         return result
+
+
+def compare_overlaps(
+    shape, mine: Part, saved: list[Part], saved_first: bool = True
+) -> EntryComparison | None:
+    """``mine`` vs the ``saved`` parts of an entry of ``shape``, bit for bit wherever they
+    overlap; None when the saved parts do not cover ``mine``. ``saved_first``: notes name the
+    saved side's dtype or shape first."""
+    result, covered = EntryComparison(True, 0.0), 0
+    for part in saved:
+        overlap = _overlap_values(shape, mine, part)
+        if overlap is not None:
+            covered += overlap[0].numel()
+            pair = (overlap[1], overlap[0]) if saved_first else overlap
+            result = merge([result, compare(*pair)])
+    return result if covered == mine.data.numel() else None
 
 
 def compare_list_part(union: list, actual: list) -> EntryComparison:
