@@ -35,12 +35,9 @@ def _cmd_job(args: argparse.Namespace) -> None:
 def _cmd_import(args: argparse.Namespace) -> None:
     """The import job of an existing checkpoint: always writes its record (exit 0)."""
     from pipeline_lib import grid
-    from pipeline_lib.driver import fresh_dir
     from pipeline_lib.existing import import_checkpoint
 
-    spec = grid.existing_spec(json.loads(args.grid), args.name)
-    fresh_dir(Path(spec.save_dir))
-    import_checkpoint(spec)
+    import_checkpoint(grid.existing_spec(json.loads(args.grid), args.name))
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:

@@ -19,9 +19,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from pipeline_lib import models, timestamps
-from pipeline_lib.atomic import write_json
-from pipeline_lib.driver import torch_version
+from pipeline_lib import models, reuse, timestamps
+from pipeline_lib.atomic import write_json, write_text
+from pipeline_lib.driver import fresh_dir, torch_version
 from pipeline_lib.entries import describe, entry_kind, leaves
 from pipeline_lib.errors import one_line
 from pipeline_lib.grid import existing_layout
@@ -57,8 +57,26 @@ def placement(path: str, naming: str, model: str, kwargs: dict, entries=None) ->
 
 
 def import_checkpoint(spec: ExistingSpec) -> None:
-    """The import job: the reference and the record of one existing checkpoint. A checkpoint
-    that cannot be read gives an ``error`` record (its cells say why), never a crash."""
+    """The import job: the reference and the record of one existing checkpoint, or, when its
+    inputs did not change (pipeline_lib.reuse), its record written again byte for byte and its
+    reference left as it is. A checkpoint that cannot be read gives an ``error`` record (its
+    cells say why), never a crash."""
+    store = reuse.Store.of(spec)
+    kept = store and store.imported_record(spec)
+    if store:
+        reuse.announce("imports", int(bool(kept)), 1)
+    if kept:
+        write_text(spec.record, kept)
+        return
+    fresh_dir(Path(spec.save_dir))
+    record = _import(spec)
+    write_json(spec.record, record)
+    if store and record["status"] == "ok":
+        store.keep_imported(spec)
+
+
+def _import(spec: ExistingSpec) -> dict:
+    """The record of one import (its reference written when the checkpoint reads)."""
     record = {
         "model": spec.model,
         "layout": existing_layout(spec.name),
@@ -75,7 +93,7 @@ def import_checkpoint(spec: ExistingSpec) -> None:
         record.update(_read(spec), status="ok", reason="")
     except (Exception, CheckpointException) as exc:
         record.update(status="error", reason=f"reading {spec.path}: {one_line(exc)}")
-    write_json(spec.record, record)
+    return record
 
 
 def _read(spec: ExistingSpec) -> dict:

@@ -366,19 +366,14 @@ def load_outputs(config: dict, version_root: str, layout: str) -> list[str]:
 
 def load_inputs(config: dict, version_root: str, layout: str) -> list[str]:
     """What a load job reads: the save record of every item's every source (it names the
-    folder; an existing checkpoint's: its import job's record and folder)."""
+    folder; an existing checkpoint's: its import job's record, which names the reference)."""
     version = version_roots(config)[version_root]
     saved = [
         save_record_path(model, src, job_root(save_version, variant))
         for variant, model in items(config)
         for src, save_version in load_sources(config, layout, version)
     ]
-    imported = [
-        path
-        for name in config["checkpoints"]
-        for path in (existing_record_path(name), existing_dir(name))
-    ]
-    return saved + imported
+    return saved + [existing_record_path(name) for name in config["checkpoints"]]
 
 
 # --- existing checkpoints (config key ``checkpoints``) --------------------------------------
@@ -404,6 +399,7 @@ def existing_spec(config: dict, name: str) -> ExistingSpec:
         reference=f"{existing_dir(name)}/reference",
         record=existing_record_path(name),
         config_hash=config_hash(config),
+        reuse_dir=reuse_dir(RESULTS),
         **models.spec_kwargs(config, entry["model"]),
     )
 

@@ -6,7 +6,9 @@ A unit's **inputs key** (docs: glossary) is a SHA-256 of what can change its res
   nor the hash of the whole config), the project's code version and the job's environment;
 - load cell: the load item's spec without its other sources, the cell's source, the exact bytes
   of the source's save record (a save item that ran again writes a new record, so every cell of
-  its checkpoint runs again), the code version and the environment.
+  its checkpoint runs again), the code version and the environment;
+- import of an existing checkpoint: its spec (path, model, naming, ...; not the hash of the
+  whole config), the manifest of the checkpoint's folder, the code version and the environment.
 
 The code version hashes every ``pipeline_lib`` source file; the environment hashes Python's
 version and every installed distribution with its version (the job's own interpreter, so a
@@ -19,7 +21,8 @@ The store is ``<version root>/reuse/`` (JobSpec.reuse_dir), one JSON file per ke
 Snakemake output, so Snakemake's removal of a job's outputs before it runs leaves it alone: a
 save item keeps the exact text of its record and the manifest of its folder; a load cell its
 matrix row and tensor rows; a load item the exact text of its record (written again byte for
-byte when none of its cells ran).
+byte when none of its cells ran); an import the exact text of its record (only an ``ok`` one)
+and the manifest of the reference it wrote.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline_lib.atomic import read_json, write_json
-from pipeline_lib.specs import ItemSpec, JobSpec, Source
+from pipeline_lib.specs import ExistingSpec, ItemSpec, JobSpec, Source
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -84,7 +87,7 @@ class Store:
     root: Path
 
     @classmethod
-    def of(cls, spec: JobSpec) -> Store | None:
+    def of(cls, spec: JobSpec | ExistingSpec) -> Store | None:
         return None if spec.reuse_dir is None else cls(Path(spec.reuse_dir))
 
     def _key(self, *parts) -> str:
@@ -139,6 +142,24 @@ class Store:
 
     def keep_load_record(self, key: str, item: ItemSpec) -> None:
         write_json(self._path("load", key), {"record": Path(item.record).read_text()})
+
+    # --- imports of existing checkpoints ----------------------------------------------------
+    def import_key(self, spec: ExistingSpec) -> str:
+        inputs = {k: v for k, v in spec.to_dict().items() if k not in ("config_hash", "reuse_dir")}
+        return self._key("import", inputs, manifest(spec.path))
+
+    def imported_record(self, spec: ExistingSpec) -> str | None:
+        """The exact text of the import's record, when its inputs (the checkpoint's files
+        among them) are unchanged and its reference is as the import left it; else None."""
+        entry = self._read("import", self.import_key(spec))
+        if entry is None or entry["manifest"] != manifest(spec.reference):
+            return None
+        return entry["record"]
+
+    def keep_imported(self, spec: ExistingSpec) -> None:
+        """After an ``ok`` record is written: its text and the manifest of the reference."""
+        entry = {"record": Path(spec.record).read_text(), "manifest": manifest(spec.reference)}
+        write_json(self._path("import", self.import_key(spec)), entry)
 
 
 def announce(kind: str, reused: int, total: int) -> None:

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from pipeline_lib import grid
 from pipeline_lib.config import job_inputs, validate
@@ -60,6 +61,12 @@ class Plan:
         """The {version_root} wildcard of the matrix rules: results, or results/torch/<version>
         (grid.version_root)."""
         return "|".join(re.escape(root) for root in grid.version_roots(self.config))
+
+    def existing_files(self, wildcards) -> list[str]:
+        """Every file of the existing checkpoint's folder: one rewritten, the checkpoint's
+        import job runs again (and imports again: pipeline_lib.reuse)."""
+        folder = Path(self.config["checkpoints"][wildcards.checkpoint]["path"])
+        return [str(p) for p in sorted(folder.rglob("*")) if p.is_file()]
 
     def targets(self) -> list[str]:
         """What ``rule all`` asks for: the matrix if the grid has cells, the fault campaign's

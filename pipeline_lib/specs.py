@@ -82,6 +82,7 @@ class ExistingSpec:
     record: str
     config_hash: str
     model_kwargs: dict = field(default_factory=dict)  # an hf_models entry
+    reuse_dir: str | None = None  # the reuse store (pipeline_lib.reuse); None: always import
 
     @classmethod
     def from_dict(cls, data: dict) -> ExistingSpec:

@@ -202,3 +202,34 @@ def test_a_checkpoint_this_tool_wrote_loads_as_an_existing_one(in_tmp):
     assert {(k, r["status"]) for k, r in rows.items()} == {("single", "pass"), ("fsdp2_2", "pass")}
     record = json.loads(Path(grid.existing_record_path("kept")).read_text())
     assert record["excluded_entries"] == [] and record["unplaced_entries"] == []
+
+
+def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, capsys):
+    """An import whose inputs did not change (adding a model to the config runs the import
+    job again) writes its record again byte for byte and leaves its reference alone; a
+    checkpoint rewritten behind its back, or a reference changed, imports again."""
+    from pipeline_lib.existing import import_checkpoint
+    from pipeline_lib.reuse import manifest
+
+    write_torchtitan_checkpoint(in_tmp / "titan")
+    spec = grid.existing_spec(config.validate(_config(str(in_tmp / "titan"))), "titan")
+
+    def imported() -> tuple[str, str, dict]:
+        import_checkpoint(spec)
+        line = capsys.readouterr().out.strip().splitlines()[-1]
+        return line, Path(spec.record).read_text(), manifest(spec.reference)
+
+    line, record, reference = imported()
+    assert "reused 0 of 1 imports" in line and json.loads(record)["status"] == "ok"
+    assert reference
+    line, again, kept = imported()
+    assert "reused 1 of 1 imports" in line and (again, kept) == (record, reference)
+
+    shard = next((in_tmp / "titan").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes())  # same bytes, a new modification time
+    line, again, rewritten = imported()
+    assert "reused 0 of 1 imports" in line and again != record and rewritten != reference
+    next(Path(spec.reference).iterdir()).unlink()
+    line, _, restored = imported()
+    assert "reused 0 of 1 imports" in line and restored.keys() == reference.keys()
+    assert "reused 1 of 1 imports" in imported()[0]

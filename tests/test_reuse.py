@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ import yaml
 from pipeline_lib import grid, reuse
 from pipeline_lib.config import validate
 from pipeline_lib.specs import JobSpec
+from tests.jobs import cli
 from tests.test_snakemake import snakemake
 
 
@@ -143,3 +145,57 @@ def test_adding_a_model_reruns_only_its_items(tmp_path):
     assert _reused(tmp_path, "save", "ddp_2") == (2, 2)
     for layout in cfg["layouts"]:
         assert _reused(tmp_path, "load", layout) == (3, 4)  # mlp saved under single: again
+
+
+def _mlp_checkpoint(folder: Path, seed: int, monkeypatch) -> None:
+    """An mlp checkpoint written by this tool's save job (``train.seed``: ``seed``) at
+    ``folder``, in place of what was there."""
+    work = folder.parent / f"saver-{seed}"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    single = {"single": {"framework": "single", "mesh": [1]}}
+    cfg = validate({"models": ["mlp"], "layouts": single, "train": {"seed": seed}})
+    cli("save", grid.save_job_spec(cfg, grid.RESULTS, "single"))
+    shutil.rmtree(folder, ignore_errors=True)
+    Path(grid.checkpoint_dir("mlp", "single")).rename(folder)
+    monkeypatch.chdir(folder.parent)
+
+
+@pytest.mark.e2e
+def test_a_config_change_reuses_an_unchanged_import_and_its_cells(in_tmp, monkeypatch):
+    """An existing checkpoint in the config: adding a model runs the import job again
+    (Snakemake sees a changed config), which writes its record byte for byte and leaves the
+    reference alone, so the checkpoint's cell is reused; the checkpoint saved again (other
+    values) is imported again and its cell runs again."""
+    kept = in_tmp / "kept"
+    _mlp_checkpoint(kept, 0, monkeypatch)
+    cfg = {
+        "models": ["mlp"],
+        "layouts": {"single": {"framework": "single", "mesh": [1]}},
+        "pairs": "none",
+        "checkpoints": {"kept": {"path": str(kept), "model": "mlp"}},
+        "train": {"steps": 1, "resume_steps": 1, "global_batch": 8},
+    }
+    (in_tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(in_tmp)
+    imported = in_tmp / "results" / "existing"
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in imported.rglob("*.pt")}
+    record = (imported / "kept.json").read_bytes()
+    assert before and _reused(in_tmp, "load", "single") == (0, 1)
+
+    cfg["models"].append("mlp_frozen")
+    (in_tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(in_tmp)
+    log = (in_tmp / "results/logs/import/kept.log").read_text()
+    assert "reused 1 of 1 imports" in log, log
+    assert (imported / "kept.json").read_bytes() == record
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in imported.rglob("*.pt")} == before
+    assert _reused(in_tmp, "load", "single") == (1, 1)  # mlp_frozen has no checkpoint
+
+    _mlp_checkpoint(kept, 1, monkeypatch)  # the same checkpoint saved again, other values
+    snakemake(in_tmp)
+    log = (in_tmp / "results/logs/import/kept.log").read_text()
+    assert "reused 0 of 1 imports" in log, log
+    assert _reused(in_tmp, "load", "single") == (0, 1)
+    matrix = pd.read_parquet(in_tmp / "results" / "matrix.parquet")
+    assert list(matrix.status) == ["pass"], matrix.reason

@@ -44,11 +44,13 @@ rule load_checkpoints:
 
 
 # An existing checkpoint (config key checkpoints): read without a process group into the
-# reference of its load cells; the checkpoint folder itself is only read.
+# reference of its load cells (results/existing/{checkpoint}/reference, not an output: an
+# import whose inputs did not change keeps it); the checkpoint folder itself is only read.
 rule import_checkpoint:
+    input:
+        plan.existing_files,
     output:
         record="results/existing/{checkpoint}.json",
-        reference=directory("results/existing/{checkpoint}"),
     log:
         "results/logs/import/{checkpoint}.log",
     wildcard_constraints:
@@ -58,6 +60,7 @@ rule import_checkpoint:
     params:
         python=PYTHON,
         grid=plan.grid_json,
+        inputs=plan.code_and_environment,
     shell:
         "{params.python:q} -m pipeline_lib import-checkpoint --grid {params.grid:q}"
         " --name {wildcards.checkpoint} > {log} 2>&1"
