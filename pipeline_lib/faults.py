@@ -47,13 +47,15 @@ class Fault:
 
 
 def _metadata(checkpoint: Path):
-    # Through the restricted unpickler, as every read of .metadata
-    # (docs/untrusted-checkpoints.md).
-    from pipeline_lib.untrusted import load_metadata
+    # Through the restricted unpickler, as every read of .metadata, and confined to the folder
+    # (the faults change, cut and delete the files it names: docs/untrusted-checkpoints.md).
+    from pipeline_lib.untrusted import confine, load_metadata
 
     path = checkpoint / ".metadata"
     with open(path, "rb") as f:
-        return load_metadata(f, str(path))
+        metadata = load_metadata(f, str(path))
+    confine(metadata, checkpoint, str(path))
+    return metadata
 
 
 def _write_metadata(checkpoint: Path, metadata) -> None:

@@ -7,13 +7,15 @@ admitting only what DCP's ``Metadata`` is made of on torch 2.13 (read off real c
 ``_StorageInfo`` of ``filesystem``, ``torch.Size``, the dtype, layout and memory-format
 objects of ``torch`` (and torch's ``_get_layout``, by which a layout is pickled), and
 ``pathlib`` paths (``StorageMeta.checkpoint_id``). Anything else is refused with
-``UntrustedPickle`` naming it, before it is called. Imports torch.
+``UntrustedPickle`` naming it, before it is called. ``SafeFileSystemReader`` also refuses a
+``.metadata`` that places data outside its folder (``confine``). Imports torch.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
@@ -71,14 +73,36 @@ def load_metadata(stream: BinaryIO, where: str = ".metadata"):
         raise UntrustedPickle(f"{where}: {exc}") from None
 
 
+class OutsideFolder(ValueError):
+    """A ``.metadata`` places an entry's data in a file outside the checkpoint's folder."""
+
+
+def confine(metadata: Any, folder: str | Path, where: str = ".metadata") -> None:
+    """Refuse (OutsideFolder, naming ``where`` and the entry) a ``.metadata`` whose
+    ``storage_data`` names a file outside ``folder``: DCP's FileSystemReader opens ``folder /
+    relative_path`` as the pickle says (torch 2.13: an absolute path, or one with ``..``,
+    reads any file the process can read). Symbolic links are followed."""
+    root = Path(folder).resolve()
+    for index, info in (getattr(metadata, "storage_data", None) or {}).items():
+        relative = getattr(info, "relative_path", "")
+        if not (root / relative).resolve().is_relative_to(root):
+            raise OutsideFolder(
+                f"{where}: refused: entry {getattr(index, 'fqn', index)} is read from "
+                f"{relative!r}, outside the checkpoint's folder (a foreign or tampered "
+                ".metadata; see docs/untrusted-checkpoints.md)"
+            )
+
+
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's FileSystemReader, reading ``.metadata`` with load_metadata (torch 2.13's
-    read_metadata otherwise: the same path, a StorageMeta carrying this reader's load id)."""
+    """DCP's FileSystemReader, reading ``.metadata`` with load_metadata and refusing one that
+    places data outside the folder (``confine``); torch 2.13's read_metadata otherwise: the
+    same path, a StorageMeta carrying this reader's load id."""
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
             metadata = load_metadata(stream, str(path))
+        confine(metadata, self.path, str(path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

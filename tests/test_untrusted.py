@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -103,6 +104,47 @@ def test_a_metadata_that_would_run_code_is_refused(checkpoint, tmp_path, read):
     ):
         read(checkpoint)
     assert not marker.exists()
+
+
+def place_outside(checkpoint: Path, target: str, other: Path) -> None:
+    """Make .metadata read entry model.w from ``target``: a copy of the file that holds it
+    in ``other``, a checkpoint of the same layout with other values."""
+    import dataclasses
+
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())
+    index = next(i for i in metadata.storage_data if i.fqn == "model.w")
+    info = metadata.storage_data[index]
+    (checkpoint / target).resolve().write_bytes((other / info.relative_path).read_bytes())
+    metadata.storage_data[index] = dataclasses.replace(info, relative_path=target)
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("where", ["../outside.distcp", "absolute"])
+def test_a_metadata_that_reads_outside_its_folder_is_refused(checkpoint, tmp_path, where):
+    """DCP's FileSystemReader reads a file outside the folder when .metadata says so (the
+    premise, torch 2.13); every reader of this tool refuses it, naming the entry."""
+    from pipeline_lib.untrusted import OutsideFolder, SafeFileSystemReader
+
+    other = tmp_path / "other"
+    sevens = state()
+    sevens["model"]["w"] = torch.full((3, 2), 7.0)
+    save(other, sevens)
+    target = str(tmp_path / "elsewhere.distcp") if where == "absolute" else where
+    place_outside(checkpoint, target, other)
+    loaded = {"model": {"w": torch.empty(3, 2), "b": torch.empty(2, dtype=torch.bfloat16)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(loaded, storage_reader=dcp.FileSystemReader(str(checkpoint)), no_dist=True)
+    assert torch.equal(loaded["model"]["w"], sevens["model"]["w"])  # read from outside
+    message = rf"\.metadata: refused: entry model\.w is read from '{re.escape(target)}', outside"
+    with pytest.raises(OutsideFolder, match=message):
+        SafeFileSystemReader(str(checkpoint)).read_metadata()
+    with pytest.raises(OutsideFolder, match=message):
+        dict(checkpoint_entries(str(checkpoint)))
+    with pytest.raises(OutsideFolder, match=message):
+        checkpoint_io._reader(DEFAULT, paths(checkpoint, checkpoint / "full.pt")).read_metadata()
+    with pytest.raises(OutsideFolder, match=message):  # it would delete the file it names
+        faults._metadata(checkpoint)
 
 
 def test_the_conversion_to_torch_save_refuses_an_entry_that_would_run_code(checkpoint, tmp_path):
