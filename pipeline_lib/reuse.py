@@ -103,6 +103,18 @@ class Store:
         except (OSError, ValueError):
             return None
 
+    def _kept_record(self, kind: str, key: str, folder: str) -> str | None:
+        """The kept text of a record whose unit wrote ``folder``, if the folder is as the unit
+        left it (same manifest); else None."""
+        entry = self._read(kind, key)
+        if entry is None or entry["manifest"] != manifest(folder):
+            return None
+        return entry["record"]
+
+    def _keep_record(self, kind: str, key: str, record: str, folder: str) -> None:
+        entry = {"record": Path(record).read_text(), "manifest": manifest(folder)}
+        write_json(self._path(kind, key), entry)
+
     # --- save items -------------------------------------------------------------------------
     def save_key(self, item: ItemSpec) -> str:
         return self._key("save", _item_inputs(item))
@@ -110,15 +122,11 @@ class Store:
     def saved_record(self, item: ItemSpec) -> str | None:
         """The exact text of the item's record, when its inputs are unchanged and its folder
         is as the save left it; else None (the item runs)."""
-        entry = self._read("save", self.save_key(item))
-        if entry is None or entry["manifest"] != manifest(item.save_dir):
-            return None
-        return entry["record"]
+        return self._kept_record("save", self.save_key(item), item.save_dir)
 
     def keep_saved(self, item: ItemSpec) -> None:
         """After the item's record is written: its text and the manifest of its folder."""
-        entry = {"record": Path(item.record).read_text(), "manifest": manifest(item.save_dir)}
-        write_json(self._path("save", self.save_key(item)), entry)
+        self._keep_record("save", self.save_key(item), item.record, item.save_dir)
 
     # --- load cells and items ---------------------------------------------------------------
     def cell_key(self, item: ItemSpec, source: Source) -> str:
@@ -151,15 +159,11 @@ class Store:
     def imported_record(self, spec: ExistingSpec) -> str | None:
         """The exact text of the import's record, when its inputs (the checkpoint's files
         among them) are unchanged and its reference is as the import left it; else None."""
-        entry = self._read("import", self.import_key(spec))
-        if entry is None or entry["manifest"] != manifest(spec.reference):
-            return None
-        return entry["record"]
+        return self._kept_record("import", self.import_key(spec), spec.reference)
 
     def keep_imported(self, spec: ExistingSpec) -> None:
         """After an ``ok`` record is written: its text and the manifest of the reference."""
-        entry = {"record": Path(spec.record).read_text(), "manifest": manifest(spec.reference)}
-        write_json(self._path("import", self.import_key(spec)), entry)
+        self._keep_record("import", self.import_key(spec), spec.record, spec.reference)
 
 
 def announce(kind: str, reused: int, total: int) -> None:
