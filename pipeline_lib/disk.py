@@ -33,6 +33,7 @@ BUILTIN_STATE = {
 }
 CHUNK_OVERHEAD = 2048  # per entry and rank, in a DCP checkpoint (or safetensors file)
 PIECE_OVERHEAD = 512  # per entry and rank, in the saver's reference
+SEAL_PER_FILE = 128  # per checkpoint file (a rank's .distcp, .metadata), in sealed mode's seal
 FILE_ENTRY_OVERHEAD = 512  # per entry, in a torch.save full state dict
 SAVE_RECORD_PER_ENTRY = 1024  # save record + worker result, per entry
 LOAD_RECORD_PER_ENTRY = 1024  # load record + worker result, per entry and cell
@@ -86,8 +87,11 @@ def _entries_and_bytes(model: str, variant: Variant, kwargs: dict | None = None)
     return entries, data
 
 
-def save_item_bytes(model: str, variant: Variant, world_size: int, kwargs=None) -> Estimate:
-    """What one save item writes: checkpoint, reference, conversions, record."""
+def save_item_bytes(
+    model: str, variant: Variant, world_size: int, kwargs=None, sealed: bool = False
+) -> Estimate:
+    """What one save item writes: checkpoint, reference (sealed mode: a seal instead),
+    conversions, record."""
     entries, data = _entries_and_bytes(model, variant, kwargs)
     estimate = Estimate()
     full = data + entries * FILE_ENTRY_OVERHEAD
@@ -101,7 +105,10 @@ def save_item_bytes(model: str, variant: Variant, world_size: int, kwargs=None) 
         estimate.add("conversions", data + entries * CHUNK_OVERHEAD)
     elif fmt in ("torch_save", "torch_save_to_dcp") and mode != "full":
         estimate.add("conversions", full)
-    estimate.add("references", data + entries * world_size * PIECE_OVERHEAD)
+    if sealed:
+        estimate.add("seals", (world_size + 1) * SEAL_PER_FILE)
+    else:
+        estimate.add("references", data + entries * world_size * PIECE_OVERHEAD)
     estimate.add("records", entries * SAVE_RECORD_PER_ENTRY)
     return estimate
 
@@ -121,7 +128,8 @@ def job_bytes(spec: JobSpec) -> Estimate:
         if item.skip:
             continue
         if spec.kind == "save":
-            part = save_item_bytes(item.model, item.variant, world, _hf_kwargs(item))
+            sealed = item.verify.get("reference") == "sealed"
+            part = save_item_bytes(item.model, item.variant, world, _hf_kwargs(item), sealed)
         else:
             part = load_cell_bytes(item.model, item.variant, _hf_kwargs(item))
             part.parts = {k: v * len(item.sources) for k, v in part.parts.items()}

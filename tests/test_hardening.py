@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline_lib import atomic, config, driver, environments, grid
+from pipeline_lib import atomic, config, disk, driver, environments, grid
 from pipeline_lib.config import ConfigError
 from tests.conftest import REPO
 
@@ -535,6 +535,12 @@ def test_the_estimate_covers_what_a_save_item_writes():
     assert 320_830 <= estimate.parts["references"] <= 2 * 320_830
     conv = save_item_bytes("transformer", Variant(format="torch_save"), 2)
     assert 281_909 <= conv.parts["conversions"] <= 2 * 281_909
+    sealed = save_item_bytes("transformer", DEFAULT, 2, sealed=True)  # a seal, no reference
+    assert "references" not in sealed.parts and 0 < sealed.parts["seals"] < 1024
+    assert sealed.parts["checkpoints"] == estimate.parts["checkpoints"]
+    cfg = config.validate({**small(), "verify": {"reference": "sealed"}})
+    job = disk.job_bytes(grid.save_job_spec(cfg, "results", "single"))
+    assert "references" not in job.parts and job.parts["seals"] > 0
 
 
 def test_a_save_job_without_room_writes_an_error_record_per_item(in_tmp, monkeypatch):

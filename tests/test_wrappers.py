@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from pipeline_lib import frameworks, records
 from tests.jobs import run_matrix
 from tests.test_records import LAYOUT_A, SPEC, load_result, save_record
@@ -30,6 +32,7 @@ def test_mixed_precision_cells_are_judged_with_the_bfloat16_tolerance():
     assert replace(SPEC).verify["resume_rtol_bfloat16"] == 1e-3
 
 
+@pytest.mark.torchrun
 def test_saved_with_a_wrapper_loads_without_it_and_the_other_way(in_tmp):
     layouts = {
         "single": {"framework": "single", "mesh": [1]},
