@@ -233,3 +233,23 @@ def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, c
     line, _, restored = imported()
     assert "reused 0 of 1 imports" in line and restored.keys() == reference.keys()
     assert "reused 1 of 1 imports" in imported()[0]
+
+
+def test_a_folder_that_reads_outside_itself_is_an_error_for_its_cells(in_tmp):
+    """A .metadata that places an entry's data outside the folder (DCP reads it there:
+    docs/torch-notes.md) is refused by the import, naming the entry; no cell loads it."""
+    import dataclasses
+    import pickle
+
+    write_torchtitan_checkpoint(in_tmp / "titan")
+    meta = in_tmp / "titan" / ".metadata"
+    metadata = pickle.loads(meta.read_bytes())
+    index, info = next(iter(metadata.storage_data.items()))
+    (in_tmp / "outside.distcp").write_bytes((in_tmp / "titan" / info.relative_path).read_bytes())
+    metadata.storage_data[index] = dataclasses.replace(info, relative_path="../outside.distcp")
+    meta.write_bytes(pickle.dumps(metadata))
+    raw = _config(str(in_tmp / "titan"))
+    raw["layouts"] = {"single": raw["layouts"]["single"]}
+    row = run_existing(raw)["single"]
+    assert row["status"] == "error" and row["reason"].startswith("import: "), row["reason"]
+    assert f"refused: entry {index.fqn} is read from '../outside.distcp', outside" in row["reason"]
