@@ -1,8 +1,8 @@
 """DCP's FileSystemReader reads a file outside the checkpoint folder when .metadata says so.
 
 A finding (docs/torch-notes.md): exits 0 and says True where it holds (torch 2.13.0+cpu,
-2.14.1+cu130 and 2.15.0+cu132 on CPU), 1 where the reader stays in its folder. One process, no process group:
-``python scripts/repro/dcp_reads_outside_folder.py``.
+2.14.1+cu130 and 2.15.0+cu132 on CPU), 1 where the reader stays in its folder. One process,
+no process group: ``python scripts/repro/dcp_reads_outside_folder.py``.
 """
 
 import dataclasses
