@@ -117,18 +117,35 @@ def describe_failure(failures: dict) -> tuple[str, str, str]:
 
 
 def is_fork_server(process: psutil.Process) -> bool:
-    """Whether ``process`` is a ``multiprocessing`` fork server (by its command line)."""
+    """Whether ``process`` runs a ``multiprocessing`` fork server's code (by its command line:
+    a rank it forked has the same one)."""
     with contextlib.suppress(psutil.Error):
         return "from multiprocessing.forkserver import main" in " ".join(process.cmdline())
     return False
 
 
+# The helpers multiprocessing starts beside a fork server, by their command lines.
+_HELPERS = ("from multiprocessing.forkserver import main",
+            "from multiprocessing.resource_tracker import main")  # fmt: skip
+
+
+def is_helper(process: psutil.Process, parent: int) -> bool:
+    """Whether ``process`` is the fork server or the resource tracker of the process ``parent``:
+    one of its direct children with a helper's command line. A rank the server forked has the
+    server's command line too, but the server as its parent: it is not a helper."""
+    with contextlib.suppress(psutil.Error):
+        if process.ppid() == parent:
+            return any(helper in " ".join(process.cmdline()) for helper in _HELPERS)
+    return False
+
+
 def kill_children() -> None:
     """SIGKILL every descendant of this process (the ranks, or srun and its agents) but the
-    fork server: it serves the job's next launch (killed, it would be started again, its
-    imports paid again) and reports how its ranks died."""
-    for child in psutil.Process().children(recursive=True):
-        if not is_fork_server(child):
+    fork server and its resource tracker: the server serves the job's next launch (killed, it
+    would be started again, its imports paid again) and reports how its ranks died."""
+    me = os.getpid()
+    for child in psutil.Process(me).children(recursive=True):
+        if not is_helper(child, me):
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.send_signal(signal.SIGKILL)
 

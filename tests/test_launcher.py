@@ -47,3 +47,37 @@ def test_a_rank_the_server_did_not_preload_refuses_to_run():
     # This process imported the launcher itself: its import environment is not a server's.
     with pytest.raises(RuntimeError, match="fork server did not preload pipeline_lib"):
         launcher._served_rank({}, "tests.jobs:probe")
+
+
+# A job's fork server and a rank it forked (the rank has the server's command line), then the
+# watchdog's kill: the rank must die, the server and its resource tracker must not.
+FORKED = """
+import json, multiprocessing, time, psutil
+from pipeline_lib import launcher
+rank = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(600,),
+                                                          daemon=True)
+rank.start()
+helpers = psutil.Process().children()
+same_command = launcher.is_fork_server(psutil.Process(rank.pid))
+launcher.kill_children()
+rank.join(10)
+print(json.dumps({"rank_exitcode": rank.exitcode, "same_command": same_command,
+                  "helpers": len(helpers), "helpers_alive": [h.is_running() for h in helpers]}))
+"""
+
+
+def test_the_watchdogs_kill_reaches_a_rank_the_fork_server_forked():
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["same_command"]  # why a command line alone cannot tell the server from a rank
+    assert out["rank_exitcode"] == -9, out  # SIGKILL; None: the rank was left running
+    assert out["helpers"] == 2 and out["helpers_alive"] == [True, True], out
