@@ -16,10 +16,12 @@ from tests.conftest import REPO
 BIN = Path(sys.executable).parent
 
 
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, check: bool = True, cores: int = 2
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
-         "--configfile", str(workdir / "config.yaml"), *args],
+        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+         "--cores", str(cores), "--configfile", str(workdir / "config.yaml"), *args],
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     if check:
