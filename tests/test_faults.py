@@ -10,10 +10,6 @@ from pipeline_lib import faults, selftest
 from tests.conftest import REPO
 from tests.test_snakemake import snakemake
 
-# Two fault jobs at a time on a 2-core machine: a 2-rank job of the mlp spends most of its
-# time in its fork server's imports, on one core (212 s against 284 s for the campaign,
-# 2026-12-03). The same cells, faults and reasons; it shows jobs running side by side too.
-CAMPAIGN_CORES = 4
 ENTRY = "model.blocks.0.fc1.bias"  # the first tensor entry of mlp, where checkpoint faults land
 FILES = "files vs saver: 1 of 52 entries differ; first " + ENTRY
 STATE = "state dict vs live:"
@@ -55,7 +51,7 @@ def test_every_fault_has_an_expected_reason():
 @pytest.mark.e2e
 def test_fault_campaign(tmp_path):
     (tmp_path / "config.yaml").write_text((REPO / "configs" / "selftest.yaml").read_text())
-    snakemake(tmp_path, cores=CAMPAIGN_CORES)
+    snakemake(tmp_path)
     table = pd.read_parquet(tmp_path / "results" / "selftest.parquet").set_index("fault")
     assert set(table.index) == set(faults.campaign({}))
     for fault, row in table.iterrows():

@@ -15,7 +15,6 @@ import pytest
 from pipeline_lib import config, faults, grid, records, seal
 from pipeline_lib.atomic import read_json
 from tests.conftest import REPO
-from tests.test_faults import CAMPAIGN_CORES
 from tests.test_snakemake import snakemake
 
 
@@ -161,7 +160,7 @@ SEALED_REASONS = {
 @pytest.mark.e2e
 def test_sealed_fault_campaign(tmp_path):
     (tmp_path / "config.yaml").write_text((REPO / "configs" / "selftest-sealed.yaml").read_text())
-    snakemake(tmp_path, cores=CAMPAIGN_CORES)
+    snakemake(tmp_path)
     assert_sealed_campaign(tmp_path)
 
 
