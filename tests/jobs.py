@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from pipeline_lib import config, grid
@@ -21,6 +22,19 @@ def cli(command: str, spec: JobSpec) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+# Two jobs at a time, as the Snakemake tests run them (tests/test_snakemake.py: CORES): a small
+# job spends most of its time in its fork server's imports, on one core.
+JOBS_AT_ONCE = 2
+
+
+def cli_all(command: str, specs: list[JobSpec]) -> None:
+    """``cli(command, spec)`` for every spec, ``JOBS_AT_ONCE`` at a time (the jobs of one side
+    are independent: each writes its own records and folders)."""
+    with ThreadPoolExecutor(JOBS_AT_ONCE) as pool:
+        for done in [pool.submit(cli, command, spec) for spec in specs]:
+            done.result()
+
+
 def run_matrix(
     raw_config: dict,
     model: str = "mlp",
@@ -33,18 +47,23 @@ def run_matrix(
     cfg = config.validate(raw_config)
     assert cfg["models"] == [model], "run_matrix takes a config of that one model"
     save_faults, load_faults = save_faults or {}, load_faults or {}
+    saves = []
     for _, layout in grid.save_jobs(cfg):
         spec = grid.save_job_spec(cfg, grid.RESULTS, layout)
         faulty = tuple(replace(item, fault=save_faults.get(layout)) for item in spec.items)
-        cli("save", replace(spec, items=faulty))
-    rows = {}
+        saves.append(replace(spec, items=faulty))
+    cli_all("save", saves)
+    loads = []
     for _, layout in grid.load_jobs(cfg):
         spec = grid.load_job_spec(cfg, grid.RESULTS, layout)
         faulty = tuple(
             replace(item, sources=tuple(with_fault(s, layout, load_faults) for s in item.sources))
             for item in spec.items
         )
-        cli("load", replace(spec, items=faulty))
+        loads.append(replace(spec, items=faulty))
+    cli_all("load", loads)
+    rows = {}
+    for spec in loads:
         for item in spec.items:  # one per variant (its own root): the first variant's rows
             for row in read_json(item.record)["cells"]:
                 rows.setdefault((row["save_layout"], row["load_layout"]), row)
@@ -67,18 +86,23 @@ def run_grid(
     {(variant id, model, save layout, load layout): row}. ``load_fault``: injected into the load
     of every cell; ``save_fault``: into every save item."""
     cfg = config.validate(raw_config)
+    saves = []
     for version_root, layout in grid.save_jobs(cfg):
         spec = grid.save_job_spec(cfg, version_root, layout)
         items = tuple(replace(item, fault=save_fault) for item in spec.items)
-        cli("save", replace(spec, items=items))
-    rows = {}
+        saves.append(replace(spec, items=items))
+    cli_all("save", saves)
+    loads = []
     for version_root, layout in grid.load_jobs(cfg):
         spec = grid.load_job_spec(cfg, version_root, layout)
         items = tuple(
             replace(item, sources=tuple(replace(s, fault=load_fault) for s in item.sources))
             for item in spec.items
         )
-        cli("load", replace(spec, items=items))
+        loads.append(replace(spec, items=items))
+    cli_all("load", loads)
+    rows = {}
+    for version_root, layout in grid.load_jobs(cfg):
         records = grid.load_outputs(cfg, version_root, layout)
         for (variant, model), record in zip(grid.items(cfg), records, strict=True):
             for row in read_json(record)["cells"]:
