@@ -116,17 +116,18 @@ def describe_failure(failures: dict) -> tuple[str, str, str]:
     return "error", f"rank {rank} exited with code {failure.exitcode}", last_exception(str(message))
 
 
+# The helpers multiprocessing starts for a fork server, by their command lines: the server, and
+# the resource tracker beside it.
+_FORK_SERVER = "from multiprocessing.forkserver import main"
+_HELPERS = (_FORK_SERVER, "from multiprocessing.resource_tracker import main")
+
+
 def is_fork_server(process: psutil.Process) -> bool:
     """Whether ``process`` runs a ``multiprocessing`` fork server's code (by its command line:
     a rank it forked has the same one)."""
     with contextlib.suppress(psutil.Error):
-        return "from multiprocessing.forkserver import main" in " ".join(process.cmdline())
+        return _FORK_SERVER in " ".join(process.cmdline())
     return False
-
-
-# The helpers multiprocessing starts beside a fork server, by their command lines.
-_HELPERS = ("from multiprocessing.forkserver import main",
-            "from multiprocessing.resource_tracker import main")  # fmt: skip
 
 
 def is_helper(process: psutil.Process, parent: int) -> bool:

@@ -22,12 +22,10 @@ BIN = Path(sys.executable).parent
 CORES = 4
 
 
-def snakemake(
-    workdir: Path, *args: str, check: bool = True, cores: int = CORES
-) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-         "--cores", str(cores), "--configfile", str(workdir / "config.yaml"), *args],
+         "--cores", str(CORES), "--configfile", str(workdir / "config.yaml"), *args],
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     if check:
