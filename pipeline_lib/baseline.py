@@ -154,10 +154,7 @@ def planned_skip(row: dict) -> tuple[str, str] | None:
     from pipeline_lib.axes import Variant, conflict, layout_conflict
     from pipeline_lib.records import verdict
 
-    try:
-        variant = Variant(**{axis: row[axis] for axis in AXIS_COLUMNS})
-    except (KeyError, TypeError):
-        return None
+    variant = Variant(**{axis: row[axis] for axis in AXIS_COLUMNS})
     results = {}
     for side in ("save", "load"):
         world_size = row.get(f"{side}_world_size")
@@ -498,7 +495,9 @@ def _cmd_reproducers(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser(
-        "gate", help="compare a matrix with a baseline: exit 1 on a regression or change"
+        "gate",
+        help="compare a matrix with a baseline: exit 1 on a regression or change, or when it "
+        "judged no cell; 2 when the matrix or the baseline cannot be read",
     )
     p.add_argument("--matrix", default="results/matrix.parquet")
     p.add_argument(
