@@ -241,7 +241,7 @@ def _config_defaults() -> dict:
     return defaults
 
 
-def _layout(name: str, spec: Any, where: str) -> LayoutKey:
+def _layout(spec: Any, where: str) -> LayoutKey:
     """A layout of a measured grid (a config's layout entry) as the matrix names it."""
     spec = _mapping(spec, where)
     _unknown_keys(spec, ("framework", "mesh", "schedule", "microbatches"), where)
@@ -336,7 +336,7 @@ class MeasuredGrid:
         run = _string(grid["run"], f"{where}.run", empty=False)
         models = _strings(grid["models"], f"{where}.models")
         layouts = {
-            str(name): _layout(str(name), spec, f"{where}.layouts.{name}")
+            str(name): _layout(spec, f"{where}.layouts.{name}")
             for name, spec in _mapping(grid["layouts"], f"{where}.layouts").items()
         }
         if not layouts:

@@ -6,7 +6,8 @@ was built on the meta device and materialized with ``to_empty``; under DDP with
 longer ``embedding.weight`` and its optimizer has one parameter more than the saver's (the
 saver's state dict names the tied weight once, under ``embedding.weight``).
 ``set_optimizer_state_dict(full_state_dict=True)`` then raises ``RuntimeError: Missing
-optimizer state for parameter 'output.weight' in checkpoint`` (torch 2.13.0+cpu). With
+optimizer state for parameter 'output.weight' in checkpoint`` (torch 2.13.0+cpu and
+2.14.1+cu130 on the CPU). With
 ``broadcast_from_rank0=True`` (two or more ranks) only rank 0 has the state and raises; the other
 ranks wait in the broadcast rank 0 never joins: a hang, not an error (the pipeline's cells in
 mode full with load_init meta into ``ddp_2`` and ``fsdp1_2`` time out).
