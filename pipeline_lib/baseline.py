@@ -1,53 +1,61 @@
 """Compare a run with a baseline: reason signatures, a comparison class per cell, the CI gate.
 
 A baseline is either a previous ``matrix.parquet`` or an expectations file (YAML, e.g.
-``expectations/torch-2.14.1.yaml``): known findings as cell patterns -> expected status and
-reason signature, every other covered cell expected to ``pass``. Pure (pandas, no torch).
+``expectations/torch-2.14.1.yaml``, pipeline_lib.expectations): the grids measured on a release
+and the known findings in them as cell patterns -> expected status and reason signature, every
+other measured cell expected to ``pass``. Pure (pandas, no torch).
+
+Each cell is judged by one of (column ``judged_by``):
+
+- ``pipeline``: a cell the pipeline's grid skips by design (pipeline_lib.axes.conflict,
+  layout_conflict: ``format safetensors is tested with mode sharded only``) must be that skip,
+  with that reason, whatever the baseline says: the rule comes from the code, not from a file;
+- ``baseline``: a cell the baseline measured (a matrix: one of its rows; an expectations file: a
+  cell of one of its measured grids);
+- nothing: a cell the baseline did not measure is ``new``.
 
 Comparison classes (column ``comparison``):
 
-- ``same``: the status and the reason signature the baseline expects;
-- ``regression``: the baseline expects ``pass``, the cell does not pass;
-- ``fixed``: the baseline expects a non-pass status, the cell passes;
+- ``same``: the status and the reason signature expected;
+- ``regression``: ``pass`` expected, the cell does not pass;
+- ``fixed``: a non-pass status expected, the cell passes;
 - ``changed``: another non-pass status, or the same status with another reason signature;
-- ``new``: the baseline does not cover the cell.
+- ``new``: not measured by the baseline (not judged).
 
 Baseline cells the run does not have are listed apart (``missing``), as are expectations that
 match no cell of the run (``unused``): reported, never a gate failure. The gate fails on
-``regression`` and ``changed`` (and ``new`` non-pass cells with ``fail_on_new``).
+``regression`` and ``changed`` (and ``new`` non-pass cells with ``fail_on_new``), and when it
+judged nothing: an empty matrix, or no cell the baseline measured.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
+from pipeline_lib import display
+from pipeline_lib.expectations import (  # noqa: F401 - the gate's baseline, re-exported
+    PATTERN_COLUMNS,
+    Expectation,
+    Expectations,
+    ExpectationsError,
+    layout_key,
+    load_expectations,
+)
+from pipeline_lib.matrix_file import MatrixFileError, read_matrix, with_default_axes
 from pipeline_lib.records import AXIS_COLUMNS, CELL_KEYS
 
 COMPARISONS = ("regression", "changed", "fixed", "new", "same")
 FAILING = ("regression", "changed")
-# Columns an expectation's ``cells`` may match on (every one is a column of matrix.parquet).
-PATTERN_COLUMNS = (
-    "model",
-    "save_layout",
-    "load_layout",
-    "save_framework",
-    "load_framework",
-    "save_world_size",
-    "load_world_size",
-    *AXIS_COLUMNS,
-    "save_torch_version",
-    "load_torch_version",
-)
 VERSION_KEYS = ("save_torch_version", "load_torch_version")
 # The cell without its torch releases: a run of a new release is compared cell by cell with a
 # baseline of an older one.
 POSITION_KEYS = [k for k in CELL_KEYS if k not in VERSION_KEYS]
+# Column ``judged_by``: what a cell was compared with.
+BY_PIPELINE, BY_BASELINE, NOT_JUDGED = "pipeline", "baseline", ""
 
 # --- reason signatures ------------------------------------------------------------------------
 # Applied in order. What varies between runs and releases goes; the words of the failure stay:
@@ -98,137 +106,97 @@ def signature(reason: str | None) -> str:
 
 def signature_matches(pattern: str, sig: str) -> bool:
     """``pattern``: a signature in which ``*`` stands for any text (nothing else is special:
-    signatures hold brackets and question marks)."""
-    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
-    return re.fullmatch(regex, sig, flags=re.DOTALL) is not None
+    signatures hold brackets and question marks). Greedy, segment by segment, left to right:
+    each segment is searched for once, never backtracked into, so the time is bounded by the
+    lengths (a regex of ``.*`` took 52 s on a 60-character reason and many ``*``)."""
+    first, *middle = pattern.split("*")
+    if not middle:
+        return pattern == sig
+    last = middle.pop()
+    if len(sig) < len(first) + len(last) or not (sig.startswith(first) and sig.endswith(last)):
+        return False
+    position, end = len(first), len(sig) - len(last)
+    for part in middle:
+        found = sig.find(part, position, end)
+        if found < 0:
+            return False
+        position = found + len(part)
+    return True
 
 
-# --- expectations -----------------------------------------------------------------------------
-@dataclass
-class Expectation:
-    """One known finding: the cells it covers, what they give, why."""
-
-    id: str
-    cells: dict[str, list[str]]
-    status: str
-    signature: str = "*"
-    variant: str = ""  # the findings table's "variant" column (docs/findings.md)
-    which: str = ""  # the cells in words: "saved by FSDP1, every model and load layout"
-    why: str = ""  # the findings table's "why" column
-    note: str = ""
-    link: str = ""
-    count: int | None = None  # cells of the measured grid
-    by_design: bool = False  # a skip or limit of the pipeline, not a finding about torch
-
-    def matches(self, row: dict) -> bool:
-        return all(
-            any(fnmatch.fnmatchcase(str(row.get(col)), p) for p in pats)
-            for col, pats in self.cells.items()
-        )
-
-
-@dataclass
-class Expectations:
-    """An expectations file: the releases it was measured on, the grid it covers, findings."""
-
-    path: str
-    torch: list[str]
-    covers: dict[str, list[str]] = field(default_factory=dict)
-    findings: list[Expectation] = field(default_factory=list)
-    measured: str = ""
-
-    def covered(self, row: dict) -> bool:
-        return all(
-            any(fnmatch.fnmatchcase(str(row.get(col)), p) for p in pats)
-            for col, pats in self.covers.items()
-        )
-
-    def expected(self, row: dict) -> tuple[str, str, Expectation | None] | None:
-        """(status, signature pattern, finding) for a cell; None if the file does not cover
-        it. The first finding that matches wins; a covered cell no finding matches: pass."""
-        if not self.covered(row):
-            return None
-        for finding in self.findings:
-            if finding.matches(row):
-                return finding.status, finding.signature, finding
-        return "pass", "", None
-
-
-def _patterns(value, where: str) -> dict[str, list[str]]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a mapping of column -> pattern(s)")
-    out = {}
-    for col, pats in value.items():
-        if col not in PATTERN_COLUMNS:
-            raise ValueError(
-                f"{where}.{col}: not a cell column (one of {', '.join(PATTERN_COLUMNS)})"
-            )
-        out[col] = [str(p) for p in (pats if isinstance(pats, list) else [pats])]
-    return out
-
-
-def load_expectations(path: str | Path) -> Expectations:
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict) or "findings" not in data:
-        raise ValueError(f"{path}: an expectations file needs 'torch' and 'findings'")
-    torch = data.get("torch", [])
-    findings = []
-    for i, entry in enumerate(data["findings"]):
-        where = f"{path}: findings.{i}"
-        unknown = set(entry) - set(Expectation.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
-        if entry.get("status") not in ("pass", "fail", "error", "crash", "timeout", "skip"):
-            raise ValueError(f"{where}.status: {entry.get('status')!r} is not a status")
-        findings.append(
-            Expectation(**{**entry, "cells": _patterns(entry.get("cells"), f"{where}.cells")})
-        )
-    ids = [f.id for f in findings]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: finding ids repeat")
-    return Expectations(
-        path=str(path),
-        torch=[str(t) for t in (torch if isinstance(torch, list) else [torch])],
-        covers=_patterns(data.get("covers"), f"{path}: covers"),
-        findings=findings,
-        measured=str(data.get("measured", "")),
-    )
-
-
+# --- the baseline ------------------------------------------------------------------------------
 def load_baseline(path: str | Path) -> Expectations | pd.DataFrame:
-    """An expectations file (.yaml/.yml) or a previous matrix (.parquet)."""
+    """An expectations file (.yaml/.yml) or a previous matrix (.parquet); ValueError (one line
+    naming the file and field) when it cannot be one."""
     if str(path).endswith(".parquet"):
-        return with_default_axes(pd.read_parquet(path))
+        matrix = read_matrix(path, "baseline matrix")
+        if not len(matrix):
+            raise MatrixFileError(f"{path}: the baseline matrix has no cells: nothing to compare")
+        return matrix
     return load_expectations(path)
 
 
-def with_default_axes(matrix: pd.DataFrame) -> pd.DataFrame:
-    """A matrix written before an axis column existed (load_mode) holds its default value."""
-    from pipeline_lib.axes import DEFAULT
-
-    missing = {a: getattr(DEFAULT, a) for a in AXIS_COLUMNS if a not in matrix.columns}
-    return matrix.assign(**missing) if missing else matrix
+def baseline_error(path: str | Path) -> str | None:
+    """Why the file cannot be a baseline (one line), or None: read and typed whole, before any
+    job runs (config validation)."""
+    try:
+        load_baseline(path)
+    except (ExpectationsError, MatrixFileError) as exc:
+        return str(exc)
+    return None
 
 
 # --- comparison -------------------------------------------------------------------------------
-@dataclass
-class Comparison:
-    cells: pd.DataFrame  # the run's cells with signature, baseline_* and comparison columns
-    missing: pd.DataFrame  # baseline cells the run does not have (a matrix baseline)
-    unused: list[Expectation]  # findings that match no cell of the run
-    baseline: str  # what the run was compared with, in words
+def planned_skip(row: dict) -> tuple[str, str] | None:
+    """(side, reason) of a cell the pipeline's grid skips by design, the reason as the cell's
+    record gives it (records.verdict); None for a cell the grid runs. From the cell's axis
+    values and world sizes alone (pipeline_lib.axes), as the grid decides it for the jobs."""
+    from pipeline_lib.axes import Variant, conflict, layout_conflict
+    from pipeline_lib.records import verdict
 
-    def counts(self) -> dict[str, int]:
-        counts = self.cells.comparison.value_counts()
-        return {c: int(counts.get(c, 0)) for c in COMPARISONS}
+    variant = Variant(**{axis: row[axis] for axis in AXIS_COLUMNS})
+    results = {}
+    for side in ("save", "load"):
+        world_size = row.get(f"{side}_world_size")
+        # An existing checkpoint's side is its import job, which skips nothing.
+        existing = side == "save" and row.get("save_framework") == "existing"
+        reason = (
+            None
+            if existing
+            else conflict(variant) or layout_conflict(variant, side, _int(world_size))
+        )
+        results[side] = {"status": "skip", "reason": reason} if reason else {"status": "pass"}
+    if all(r["status"] == "pass" for r in results.values()):
+        return None
+    side = "save" if results["save"]["status"] == "skip" else "load"
+    return side, verdict(results["save"], results["load"], 0.0)[1]
 
-    def failing(self, fail_on_new: bool = False) -> pd.DataFrame:
-        bad = self.cells.comparison.isin(FAILING)
-        if fail_on_new:
-            bad |= (self.cells.comparison == "new") & ~self.cells.status.isin(["pass", "skip"])
-        return self.cells[bad]
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):  # None, NaN (an existing checkpoint's side)
+        return None
+
+
+def _key(values) -> tuple:
+    """A cell key as a dict key: NaN (a missing value pandas read) as None, as merge pairs it."""
+    return tuple(None if isinstance(v, float) and v != v else v for v in values)
+
+
+def _by_pipeline(row: dict) -> str | None:
+    """The reason a cell must be skipped with when the pipeline's rule judges it, else None. A
+    load side's planned skip does not judge a cell whose save side skipped first (a skip the
+    save job decided, e.g. a TP degree that does not divide the model): records.verdict names
+    the save side's skip, and the baseline judges it."""
+    planned = planned_skip(row)
+    if planned is None:
+        return None
+    side, reason = planned
+    save_skipped = row["status"] == "skip" and str(row["reason"]).startswith("save layout: ")
+    if side == "load" and save_skipped:
+        return None
+    return reason
 
 
 def classify(status: str, sig: str, base_status: str | None, base_sig: str | None,
@@ -246,6 +214,41 @@ def classify(status: str, sig: str, base_status: str | None, base_sig: str | Non
     return "same" if same_sig else "changed"
 
 
+@dataclass
+class Comparison:
+    cells: pd.DataFrame  # the run's cells with signature, baseline_* and comparison columns
+    missing: pd.DataFrame  # baseline cells the run does not have (a matrix baseline)
+    unused: list[Expectation]  # findings that match no cell of the run
+    baseline: str  # what the run was compared with, in words
+
+    def counts(self) -> dict[str, int]:
+        counts = self.cells.comparison.value_counts()
+        return {c: int(counts.get(c, 0)) for c in COMPARISONS}
+
+    def judged_by(self, what: str) -> int:
+        return int((self.cells.judged_by == what).sum())
+
+    def failing(self, fail_on_new: bool = False) -> pd.DataFrame:
+        bad = self.cells.comparison.isin(FAILING)
+        if fail_on_new:
+            bad |= (self.cells.comparison == "new") & ~self.cells.status.isin(["pass", "skip"])
+        return self.cells[bad]
+
+
+# One cell's judgment: baseline_status, baseline_signature, baseline_finding, baseline_note,
+# judged_by, comparison.
+JUDGMENT_COLUMNS = ["baseline_status", "baseline_signature", "baseline_finding", "baseline_note",
+                    "judged_by", "comparison"]  # fmt: skip
+_NEW = (None, None, "", "", NOT_JUDGED, "new")
+
+
+def _pipeline_judgment(row: dict, reason: str) -> tuple:
+    expected = signature(reason)
+    comparison = classify(row["status"], row["signature"], "skip", expected)
+    note = f"skipped by design by the pipeline's grid: {reason}"
+    return "skip", expected, "", note, BY_PIPELINE, comparison
+
+
 def _positions(matrix: pd.DataFrame, baseline: pd.DataFrame) -> list[str]:
     """The keys that pair a cell with the baseline's: with their torch releases when both
     matrices hold several version pairs (a cross-version run against a cross-version one),
@@ -260,27 +263,32 @@ def _positions(matrix: pd.DataFrame, baseline: pd.DataFrame) -> list[str]:
 def compare(
     matrix: pd.DataFrame, baseline: Expectations | pd.DataFrame, name: str = ""
 ) -> Comparison:
-    matrix = with_default_axes(matrix)
-    cells = matrix.copy()
+    cells = with_default_axes(matrix).copy()
     cells["signature"] = [signature(r) for r in cells.reason]
     if isinstance(baseline, Expectations):
         return _compare_with_expectations(cells, baseline, name)
-    baseline = with_default_axes(baseline)
-    keys = _positions(matrix, baseline)
-    base = baseline[[*keys, "status", "reason"]].drop_duplicates(keys, keep="last").copy()
-    base["baseline_signature"] = [signature(r) for r in base.reason]
-    base = base.rename(columns={"status": "baseline_status"}).drop(columns="reason")
-    merged = cells.merge(base, on=keys, how="left")
-    merged["baseline_status"] = merged.baseline_status.astype(object).where(
-        merged.baseline_status.notna(), None
-    )
-    merged["baseline_finding"] = ""
-    merged["baseline_note"] = ""
-    merged["comparison"] = [
-        classify(s, sig, bs, bsig)
-        for s, sig, bs, bsig in zip(merged.status, merged.signature, merged.baseline_status,
-                                    merged.baseline_signature, strict=True)
-    ]  # fmt: skip
+    return _compare_with_matrix(cells, with_default_axes(baseline), name)
+
+
+def _compare_with_matrix(cells: pd.DataFrame, baseline: pd.DataFrame, name: str) -> Comparison:
+    """compare() with a previous matrix: each cell against the baseline's row of its key."""
+    keys = _positions(cells, baseline)
+    base = baseline[[*keys, "status", "reason"]].drop_duplicates(keys, keep="last")
+    lookup = {
+        _key(key): (status, signature(reason))
+        for *key, status, reason in base.itertuples(index=False, name=None)
+    }
+    judged = []
+    for row in cells.to_dict("records"):
+        if (reason := _by_pipeline(row)) is not None:
+            judged.append(_pipeline_judgment(row, reason))
+        elif (found := lookup.get(_key(row[k] for k in keys))) is None:
+            judged.append(_NEW)
+        else:
+            status, sig = found
+            comparison = classify(row["status"], row["signature"], status, sig)
+            judged.append((status, sig, "", "", BY_BASELINE, comparison))
+    _set_judgments(cells, judged)
     present = cells[keys].drop_duplicates()
     missing = baseline.merge(present, on=keys, how="left", indicator=True)
     missing = missing[missing._merge == "left_only"].drop(columns="_merge")
@@ -288,32 +296,46 @@ def compare(
         sorted(set(baseline.save_torch_version) | set(baseline.load_torch_version))
     )
     return Comparison(
-        merged, missing, [], name or f"matrix {len(baseline)} cells (torch {versions})"
+        cells, missing, [], name or f"matrix {len(baseline)} cells (torch {versions})"
     )
+
+
+def _set_judgments(cells: pd.DataFrame, judged: list[tuple]) -> None:
+    for i, col in enumerate(JUDGMENT_COLUMNS):
+        cells[col] = pd.Series([j[i] for j in judged], index=cells.index, dtype=object)
 
 
 def _compare_with_expectations(
     cells: pd.DataFrame, baseline: Expectations, name: str
 ) -> Comparison:
-    """compare() with an expectations file: each cell against the finding it matches."""
-    rows = []
+    """compare() with an expectations file: a measured cell against the first finding that
+    matches it (none: it passed)."""
+    from pipeline_lib.axes import Variant
+
+    judged = []
     used: set[str] = set()
     for row in cells.to_dict("records"):
-        expected = baseline.expected(row)
-        if expected is None:
-            rows.append((None, None, "", "", "new"))
+        if (reason := _by_pipeline(row)) is not None:
+            finding = baseline.finding(row)
+            if finding is not None and finding.by_design:  # the file documents the rule
+                used.add(finding.id)
+            judged.append(_pipeline_judgment(row, reason))
             continue
-        status, pattern, finding = expected
-        if finding is not None:
+        variant = Variant(**{axis: row[axis] for axis in AXIS_COLUMNS})
+        save, load = layout_key(row, "save"), layout_key(row, "load")
+        if not baseline.measured_cell(str(row["model"]), save, load, variant):
+            judged.append(_NEW)
+            continue
+        finding = baseline.finding(row)
+        if finding is None:
+            status, pattern, finding_id, note = "pass", "", "", ""
+        else:
             used.add(finding.id)
+            status, pattern = finding.status, finding.signature
+            finding_id, note = finding.id, finding.note or finding.why
         comparison = classify(row["status"], row["signature"], status, pattern, pattern=True)
-        rows.append(
-            (status, pattern, finding.id if finding else "",
-             (finding.note or finding.why) if finding else "", comparison)
-        )  # fmt: skip
-    cols = ["baseline_status", "baseline_signature", "baseline_finding", "baseline_note"]
-    for i, col in enumerate([*cols, "comparison"]):
-        cells[col] = [r[i] for r in rows]
+        judged.append((status, pattern, finding_id, note, BY_BASELINE, comparison))
+    _set_judgments(cells, judged)
     unused = [f for f in baseline.findings if f.id not in used]
     label = name or f"expectations {baseline.path} (torch {', '.join(baseline.torch)})"
     return Comparison(cells, cells.iloc[0:0], unused, label)
@@ -331,9 +353,27 @@ def cell_label(row: dict) -> str:
     return f"{row['model']} {row['save_layout']} -> {row['load_layout']}{extra} (torch {torch})"
 
 
+def verdict_line(comparison: Comparison, failing: int) -> tuple[int, str]:
+    """The gate's exit code and its last line. It fails on a failing cell, and when it judged
+    nothing: an empty matrix, or a run of which the baseline measured no cell."""
+    against = f"against {comparison.baseline}"
+    if not len(comparison.cells):
+        return 1, f"gate FAILED {against}: the matrix has no cells: nothing was compared"
+    if not comparison.judged_by(BY_BASELINE):
+        return 1, (
+            f"gate FAILED {against}: the baseline measured none of the {len(comparison.cells)} "
+            "cell(s) of this run (each is new or a skip by design): nothing was compared"
+        )
+    counts = ", ".join(f"{n} {c}" for c, n in comparison.counts().items() if n)
+    if failing:
+        return 1, f"gate FAILED {against}: {counts}"
+    return 0, f"gate passed {against}: {counts}"
+
+
 def gate_lines(comparison: Comparison, fail_on_new: bool = False) -> tuple[int, list[str]]:
     """The gate's exit code and what it prints: one line per failing cell, then the fixed
-    cells (announced), then the counts."""
+    cells (announced), then the counts. Every line is made printable (display.line): a reason
+    or a name from the results cannot start a line, add one, or hold a terminal escape."""
     lines = []
     failing = comparison.failing(fail_on_new)
     for row in failing.to_dict("records"):
@@ -349,19 +389,26 @@ def gate_lines(comparison: Comparison, fail_on_new: bool = False) -> tuple[int, 
         lines.append(f"UNUSED: finding {finding.id} matches no cell of this run")
     if len(comparison.missing):
         lines.append(f"MISSING: {len(comparison.missing)} baseline cell(s) are not in this run")
-    counts = ", ".join(f"{n} {c}" for c, n in comparison.counts().items() if n)
-    verdict = "FAILED" if len(failing) else "passed"
-    lines.append(f"gate {verdict} against {comparison.baseline}: {counts}")
-    return (1 if len(failing) else 0), lines
+    if new := comparison.counts()["new"]:
+        lines.append(f"NEW: {new} cell(s) the baseline did not measure (not judged)")
+    if by_design := comparison.judged_by(BY_PIPELINE):
+        lines.append(f"BY DESIGN: {by_design} cell(s) judged by the pipeline's own skip rules")
+    code, last = verdict_line(comparison, len(failing))
+    return code, [display.line(text) for text in [*lines, last]]
 
 
 def gate(matrix_path: str, baseline_path: str, fail_on_new: bool = False,
          ok_path: str | None = None, out: str | None = None) -> int:  # fmt: skip
     """The CI gate: print the lines, write ``out`` (the comparison as Parquet) and, when it
-    passes, ``ok_path``; returns the exit code."""
-    comparison = compare(
-        with_default_axes(pd.read_parquet(matrix_path)), load_baseline(baseline_path)
-    )
+    passes, ``ok_path``; returns the exit code (2, with one line on stderr, for a matrix or a
+    baseline that cannot be read)."""
+    import sys
+
+    try:
+        comparison = compare(read_matrix(matrix_path), load_baseline(baseline_path))
+    except (MatrixFileError, ExpectationsError) as exc:
+        print(f"gate: {display.line(exc)}", file=sys.stderr)
+        return 2
     code, lines = gate_lines(comparison, fail_on_new)
     print("\n".join(lines))
     if out:
@@ -384,7 +431,7 @@ DEFAULT_EXPECTATIONS = sorted(
 
 
 def _md(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return display.visible(str(text).replace("|", "\\|").replace("\n", " "))
 
 
 def findings_table(paths: list[str]) -> str:
@@ -448,7 +495,9 @@ def _cmd_reproducers(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser(
-        "gate", help="compare a matrix with a baseline: exit 1 on a regression or change"
+        "gate",
+        help="compare a matrix with a baseline: exit 1 on a regression or change, or when it "
+        "judged no cell; 2 when the matrix or the baseline cannot be read",
     )
     p.add_argument("--matrix", default="results/matrix.parquet")
     p.add_argument(
@@ -593,39 +642,20 @@ def packages(config: dict) -> list[tuple[str, str]]:
 def report_context(matrix: pd.DataFrame, config: dict, baseline_path: str | None,
                    command: str | None) -> dict:  # fmt: skip
     """What the report adds for issue 18: the comparison (or None), findings with their
-    evidence, and how to reproduce the run."""
+    evidence, and how to reproduce the run. A baseline that cannot be read (config validation
+    refuses one before any job; this is the report made by hand) costs the comparison, not
+    the report."""
     comparison = None
     cells = matrix
     if baseline_path:
-        result = compare(matrix, load_baseline(baseline_path))
-        cells = result.cells
-        code, lines = gate_lines(result)
-        comparison = {
-            "baseline": result.baseline,
-            "verdict": lines[-1],
-            "counts": [(c, n) for c, n in result.counts().items() if n],
-            "failing": [
-                {
-                    "cell": cell_label(r),
-                    "old": r["baseline_status"] or "—",
-                    "new": r["status"],
-                    "comparison": r["comparison"],
-                    "reason": r["reason"],
-                }
-                for r in result.failing().to_dict("records")
-            ],
-            "fixed": [
-                {
-                    "cell": cell_label(r),
-                    "old": r["baseline_status"],
-                    "finding": r["baseline_finding"],
-                }
-                for r in result.cells[result.cells.comparison == "fixed"].to_dict("records")
-            ],
-            "missing": len(result.missing),
-            "unused": [f.id for f in result.unused],
-            "gate_failed": bool(code),
-        }
+        try:
+            result = compare(matrix, load_baseline(baseline_path))
+        except (ExpectationsError, MatrixFileError) as exc:
+            result = None
+            comparison = {"error": str(exc), "gate_failed": True}
+        if result is not None:
+            cells = result.cells
+            comparison = _comparison_section(result)
     return {
         "comparison": comparison,
         "finding_groups": finding_groups(cells),
@@ -634,4 +664,31 @@ def report_context(matrix: pd.DataFrame, config: dict, baseline_path: str | None
             "machine": machine(),
             "packages": packages(config),
         },
+    }
+
+
+def _comparison_section(result: Comparison) -> dict:
+    code, lines = gate_lines(result)
+    return {
+        "error": "",
+        "baseline": result.baseline,
+        "verdict": lines[-1],
+        "counts": [(c, n) for c, n in result.counts().items() if n],
+        "failing": [
+            {
+                "cell": cell_label(r),
+                "old": r["baseline_status"] or "—",
+                "new": r["status"],
+                "comparison": r["comparison"],
+                "reason": r["reason"],
+            }
+            for r in result.failing().to_dict("records")
+        ],
+        "fixed": [
+            {"cell": cell_label(r), "old": r["baseline_status"], "finding": r["baseline_finding"]}
+            for r in result.cells[result.cells.comparison == "fixed"].to_dict("records")
+        ],
+        "missing": len(result.missing),
+        "unused": [f.id for f in result.unused],
+        "gate_failed": bool(code),
     }

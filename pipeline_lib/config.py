@@ -349,14 +349,18 @@ def _argument_error(path: str) -> str | None:
 
 def baseline_error(path: str) -> str | None:
     """Why ``baseline`` is not usable, or None. It is only read (never written or deleted), so
-    it may lie anywhere, but it becomes a rule input and a shell argument."""
+    it may lie anywhere, but it becomes a rule input and a shell argument; and it is read now,
+    whole and typed (pipeline_lib.baseline.load_baseline), so that a file the gate cannot use
+    stops the run before any job, not after the matrix ran."""
     if error := _argument_error(path):
         return error
     if Path(path).suffix not in (".yaml", ".yml", ".parquet"):
         return f"{path!r} is neither an expectations file (.yaml) nor a matrix (.parquet)"
     if not Path(path).is_file():
         return f"{path!r} is not a file"
-    return None
+    from pipeline_lib.baseline import baseline_error as content_error
+
+    return content_error(path)
 
 
 def env_dir_error(path: str) -> str | None:

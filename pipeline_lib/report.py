@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 from markupsafe import Markup, escape
 
-from pipeline_lib import grid, timestamps
+from pipeline_lib import display, grid, timestamps
 from pipeline_lib.atomic import write_with
 from pipeline_lib.config import config_hash
 from pipeline_lib.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
@@ -498,11 +498,21 @@ def breakable(name: str) -> Markup:
 
 def markdown_cell(value: Any) -> str:
     """A table cell for summary.md: HTML-escaped (Markdown renders raw HTML), one line, no |,
-    no link or image (backslash and brackets escaped: ``[x](javascript:...)`` stays text)."""
+    no link or image (backslash and brackets escaped: ``[x](javascript:...)`` stays text). Its
+    other control characters are made visible with every printed value (``_visible``)."""
     text = str(escape(str(value))).replace("\\", "\\\\")
     for char in "[]|":
         text = text.replace(char, "\\" + char)
     return text.replace("\n", " ")
+
+
+def _visible(value: Any) -> Any:
+    """Every value a template prints: a string from the results with its control characters
+    visible (newlines and tabs kept: the config block has lines); markup made here (the charts)
+    and numbers as they are."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return display.visible(value, keep="\n\t")
+    return value
 
 
 def context(
@@ -536,8 +546,10 @@ def _templates() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
+        finalize=_visible,
     )
-    env.filters.update(fmt=fmt, md=markdown_cell, breakable=breakable)
+    env.filters.update(fmt=fmt, md=markdown_cell, breakable=breakable, fence=display.fence,
+                       block=display.lines)  # fmt: skip
     return env
 
 

@@ -149,7 +149,11 @@ def test_a_baseline_that_would_reach_a_shell_or_does_not_exist_is_refused(baseli
 
 def test_a_baseline_is_read_from_anywhere(tmp_path):
     """The baseline is only read, so an absolute path outside the working directory is fine."""
-    (tmp_path / "old.parquet").write_bytes(b"")
+    import pandas as pd
+
+    from pipeline_lib.matrix_file import REQUIRED_COLUMNS
+
+    pd.DataFrame([dict.fromkeys(REQUIRED_COLUMNS, "pass")]).to_parquet(tmp_path / "old.parquet")
     config.validate({**small(), "baseline": str(tmp_path / "old.parquet")})
     config.validate({**small(), "baseline": "expectations/torch-2.13.0.yaml"})
 

@@ -379,3 +379,56 @@ def test_bar_chart_has_one_bar_per_value_with_its_tooltip():
     heights = [float(h) for h in re.findall(r'<rect [^>]*height="([\d.]+)" fill="#', svg)]
     # The y axis ends at 2 (nice_ticks): the 2-second bar is the whole plot's height.
     assert heights[:3] == [pytest.approx(h * report_lib.PLOT_HEIGHT_PX) for h in (0.25, 0.5, 1)]
+
+
+# --- text from the results and the environments, printed safely --------------------------------
+def _render(tmp_path, matrix: pd.DataFrame, config: dict, baseline: str | None = None) -> dict:
+    """report.html and summary.md of ``matrix`` (tensors of the fixture)."""
+    _, tensors = results_tables()
+    paths = {"matrix": tmp_path / "matrix.parquet", "tensors": tmp_path / "tensors.parquet",
+             "html": tmp_path / "report.html", "markdown": tmp_path / "summary.md"}  # fmt: skip
+    pq.write_table(pa.Table.from_pandas(matrix, schema=MATRIX_SCHEMA, preserve_index=False),
+                   paths["matrix"])  # fmt: skip
+    pq.write_table(tensors, paths["tensors"])
+    report_lib.write_report(str(paths["matrix"]), str(paths["tensors"]), config,
+                            str(paths["html"]), str(paths["markdown"]), baseline=baseline)  # fmt: skip
+    return {name: path.read_text() for name, path in paths.items() if name in ("html", "markdown")}
+
+
+def test_a_package_list_with_backticks_stays_inside_its_fence(tmp_path):
+    """summary.md shows each environment's packages.txt in a code fence: a line of backticks in
+    the file cannot close the fence early (the fence is longer than any backtick run in it)."""
+    from markdown_it import MarkdownIt
+
+    envs = tmp_path / "envs"
+    (envs / "t2").mkdir(parents=True)
+    listed = "torch==2.13.0\n````\n# Injected heading\n::error title=x::y\nzz==1"
+    (envs / "t2" / "packages.txt").write_text(listed)
+    cfg = validate({**CONFIG, "torch_versions": {"t2": "torch==2.13.0"},
+                    "run": {"torch_env_dir": str(envs)}})  # fmt: skip
+    markdown = _render(tmp_path, results_tables()[0].to_pandas(), cfg)["markdown"]
+    blocks = [t for t in MarkdownIt().parse(markdown) if t.type == "fence"]
+    assert any(b.content == listed.replace("::error", "%3A%3Aerror") + "\n" for b in blocks)
+    headings = [t.content for t in MarkdownIt().parse(markdown) if t.type == "inline"]
+    assert "Injected heading" not in headings
+    assert not any(line.lstrip().startswith("::") for line in markdown.splitlines())
+
+
+def test_control_characters_from_the_results_are_shown_not_sent(tmp_path):
+    """A reason with a newline, a terminal escape and a workflow command: summary.md and
+    report.html show the escapes as text; no line of summary.md starts with ``::``."""
+    matrix = results_tables()[0].to_pandas()
+    hostile = "load: x\n::error title=a::b\r\x1b[31mred\x1b[0m \u202eevil"
+    matrix.loc[matrix.status == "error", "reason"] = hostile
+    out = _render(tmp_path, matrix, CONFIG)
+    for text in out.values():
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f\u202e]", text), repr(text)
+    assert "\\x0d\\x1b\\[31mred\\x1b\\[0m \\u202eevil" in out["markdown"]  # [ escaped: md
+    assert not any(line.lstrip().startswith("::") for line in out["markdown"].splitlines())
+
+
+def test_a_baseline_that_cannot_be_read_costs_the_comparison_not_the_report(tmp_path):
+    (tmp_path / "bad.yaml").write_text("torch: '2.13.0'\nfindings: 5\n")
+    out = _render(tmp_path, results_tables()[0].to_pandas(), CONFIG, str(tmp_path / "bad.yaml"))
+    for text in out.values():
+        assert "The baseline could not be read:" in text and "bad.yaml" in text
