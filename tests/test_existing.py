@@ -245,23 +245,28 @@ def test_a_folder_that_would_run_code_is_an_error_for_its_cells_and_runs_nothing
 
 
 def test_a_checkpoint_this_tool_wrote_loads_as_an_existing_one(in_tmp):
+    """A model of yours: this tool's own checkpoint of it carries the wrapper's names
+    (``model.user_model.…``), taken as they are under naming dcp_matrix."""
+    model = "examples.my_model:build"
     # The save job of a grid with one layout; then its checkpoint named in another grid.
-    saver = {"models": ["mlp"], "layouts": {"ddp_2": {"framework": "ddp", "mesh": [2]}}}
+    saver = {"models": [model], "layouts": {"ddp_2": {"framework": "ddp", "mesh": [2]}}}
     cfg = config.validate(saver)
     cli("save", grid.save_job_spec(cfg, grid.RESULTS, "ddp_2"))
     path = in_tmp / "kept"
-    Path(grid.checkpoint_dir("mlp", "ddp_2")).rename(path)
+    Path(grid.checkpoint_dir(model, "ddp_2")).rename(path)
     raw = {
-        "models": ["mlp"],
+        "models": [model],
         "layouts": {"single": {"framework": "single", "mesh": [1]},
                     "fsdp2_2": {"framework": "fsdp2", "mesh": [2]}},
         "pairs": "none",
-        "checkpoints": {"kept": {"path": str(path), "model": "mlp"}},
+        "checkpoints": {"kept": {"path": str(path), "model": model}},
     }  # fmt: skip
     rows = run_existing(raw)
     assert {(k, r["status"]) for k, r in rows.items()} == {("single", "pass"), ("fsdp2_2", "pass")}
     record = json.loads(Path(grid.existing_record_path("kept")).read_text())
     assert record["excluded_entries"] == [] and record["unplaced_entries"] == []
+    assert "optim.state.user_model.head.weight.exp_avg" in record["entries"]
+    assert not any("user_model.user_model" in entry for entry in record["entries"])
 
 
 def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, capsys):
