@@ -28,7 +28,7 @@ checkpoints of such a model) are taken as they are.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Ours = Callable[[str], "str | None"]
 
@@ -89,15 +89,14 @@ def naming_error(name: str) -> str | None:
 @dataclass(frozen=True)
 class Placement:
     """Where a checkpoint's entries go: ``ours`` (checkpoint entry -> our entry), the entries
-    left out on purpose, those the load cannot place; ``stems``: (an optimizer state entry of
-    the checkpoint less its key, our name of its parameter), and ``prefix``: what our names
-    put before the checkpoint's parameter names, for the names a param group lists
-    (``value``)."""
+    left out on purpose, those the load cannot place; for the parameter names a param group
+    lists (``value``): ``params`` (a name the checkpoint may list -> ours) and ``prefix``
+    (what our names put before the checkpoint's parameter names)."""
 
     ours: dict[str, str]
     excluded: tuple[str, ...]
     unplaced: tuple[str, ...]
-    stems: tuple[tuple[str, str], ...] = ()
+    params: dict[str, str] = field(default_factory=dict)
     prefix: str = ""
 
     @property
@@ -114,11 +113,9 @@ class Placement:
 
     def param(self, name: str) -> str:
         """Our name of a parameter the checkpoint's param group lists: as the checkpoint's
-        optimizer state entries of it map (the entry ``<stem>.<key>`` whose stem is the name,
-        or ends with ``.<name>``: the shortest such); a parameter without state, as the
-        checkpoint's parameter names map (``prefix``)."""
-        found = [(len(s), f) for s, f in self.stems if s == name or s.endswith("." + name)]
-        return min(found)[1] if found else self.prefix + name
+        optimizer state entries of it map (``listed``); one without state, as the checkpoint's
+        parameter names map (``prefix``)."""
+        return self.params.get(name, self.prefix + name)
 
 
 def split_fqn(name: str) -> tuple[str, str, str] | None:
@@ -150,18 +147,30 @@ def place(
     checkpoint's names carry it already."""
     names = {entry: naming.ours(entry) for entry in sorted(entries)}
     prefix = _prefix(names.values(), known, wrapper)
-    ours, excluded, unplaced, stems = {}, [], [], []
+    ours, excluded, unplaced = {}, [], []
     for entry, name in names.items():
         mine = None if name is None else prefixed(name, prefix)
         if mine is None:
             excluded.append(entry)
         elif _placeable(mine, known):
             ours[entry] = mine
-            if mine.startswith(STATE):
-                stems.append((entry.rpartition(".")[0], split_fqn(mine)[1]))
         else:
             unplaced.append(entry)
-    return Placement(ours, tuple(excluded), tuple(unplaced), tuple(stems), prefix)
+    return Placement(ours, tuple(excluded), tuple(unplaced), listed(ours), prefix)
+
+
+def listed(ours: dict[str, str]) -> dict[str, str]:
+    """The names a param group of the checkpoint may list a parameter by -> our name of it:
+    each dotted tail of the name of the parameter's optimizer state entries (``<stem>.<key>``,
+    a param group listing the parameter by the stem or a tail of it), the shortest stem where
+    tails of several are equal (all stems share the optimizer's own prefix)."""
+    stems = {entry.rpartition(".")[0]: split_fqn(mine)[1] for entry, mine in ours.items()
+             if mine.startswith(STATE)}  # fmt: skip
+    found: dict[str, str] = {}
+    for stem in sorted(stems, key=len, reverse=True):  # the shortest stem last: it wins
+        parts = stem.split(".")
+        found.update({".".join(parts[i:]): stems[stem] for i in range(len(parts))})
+    return found
 
 
 def prefixed(name: str, prefix: str) -> str:
