@@ -18,6 +18,7 @@ from pipeline_lib import config, grid, naming
 from pipeline_lib.config import ConfigError
 from tests.conftest import REPO
 from tests.jobs import cli
+from tests.outside import write_checkpoints as writer
 
 TITAN = naming.Naming("torchtitan")
 
@@ -374,8 +375,6 @@ def alter_bytes_entry(folder: Path, entry: str, value) -> None:
 
 
 def outside_config(folder: Path) -> dict:
-    from tests.outside import write_checkpoints as writer
-
     checkpoints = {
         spec.name: {
             "path": str(folder / spec.name),
@@ -447,9 +446,7 @@ def outside(tmp_path_factory) -> Outside:
 
 def matched(name: str) -> str:
     """The loaders' recipe whose optimizer and scheduler a checkpoint's writer had."""
-    from tests.outside.write_checkpoints import CHECKPOINTS
-
-    return next(WITH if s.scheduler else WITHOUT for s in CHECKPOINTS if s.name == name)
+    return next(WITH if s.scheduler else WITHOUT for s in writer.CHECKPOINTS if s.name == name)
 
 
 @pytest.mark.torchrun
@@ -479,8 +476,11 @@ def test_other_processes_checkpoints_load_bit_for_bit_under_every_layout(outside
         assert ("llama_torchtitan", entry) in compared
     assert ("my_model_torchtitan", "scheduler.base_lrs") in compared  # its one object entry
     assert ("my_model_dcp_matrix", "optim.param_groups.0.params") in compared
+    assert ("my_model_mine", "optim.state.user_model.head.weight.exp_avg_sq") in compared
     assert ("llama_dcp_matrix", "optim.param_groups.1.params") in compared
+    assert ("llama_mine", "optim.param_groups.user_model.lm_head.weight.initial_lr") in compared
     assert ("mlp_mine", "optim.param_groups.head.bias.lr") in compared
+    assert ("mlp_torchtitan", "scheduler.last_epoch") in compared
 
 
 @pytest.mark.torchrun
@@ -503,14 +503,14 @@ def test_a_scheduler_one_side_lacks_fails_naming_its_entries(outside):
     loader's state), and a trainer's scheduler the checkpoint lacks (not in the saver's)."""
     notes = {(t["save_layout"], t["optimizer"], t["load_layout"], t["entry"]): t["note"]
              for t in outside.tensors}  # fmt: skip
-    for name, recipe, note in (
-        ("llama_torchtitan", WITHOUT, "missing in the loader's state"),
-        ("my_model_torchtitan", WITHOUT, "missing in the loader's state"),
-        ("mlp_mine", WITH, "not in the saver's state"),
-    ):
-        cells = [r for r in outside.rows if (r["save_layout"], r["optimizer"]) == (name, recipe)]
+    for spec in writer.CHECKPOINTS:
+        recipe = WITHOUT if spec.scheduler else WITH
+        note = "missing in the loader's state" if spec.scheduler else "not in the saver's state"
+        cells = [
+            r for r in outside.rows if (r["save_layout"], r["optimizer"]) == (spec.name, recipe)
+        ]
         assert len(cells) == len(outside.config["layouts"])
         for row in cells:
-            assert row["status"] == "fail", (name, row["load_layout"])
-            found = notes[name, recipe, row["load_layout"], "scheduler.last_epoch"]
-            assert found.endswith(note), (name, found)
+            assert row["status"] == "fail", (spec.name, row["load_layout"])
+            found = notes[spec.name, recipe, row["load_layout"], "scheduler.last_epoch"]
+            assert found.endswith(note), (spec.name, found)

@@ -47,18 +47,25 @@ class Checkpoint:
     scheduler: bool
 
 
+# Every model kind under every naming; the optimizer flattened (param groups keyed by
+# parameter) or by group index, with an LR scheduler or without.
 CHECKPOINTS = (
     # torchtitan's CheckpointManager: model FQNs at the top level, the optimizer flattened,
     # lr_scheduler, dataloader and train_state (AdamW with weight decay, a LambdaLR).
+    Checkpoint("mlp_torchtitan", "mlp", "torchtitan", flattened=True, scheduler=True),
     Checkpoint("llama_torchtitan", "llama", "torchtitan", flattened=True, scheduler=True),
     # The same layout as DCP up to torch 2.3 wrote it (and torchtitan as measured): a dict
     # holding no tensor (the LR scheduler's, the data loader's) is one object entry.
     Checkpoint("my_model_torchtitan", MY_MODEL, "torchtitan_objects", True, scheduler=True),
-    # {"model": ..., "optim": ..., "scheduler": ...}: param groups by index (two of them).
+    # {"model": ..., "optim": ..., "scheduler": ...}.
+    Checkpoint("mlp_dcp_matrix", "mlp", "dcp_matrix", flattened=False, scheduler=False),
     Checkpoint("my_model_dcp_matrix", MY_MODEL, "dcp_matrix", flattened=False, scheduler=True),
     Checkpoint("llama_dcp_matrix", "llama", "dcp_matrix", flattened=False, scheduler=False),
-    # A trainer's own keys ({"net": ..., "opt": ...}), named by tests/outside/names.py.
+    # A trainer's own keys ({"net": ..., "opt": ..., "sched": ...}), named by
+    # tests/outside/names.py.
     Checkpoint("mlp_mine", "mlp", "mine", flattened=True, scheduler=False),
+    Checkpoint("my_model_mine", MY_MODEL, "mine", flattened=False, scheduler=False),
+    Checkpoint("llama_mine", "llama", "mine", flattened=True, scheduler=True),
 )
 
 
@@ -148,11 +155,11 @@ def state(spec: Checkpoint, rank: int, model, optim, scheduler) -> dict:
     options = StateDictOptions(flatten_optimizer_state_dict=spec.flattened)
     model_state = get_model_state_dict(model)
     optim_state = get_optimizer_state_dict(model, optim, options=options)
-    if spec.layout == "mine":
-        return {"net": model_state, "opt": optim_state}
-    if spec.layout == "dcp_matrix":
-        found = {"model": model_state, "optim": optim_state}
-        return {**found, "scheduler": scheduler} if scheduler is not None else found
+    keys = {"mine": ("net", "opt", "sched"), "dcp_matrix": ("model", "optim", "scheduler")}
+    if spec.layout in keys:
+        model_key, optim_key, scheduler_key = keys[spec.layout]
+        found = {model_key: model_state, optim_key: optim_state}
+        return {**found, scheduler_key: scheduler} if scheduler is not None else found
     found = {
         **model_state,
         "optimizer": optim_state,
