@@ -22,7 +22,7 @@ from torch.distributed.checkpoint import CheckpointException
 from pipeline_lib import models, reuse, timestamps
 from pipeline_lib.atomic import write_json, write_text
 from pipeline_lib.driver import fresh_dir, torch_version
-from pipeline_lib.entries import describe, entry_kind, leaves
+from pipeline_lib.entries import describe, entry_kind, flatten, leaves
 from pipeline_lib.errors import one_line
 from pipeline_lib.grid import existing_layout
 from pipeline_lib.naming import Naming, Placement, place
@@ -38,22 +38,22 @@ def metadata_sha256(path: str) -> str:
 
 
 def model_entries(model: str, kwargs: dict) -> tuple[str, set[str], set[str]]:
-    """(the prefix of the model's entries, its entries, its parameters' names), from the
-    model built on the meta device (no values, no process group); ``kwargs``: its
-    ``model_kwargs`` (an hf_models entry)."""
+    """(what this tool puts before the model's own parameter names, the model's entries as
+    this tool names them, its parameters' names), from the model built on the meta device (no
+    values, no process group); ``kwargs``: its ``model_kwargs`` (an hf_models entry)."""
     with torch.device("meta"):
         base = models.get(model, kwargs).build(**kwargs)
     # Your own model and an hf_models one run inside models._user.UserModel.
-    prefix = "model.user_model." if hasattr(base, "user_model") else "model."
-    return prefix, {f"model.{k}" for k in base.state_dict()}, set(dict(base.named_parameters()))
+    wrapper = "user_model." if hasattr(base, "user_model") else ""
+    return wrapper, {f"model.{k}" for k in base.state_dict()}, set(dict(base.named_parameters()))
 
 
 def placement(path: str, naming: str, model: str, kwargs: dict, entries=None) -> Placement:
     """Where the checkpoint's entries go, from its ``.metadata`` (read without unpickling
     anything beyond DCP's metadata); ``entries``: model_entries' answer, if already known."""
-    prefix, known, _ = entries or model_entries(model, kwargs)
+    wrapper, known, _ = entries or model_entries(model, kwargs)
     names = SafeFileSystemReader(path).read_metadata().state_dict_metadata
-    return place(list(names), Naming(naming, prefix), known)
+    return place(names, Naming(naming), known, wrapper)
 
 
 def import_checkpoint(spec: ExistingSpec) -> None:
@@ -107,7 +107,10 @@ def _read(spec: ExistingSpec) -> dict:
             continue
         if isinstance(value, BaseException):
             unreadable.append(f"{name} ({one_line(value)})")
-        flat[places.ours.get(name, name)] = value
+        ours = places.ours.get(name, name)
+        # An object entry holding a dict (the LR scheduler's, as DCP up to torch 2.3 wrote
+        # it) is its leaves, as every state of this tool is flattened (entries.flatten).
+        flat.update(flatten({ours: places.value(ours, value)}))
     if unreadable:
         raise ValueError(f"{len(unreadable)} unreadable entries, first {unreadable[0]}")
     Reference.write(spec.reference, flat, rank=0)
@@ -131,18 +134,23 @@ def load(trainee, state: dict, path: str, places: Placement, opts) -> None:
     ``dcp.load`` of this tool's state under the checkpoint's names (every entry of the state
     must be in the checkpoint), then ``set_state_dict``, and the LR scheduler's own
     ``load_state_dict``. An entry of the state the checkpoint lacks keeps the loader's value
-    (check 2 names it)."""
+    (check 2 names it). A checkpoint's object entry that stands for a dict of the state (the
+    LR scheduler's state as one entry) replaces that dict whole."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     from pipeline_lib.checkpoint_io import stateful_as_dicts
 
     dicts = stateful_as_dicts(state)
-    theirs = {ours: entry for entry, ours in places.ours.items()}
-    where = {name: spot for name, spot in leaves(dicts).items() if name in theirs}
-    target = {theirs[name]: holder[key] for name, (holder, key) in where.items()}
+    spots = leaves(dicts)
+    where = {
+        entry: spot for entry, ours in places.ours.items() if (spot := _spot(dicts, ours, spots))
+    }
+    # A tensor is loaded in place; any other value (a dict standing for one object entry:
+    # None) comes back as a new object.
+    target = {entry: _target(holder[key]) for entry, (holder, key) in where.items()}
     dcp.load(target, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
-    for name, (holder, key) in where.items():
-        holder[key] = target[theirs[name]]  # non-tensor entries come back as new objects
+    for entry, (holder, key) in where.items():
+        holder[key] = places.value(places.ours[entry], target[entry])
     set_state_dict(
         trainee.model,
         trainee.optimizer,
@@ -152,3 +160,30 @@ def load(trainee, state: dict, path: str, places: Placement, opts) -> None:
     )
     if "scheduler" in state:
         state["scheduler"].load_state_dict(dicts["scheduler"])
+
+
+def _target(value):
+    """What dcp.load fills for an entry: the tensor itself, or a stand-in for any other value
+    (a dict: one object entry, not the entries DCP would flatten it into)."""
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _spot(state: dict, name: str, spots: dict) -> tuple | None:
+    """(the dict or list holding it, its key there) of ``name`` in the flattened ``state``: a
+    leaf (``spots``: entries.leaves) or a dict or list of leaves; None where there is none."""
+    if name in spots:
+        return spots[name]
+    return _inner(state, name, "")
+
+
+def _inner(state, name: str, prefix: str) -> tuple | None:
+    items = state.items() if isinstance(state, dict) else enumerate(state)
+    for key, value in items:
+        here = f"{prefix}{key}"
+        if here == name:
+            return state, key
+        if name.startswith(here + ".") and isinstance(value, (dict, list)):
+            found = _inner(value, name, here + ".")
+            if found:
+                return found
+    return None

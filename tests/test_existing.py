@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,6 +18,7 @@ from pipeline_lib import config, grid, naming
 from pipeline_lib.config import ConfigError
 from tests.conftest import REPO
 from tests.jobs import cli
+from tests.outside import write_checkpoints as writer
 
 TITAN = naming.Naming("torchtitan")
 
@@ -29,9 +30,10 @@ def test_torchtitan_names_map_to_ours():
         TITAN.ours("optimizer.param_groups.head.weight.lr") == "optim.param_groups.head.weight.lr"
     )
     assert TITAN.ours("lr_scheduler.last_epoch") == "scheduler.last_epoch"
+    # One object entry each, as DCP up to torch 2.3 wrote a dict without tensors.
+    assert TITAN.ours("lr_scheduler") == "scheduler"
+    assert TITAN.ours("dataloader") is None and TITAN.ours("train_state") is None
     assert TITAN.ours("dataloader.dp_rank_0") is None and TITAN.ours("train_state.step") is None
-    user = naming.Naming("torchtitan", model_prefix="model.user_model.")
-    assert user.ours("w") == "model.user_model.w"
     assert naming.Naming("dcp_matrix").ours("model.w") == "model.w"
 
 
@@ -46,6 +48,65 @@ def test_placement_sorts_entries_and_tells_the_optimizer_layout():
     assert not nested.flattened_optim
     stray = naming.place(["other.x"], naming.Naming("dcp_matrix"))
     assert stray.unplaced == ("other.x",)
+    objects = naming.place(["lr_scheduler", "dataloader", "w"], TITAN, {"model.w"})
+    assert objects.ours == {"lr_scheduler": "scheduler", "w": "model.w"}
+    assert objects.excluded == ("dataloader",)
+
+
+# A model of yours runs inside models._user.UserModel: this tool names its entries so.
+WRAPPED = {"model.user_model.blocks.0.w", "model.user_model.head.w"}
+
+
+def test_every_parameter_name_of_a_wrapped_model_gets_the_wrapper():
+    """The model's, the optimizer state's and the per-parameter param groups' names alike;
+    a param group by index keeps its index and lists its parameters under our names."""
+    entries = [
+        "blocks.0.w", "head.w", "optimizer.state.blocks.0.w.exp_avg",
+        "optimizer.param_groups.head.w.lr", "optimizer.param_groups.0.lr", "lr_scheduler",
+    ]  # fmt: skip
+    places = naming.place(entries, TITAN, WRAPPED, wrapper="user_model.")
+    assert places.ours == {
+        "blocks.0.w": "model.user_model.blocks.0.w",
+        "head.w": "model.user_model.head.w",
+        "optimizer.state.blocks.0.w.exp_avg": "optim.state.user_model.blocks.0.w.exp_avg",
+        "optimizer.param_groups.head.w.lr": "optim.param_groups.user_model.head.w.lr",
+        "optimizer.param_groups.0.lr": "optim.param_groups.0.lr",
+        "lr_scheduler": "scheduler",
+    }
+    assert places.unplaced == ()
+    listed = places.value("optim.param_groups.0.params", ["blocks.0.w", "head.w"])
+    assert listed == ["user_model.blocks.0.w", "user_model.head.w"]
+    assert places.value("optim.param_groups.0.lr", 0.1) == 0.1
+
+
+def test_names_that_carry_the_wrapper_already_are_taken_as_they_are():
+    """This tool's own checkpoint of a model of yours (naming dcp_matrix)."""
+    mine = ["model.user_model.blocks.0.w", "model.user_model.head.w"]
+    state = ["optim.state.user_model.head.w.step", "optim.param_groups.0.params"]
+    places = naming.place(mine + state, naming.Naming("dcp_matrix"), WRAPPED, "user_model.")
+    assert places.ours == {name: name for name in mine + state}
+    listed = places.value("optim.param_groups.0.params", ["user_model.head.w"])
+    assert listed == ["user_model.head.w"]
+
+
+def test_the_parameters_a_param_group_lists_map_as_their_optimizer_state_does():
+    """A naming of yours that renames parameters (a trainer that saved its DDP module's
+    names): a listed parameter maps as its state entries do; one without state keeps its
+    name (under the wrapper)."""
+    entries = ["net.module.head.w", "opt.state.module.head.w.exp_avg", "opt.param_groups.0.params"]
+
+    def ours(entry: str) -> str:
+        head, _, rest = entry.partition(".")
+        return {"net": "model.", "opt": "optim."}[head] + rest.replace("module.", "", 1)
+
+    class Mine(naming.Naming):
+        def ours(self, entry):
+            return ours(entry)
+
+    places = naming.place(entries, Mine("mine"), WRAPPED, "user_model.")
+    assert places.ours["opt.state.module.head.w.exp_avg"] == "optim.state.user_model.head.w.exp_avg"
+    listed = places.value("optim.param_groups.0.params", ["module.head.w", "blocks.0.w"])
+    assert listed == ["user_model.head.w", "user_model.blocks.0.w"]
 
 
 def _config(path: str, **entry) -> dict:
@@ -185,23 +246,28 @@ def test_a_folder_that_would_run_code_is_an_error_for_its_cells_and_runs_nothing
 
 
 def test_a_checkpoint_this_tool_wrote_loads_as_an_existing_one(in_tmp):
+    """A model of yours: this tool's own checkpoint of it carries the wrapper's names
+    (``model.user_model.…``), taken as they are under naming dcp_matrix."""
+    model = "examples.my_model:build"
     # The save job of a grid with one layout; then its checkpoint named in another grid.
-    saver = {"models": ["mlp"], "layouts": {"ddp_2": {"framework": "ddp", "mesh": [2]}}}
+    saver = {"models": [model], "layouts": {"ddp_2": {"framework": "ddp", "mesh": [2]}}}
     cfg = config.validate(saver)
     cli("save", grid.save_job_spec(cfg, grid.RESULTS, "ddp_2"))
     path = in_tmp / "kept"
-    Path(grid.checkpoint_dir("mlp", "ddp_2")).rename(path)
+    Path(grid.checkpoint_dir(model, "ddp_2")).rename(path)
     raw = {
-        "models": ["mlp"],
+        "models": [model],
         "layouts": {"single": {"framework": "single", "mesh": [1]},
                     "fsdp2_2": {"framework": "fsdp2", "mesh": [2]}},
         "pairs": "none",
-        "checkpoints": {"kept": {"path": str(path), "model": "mlp"}},
+        "checkpoints": {"kept": {"path": str(path), "model": model}},
     }  # fmt: skip
     rows = run_existing(raw)
     assert {(k, r["status"]) for k, r in rows.items()} == {("single", "pass"), ("fsdp2_2", "pass")}
     record = json.loads(Path(grid.existing_record_path("kept")).read_text())
     assert record["excluded_entries"] == [] and record["unplaced_entries"] == []
+    assert "optim.state.user_model.head.weight.exp_avg" in record["entries"]
+    assert not any("user_model.user_model" in entry for entry in record["entries"])
 
 
 def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, capsys):
@@ -253,3 +319,198 @@ def test_a_folder_that_reads_outside_itself_is_an_error_for_its_cells(in_tmp):
     row = run_existing(raw)["single"]
     assert row["status"] == "error" and row["reason"].startswith("import: "), row["reason"]
     assert f"refused: entry {index.fqn} is read from '../outside.distcp', outside" in row["reason"]
+
+
+# --- checkpoints from outside: other processes' DCP folders (tests/outside) -----------------
+
+WRITER = REPO / "tests/outside/write_checkpoints.py"
+# The grid names the writer's llama by this hf_models name (the writer: "llama").
+LLAMA = "llama_tiny"
+# One optimizer entry of llama_torchtitan, altered in its files after the save (a copy).
+ALTERED = "optimizer.param_groups.model.layers.1.mlp.up_proj.weight.lr"
+ALTERED_OURS = "optim.param_groups.user_model.model.layers.1.mlp.up_proj.weight.lr"
+NAMINGS = {"torchtitan_objects": "torchtitan", "mine": "tests.outside.names:ours"}
+# The loaders' recipes: with an LR scheduler (one param group), and without (two).
+WITH, WITHOUT = "adam_lr_warmup", "adamw_param_groups"
+
+
+def run_bounded(command: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """``command`` in a process group of its own, the whole group ended at ``timeout``."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(command, start_new_session=True, text=True, **kwargs,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+    return subprocess.CompletedProcess(command, proc.returncode, out, "")
+
+
+def alter_bytes_entry(folder: Path, entry: str, value) -> None:
+    """Give a non-tensor entry of a DCP folder another value after its save: the new value's
+    bytes appended to the entry's file, its ``.metadata`` pointed at them."""
+    import dataclasses
+    import io
+    import pickle
+
+    import torch
+
+    meta_path = folder / ".metadata"
+    metadata = pickle.loads(meta_path.read_bytes())
+    index = next(i for i in metadata.storage_data if i.fqn == entry)
+    info = metadata.storage_data[index]
+    blob = io.BytesIO()
+    torch.save(value, blob)
+    data = folder / info.relative_path
+    offset = data.stat().st_size
+    with data.open("ab") as out:
+        out.write(blob.getvalue())
+    metadata.storage_data[index] = dataclasses.replace(
+        info, offset=offset, length=len(blob.getvalue())
+    )
+    meta_path.write_bytes(pickle.dumps(metadata))
+
+
+def outside_config(folder: Path) -> dict:
+    checkpoints = {
+        spec.name: {
+            "path": str(folder / spec.name),
+            "model": LLAMA if spec.model == "llama" else spec.model,
+            "naming": NAMINGS.get(spec.layout, spec.layout),
+        }
+        for spec in writer.CHECKPOINTS
+    }
+    altered = {**checkpoints["llama_torchtitan"], "path": str(folder / "llama_altered")}
+    return {
+        "models": ["mlp", writer.MY_MODEL, LLAMA],
+        "hf_models": {LLAMA: writer.LLAMA},
+        "layouts": {
+            "single": {"framework": "single", "mesh": [1]},
+            "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
+            "tp_2": {"framework": "tp", "mesh": [2]},
+            "fsdp2_tp_2x2": {"framework": "fsdp2_tp", "mesh": [2, 2]},
+        },
+        "pairs": "none",
+        "train": {"optimizer": [WITH, WITHOUT], "global_batch": 4},
+        "checkpoints": {**checkpoints, "llama_altered": altered},
+    }
+
+
+@dataclass(frozen=True)
+class Outside:
+    config: dict
+    rows: list[dict]  # matrix.parquet
+    tensors: list[dict]  # tensors.parquet
+    records: dict[str, dict]  # checkpoint name -> its import record
+
+
+@pytest.fixture(scope="module")
+def outside(tmp_path_factory) -> Outside:
+    """Every checkpoint of tests/outside/write_checkpoints.py, written by one 2-rank torchrun
+    launch of its own (no dcp-matrix job), and a copy of llama_torchtitan with ALTERED changed;
+    each imported, then loaded by one load job per layout, then aggregated."""
+    import os
+    import shutil
+
+    from pipeline_lib.existing import import_checkpoint
+    from tests.jobs import cli_all
+
+    folder = tmp_path_factory.mktemp("outside")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(WRITER), str(folder / "written")]  # fmt: skip
+    proc = run_bounded(command, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    shutil.copytree(folder / "written/llama_torchtitan", folder / "written/llama_altered")
+    alter_bytes_entry(folder / "written/llama_altered", ALTERED, 0.5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setenv("PYTHONPATH", str(REPO))
+        cfg = config.validate(outside_config(folder / "written"))
+        for name in cfg["checkpoints"]:
+            import_checkpoint(grid.existing_spec(cfg, name))
+        layouts = [layout for _, layout in grid.load_jobs(cfg)]
+        cli_all("load", [grid.load_job_spec(cfg, grid.RESULTS, layout) for layout in layouts])
+        records = [p for layout in layouts for p in grid.load_outputs(cfg, grid.RESULTS, layout)]
+        run_cli("aggregate", "--matrix", "m.parquet", "--tensors", "t.parquet", *records)
+        imported = {
+            n: json.loads(Path(grid.existing_record_path(n)).read_text())
+            for n in cfg["checkpoints"]
+        }
+        rows, tensors = (pq.read_table(p).to_pylist() for p in ("m.parquet", "t.parquet"))
+        return Outside(cfg, rows, tensors, imported)
+
+
+def matched(name: str) -> str:
+    """The loaders' recipe whose optimizer and scheduler a checkpoint's writer had."""
+    return next(WITH if s.scheduler else WITHOUT for s in writer.CHECKPOINTS if s.name == name)
+
+
+@pytest.mark.torchrun
+def test_other_processes_checkpoints_load_bit_for_bit_under_every_layout(outside):
+    """Each model kind (built-in, import path, hf_models) and naming (dcp_matrix, torchtitan
+    in both scheduler forms, one of yours), optimizer flattened or by index, with and without
+    an LR scheduler: every entry of the files, the optimizer's and the scheduler's too, is
+    compared and equal under single, FSDP2, TP and FSDP2+TP."""
+    layouts = set(outside.config["layouts"])
+    for name in set(outside.config["checkpoints"]) - {"llama_altered"}:
+        cells = [
+            r for r in outside.rows if (r["save_layout"], r["optimizer"]) == (name, matched(name))
+        ]
+        assert {r["load_layout"] for r in cells} == layouts, name
+        record = outside.records[name]
+        for row in cells:
+            assert (row["status"], row["reason"]) == ("pass", ""), (name, row["load_layout"])
+            assert row["entries_checked"] == len(record["entries"]) > 30, name
+            assert row["resume_max_rel_diff"] <= 1e-5
+        assert record["unplaced_entries"] == [], name
+    compared = {(t["save_layout"], t["entry"]) for t in outside.tensors if t["load_equal"]}
+    for entry in (
+        "optim.state.user_model.model.layers.0.mlp.up_proj.weight.exp_avg",
+        "optim.param_groups.user_model.lm_head.weight.weight_decay",
+        "scheduler.last_epoch",
+    ):
+        assert ("llama_torchtitan", entry) in compared
+    assert ("my_model_torchtitan", "scheduler.base_lrs") in compared  # its one object entry
+    assert ("my_model_dcp_matrix", "optim.param_groups.0.params") in compared
+    assert ("my_model_mine", "optim.state.user_model.head.weight.exp_avg_sq") in compared
+    assert ("llama_dcp_matrix", "optim.param_groups.1.params") in compared
+    assert ("llama_mine", "optim.param_groups.user_model.lm_head.weight.initial_lr") in compared
+    assert ("mlp_mine", "optim.param_groups.head.bias.lr") in compared
+    assert ("mlp_torchtitan", "scheduler.last_epoch") in compared
+
+
+@pytest.mark.torchrun
+def test_an_altered_optimizer_entry_of_an_outside_checkpoint_fails_naming_it(outside):
+    """One parameter's lr changed in the files: set_optimizer_state_dict takes each param
+    group's settings from its first parameter, so the load drops it, and check 2 says so."""
+    cells = [
+        r for r in outside.rows if (r["save_layout"], r["optimizer"]) == ("llama_altered", WITH)
+    ]
+    assert {r["load_layout"] for r in cells} == set(outside.config["layouts"])
+    for row in cells:
+        assert row["status"] == "fail", row["load_layout"]
+        assert row["reason"].startswith(f"loader vs saver: 1 of {row['entries_checked']} "), row
+        assert ALTERED_OURS in row["reason"], row["reason"]
+
+
+@pytest.mark.torchrun
+def test_a_scheduler_one_side_lacks_fails_naming_its_entries(outside):
+    """A checkpoint's LR scheduler loaded by a trainer without one (its entries missing in the
+    loader's state), and a trainer's scheduler the checkpoint lacks (not in the saver's)."""
+    notes = {(t["save_layout"], t["optimizer"], t["load_layout"], t["entry"]): t["note"]
+             for t in outside.tensors}  # fmt: skip
+    for spec in writer.CHECKPOINTS:
+        recipe = WITHOUT if spec.scheduler else WITH
+        note = "missing in the loader's state" if spec.scheduler else "not in the saver's state"
+        cells = [
+            r for r in outside.rows if (r["save_layout"], r["optimizer"]) == (spec.name, recipe)
+        ]
+        assert len(cells) == len(outside.config["layouts"])
+        for row in cells:
+            assert row["status"] == "fail", (spec.name, row["load_layout"])
+            found = notes[spec.name, recipe, row["load_layout"], "scheduler.last_epoch"]
+            assert found.endswith(note), (spec.name, found)

@@ -1,0 +1,1 @@
+"""Inputs this project did not make (docs/verification.md, "Inputs from outside")."""
