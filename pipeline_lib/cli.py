@@ -170,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_commands(sub)
     _add_result_commands(sub)
     _add_setup_commands(sub)
-    from pipeline_lib.baseline import add_commands  # gate, findings-table, reproducers
+    from pipeline_lib.baseline import add_commands  # gate, findings-table
+    from pipeline_lib.reproducer import add_command as add_reproducers
 
     add_commands(sub)
+    add_reproducers(sub)
     return parser
 
 
