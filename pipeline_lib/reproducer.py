@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import html
 import json
 import math
 import pprint
@@ -328,8 +329,8 @@ def write_all(matrix, config: dict, out: str) -> list[Path]:
 
 
 def _md(text: str) -> str:
-    """One line of a Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """One line of a Markdown table cell (no HTML of its own)."""
+    return html.escape(" ".join(text.split()), quote=False).replace("|", "\\|")
 
 
 # --- the command ---------------------------------------------------------------------------------
