@@ -27,7 +27,6 @@ from pathlib import Path
 
 PACKAGE = "pipeline_lib"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding pipeline_lib/
-_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 # A module's own attributes: the file's are not the module's.
 _MODULE_DUNDERS = {"__name__", "__file__", "__spec__", "__package__", "__path__", "__doc__"}
@@ -126,7 +125,7 @@ class _Module:
         path = _module_file(name, root)
         if path is None:
             raise InlineError(f"{name}: no such module under {root}")
-        self.name, self.path = name, path
+        self.name = name
         self.relative = path.relative_to(root).as_posix()
         self.source = path.read_text()
         self.tree = ast.parse(self.source, str(path))
@@ -417,6 +416,7 @@ class _Unit:
     """One module-level statement the file copies, or a stub standing for a seamed name."""
 
     key: tuple[str, str]  # (module, line) of the statement; ("~", ref) of a stub
+    ref: Ref  # the name that first reached it
     module: _Module | None
     stmt: ast.stmt | None
     uses: _Uses
@@ -437,7 +437,7 @@ class Bundle:
     imports: list[str]
     text: str
     names: dict[Ref, str]
-    sources: dict[Ref, str]  # every copied definition -> its source in the package
+    imported_for: dict[str, Ref]  # each import -> the first definition that needs it
     why: dict[Ref, Ref | None]  # what first reached each name (None: a root)
 
     def name(self, ref: str | Ref) -> str:
@@ -469,7 +469,7 @@ def bundle(
         target = _through_seams(ref, seams)
         if isinstance(target, Seam):
             key = ("~", str(ref))
-            units[key] = _Unit(key, None, None, _Uses(), stub=target)
+            units[key] = _Unit(key, ref, None, None, _Uses(), stub=target)
             resolved[ref] = (key, ref.name)
             continue
         found = modules.definition(target)
@@ -478,7 +478,7 @@ def bundle(
         key = (module.name, f"{stmt.lineno:06d}")
         if key not in units:
             uses = modules.uses(module, stmt)
-            units[key] = _Unit(key, module, stmt, uses)
+            units[key] = _Unit(key, found, module, stmt, uses)
             pending += [(use.ref, found) for use in reversed(uses.uses)]
         resolved[ref] = (key, found.name)
     return _write(units, resolved, why)
@@ -495,8 +495,8 @@ def _through_seams(ref: Ref, seams: dict[Ref, Seam]) -> Ref | Seam:
 
 
 def _write(units: dict[tuple, _Unit], resolved: dict, why: dict) -> Bundle:
-    imports = _hoisted(units.values())
-    taken = set(dir(builtins)) | {_bound_name(line) for line in imports}
+    imported_for, bound = _hoisted(units.values())
+    taken = set(dir(builtins)) | bound
     chosen = _choose_names(units, resolved, taken)
     blocks, module = [], None
     for unit in _ordered(units, resolved):
@@ -507,13 +507,8 @@ def _write(units: dict[tuple, _Unit], resolved: dict, why: dict) -> Bundle:
             blocks.append(_comment(head))
         blocks.append(_text(unit, resolved, chosen))
     names = {ref: chosen[where] for ref, where in resolved.items()}
-    sources = {
-        Ref(u.module.name, name): "".join(u.module.lines[u.stmt.lineno - 1 : u.stmt.end_lineno])
-        for u in units.values()
-        if u.module is not None
-        for name in u.names
-    }
-    return Bundle(imports, "\n\n\n".join(blocks) + "\n", names, sources, why)
+    imports = sorted(imported_for, key=lambda s: (s.startswith("from"), s))
+    return Bundle(imports, "\n\n\n".join(blocks) + "\n", names, imported_for, why)
 
 
 def _choose_names(units: dict[tuple, _Unit], resolved: dict, taken: set[str]) -> dict:
@@ -549,24 +544,19 @@ def _qualified(where: tuple) -> str:
     return f"{prefix}_{name}"
 
 
-def _hoisted(units) -> list[str]:
-    """The import statements of the external names the units use, one per bound name."""
-    by_name: dict[str, str] = {}
-    for unit in units:
+def _hoisted(units) -> tuple[dict[str, Ref], set[str]]:
+    """The import statements of the outside names the units use (each -> the first unit's
+    name), and the names they bind; one name bound to two things is an error."""
+    statements: dict[str, Ref] = {}
+    targets: dict[str, str] = {}
+    for unit in sorted(units, key=lambda u: u.key):
         for name in sorted(unit.uses.externals):
-            statement = unit.module.bindings[name].statement
-            if by_name.setdefault(name, statement) != statement:
-                raise InlineError(
-                    f"{name!r} is imported two ways: {by_name[name]!r}, {statement!r}"
-                )
-    return sorted(set(by_name.values()), key=lambda s: (s.startswith("from"), s))
-
-
-def _bound_name(statement: str) -> str:
-    words = statement.split()
-    if "as" in words:
-        return words[-1]
-    return words[-1] if words[0] == "from" else words[1].split(".")[0]
+            binding = unit.module.bindings[name]
+            if targets.setdefault(name, binding.target) != binding.target:
+                two = f"{targets[name]} and {binding.target}"
+                raise InlineError(f"{unit.module.relative}: {name!r} names both {two}")
+            statements.setdefault(binding.statement, unit.ref)
+    return statements, set(targets)
 
 
 def _ordered(units: dict[tuple, _Unit], resolved: dict) -> list[_Unit]:
@@ -634,8 +624,13 @@ def _text(unit: _Unit, resolved: dict, chosen: dict) -> str:
     while first > 1 and module.lines[first - 2].lstrip().startswith("#"):
         first -= 1  # the comment right above the definition
     lines = [line.encode() for line in module.lines[first - 1 : stmt.end_lineno]]
-    for (line, col, end_line, end_col), new in sorted(_renames(unit, resolved, chosen))[::-1]:
+    for (line, col, end_line, end_col), old, new in sorted(_renames(unit, resolved, chosen))[::-1]:
         a, b = line - first, end_line - first
+        span = b"".join([lines[a][col:], *lines[a + 1 : b], lines[b][:end_col]])
+        if a == b:
+            span = lines[a][col:end_col]
+        if b"".join(span.split()) != "".join(old.split()).encode():  # a position gone wrong
+            raise InlineError(f"{module.relative}:{line}: {span!r} where {old!r} is")
         joined = lines[a][:col] + new.encode() + lines[b][end_col:]
         lines[a : b + 1] = [joined] + [b""] * (b - a)
     removed = set()
@@ -646,12 +641,13 @@ def _text(unit: _Unit, resolved: dict, chosen: dict) -> str:
 
 
 def _renames(unit: _Unit, resolved: dict, chosen: dict) -> Iterator[tuple]:
-    """((line, column, end line, end column), new text) of every use of a pipeline name and
-    of the unit's own names, where the file names them otherwise."""
+    """((line, column, end line, end column), the text there, new text) of every use of a
+    pipeline name and of the unit's own names, where the file names them otherwise."""
     for use in unit.uses.uses:
         node, new = use.node, chosen[resolved[use.ref]]
         if not (isinstance(node, ast.Name) and node.id == new):
-            yield (node.lineno, node.col_offset, node.end_lineno, node.end_col_offset), new
+            span = (node.lineno, node.col_offset, node.end_lineno, node.end_col_offset)
+            yield span, ast.unparse(node), new
     stmt = unit.stmt
     if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         new = chosen[unit.key, stmt.name]
@@ -659,11 +655,12 @@ def _renames(unit: _Unit, resolved: dict, chosen: dict) -> Iterator[tuple]:
             line = unit.module.lines[stmt.lineno - 1].encode()
             found = re.search(rb"\b(?:def|class)\s+(\w+)", line[stmt.col_offset :])
             start = stmt.col_offset + found.start(1)
-            yield (stmt.lineno, start, stmt.lineno, start + len(stmt.name.encode())), new
+            span = (stmt.lineno, start, stmt.lineno, start + len(stmt.name.encode()))
+            yield span, stmt.name, new
         return
     targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
     for target in targets:
         for node in ast.walk(target):
             if isinstance(node, ast.Name) and chosen[unit.key, node.id] != node.id:
                 span = (node.lineno, node.col_offset, node.end_lineno, node.end_col_offset)
-                yield span, chosen[unit.key, node.id]
+                yield span, node.id, chosen[unit.key, node.id]

@@ -194,7 +194,8 @@ def _bundle(start: tuple[str, ...]) -> inline.Bundle:
     for line in found.imports:
         module = line.split()[1].split(".")[0]
         if module not in ALLOWED_IMPORTS:
-            raise NotReproduced(f"the script would import {module} (not torch only): {line}")
+            chain = " -> ".join(map(str, found.chain(found.imported_for[line])))
+            raise NotReproduced(f"the script would import {module} (not torch only) for {chain}")
     return found
 
 

@@ -266,6 +266,53 @@ def _load(bundle: inline.Bundle, ref: str):
     return namespace[name]
 
 
+def test_inline_copies_what_a_root_reaches_and_keeps_each_name_meaning_what_it_meant(tmp_path):
+    """pipeline_lib.inline on a package of its own: a name two modules define, a variable that
+    would hide a renamed definition, a local import of the package, an alias, a decorator, a
+    base class and a constant needed at definition time, a seam and a stub."""
+    package = tmp_path / "pipeline_lib"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text(
+        "import math\n\nLIMIT = 3\n\n\ndef options():\n    return 'a'\n\n\n"
+        "def twice(f):\n    return lambda: f() * 2\n\n\n"
+        "class Base:\n    size = LIMIT + 1\n\n    def area(self):\n"
+        "        return math.pi * self.size\n"
+    )
+    (package / "b.py").write_text(
+        "from pipeline_lib import a\nfrom pipeline_lib.a import Base as Shape, twice\n\n\n"
+        "def options():\n    return 'b'\n\n\n"
+        "@twice\ndef both():\n    options = 'local'\n    return a.options() + options\n\n\n"
+        "class Square(Shape):\n    def area(self):\n        from pipeline_lib.a import LIMIT\n"
+        "        return [n for n in range(LIMIT) if (k := n)] + [k, options()]\n\n\n"
+        "def leave_out():\n    return slow()\n\n\ndef slow():\n    return 'slow'\n\n\n"
+        "def once(f):\n    return f\n\n\n"
+        "def main():\n    return both(), Square().area(), Square.size, leave_out\n"
+    )
+    (package / "c.py").write_text("def build():\n    return 'c'\n")
+    (package / "d.py").write_text(  # c.build has no twin, but a variable of its name here
+        "from pipeline_lib import c\n\n\ndef make():\n    build = 'd'\n"
+        "    return c.build() + build\n"
+    )
+    seams = {"pipeline_lib.b:slow": inline.Seam("too slow"),
+             "pipeline_lib.a:twice": inline.Seam("", inline.Ref.parse("pipeline_lib.b:once"))}  # fmt: skip
+    found = inline.bundle(["pipeline_lib.b:main", "pipeline_lib.d:make"], seams, root=tmp_path)
+    assert found.imports == ["import math"]
+    namespace: dict = {}
+    exec(compile("\n".join(found.imports) + "\n" + found.text, "bundle", "exec"), namespace)
+    both, area, size, leave_out = namespace[found.name("pipeline_lib.b:main")]()
+    assert both == "alocal"  # a.options, not the local options; a.twice seamed by b.once
+    assert (area, size) == ([1, 2, 2, "b"], 4)
+    with pytest.raises(NotImplementedError, match=r"pipeline_lib\.b:slow is not in this file"):
+        leave_out()
+    assert "from pipeline_lib" not in found.text and "import pipeline_lib" not in found.text
+    assert "def twice" not in found.text
+    # a name two modules define, or a variable around one of its uses, is qualified
+    assert [found.name(f"pipeline_lib.{m}:options") for m in "ab"] == ["a_options", "b_options"]
+    assert found.name("pipeline_lib.c:build") == "c_build"
+    assert namespace[found.name("pipeline_lib.d:make")]() == "cd"
+
+
 # --- the script's launch ------------------------------------------------------------------------
 @pytest.mark.torchrun
 def test_the_scripts_launch_kills_a_hung_rank(tmp_path, monkeypatch):
