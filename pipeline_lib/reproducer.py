@@ -19,6 +19,7 @@ sealed`` reads the seal with xxhash).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import html
@@ -281,7 +282,9 @@ def readme(cell: dict) -> str:
         "  python repro.py\n\n"
         "runs the cell's save job and load job (torchrun, one process per rank) with the\n"
         "pipeline's own code, copied into the script, and prints STATUS: <status>: <reason>.\n"
-        "Everything it writes is under results/ beside the script.\n"
+        "Everything it writes is under results/ beside the script. The torch calls are in\n"
+        "the blocks of pipeline_lib/checkpoint_io.py (save, load), pipeline_lib/training.py\n"
+        "(build, train, get_state_dict) and pipeline_lib/frameworks/ (parallelize).\n"
         + (
             f"The model is your own ({key['model']}): its module must be importable (PYTHONPATH).\n"
             if models.is_import_path(key["model"])
@@ -294,7 +297,8 @@ def readme(cell: dict) -> str:
 def write_all(matrix, config: dict, out: str) -> list[Path]:
     """A reproducer folder per cell whose status is not pass/skip (``out`` is made afresh);
     ``index.md`` lists each, or why a cell has none. A cell whose script cannot be written
-    gets ``error.txt`` in its folder (one line) and the others go on."""
+    gets ``error.txt`` in its folder (one line; the traceback goes to stderr) and the others
+    go on."""
     import shutil
 
     root = Path(out)
@@ -303,35 +307,42 @@ def write_all(matrix, config: dict, out: str) -> list[Path]:
     written = []
     index = ["# Reproducers", "", "| cell | status | reproducer |", "|---|---|---|"]
     for row in matrix[matrix.status.isin(REPRODUCED)].to_dict("records"):
-        name = cell_name(row)
-        folder, status = root / name, _md(_text(row.get("status")))
-        try:
-            cell = cell_data(row, config)
-            text, about = script_of(cell), readme(cell)
-        except NotReproduced as exc:
-            index.append(f"| {_md(name)} | {status} | not reproduced: {_md(str(exc))} |")
-            continue
-        except Exception as exc:  # one cell's failure: written down, the others go on
-            why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-            folder.mkdir()
-            (folder / "error.txt").write_text(why + "\n")
-            print(f"reproducer of {name}: {why}", file=sys.stderr)
-            traceback.print_exc()
-            index.append(f"| [{name}]({name}/error.txt) | {status} | error: {_md(why)} |")
-            continue
-        folder.mkdir()
-        (folder / "repro.py").write_text(text)
-        (folder / "README.txt").write_text(about)
-        reason = _md(_text(row.get("reason")))[:200]
-        index.append(f"| [{name}]({name}/repro.py) | {status} | {reason} |")
-        written.append(folder)
+        line, folder = _write_one(root, row, config)
+        index.append(line)
+        written += [folder] if folder else []
     (root / "index.md").write_text("\n".join(index) + "\n")
     return written
 
 
+def _write_one(root: Path, row: dict, config: dict) -> tuple[str, Path | None]:
+    """One cell's line of index.md, and its folder if it got a script."""
+    name = cell_name(row)
+    folder, status = root / name, _md(_text(row.get("status")))
+    try:
+        cell = cell_data(row, config)
+        files = {"repro.py": script_of(cell), "README.txt": readme(cell)}
+        folder.mkdir()
+        for file, text in files.items():
+            (folder / file).write_text(text)
+    except NotReproduced as exc:
+        return f"| {_md(name)} | {status} | not reproduced: {_md(str(exc))} |", None
+    except Exception as exc:  # this cell's failure: written down, the others go on
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        print(f"reproducer of {name}: {why}", file=sys.stderr)
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            folder.mkdir(exist_ok=True)
+            (folder / "error.txt").write_text(why + "\n")
+        return f"| [{name}]({name}/error.txt) | {status} | error: {_md(why)} |", None
+    reason = _md(_text(row.get("reason")))[:200]
+    return f"| [{name}]({name}/repro.py) | {status} | {reason} |", folder
+
+
 def _md(text: str) -> str:
-    """One line of a Markdown table cell (no HTML of its own)."""
-    return html.escape(" ".join(text.split()), quote=False).replace("|", "\\|")
+    """One line of a Markdown table cell: no HTML, no control character (ANSI escapes)."""
+    text = " ".join(text.split())
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return html.escape(text, quote=False).replace("|", "\\|")
 
 
 # --- the command ---------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ def test_models_and_layouts_come_from_the_config_never_from_the_matrix(tmp_path)
         row(save_framework="existing"),
     ]
     matrix = tmp_path / "matrix.parquet"
-    pd.DataFrame([*crafted, row(reason=PWNED)]).to_parquet(matrix)
+    shouting = row(load="fsdp1_2", reason="\x1b[31m<script>x</script>\n| pass | fine |")
+    pd.DataFrame([*crafted, row(reason=PWNED), shouting]).to_parquet(matrix)
     out = tmp_path / "reproducers"
     proc = _cli("--matrix", str(matrix), "--config-json", json.dumps(CONFIG), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -146,9 +147,13 @@ def test_models_and_layouts_come_from_the_config_never_from_the_matrix(tmp_path)
         "an existing checkpoint",
     ]:
         assert f"not reproduced: {why}" in index
-    scripts = list(out.glob("*/repro.py"))
-    assert [p.parent.name for p in scripts] == [reproducer.cell_name(row(reason=PWNED))]
-    assert "def run_grid(" not in scripts[0].read_text()  # tests/jobs.py's
+    scripts = sorted(out.glob("*/repro.py"))
+    names = sorted(reproducer.cell_name(r) for r in (row(reason=PWNED), shouting))
+    assert [p.parent.name for p in scripts] == names
+    assert not any("def run_grid(" in p.read_text() for p in scripts)  # tests/jobs.py's
+    # index.md: a reason is one line of its row, no HTML, no terminal escape
+    assert "\x1b" not in index and "<script>" not in index
+    assert len(index.splitlines()) == 4 + len(crafted) + 2
     # a matrix that cannot be read: one line, exit 1
     (tmp_path / "bad.parquet").write_text("not parquet")
     bad = _cli("--matrix", str(tmp_path / "bad.parquet"), "--config-json", json.dumps(CONFIG))
