@@ -91,8 +91,9 @@ _NAME_BYTES = 200  # a folder name: at most 255 bytes
 def cell_name(row: dict) -> str:
     """A folder name unique over the whole cell key (records.CELL_KEYS), derived from it:
     ``<variant>.<model>.<save layout>.<load layout>.torch-<version>[-<load version>]``, where
-    the variant is the axis columns that differ from their defaults (``mode-full+format-dcp``,
-    or ``default``), then ``<column>-<value>`` for any other key column that has a value.
+    the variant is the axis columns that differ from their defaults (``mode-full+format-
+    torch_save``, or ``default``), then ``<column>-<value>`` for any other key column with a
+    value.
     Path-safe; a value outside the plain characters (or a name cut to length) adds a digest of
     the whole key, so two keys never share a name."""
     value = {k: _text(row.get(k)) for k in CELL_KEYS}
@@ -104,8 +105,10 @@ def cell_name(row: dict) -> str:
         parts.append(f"torch-{saver}" if saver == loader else f"torch-{saver}-{loader}")
     rest = [k for k in CELL_KEYS if k not in (*_POSITIONAL, *_VERSIONS, *axes) and value[k]]
     parts += [f"{k}-{value[k]}" for k in rest]
-    plain = all(_PLAIN.fullmatch(value[k]) for k in (*_POSITIONAL, *axes, *rest)) and all(
-        _VERSION.fullmatch(value[k]) or not value[k] for k in _VERSIONS
+    plain = all(_PLAIN.fullmatch(value[k]) for k in _POSITIONAL) and all(
+        (_VERSION if k in _VERSIONS else _PLAIN).fullmatch(value[k])
+        for k in (*_VERSIONS, *axes, *rest)
+        if value[k]
     )
     name = _UNSAFE.sub("_", ".".join(parts))
     if not plain or len(name.encode()) > _NAME_BYTES:
@@ -343,33 +346,3 @@ def _md(text: str) -> str:
     text = " ".join(text.split())
     text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
     return html.escape(text, quote=False).replace("|", "\\|")
-
-
-# --- the command ---------------------------------------------------------------------------------
-def add_command(sub) -> None:
-    p = sub.add_parser("reproducers", help="a standalone reproducer per non-pass cell")
-    p.add_argument("--matrix", default="results/matrix.parquet")
-    given = p.add_mutually_exclusive_group(required=True)
-    given.add_argument("--configfile")
-    given.add_argument("--config-json")
-    p.add_argument("--out", default="results/reproducers")
-    p.set_defaults(func=_command)
-
-
-def _command(args) -> int:
-    import pandas as pd
-
-    from pipeline_lib.config import load, validate
-
-    try:
-        if args.configfile:
-            config = load(args.configfile)
-        else:
-            config = validate(json.loads(args.config_json))
-        matrix = pd.read_parquet(args.matrix)
-    except Exception as exc:
-        print(f"reproducers: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
-        return 1
-    written = write_all(matrix, config, args.out)
-    print(f"{len(written)} reproducer(s) under {args.out}")
-    return 0
