@@ -266,9 +266,8 @@ class _Walker:
                 self._use(node, Ref(target, node.attr), scopes, lazy)
             else:
                 raise InlineError(self._where(node, f"module {target}.{node.attr} as a value"))
-        elif isinstance(node, ast.arg):
-            return  # annotations are not evaluated (from __future__ import annotations)
         elif isinstance(node, ast.AnnAssign):
+            self._annotation(node.annotation, scopes)
             for child in (node.target, node.value):
                 if child is not None:
                     self.visit(child, scopes, lazy)
@@ -276,10 +275,21 @@ class _Walker:
             for child in ast.iter_child_nodes(node):
                 self.visit(child, scopes, lazy)
 
+    def _annotation(self, node: ast.AST | None, scopes: list[_Scope]) -> None:
+        """Annotations are not evaluated (from __future__ import annotations): only the
+        outside names they use are imported, for a reader and a linter."""
+        for name in ast.walk(node) if node is not None else ():
+            if isinstance(name, ast.Name):
+                binding = self._binding(name.id, scopes)
+                if isinstance(binding, _Binding) and binding.kind == "external":
+                    self.found.externals.add(name.id)
+
     def _function(self, node, scopes: list[_Scope], lazy: bool) -> None:
         for child in node.decorator_list:
             self.visit(child, scopes, lazy)
         self._arguments(node.args, scopes, lazy)
+        for annotation in [*(a.annotation for a in _all_args(node.args)), node.returns]:
+            self._annotation(annotation, scopes)
         inner = _bound_in(node.body, self.modules.root)
         inner.names |= {a.arg for a in _all_args(node.args)}
         for child in node.body:
@@ -457,6 +467,8 @@ def bundle(
     """The definitions ``roots`` (``module:name`` each) reach, copied into one file's code."""
     seams = {Ref.parse(k): v for k, v in (seams or {}).items()}
     modules = _Modules(root)
+    for seamed in seams:  # a seam naming nothing (a definition moved or gone) stands for nothing
+        modules.definition(seamed)
     units: dict[tuple, _Unit] = {}
     resolved: dict[Ref, tuple[tuple, str]] = {}  # name -> (its unit, the name there)
     why: dict[Ref, Ref | None] = {}
@@ -498,17 +510,28 @@ def _write(units: dict[tuple, _Unit], resolved: dict, why: dict) -> Bundle:
     imported_for, bound = _hoisted(units.values())
     taken = set(dir(builtins)) | bound
     chosen = _choose_names(units, resolved, taken)
-    blocks, module = [], None
+    text, module, previous = "", None, None
     for unit in _ordered(units, resolved):
         if unit.module is not module:
             module = unit.module
             summary = f": {module.summary}" if module and module.summary else ""
             head = f"--- {module.relative}{summary}" if module else _STUBS
-            blocks.append(_comment(head))
-        blocks.append(_text(unit, resolved, chosen))
+            text += "\n\n\n" + _comment(head) + "\n\n"
+        elif _constant(previous) and _constant(unit):
+            text += "\n"  # consecutive constants of one module: no blank lines between
+        else:
+            text += "\n\n\n"
+        text += _text(unit, resolved, chosen)
+        previous = unit
     names = {ref: chosen[where] for ref, where in resolved.items()}
     imports = sorted(imported_for, key=lambda s: (s.startswith("from"), s))
-    return Bundle(imports, "\n\n\n".join(blocks) + "\n", names, imported_for, why)
+    return Bundle(imports, text.lstrip("\n") + "\n", names, imported_for, why)
+
+
+def _constant(unit: _Unit | None) -> bool:
+    """A unit that is an assignment of one line."""
+    stmt = unit and unit.stmt
+    return isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.lineno == stmt.end_lineno
 
 
 def _choose_names(units: dict[tuple, _Unit], resolved: dict, taken: set[str]) -> dict:
