@@ -338,11 +338,11 @@ def test_the_scripts_launch_kills_a_hung_rank(tmp_path, monkeypatch):
     program = tmp_path / "rank.py"
     program.write_text(  # a rank, and a process of its own (as an async save's checkpointer)
         "import os, subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'],\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(100)'],\n"
         "                         start_new_session=True)\n"
         "for pid, what in ((os.getpid(), 'rank'), (child.pid, 'child')):\n"
         "    open(f'{sys.argv[2]}.{what}{os.environ[\"RANK\"]}.pid', 'w').write(str(pid))\n"
-        "time.sleep(60)\n"
+        "time.sleep(100)\n"
     )
     mark = uuid.uuid4().hex
     monkeypatch.setenv(reproducer_run.LAUNCH_ENV, mark)
@@ -351,9 +351,9 @@ def test_the_scripts_launch_kills_a_hung_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(launcher, "kill_children", reproducer_run.kill_ranks)
     monkeypatch.setattr(launcher, "slurm_allocation", reproducer_run.no_allocation)
     started = time.monotonic()
-    outcome = launcher.launch(2, [str(tmp_path / "spec")], tmp_path, 60, 8)
+    outcome = launcher.launch(2, [str(tmp_path / "spec")], tmp_path, 60, 12)
     assert outcome.status == "timeout", outcome
-    assert time.monotonic() - started < 40  # the ranks sleep 60 s
+    assert time.monotonic() - started < 80  # the ranks sleep 100 s
     pids = [int(p.read_text()) for p in tmp_path.glob("spec.*.pid")]
     assert len(pids) == 4
     assert reproducer_run.kill_run(mark) == []  # nothing of the launch is left
