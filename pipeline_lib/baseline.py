@@ -481,18 +481,6 @@ def _cmd_findings_table(args) -> int:
     return 0
 
 
-def _cmd_reproducers(args) -> int:
-    import json
-
-    from pipeline_lib import reproducer
-    from pipeline_lib.config import load, validate
-
-    config = load(args.configfile) if args.configfile else validate(json.loads(args.config_json))
-    written = reproducer.write_all(pd.read_parquet(args.matrix), config, args.out)
-    print(f"{len(written)} reproducer(s) under {args.out}")
-    return 0
-
-
 def add_commands(sub) -> None:
     p = sub.add_parser(
         "gate",
@@ -514,13 +502,6 @@ def add_commands(sub) -> None:
     p.add_argument("--write", help="docs/findings.md: replace the table between its markers")
     p.add_argument("--check", action="store_true", help="with --write: exit 1 if it differs")
     p.set_defaults(func=_cmd_findings_table)
-    p = sub.add_parser("reproducers", help="a standalone reproducer per non-pass cell")
-    p.add_argument("--matrix", default="results/matrix.parquet")
-    given = p.add_mutually_exclusive_group(required=True)
-    given.add_argument("--configfile")
-    given.add_argument("--config-json")
-    p.add_argument("--out", default="results/reproducers")
-    p.set_defaults(func=_cmd_reproducers)
 
 
 # --- the report's sections (pipeline_lib.report) ---------------------------------------------

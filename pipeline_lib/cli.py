@@ -66,6 +66,26 @@ def _cmd_selftest(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _cmd_reproducers(args: argparse.Namespace) -> int:
+    """A reproducer per non-pass cell; an unreadable config or matrix: one line, exit 1 (a
+    cell that fails is written down in its folder and the others go on: exit 0)."""
+    from pipeline_lib.config import ConfigError, load, validate
+    from pipeline_lib.matrix_file import MatrixFileError, read_matrix
+    from pipeline_lib.reproducer import write_all
+
+    try:
+        config = (
+            load(args.configfile) if args.configfile else validate(json.loads(args.config_json))
+        )
+        matrix = read_matrix(args.matrix)
+    except (ConfigError, MatrixFileError, OSError, ValueError) as exc:
+        print(f"reproducers: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
+        return 1
+    written = write_all(matrix, config, args.out)
+    print(f"{len(written)} reproducer(s) under {args.out}")
+    return 0
+
+
 def _cmd_make_env(args: argparse.Namespace) -> None:
     from pipeline_lib.config import env_dir_error
     from pipeline_lib.environments import make_env
@@ -152,6 +172,13 @@ def _add_result_commands(sub) -> None:
     p.add_argument("--ok", help="with --check: marker file written when every fault was caught")
     p.add_argument("records", nargs="*")
     p.set_defaults(func=_cmd_selftest)
+    p = sub.add_parser("reproducers", help="a standalone reproducer per non-pass cell")
+    p.add_argument("--matrix", default="results/matrix.parquet")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--configfile")
+    given.add_argument("--config-json")
+    p.add_argument("--out", default="results/reproducers")
+    p.set_defaults(func=_cmd_reproducers)
 
 
 def _add_setup_commands(sub) -> None:
@@ -170,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_commands(sub)
     _add_result_commands(sub)
     _add_setup_commands(sub)
-    from pipeline_lib.baseline import add_commands  # gate, findings-table, reproducers
+    from pipeline_lib.baseline import add_commands  # gate, findings-table
 
     add_commands(sub)
     return parser

@@ -395,10 +395,16 @@ def _agent(args, target: str = WORKER) -> dict:
     return launch(dict(os.environ), target, *args.training_script_args)
 
 
+def worker_program() -> list[str]:
+    """What torchrun runs in an exec'd rank, before the job's arguments (a served rank calls
+    ``WORKER``)."""
+    return ["-m", "pipeline_lib.worker"]
+
+
 def _run_standalone(world_size: int, worker_args: list[str]) -> tuple[str, str, str]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    argv = ["--standalone", f"--nproc-per-node={world_size}", "-m", "pipeline_lib.worker"]
+    argv = ["--standalone", f"--nproc-per-node={world_size}", *worker_program()]
     args = _prepare_torchrun([*argv, *worker_args])
     try:
         _agent(args)

@@ -66,9 +66,8 @@ SKIPPED = {
     "the README's command (.ci/run, test_ci_runs_the_quick_start_test_command)",
     ".venv/bin/python bench/benchmark.py": "benchmarks run on purpose, never in the suite (the "
     "matrix three times: about 35 min; the quick ones still minutes and a 1 GB state)",
-    "OMP_NUM_THREADS=1 torchrun": "runs inside a reproducer folder of a finished run "
-    "(results/reproducers/<cell>/); tests/test_reproducer.py runs a reproducer with torchrun",
-    "python repro.py": "the same: a reproducer folder's script",
+    "python repro.py": "runs inside a reproducer folder of a finished run "
+    "(results/reproducers/<cell>/); tests/test_reproducer.py runs reproducers",
 }
 HELP_CHECKED = (".venv/bin/python bench/benchmark.py",)
 # Files the docs name as the reader's own (or an earlier command of the page writes), created

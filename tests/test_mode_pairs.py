@@ -209,16 +209,18 @@ def test_a_loader_that_ignores_the_unexpected_entry_fails_both_ways(in_tmp):
     )
 
 
-def test_the_reproducer_says_which_pairs_it_cannot_replay(tmp_path, small_config):
-    row = {"model": "mlp", "save_layout": "single", "load_layout": "fsdp2_2", "status": "error"}
-    row |= {**Variant(mode="full", load_mode="flattened_optim").to_dict(), "reason": "KeyError"}
-    written = reproducer.write_all(pd.DataFrame([row]), config.validate(small_config), tmp_path)
-    assert written == []
-    index = (tmp_path / "index.md").read_text()
-    assert (
-        "not reproduced: load_mode flattened_optim (the script loads in the saver's mode)" in index
-    )
-    assert reproducer.not_modelled(Variant(mode="strict_unexpected")) == (
-        "mode strict_unexpected (the script adds no entry)"
-    )
-    assert reproducer.not_modelled(Variant()) is None
+def test_the_reproducer_replays_every_mode_pair(tmp_path, small_config):
+    """A reproducer runs the pipeline's own jobs (pipeline_lib.reproducer): a load_mode, a mode
+    that adds an entry, a save sequence are in its script as in the pipeline."""
+    rows = []
+    for variant in (
+        Variant(mode="full", load_mode="flattened_optim"),
+        Variant(mode="strict_unexpected"),
+        Variant(save_sequence="load_first"),
+    ):
+        rows.append({"model": "mlp", "save_layout": "single", "load_layout": "fsdp2_2"})
+        rows[-1] |= {**variant.to_dict(), "status": "error", "reason": "KeyError"}
+    written = reproducer.write_all(pd.DataFrame(rows), config.validate(small_config), tmp_path)
+    assert len(written) == len(rows)
+    for folder, row in zip(written, rows, strict=True):
+        assert f"'load_mode': {row['load_mode']!r}" in (folder / "repro.py").read_text()

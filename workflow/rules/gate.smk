@@ -1,10 +1,10 @@
-# Issue 18: a reproducer per non-pass cell, and (with config key `baseline`) the CI gate.
-# Logic in pipeline_lib.baseline and pipeline_lib.reproducer.
+# A reproducer per non-pass cell, and (with config key `baseline`) the CI gate. Logic in
+# pipeline_lib.reproducer and pipeline_lib.baseline.
 import json
 import shlex
 
 BASELINE = config.get("baseline")
-# The command that made the results, for the report (issue 18, item 5).
+# The command that made the results, for the report.
 SNAKEMAKE_COMMAND = shlex.join(sys.argv)
 GATE_TARGETS = (
     (["results/reproducers"] + (["results/gate.ok"] if BASELINE else []))
@@ -13,9 +13,12 @@ GATE_TARGETS = (
 )
 
 
+# After the report, which never waits for it: a cell whose script cannot be written gets
+# error.txt in its folder and the others go on (the rule fails only on an unreadable matrix).
 rule reproducers:
     input:
         matrix="results/matrix.parquet",
+        report="results/report.html",
     output:
         directory("results/reproducers"),
     log:
