@@ -89,6 +89,9 @@ def _message(error: jsonschema.ValidationError) -> str:
         if not math.isfinite(value):
             return f"{value} is not a finite number"
         return f"{value} is not an integer"
+    if error.validator == "type" and error.validator_value == "boolean" and isinstance(value, str):
+        # Snakemake's --config reads True and False as booleans, any other word as a string.
+        return f"{value!r} is not a boolean (true or false; on Snakemake's --config: True or False)"
     return error.message
 
 

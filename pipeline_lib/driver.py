@@ -10,7 +10,7 @@ matrix.
 The load record holds the cell's verdict (records.cell_row, called here, in the load job). A
 rerun reuses every unit whose inputs key is unchanged (pipeline_lib.reuse); the key includes the
 project's code version, so a change to the verdict logic runs every cell again. A job told not
-to reuse (``reuse=False``: config key ``reuse: false``, or its rule forced by Snakemake) runs
+to reuse (``reuse_units=False``: config key ``reuse: false``, or its rule forced by Snakemake) runs
 every unit and keeps their results for the next run.
 """
 
