@@ -23,7 +23,21 @@ if not workflow.overwrite_configfiles:
 report: "workflow/report/workflow.rst"
 
 
-plan = Plan(config, workflow.basedir, announce=workflow.is_main_process)
+# dag_settings: a rule forced by -R/-F/-f re-verifies (its jobs reuse nothing).
+plan = Plan(
+    config,
+    workflow.basedir,
+    announce=workflow.is_main_process,
+    dag_settings=lambda: workflow.dag_settings,
+)
+
+
+# Before the first job starts: what this run forces, also for a cluster job's own Snakemake
+# (snakemake_plan.Forced; a job's params read it too, but not every job's are read before).
+onstart:
+    plan.forced
+
+
 # The rules read the validated config, every default filled in (Plan leaves Snakemake's as is).
 config = plan.config
 PYTHON = sys.executable

@@ -14,6 +14,12 @@ import sys
 from pathlib import Path
 
 
+def _reuses(args: argparse.Namespace, config: dict | None) -> bool:
+    """Whether a job may reuse what a run before it computed (pipeline_lib.reuse): not with
+    --no-reuse (a rule Snakemake forces) nor with the config key ``reuse: false``."""
+    return not args.no_reuse and (config is None or config.get("reuse", True))
+
+
 def _cmd_job(args: argparse.Namespace) -> None:
     """A save or load job: its spec as given (--spec), or expanded from the grid (--grid)."""
     from pipeline_lib import launcher
@@ -22,14 +28,17 @@ def _cmd_job(args: argparse.Namespace) -> None:
     from pipeline_lib import driver, grid
     from pipeline_lib.specs import JobSpec
 
+    config = None
     if args.spec:
         spec = JobSpec.from_dict(json.loads(args.spec))
     elif not (args.version_root and args.layout):
         args.usage_error("--grid needs --version-root and --layout")
     else:
         expand = grid.save_job_spec if args.command == "save" else grid.load_job_spec
-        spec = expand(json.loads(args.grid), args.version_root, args.layout)
-    (driver.run_save_job if args.command == "save" else driver.run_load_job)(spec)
+        config = json.loads(args.grid)
+        spec = expand(config, args.version_root, args.layout)
+    run = driver.run_save_job if args.command == "save" else driver.run_load_job
+    run(spec, reuse_units=_reuses(args, config))
 
 
 def _cmd_import(args: argparse.Namespace) -> None:
@@ -37,7 +46,8 @@ def _cmd_import(args: argparse.Namespace) -> None:
     from pipeline_lib import grid
     from pipeline_lib.existing import import_checkpoint
 
-    import_checkpoint(grid.existing_spec(json.loads(args.grid), args.name))
+    config = json.loads(args.grid)
+    import_checkpoint(grid.existing_spec(config, args.name), reuse_units=_reuses(args, config))
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
@@ -135,11 +145,20 @@ def _add_job_commands(sub) -> None:
             "--version-root", "--root", help="with --grid: the job's version root (results, ...)"
         )
         p.add_argument("--layout", help="with --grid: the job's layout")
+        _add_no_reuse(p)
         p.set_defaults(func=_cmd_job, usage_error=p.error)
     p = sub.add_parser("import-checkpoint", help="read an existing checkpoint (its reference)")
     p.add_argument("--grid", required=True, help="the validated config as JSON")
     p.add_argument("--name", required=True, help="the checkpoint's name (config checkpoints)")
+    _add_no_reuse(p)
     p.set_defaults(func=_cmd_import)
+
+
+def _add_no_reuse(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-reuse", action="store_true",
+        help="run every unit, reuse nothing a run before computed (its rule is forced)",
+    )  # fmt: skip
 
 
 def _add_result_commands(sub) -> None:

@@ -89,6 +89,9 @@ def _message(error: jsonschema.ValidationError) -> str:
         if not math.isfinite(value):
             return f"{value} is not a finite number"
         return f"{value} is not an integer"
+    if error.validator == "type" and error.validator_value == "boolean" and isinstance(value, str):
+        # Snakemake's --config reads True and False as booleans, any other word as a string.
+        return f"{value!r} is not a boolean (true or false; on Snakemake's --config: True or False)"
     return error.message
 
 
@@ -124,10 +127,16 @@ def job_inputs(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in NOT_JOB_INPUTS}
 
 
+# Keys jobs read that change no result: ``reuse`` decides which units run again, not their
+# verdicts (a reused row and a recomputed one carry the same hash).
+NOT_RESULT_INPUTS = ("reuse",)
+
+
 def config_hash(config: dict) -> str:
     """A short, stable hash of the validated config (recorded in every row), without the keys
-    no job reads."""
-    blob = json.dumps(job_inputs(config), sort_keys=True, separators=(",", ":")).encode()
+    no job reads and those that change no result."""
+    results = {k: v for k, v in job_inputs(config).items() if k not in NOT_RESULT_INPUTS}
+    blob = json.dumps(results, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

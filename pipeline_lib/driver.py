@@ -9,7 +9,9 @@ matrix.
 
 The load record holds the cell's verdict (records.cell_row, called here, in the load job). A
 rerun reuses every unit whose inputs key is unchanged (pipeline_lib.reuse); the key includes the
-project's code version, so a change to the verdict logic runs every cell again.
+project's code version, so a change to the verdict logic runs every cell again. A job told not
+to reuse (``reuse_units=False``: config key ``reuse: false``, or its rule forced by Snakemake) runs
+every unit and keeps their results for the next run.
 """
 
 from __future__ import annotations
@@ -139,18 +141,18 @@ def torch_version() -> str:
 # --- save jobs ------------------------------------------------------------------------------
 
 
-def run_save_job(spec: JobSpec) -> None:
-    """Every item of a save job whose inputs changed (pipeline_lib.reuse): one launch (more
-    after a crash), then a record per item; an unchanged item's record is written again byte
-    for byte and its folder left as it is."""
+def run_save_job(spec: JobSpec, reuse_units: bool = True) -> None:
+    """Every item of a save job whose inputs changed (pipeline_lib.reuse; every item when not
+    ``reuse_units``): one launch (more after a crash), then a record per item; an unchanged
+    item's record is written again byte for byte and its folder left as it is."""
     from pipeline_lib.disk import room_error
 
     work, clock = fresh_dir(Path(spec.work_dir)), JobClock()
-    store = reuse.Store.of(spec)
+    store = reuse.Store.of(spec, read=reuse_units)
     kept = {i.id: text for i in spec.items if store and (text := store.saved_record(i))}
     to_run = replace(spec, items=tuple(i for i in spec.items if i.id not in kept))
     if store:
-        reuse.announce("save items", len(kept), len(spec.items))
+        reuse.announce("save items", len(kept), len(spec.items), store)
     for item in to_run.items:
         fresh_dir(Path(item.save_dir))
     skipped = {i.id: {"status": "skip", "reason": i.skip} for i in to_run.items if i.skip}
@@ -191,19 +193,20 @@ def save_record_of(item: ItemSpec, result: dict) -> dict:
 # --- load jobs ------------------------------------------------------------------------------
 
 
-def run_load_job(spec: JobSpec) -> None:
-    """Every cell of a load job whose inputs changed (pipeline_lib.reuse): one launch (more
-    after a crash or hang), then one record per item, with the cells' verdicts
-    (records.cell_row); an item none of whose cells ran gets its record again byte for byte."""
+def run_load_job(spec: JobSpec, reuse_units: bool = True) -> None:
+    """Every cell of a load job whose inputs changed (pipeline_lib.reuse; every cell when not
+    ``reuse_units``): one launch (more after a crash or hang), then one record per item, with
+    the cells' verdicts (records.cell_row); an item none of whose cells ran gets its record
+    again byte for byte."""
     from pipeline_lib.disk import room_error
 
     work, clock = fresh_dir(Path(spec.work_dir)), JobClock()
     saves, results, to_run = _read_sources(spec)
-    store = reuse.Store.of(spec)
+    store = reuse.Store.of(spec, read=reuse_units)
     keys = _cell_keys(spec, store)
     kept = {unit: rows for unit, key in keys.items() if (rows := store.cell(key))}
     if store:
-        reuse.announce("load cells", len(kept), len(keys))
+        reuse.announce("load cells", len(kept), len(keys), store)
     to_run = to_run.narrowed(set(to_run.units()) - set(kept))
     pending = to_run.units()
     if no_room := room_error(to_run, work):

@@ -56,15 +56,15 @@ def placement(path: str, naming: str, model: str, kwargs: dict, entries=None) ->
     return place(names, Naming(naming), known, wrapper)
 
 
-def import_checkpoint(spec: ExistingSpec) -> None:
+def import_checkpoint(spec: ExistingSpec, reuse_units: bool = True) -> None:
     """The import job: the reference and the record of one existing checkpoint, or, when its
-    inputs did not change (pipeline_lib.reuse), its record written again byte for byte and its
-    reference left as it is. A checkpoint that cannot be read gives an ``error`` record (its
-    cells say why), never a crash."""
-    store = reuse.Store.of(spec)
+    inputs did not change (pipeline_lib.reuse) and ``reuse_units``, its record written again
+    byte for byte and its reference left as it is. A checkpoint that cannot be read gives an
+    ``error`` record (its cells say why), never a crash."""
+    store = reuse.Store.of(spec, read=reuse_units)
     kept = store and store.imported_record(spec)
     if store:
-        reuse.announce("imports", int(bool(kept)), 1)
+        reuse.announce("imports", int(bool(kept)), 1, store)
     if kept:
         write_text(spec.record, kept)
         return

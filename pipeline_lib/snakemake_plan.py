@@ -10,11 +10,15 @@ guesses its rule from the wildcards it gets. Wildcards of the matrix rules: ``{v
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pipeline_lib import grid
 from pipeline_lib.config import job_inputs, validate
@@ -22,18 +26,93 @@ from pipeline_lib.config import job_inputs, validate
 # Progress marks of a save item (build, train, reference, state dict, save, resume, files
 # check: pipeline_lib.worker).
 SAVE_STEPS = 7
+# How the main Snakemake process tells a cluster job's own Snakemake what the run forces: that
+# one is started with --force and its own target job only (Slurm's sbatch --export=ALL passes
+# the main process's environment on).
+FORCED_ENV = "DCP_MATRIX_FORCED"
+
+
+@dataclass(frozen=True)
+class Forced:
+    """What a Snakemake run forces to run: every rule (``-F``/``--forceall``), or the rules and
+    files ``-R``/``--forcerun`` names and, with ``-f``/``--force``, the targets. A forced job
+    re-verifies: it runs every unit and reuses nothing (pipeline_lib.reuse)."""
+
+    every: bool = False
+    names: frozenset[str] = frozenset()  # rule names and output files (relative paths)
+
+    @classmethod
+    def of(cls, settings) -> Forced:
+        """From Snakemake's DAG settings (``workflow.dag_settings``; None: nothing forced)."""
+        if settings is None:
+            return cls()
+        names = set(settings.forcerun) | (set(settings.targets) if settings.forcetargets else set())
+        return cls(bool(settings.forceall), frozenset(os.path.relpath(n) for n in names))
+
+    @classmethod
+    def of_process(cls, settings, main: bool) -> Forced:
+        """The main process's answer, which it passes on (FORCED_ENV); a cluster job's own
+        Snakemake reads it (its own settings force its one job: they tell nothing)."""
+        if not main:
+            return cls.from_json(os.environ.get(FORCED_ENV))
+        forced = cls.of(settings)
+        os.environ[FORCED_ENV] = forced.to_json()
+        return forced
+
+    def to_json(self) -> str:
+        return json.dumps({"every": self.every, "names": sorted(self.names)})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Forced:
+        data = json.loads(text) if text else {}
+        return cls(bool(data.get("every")), frozenset(data.get("names", ())))
+
+    def job(self, rule: str, outputs: Iterable[str]) -> bool:
+        """Whether this run forces the job of ``rule`` that writes ``outputs``."""
+        named = {rule, *(os.path.relpath(o) for o in outputs)}
+        return self.every or not self.names.isdisjoint(named)
+
+
+class ReuseFlag:
+    """A job's ``--no-reuse`` (its rule forced) or nothing, as a rule param. Not a ``str`` on
+    purpose: Snakemake records a job's params of built-in types and reruns the job when they
+    change, but leaves others out (snakemake.persistence: UNREPRESENTABLE), so a forced run
+    does not leave its jobs' params 'changed' for the next run."""
+
+    def __init__(self, off: bool):
+        self.off = off
+
+    def __str__(self) -> str:
+        return "--no-reuse" if self.off else ""
 
 
 class Plan:
-    def __init__(self, config: dict, basedir: str, announce: bool = False):
+    def __init__(
+        self,
+        config: dict,
+        basedir: str,
+        announce: bool = False,
+        dag_settings: Callable[[], Any] | None = None,
+    ) -> None:
         """``config``: Snakemake's config, left as it is. Refuses a bad config before any job
         starts; ``self.config`` is the validated copy, every default filled in (what the rules
-        read: the Snakefile binds ``config`` to it)."""
+        read: the Snakefile binds ``config`` to it). ``announce``: the main Snakemake process
+        (a dry run too), not a cluster job's own. ``dag_settings``: returns Snakemake's
+        (``workflow.dag_settings``, set only after the Snakefile is read), which say what the
+        run forces."""
         self.config = validate(config, source="config")
         self.basedir = basedir
         self.layouts = grid.layouts(self.config)
-        if announce:  # the main Snakemake process (a dry run too), not every cluster job
+        self.main = announce
+        self._dag_settings = dag_settings or (lambda: None)
+        if announce:
             print(self.disk_line(), file=sys.stderr)
+
+    @cached_property
+    def forced(self) -> Forced:
+        """What this run forces (read when the first job's params are, once the settings are
+        there)."""
+        return Forced.of_process(self._dag_settings(), main=self.main)
 
     def disk_line(self) -> str:
         from pipeline_lib.disk import grid_bytes
@@ -134,6 +213,19 @@ class Plan:
         from pipeline_lib import reuse
 
         return f"code {reuse.code_version()[:16]}, environment {reuse.environment()[:16]}"
+
+    # A forced job reruns every unit (--no-reuse); the config key reuse is in the grid param.
+    def save_job_reuse(self, wildcards) -> ReuseFlag:
+        outputs = grid.save_outputs(self.config, wildcards.version_root, wildcards.layout)
+        return ReuseFlag(self.forced.job("save_checkpoints", outputs))
+
+    def load_job_reuse(self, wildcards) -> ReuseFlag:
+        outputs = grid.load_outputs(self.config, wildcards.version_root, wildcards.layout)
+        return ReuseFlag(self.forced.job("load_checkpoints", outputs))
+
+    def import_reuse(self, wildcards) -> ReuseFlag:
+        output = grid.existing_record_path(wildcards.checkpoint)
+        return ReuseFlag(self.forced.job("import_checkpoint", [output]))
 
     def job_ranks(self, wildcards) -> int:
         """World size of the job of {layout} (also the fault campaign's save jobs)."""

@@ -14,12 +14,14 @@ from pipeline_lib.atomic import read_json
 from pipeline_lib.specs import JobSpec, Source
 
 
-def cli(command: str, spec: JobSpec) -> None:
+def cli(command: str, spec: JobSpec) -> str:
+    """Run one job; its output (the job's log)."""
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline_lib", command, "--spec", json.dumps(spec.to_dict())],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 # Two jobs at a time, as the Snakemake tests run them (tests/test_snakemake.py: CORES): a small

@@ -17,8 +17,9 @@ rule save_checkpoints:
         python=plan.job_python,
         grid=plan.grid_json,
         inputs=plan.code_and_environment,
+        reuse=plan.save_job_reuse,
     shell:
-        "{params.python:q} -m pipeline_lib save --grid {params.grid:q}"
+        "{params.python:q} -m pipeline_lib save --grid {params.grid:q} {params.reuse}"
         " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
 
 
@@ -38,8 +39,9 @@ rule load_checkpoints:
         python=plan.job_python,
         grid=plan.grid_json,
         inputs=plan.code_and_environment,
+        reuse=plan.load_job_reuse,
     shell:
-        "{params.python:q} -m pipeline_lib load --grid {params.grid:q}"
+        "{params.python:q} -m pipeline_lib load --grid {params.grid:q} {params.reuse}"
         " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
 
 
@@ -61,8 +63,9 @@ rule import_checkpoint:
         python=PYTHON,
         grid=plan.grid_json,
         inputs=plan.code_and_environment,
+        reuse=plan.import_reuse,
     shell:
-        "{params.python:q} -m pipeline_lib import-checkpoint --grid {params.grid:q}"
+        "{params.python:q} -m pipeline_lib import-checkpoint --grid {params.grid:q} {params.reuse}"
         " --name {wildcards.checkpoint} > {log} 2>&1"
 
 
