@@ -56,8 +56,7 @@ _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 # of entries sharded over hundreds of ranks) has a few hundred MiB.
 METADATA_MAX_BYTES = 2**30
 # The largest single read of the .metadata unpickler: one object's bytes (a frame of pickle
-# protocol 4 is 64 KiB; an entry name, a few hundred bytes). A larger one is refused before it
-# is allocated.
+# protocol 4 is 64 KiB; an entry name, a few hundred bytes). A larger one is refused unread.
 PICKLE_READ_MAX_BYTES = 64 * 2**20
 # The largest non-tensor entry read (DCP reads one whole into memory, then torch.load reads it):
 # a parameter group's values, a step count, a data loader's position are a few KiB.
@@ -91,7 +90,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class _BoundedStream(io.RawIOBase):
     """``stream`` read by the unpickler, which reads an object's declared length at once: a
-    read of more than PICKLE_READ_MAX_BYTES is refused before it is allocated."""
+    read of more than PICKLE_READ_MAX_BYTES is refused (the unpickler may have reserved the
+    declared size; never written, it takes no memory)."""
 
     def __init__(self, stream: BinaryIO):
         super().__init__()
