@@ -9,7 +9,8 @@ not the user's own function (``os:system``, ``builtins:eval``, ``shutil:rmtree``
 spec directly, past the config check), with entries named like the commands it would run.
 
 Every import runs in a child process forked by a runner that imported torch once (a fork per
-folder: a fresh process whose peak RSS ``wait4`` reports, killed at IMPORT_DEADLINE_S). Each
+folder: a fresh process, killed at IMPORT_DEADLINE_S; its growth is the peak RSS ``wait4``
+reports less its RSS when it started). Each
 gives a record ``ok`` or ``error`` whose reason is one printable line; a folder with anything
 but renamed entries gives ``error``. Nothing outside the folder is opened (an audit hook on
 ``open`` in the child), nothing is run (no marker file appears, the folder ``shutil:rmtree``
@@ -40,9 +41,9 @@ from hypothesis import strategies as st
 from tests.conftest import REPO
 
 SPARSE_BYTES = 5 * 2**30 // 4  # 1.25 GiB: above every bound a read has (1 GiB of .metadata)
-IMPORT_DEADLINE_S = 60  # a generous bound on a loaded 2-core machine (measured: under 2 s)
+IMPORT_DEADLINE_S = 60  # generous on a loaded 2-core machine (measured: under 1 s each)
 RSS_GROWTH_MAX_MB = 200
-EXAMPLES = 30
+EXAMPLES = 40
 HOSTILE = "\n\r\t\x1b\x00\x7f\u2028\u202e'\"{}[]*$;: /\\."
 NAMES = st.text(st.sampled_from(HOSTILE + "abcmodel"), min_size=1, max_size=10)
 SPECIAL = (None, "fifo_data", "fifo_metadata", "link_data_out", "link_metadata_out",
@@ -124,12 +125,25 @@ def plans(draw) -> dict:
         "sizes": draw(st.lists(st.tuples(st.integers(0, 99), st.sampled_from(EDITS)), max_size=2)),
         "special": draw(st.sampled_from(SPECIAL)),
         "pickle": draw(st.booleans()),
-        "naming": draw(st.sampled_from(("dcp_matrix", "dcp_matrix", "torchtitan", *FOREIGN))),
+        "naming": draw(st.sampled_from(("dcp_matrix",) * 4 + ("torchtitan", *FOREIGN))),
     }
 
 
 NAMES_ONLY = {"renames": [(0, "\x1b[2J\n::error title=x::{y}'\"")], "sizes": [], "special": None,
               "pickle": False, "naming": "dcp_matrix"}  # fmt: skip
+
+
+# Each special file and each size edit at least once, with a naming that lets the reader reach it.
+EXAMPLES_EACH = [
+    {**NAMES_ONLY, "renames": [(1, "n\x1b[0m{}")], "special": special} for special in SPECIAL[1:]
+] + [{**NAMES_ONLY, "renames": [], "sizes": [(3, edit)]} for edit in EDITS]
+
+
+def with_examples(test):
+    """``test`` with NAMES_ONLY and EXAMPLES_EACH as explicit examples (run first, as listed)."""
+    for plan in reversed([NAMES_ONLY, *EXAMPLES_EACH]):
+        test = example(plan)(test)
+    return test
 
 
 def must_fail(plan: dict) -> bool:
@@ -280,7 +294,7 @@ def one_printable_line(reason: str) -> bool:
 
 
 def test_hostile_folders_give_an_error_record_and_nothing_else(runner, tmp_path, monkeypatch):
-    base, outside, kept = tmp_path / "base", tmp_path / "outside", []
+    base, outside, kept = tmp_path / "base", tmp_path / "outside", {}  # {NAMES_ONLY?: folder}
     base_checkpoint(base)
     outside.mkdir()
     worst = {"seconds": 0.0, "growth_mb": 0.0}
@@ -288,8 +302,8 @@ def test_hostile_folders_give_an_error_record_and_nothing_else(runner, tmp_path,
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
+    @with_examples
     @given(plans())
-    @example(NAMES_ONLY)
     def check(plan):
         found = imported(runner, plan, tmp_path, base, outside)
         status, reason = found["record"]["status"], found["record"]["reason"]
@@ -299,9 +313,10 @@ def test_hostile_folders_give_an_error_record_and_nothing_else(runner, tmp_path,
         assert found["markers"].is_dir() and not list(found["markers"].iterdir()), plan
         assert found["growth_mb"] < RSS_GROWTH_MAX_MB, (plan, found)
         worst.update({key: max(worst[key], found[key]) for key in worst})
-        COUNTS[status] = COUNTS.get(status, 0) + 1
-        if plan == NAMES_ONLY or (not kept[1:] and must_fail(plan) and configurable(plan)):
-            kept.append(found["folder"])
+        for key in (status, plan["special"], plan["naming"], *(e for _, e in plan["sizes"])):
+            COUNTS[str(key)] = COUNTS.get(str(key), 0) + 1
+        if plan == NAMES_ONLY or (must_fail(plan) and configurable(plan)):
+            kept[plan == NAMES_ONLY] = kept.get(plan == NAMES_ONLY) or found["folder"]
 
     check()
     print(f"\nhostile folders: {COUNTS}, slowest import {worst['seconds']:.2f} s, largest RSS "
@@ -309,7 +324,7 @@ def test_hostile_folders_give_an_error_record_and_nothing_else(runner, tmp_path,
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     monkeypatch.chdir(tmp_path)
     started = time.monotonic()
-    load_cells(kept, tmp_path / "loads")
+    load_cells(list(kept.values()), tmp_path / "loads")
     print(f"load cells of {len(kept)} folders: {time.monotonic() - started:.0f} s")
 
 
