@@ -136,11 +136,12 @@ def load_metadata(stream: BinaryIO, where: str = ".metadata"):
         raise UntrustedPickle(f"{where}: {exc}") from None
 
 
-def metadata_file(folder: str | Path) -> Path:
-    """``folder/.metadata``, refused (UnsafeFile) unless it is a regular file inside the folder
-    (a link to one in it is fine) of at most METADATA_MAX_BYTES: a FIFO or a device would block
-    or never end, a link out of the folder reads another file. Opens nothing."""
-    path = Path(folder) / ".metadata"
+def metadata_file(folder: str | Path, name: str = ".metadata") -> Path:
+    """``folder/name`` (``.metadata``, or a rank's ``__<rank>.metadata``), refused (UnsafeFile)
+    unless it is a regular file inside the folder (a link to one in it is fine) of at most
+    METADATA_MAX_BYTES: a FIFO or a device would block or never end, a link out of the folder
+    reads another file. Opens nothing."""
+    path = Path(folder) / name
     regular_file(path, folder, str(path))
     size = path.stat().st_size
     if size > METADATA_MAX_BYTES:
@@ -290,8 +291,7 @@ class SafeFileSystemReader(FileSystemReader):
         rank = kwargs.get("rank")
         if rank not in self._metadata:
             path = self._get_metadata_path(rank)
-            if rank is None:
-                metadata_file(self.path)
+            metadata_file(self.path, Path(path).name)
             with self.fs.create_stream(path, "rb") as stream:
                 metadata = load_metadata(stream, str(path))
             confine(metadata, self.path, str(path))
