@@ -42,12 +42,28 @@ def _cmd_job(args: argparse.Namespace) -> None:
 
 
 def _cmd_import(args: argparse.Namespace) -> None:
-    """The import job of an existing checkpoint: always writes its record (exit 0)."""
-    from pipeline_lib import grid
-    from pipeline_lib.existing import import_checkpoint
+    """The import job of an existing checkpoint (--grid, --name): always writes its record (exit
+    0), the import itself run in a child process under a watchdog (pipeline_lib.import_job);
+    that child (--spec, --progress) imports."""
+    if args.spec:
+        from pipeline_lib.existing import import_checkpoint
+        from pipeline_lib.import_job import Marks
+        from pipeline_lib.specs import ExistingSpec
+
+        import_checkpoint(
+            ExistingSpec.from_dict(json.loads(args.spec)),
+            Marks(args.progress),
+            reuse_units=not args.no_reuse,
+        )
+        return
+    if not args.name:
+        args.usage_error("--grid needs --name")
+    from pipeline_lib import grid, import_job
 
     config = json.loads(args.grid)
-    import_checkpoint(grid.existing_spec(config, args.name), reuse_units=_reuses(args, config))
+    limits = config["run"]["cell_timeout_s"], config["run"]["startup_timeout_s"]
+    spec = grid.existing_spec(config, args.name)
+    import_job.run(spec, *limits, reuse_units=_reuses(args, config))
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
@@ -148,10 +164,13 @@ def _add_job_commands(sub) -> None:
         _add_no_reuse(p)
         p.set_defaults(func=_cmd_job, usage_error=p.error)
     p = sub.add_parser("import-checkpoint", help="read an existing checkpoint (its reference)")
-    p.add_argument("--grid", required=True, help="the validated config as JSON")
-    p.add_argument("--name", required=True, help="the checkpoint's name (config checkpoints)")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--grid", help="the validated config as JSON: the import of --name")
+    given.add_argument("--spec", help="the import's spec as JSON: import here (the job's child)")
+    p.add_argument("--name", help="with --grid: the checkpoint's name (config checkpoints)")
+    p.add_argument("--progress", help="with --spec: the progress file the job's watchdog reads")
     _add_no_reuse(p)
-    p.set_defaults(func=_cmd_import)
+    p.set_defaults(func=_cmd_import, usage_error=p.error)
 
 
 def _add_no_reuse(parser: argparse.ArgumentParser) -> None:

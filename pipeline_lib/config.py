@@ -302,14 +302,43 @@ def _checkpoint_errors(config: dict) -> list[str]:
         where = f"checkpoints.{name}"
         if name in config["layouts"]:
             errors.append(f"{where}: a layout has this name too (both name a save side)")
-        if not (Path(entry["path"]) / ".metadata").is_file():
-            errors.append(f"{where}.path: {entry['path']!r} is not a DCP checkpoint folder "
-                          "(no .metadata in it)")  # fmt: skip
+        if error := checkpoint_folder_error(entry["path"]):
+            errors.append(f"{where}.path: {error}")
         if entry["model"] not in config["models"]:
             errors.append(f"{where}.model: {entry['model']!r} is not one of models")
         if error := naming_error(entry["naming"]):
             errors.append(f"{where}.naming: {error}")
     return errors
+
+
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The files of an existing checkpoint's folder, below it at any depth (links to files
+    included, links to folders not followed): its import job's inputs."""
+    return [p for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+
+
+def checkpoint_folder_error(path: str) -> str | None:
+    """Why ``path`` is not an existing checkpoint's folder the grid can take, or None: it needs a
+    ``.metadata`` that is a regular file inside it (not a link out of it: the import reads it),
+    and no file whose name Snakemake would read as a wildcard (``{`` or ``}``: each file is an
+    input of the import job). Reads no file."""
+    from pipeline_lib.errors import printable
+
+    metadata = Path(path) / ".metadata"
+    if metadata.exists() and not metadata.is_file():
+        return f"{path!r}: its .metadata is not a regular file"
+    if not metadata.is_file():
+        return f"{path!r} is not a DCP checkpoint folder (no .metadata in it)"
+    if not metadata.resolve().is_relative_to(Path(path).resolve()):
+        return f"{path!r}: its .metadata is a link to {str(metadata.resolve())!r}, outside it"
+    for file in checkpoint_files(path):
+        if "{" in file.name or "}" in file.name:
+            name = printable(str(file.relative_to(path)))
+            return (
+                f"{path!r} holds a file whose name has {{ or }}, {name}: Snakemake would read it "
+                "as a wildcard (rename or move it)"
+            )
+    return None
 
 
 def _name_errors(config: dict) -> list[str]:

@@ -15,20 +15,46 @@ import traceback
 _NO_SPACE_TEXTS = ("file write failed", "unexpected pos", "iostream error")
 
 
+# Escapes of the control characters a reason shows by name (others: \xNN, \uNNNN, \UNNNNNNNN).
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` as one printable line: every character ``str.isprintable`` refuses (newlines,
+    tabs, ANSI escapes, other control and format characters, line and paragraph separators,
+    lone surrogates) escaped visibly as Python writes it in a string literal (``\\n``,
+    ``\\x1b``, ``\\u202e``), never dropped. Idempotent: an escape is printable."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(character: str) -> str:
+    if character in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[character]
+    code = ord(character)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def one_line(exc: BaseException) -> str:
-    """Exception type and the first line of its message. DCP's CheckpointException (a
-    BaseException) wraps one exception per failing rank: name the ranks and the first cause.
-    A full disk (ENOSPC) names the path and the space left on its filesystem."""
+    """Exception type and the first line of its message, as one printable line (``printable``:
+    a message may carry a checkpoint's entry names, which may hold any character). DCP's
+    CheckpointException (a BaseException) wraps one exception per failing rank: name the ranks
+    and the first cause. A full disk (ENOSPC) names the path and the space left on its
+    filesystem."""
     failures = getattr(exc, "failures", None)
     if type(exc).__name__ == "CheckpointException" and failures:
         rank = min(failures)
         return f"CheckpointException on rank(s) {sorted(failures)}: {one_line(failures[rank][0])}"
     lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    text = printable(f"{type(exc).__name__}: {lines[0] if lines else ''}")
     if kind := no_space(exc):
         path = getattr(exc, "filename", None) or os.getcwd()
         # The whole reason stays short: the disk part is kept, the message is cut.
-        return f"{text[:240]} ({kind}: {free_space(path)} free on the filesystem of {path})"
+        where = printable(str(path))
+        return f"{text[:240]} ({kind}: {free_space(path)} free on the filesystem of {where})"
     return text[:400]
 
 
@@ -47,7 +73,7 @@ def log_traceback(what: str, exc: BaseException) -> None:
 def whole_line(exc: BaseException) -> str:
     """Exception type and its whole message on one line (whitespace collapsed; at most 400
     characters): a load_state_dict error names its keys on the lines after the first."""
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:400]
+    return printable(f"{type(exc).__name__}: {' '.join(str(exc).split())}")[:400]
 
 
 def no_space(exc: BaseException) -> str:

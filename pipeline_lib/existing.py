@@ -12,19 +12,19 @@ the reference, so the cells report it as missing in the loader's state.
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from pipeline_lib import models, reuse, timestamps
+from pipeline_lib import models, reuse, untrusted
 from pipeline_lib.atomic import write_json, write_text
-from pipeline_lib.driver import fresh_dir, torch_version
+from pipeline_lib.driver import fresh_dir
 from pipeline_lib.entries import describe, entry_kind, flatten, leaves
-from pipeline_lib.errors import one_line
-from pipeline_lib.grid import existing_layout
+from pipeline_lib.errors import one_line, printable
+from pipeline_lib.import_job import base_record
 from pipeline_lib.naming import Naming, Placement, place
 from pipeline_lib.readers import checkpoint_entries
 from pipeline_lib.reference import Reference
@@ -33,8 +33,9 @@ from pipeline_lib.untrusted import SafeFileSystemReader, SafeLoadPlanner
 
 
 def metadata_sha256(path: str) -> str:
-    """The SHA-256 of the checkpoint's ``.metadata`` (which checkpoint a row is about)."""
-    return hashlib.sha256((Path(path) / ".metadata").read_bytes()).hexdigest()
+    """The SHA-256 of the checkpoint's ``.metadata`` (which checkpoint a row is about), read in
+    blocks, and only a regular file inside the folder of a bounded size (untrusted)."""
+    return untrusted.metadata_sha256(path)
 
 
 def model_entries(model: str, kwargs: dict) -> tuple[str, set[str], set[str]]:
@@ -56,11 +57,17 @@ def placement(path: str, naming: str, model: str, kwargs: dict, entries=None) ->
     return place(names, Naming(naming), known, wrapper)
 
 
-def import_checkpoint(spec: ExistingSpec, reuse_units: bool = True) -> None:
+def import_checkpoint(
+    spec: ExistingSpec,
+    progress: Callable[[str], None] = lambda step: None,
+    reuse_units: bool = True,
+) -> None:
     """The import job: the reference and the record of one existing checkpoint, or, when its
     inputs did not change (pipeline_lib.reuse) and ``reuse_units``, its record written again
     byte for byte and its reference left as it is. A checkpoint that cannot be read gives an
-    ``error`` record (its cells say why), never a crash."""
+    ``error`` record (its cells say why), never a crash. ``progress(step)``: the watchdog's
+    marks (pipeline_lib.import_job runs this in a child process under one)."""
+    progress("checking for an earlier import")
     store = reuse.Store.of(spec, read=reuse_units)
     kept = store and store.imported_record(spec)
     if store:
@@ -69,50 +76,45 @@ def import_checkpoint(spec: ExistingSpec, reuse_units: bool = True) -> None:
         write_text(spec.record, kept)
         return
     fresh_dir(Path(spec.save_dir))
-    record = _import(spec)
+    record = _import(spec, progress)
     write_json(spec.record, record)
     if store and record["status"] == "ok":
         store.keep_imported(spec)
 
 
-def _import(spec: ExistingSpec) -> dict:
+def _import(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
     """The record of one import (its reference written when the checkpoint reads)."""
-    record = {
-        "model": spec.model,
-        "layout": existing_layout(spec.name),
-        "checkpoint": spec.path,
-        "reference": spec.reference,
-        "config_hash": spec.config_hash,
-        "created_at": timestamps.now(),
-        "torch_version": torch_version(),
-        "existing": True,
-        "source_folder": str(Path(spec.path).resolve()),
-    }
+    record = base_record(spec)
     try:
+        progress("hashing .metadata")
         record["metadata_sha256"] = metadata_sha256(spec.path)
-        record.update(_read(spec), status="ok", reason="")
+        record.update(_read(spec, progress), status="ok", reason="")
     except (Exception, CheckpointException) as exc:
-        record.update(status="error", reason=f"reading {spec.path}: {one_line(exc)}")
+        reason = printable(f"reading {spec.path}: {one_line(exc)}")
+        record.update(status="error", reason=reason)
     return record
 
 
-def _read(spec: ExistingSpec) -> dict:
-    """Read every entry, write the reference; the record's account of the entries."""
+def _read(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
+    """Read every entry, write the reference; the record's account of the entries. The first
+    entry that cannot be read ends the import (its reason names it): nothing more is read."""
+    progress("building the model (meta device)")
     anatomy = model_entries(spec.model, spec.model_kwargs)  # one meta build
+    progress("placing the entries (the naming)")
     places = placement(spec.path, spec.naming, spec.model, spec.model_kwargs, anatomy)
     params = anatomy[2]
-    flat, unreadable = {}, []
+    flat = {}
     for name, value in checkpoint_entries(spec.path):
+        progress("reading the entries")
         if name in places.excluded:
             continue
         if isinstance(value, BaseException):
-            unreadable.append(f"{name} ({one_line(value)})")
+            raise ValueError(f"unreadable entry {printable(name)} ({one_line(value)})")
         ours = places.ours.get(name, name)
         # An object entry holding a dict (the LR scheduler's, as DCP up to torch 2.3 wrote
         # it) is its leaves, as every state of this tool is flattened (entries.flatten).
         flat.update(flatten({ours: places.value(ours, value)}))
-    if unreadable:
-        raise ValueError(f"{len(unreadable)} unreadable entries, first {unreadable[0]}")
+    progress("writing the reference")
     Reference.write(spec.reference, flat, rank=0)
     entries = {}
     for name, value in flat.items():

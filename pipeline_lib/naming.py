@@ -27,11 +27,15 @@ checkpoints of such a model) are taken as they are.
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cache
 
 Ours = Callable[[str], "str | None"]
 
+# What a naming function of yours must be (its signature): ours(entry) -> str | None.
+_ONE_PARAMETER = "a naming takes exactly one positional parameter, the entry name"
 # Entries of torchtitan checkpoints that are not model, optimizer or LR scheduler state.
 TORCHTITAN_EXCLUDED = ("dataloader", "train_state")
 # torchtitan's top-level keys -> ours.
@@ -67,22 +71,51 @@ def _torchtitan(entry: str) -> str | None:
     return MODEL + entry
 
 
+@cache
 def _user_function(name: str) -> Ours:
+    """Your naming function, imported (which runs its module) and checked before its first call:
+    a plain Python function of one positional parameter, defined in a module of your own
+    (pipeline_lib.registry: never a built-in, a class or a function of the standard library or
+    of an installed package, which the entry names of a checkpoint from elsewhere would reach)."""
+    import inspect
+
     from pipeline_lib.registry import import_path
 
-    return import_path(name, NamingError)[1]
+    function = import_path(name, NamingError)[1]
+    if inspect.isgeneratorfunction(function) or inspect.iscoroutinefunction(function):
+        raise NamingError(f"{name} is a generator or coroutine function, not ours(entry)")
+    if why := _signature_error(inspect.signature(function).parameters.values()):
+        raise NamingError(f"{name} {why}")
+    return function
+
+
+def _signature_error(parameters) -> str | None:
+    """Why a function with these ``inspect`` parameters is not ``ours(entry)``, or None."""
+    positional = ("POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD")
+    kinds = [p.kind.name for p in parameters]
+    if len(kinds) != 1 or kinds[0] not in positional:
+        shown = ", ".join(str(p) for p in parameters)
+        return f"takes ({shown}): {_ONE_PARAMETER}"
+    return None
 
 
 def naming_error(name: str) -> str | None:
-    """Why ``name`` is not a naming (built-in, or an importable ``package.module:function``)."""
+    """Why ``name`` is not a naming (built-in, or ``package.module:function`` of your own), or
+    None. Runs nothing: your module is found and its source read (pipeline_lib.registry), not
+    imported; a job imports it (``_user_function`` checks it again, on what the import made)."""
+    from pipeline_lib.registry import locate, top_level_function
+
     if name in ("dcp_matrix", "torchtitan"):
         return None
     if ":" not in name:
         return f"unknown naming {name!r} (dcp_matrix, torchtitan, or package.module:function)"
     try:
-        _user_function(name)
+        definition = top_level_function(locate(name, NamingError), NamingError)
     except NamingError as exc:
         return str(exc)
+    args = definition.args
+    if args.vararg or args.kwarg or args.kwonlyargs or len(args.posonlyargs + args.args) != 1:
+        return f"{name} takes ({ast.unparse(args)}): {_ONE_PARAMETER}"
     return None
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from pipeline_lib.errors import printable
+
 if TYPE_CHECKING:
     from pipeline_lib.axes import Variant
     from pipeline_lib.specs import ItemSpec
@@ -166,8 +168,15 @@ def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple
     account of the missing entry instead of the resumed losses, which differ by design;
     strict_unexpected and non_strict_unexpected (the saver added one) the account of the
     unexpected entry, besides the resumed losses (the model's own state loads whole). One
-    function on purpose: the order of its steps is the order of the reason's parts.
+    function on purpose: the order of its steps is the order of the reason's parts. The reason
+    is one printable line (errors.printable): it quotes entry names and messages that come from
+    a checkpoint, which may hold newlines and terminal escapes.
     """
+    status, reason = _verdict(save, load, rtol, mode)
+    return status, printable(reason)
+
+
+def _verdict(save: dict, load: dict, rtol: float, mode: str) -> tuple[str, str]:
     for side, result in (("save", save), ("load", load)):
         if result["status"] == "skip":
             return "skip", f"{side} layout: {result['reason']}"

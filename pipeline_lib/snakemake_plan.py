@@ -17,11 +17,10 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from pipeline_lib import grid
-from pipeline_lib.config import job_inputs, validate
+from pipeline_lib.config import checkpoint_files, job_inputs, validate
 
 # Progress marks of a save item (build, train, reference, state dict, save, resume, files
 # check: pipeline_lib.worker).
@@ -143,9 +142,11 @@ class Plan:
 
     def existing_files(self, wildcards) -> list[str]:
         """Every file of the existing checkpoint's folder: one rewritten, the checkpoint's
-        import job runs again (and imports again: pipeline_lib.reuse)."""
-        folder = Path(self.config["checkpoints"][wildcards.checkpoint]["path"])
-        return [str(p) for p in sorted(folder.rglob("*")) if p.is_file()]
+        import job runs again (and imports again: pipeline_lib.reuse). Snakemake reads ``{…}``
+        in an input as a wildcard (doubling the braces does not escape an input function's
+        path): the config check refuses such a name first (config.checkpoint_folder_error)."""
+        folder = self.config["checkpoints"][wildcards.checkpoint]["path"]
+        return [str(p) for p in checkpoint_files(folder)]
 
     def targets(self) -> list[str]:
         """What ``rule all`` asks for: the matrix if the grid has cells, the fault campaign's

@@ -610,3 +610,201 @@ def test_a_full_disk_in_a_torch_save_is_a_reason_naming_the_file(tiny_fs):
     assert f"free on the filesystem of {target}" in reason
     assert json.loads((tiny_fs / "done.json").read_text()) == {"kept": True}
     assert sorted(p.name for p in tiny_fs.iterdir()) == ["done.json"]  # no temporary left
+
+
+# --- 10. what a config may execute; what a checkpoint folder may hold (issue 32) --------------
+
+
+def check_config(path: Path) -> tuple[int, str, str]:
+    """``check-config path`` in this process: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from pipeline_lib import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli.main(["check-config", str(path)])
+            status = 0
+        except SystemExit as exc:
+            status = exc.code
+    return status, out.getvalue(), err.getvalue()
+
+
+def with_checkpoint(folder: Path, **entry) -> dict:
+    """small() loading the existing checkpoint ``folder`` (its .metadata is not read here)."""
+    folder.mkdir(exist_ok=True)
+    if not (folder / ".metadata").exists():
+        (folder / ".metadata").write_bytes(b"not read by the config check")
+    return {**small(), "pairs": "none",
+            "checkpoints": {"ck": {"path": str(folder), "model": "mlp", **entry}}}  # fmt: skip
+
+
+MINE = """\
+from os import system
+
+
+class Thing:
+    pass
+
+
+def two(entry, other):
+    return entry
+
+
+def ours(entry):
+    return "model." + entry
+"""
+
+
+@pytest.mark.parametrize(
+    ("naming", "why"),
+    [
+        ("os:system", "'os' is part of Python, not your own module"),
+        ("builtins:eval", "'builtins' is part of Python, not your own module"),
+        ("shutil:rmtree", "shutil.py) is part of the standard library, not your own module"),
+        ("yaml:safe_load", "is an installed package, not your own module"),
+        ("pipeline_lib.atomic:write_text", "atomic.py) is part of dcp-matrix, not your own module"),
+        ("mine_namings:system", "mine_namings:system is not a plain function: it must be defined with def (no decorator) at the top level of"),
+        ("mine_namings:Thing", "mine_namings:Thing is not a plain function"),
+        ("mine_namings:two", "mine_namings:two takes (entry, other): a naming takes exactly one positional parameter, the entry name"),
+    ],
+)  # fmt: skip
+def test_a_naming_that_is_not_a_function_of_your_own_is_refused(in_tmp, naming, why):
+    (in_tmp / "mine_namings.py").write_text(MINE)
+    path = in_tmp / "c.yaml"
+    path.write_text(yaml.safe_dump(with_checkpoint(in_tmp / "ck", naming=naming)))
+    status, _, err = check_config(path)
+    assert status == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"{path}: checkpoints.ck.naming: ") and why in err, err
+
+
+def test_check_config_runs_no_naming_module_the_job_does(in_tmp):
+    """A naming's module is read, not imported, by the config check; the import job imports it
+    (then checks what it made: a plain function of one parameter)."""
+    from pipeline_lib.naming import Naming
+
+    (in_tmp / "side_effect_naming.py").write_text(
+        "open('IMPORTED', 'w').close()\n\n\ndef ours(entry):\n    return 'model.' + entry\n"
+    )
+    path = in_tmp / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(with_checkpoint(in_tmp / "ck", naming="side_effect_naming:ours"))
+    )
+    status, out, err = check_config(path)
+    assert (status, err) == (0, "") and "valid" in out
+    assert not (in_tmp / "IMPORTED").exists()
+    assert Naming("side_effect_naming:ours").ours("w") == "model.w"
+    assert (in_tmp / "IMPORTED").exists()
+
+
+def test_check_config_imports_your_model_module_and_nothing_else(in_tmp):
+    """A model by import path is imported (and built on the meta device) by the config check, as
+    docs/config.md says; a module that is not your own is refused unimported (``this`` prints
+    the Zen of Python when imported)."""
+    (in_tmp / "side_effect_model.py").write_text(
+        "import torch\n\nopen('IMPORTED', 'w').close()\n\n\ndef build():\n"
+        "    return torch.nn.Linear(2, 2)\n\n\ndef make_inputs(batch_size, generator):\n"
+        "    return torch.randn(batch_size, 2, generator=generator)\n"
+    )
+    cfg = {**small(), "models": ["mlp", "this:build", "side_effect_model:build"]}
+    path = in_tmp / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    status, out, err = check_config(path)
+    assert "Beautiful is better than ugly" not in out + err
+    assert status == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"{path}: models.1: 'this' (/") and err.endswith(
+        "this.py) is part of the standard library, not your own module\n"
+    )
+    assert (in_tmp / "IMPORTED").exists()
+
+
+def test_a_model_that_is_not_your_own_is_refused():
+    refused({**small(), "models": ["os:abort"]}, "models.0: 'os' is part of Python")
+    refused({**small(), "models": ["torch.nn:Linear"]}, "models.0: 'torch.nn' (", "is an installed")
+
+
+def test_an_hf_base_class_is_a_one_line_config_error():
+    for base in ("PreTrainedModel", "LlamaPreTrainedModel"):
+        cfg = {**small(), "models": ["x"], "hf_models": {"x": {"architecture": base}}}
+        message = refused(cfg, f"hf_models.x.architecture: {base} is a base class of transformers'")
+        assert len(config.error_lines(ConfigError(message))) == 1
+
+
+def test_a_checkpoint_folder_snakemake_cannot_take_is_refused_before_any_job(tmp_path):
+    """A file named with braces (Snakemake read it as a wildcard: the dry run aborted with
+    WildcardError), a .metadata linked out of the folder or not a regular file."""
+    braces = tmp_path / "braces"
+    cfg = with_checkpoint(braces, path="braces")
+    (braces / "step{1}.txt").write_text("")
+    proc = dry_run(tmp_path, cfg, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "WildcardError" not in output
+    assert (
+        "checkpoints.ck.path: 'braces' holds a file whose name has { or }, step{1}.txt: "
+        "Snakemake would read it as a wildcard (rename or move it)" in output
+    ), output
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ".metadata").symlink_to(tmp_path / "braces" / ".metadata")
+    refused(
+        with_checkpoint(linked), f"its .metadata is a link to '{braces / '.metadata'}', outside"
+    )
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / ".metadata")
+    refused(with_checkpoint(fifo), "checkpoints.ck.path: ", "its .metadata is not a regular file")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        ("while True:\n        pass", "timeout", "no progress for 2 s during placing the entries "
+         "(the naming); import killed"),
+        ("import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)", "crash",
+         "import killed by SIGKILL during placing the entries (the naming)"),
+    ],
+)  # fmt: skip
+def test_the_import_job_runs_under_a_watchdog(in_tmp, body, status, reason):
+    """A naming of your own that loops, or kills its process: the import job writes its record
+    (it hung, or died without one)."""
+    from tests.test_untrusted import save, state
+
+    (in_tmp / "stuck_naming.py").write_text(f"def ours(entry):\n    {body}\n")
+    save(in_tmp / "ck", state())
+    raw = with_checkpoint(in_tmp / "ck", naming="stuck_naming:ours")
+    cfg = config.validate({**raw, "run": {"cell_timeout_s": 2}})
+    proc = subprocess.run(
+        [PYTHON, "-m", "pipeline_lib", "import-checkpoint", "--grid", json.dumps(cfg), "--name",
+         "ck"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(Path(grid.existing_record_path("ck")).read_text())
+    assert (record["status"], record["reason"]) == (status, reason)
+    assert record["existing"] and record["checkpoint"] == str(in_tmp / "ck")
+
+
+def test_reasons_are_one_printable_line():
+    """Entry names and messages from a checkpoint may hold newlines and terminal escapes: every
+    reason shows them escaped, on one line (the gate prints reasons, a CI reads its lines)."""
+    from pipeline_lib.errors import one_line
+    from pipeline_lib.records import verdict
+
+    hostile = "w\n::error title=x::y\x1b[2J\u202e\t"
+    shown = "w\\n::error title=x::y\\x1b[2J\\u202e\\t"
+    save = {"status": "ok", "existing": True, "files_check": {}, "resume_losses": []}
+    load = {"status": "ok", "resume_losses": [],
+            "entries": {hostile: {"equal": False, "note": "missing in the loader's state"}}}  # fmt: skip
+    assert verdict(save, load, 1e-5) == (
+        "fail", f"loader vs saver: 1 of 1 entries differ; first {shown}: missing in the loader's "
+        "state")  # fmt: skip
+    failed = {"status": "error", "existing": True, "reason": f"reading x: {hostile}"}
+    assert verdict(failed, load, 1e-5) == ("error", f"import: reading x: {shown}")
+    assert one_line(RuntimeError("x\x1b[2J\u202ey")) == "RuntimeError: x\\x1b[2J\\u202ey"
+    assert one_line(KeyError(hostile)) == f"KeyError: {hostile!r}"  # repr: escaped already
+    assert one_line(ValueError(f"entry {hostile} refused")) == "ValueError: entry w"
+
+    from pipeline_lib.errors import printable
+
+    assert printable(hostile) == shown and printable(shown) == shown

@@ -4,6 +4,7 @@ clear error and never runs code; a record on disk cannot point the loader at ano
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -200,3 +201,251 @@ def test_a_save_record_cannot_point_the_loader_at_another_reference(in_tmp, monk
     assert cell["status"] == "error"
     assert "names another reference ('/elsewhere/reference', expected " in cell["reason"]
     assert launched == [[]]  # nothing to run
+
+
+# --- issue 32: what a checkpoint folder can make the reader run, block on or allocate ---------
+
+
+def finishes(read, seconds: float = 30.0, unblock: Path | None = None):
+    """``read()`` in a thread: (finished within ``seconds``, what it returned or raised). A
+    reader blocked on the FIFO ``unblock`` is released afterwards (its writer opens and closes)."""
+    import threading
+
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_call(read)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive() and unblock is not None:
+        with contextlib.suppress(OSError):
+            os.close(os.open(unblock, os.O_WRONLY | os.O_NONBLOCK))
+    return not thread.is_alive(), outcome[0] if outcome else None
+
+
+def _call(read):
+    try:
+        return read()
+    except BaseException as exc:
+        return exc
+
+
+@pytest.mark.parametrize("special", ["data", ".metadata"])
+def test_a_fifo_in_the_folder_is_refused_without_blocking(checkpoint, special):
+    fifo = checkpoint / ("__0_0.distcp" if special == "data" else ".metadata")
+    if special == ".metadata":
+        (checkpoint / "real.metadata").write_bytes(fifo.read_bytes())
+    fifo.unlink()
+    os.mkfifo(fifo)
+    done, outcome = finishes(lambda: dict(checkpoint_entries(str(checkpoint))), unblock=fifo)
+    assert done, "the reader blocked on a FIFO"
+    assert isinstance(outcome, ValueError) and "not a regular file (a FIFO)" in str(outcome)
+
+
+def test_a_metadata_link_out_of_the_folder_is_refused(checkpoint, tmp_path):
+    from pipeline_lib.existing import metadata_sha256
+    from pipeline_lib.untrusted import OutsideFolder, SafeFileSystemReader
+
+    (tmp_path / "elsewhere.metadata").write_bytes((checkpoint / ".metadata").read_bytes())
+    (checkpoint / ".metadata").unlink()
+    (checkpoint / ".metadata").symlink_to(tmp_path / "elsewhere.metadata")
+    for read in (lambda: SafeFileSystemReader(str(checkpoint)).read_metadata(),
+                 lambda: dict(checkpoint_entries(str(checkpoint))),
+                 lambda: metadata_sha256(str(checkpoint))):  # fmt: skip
+        with pytest.raises(OutsideFolder, match=r"\.metadata: refused: a link to .*elsewhere"):
+            read()
+
+
+def rewrite(checkpoint: Path, edit) -> None:
+    """``edit(metadata)`` applied to the checkpoint's .metadata, pickled back by hand."""
+    metadata = pickle.loads((checkpoint / ".metadata").read_bytes())
+    edit(metadata)
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def test_entries_without_data_are_named_before_any_read_and_metadata_is_unpickled_once(
+    checkpoint, monkeypatch
+):
+    """A .metadata of many entries with no data in the files: each is an error at once, and the
+    metadata is unpickled once (it was once per dcp.load: once per entry after a failed batch)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from pipeline_lib import untrusted
+
+    def add(metadata):
+        for i in range(40):
+            metadata.state_dict_metadata[f"ghost.{i}\n\x1b[31m"] = BytesStorageMetadata()
+
+    rewrite(checkpoint, add)
+    unpickled, reads, real_load = [], [], dcp.load
+    monkeypatch.setattr(untrusted, "load_metadata", lambda s, w: unpickled.append(w) or
+                        untrusted._MetadataUnpickler(s).load())  # fmt: skip
+    monkeypatch.setattr(dcp, "load", lambda *a, **k: reads.append(1) or real_load(*a, **k))
+    found = dict(checkpoint_entries(str(checkpoint)))
+    assert len(unpickled) == 1 and len(reads) == 1, (len(unpickled), len(reads))
+    ghosts = [v for n, v in found.items() if n.startswith("ghost.")]
+    assert len(ghosts) == 40 and all(isinstance(v, untrusted.UnsafeFile) for v in ghosts)
+    assert "ghost.0\\n\\x1b[31m: no data in the checkpoint's files" in str(ghosts[0])
+    assert torch.equal(found["model.b"], state()["model"]["b"])
+
+
+def test_a_failing_batch_is_split_in_halves(checkpoint, monkeypatch):
+    """One unreadable entry among many: found in about 2 log2(n) reads, not one read per entry."""
+    import dataclasses
+
+    def add(metadata):
+        index, info = next((i, v) for i, v in metadata.storage_data.items() if i.fqn == "model.w")
+        for i in range(63):
+            name = f"copy.{i:02d}"
+            metadata.state_dict_metadata[name] = metadata.state_dict_metadata["model.w"]
+            broken = dataclasses.replace(info, length=info.length - (i == 40))
+            metadata.storage_data[dataclasses.replace(index, fqn=name)] = broken
+
+    rewrite(checkpoint, add)
+    reads, real_load = [], dcp.load
+    monkeypatch.setattr(dcp, "load", lambda *a, **k: reads.append(1) or real_load(*a, **k))
+    found = dict(checkpoint_entries(str(checkpoint)))
+    failed = [name for name, value in found.items() if isinstance(value, BaseException)]
+    assert failed == ["copy.40"] and len(found) == 63 + 5
+    assert len(reads) <= 2 * 7 + 1, len(reads)
+
+
+def declared(checkpoint: Path, entry: str, **change) -> None:
+    """Declare ``entry``'s storage otherwise (offset, length) in .metadata."""
+    import dataclasses
+
+    def edit(metadata):
+        index = next(i for i in metadata.storage_data if i.fqn == entry)
+        metadata.storage_data[index] = dataclasses.replace(metadata.storage_data[index], **change)
+
+    rewrite(checkpoint, edit)
+
+
+@pytest.mark.parametrize(
+    ("entry", "change", "expected"),
+    [
+        ("model.w", {"offset": -7}, r"entry model\.w: stored at bytes -7\.\."),
+        ("model.w", {"length": 10**12}, r"entry model\.w: stored at bytes \d+\.\.\d+ of '__0_0\.distcp', which holds \d+ bytes"),
+        ("model.w", {"size": [10**6, 2]}, r"entry model\.w: declares 7\.6 MiB of tensor data, its chunks in the files hold 1\.\d KiB"),
+        ("optim.param_groups.0.lr", {"sparse": 2**28}, r"entry optim\.param_groups\.0\.lr: a non-tensor entry of 256\.0 MiB, more than the 64\.0 MiB one is read up to"),
+        ("model.w", {"transform_descriptors": ["stream.zstd/1"]}, r"entry model\.w is read through \['stream\.zstd/1'\] \(a stream transform"),
+    ],
+)  # fmt: skip
+def test_declared_sizes_are_checked_against_the_files_before_reading(
+    checkpoint, entry, change, expected
+):
+    """What .metadata declares, far from what the files hold: refused before anything is read
+    or allocated (a bytes entry of 256 MiB over a sparse file was read whole)."""
+    import tracemalloc
+
+    if "size" in change:
+
+        def edit(metadata):
+            metadata.state_dict_metadata[entry].size = torch.Size(change["size"])
+
+        rewrite(checkpoint, edit)
+    elif "sparse" in change:
+        shard = checkpoint / "__0_0.distcp"
+        with open(shard, "r+b") as f:
+            f.truncate(change["sparse"])  # a hole: zeros, no disk
+        offset = pickle.loads((checkpoint / ".metadata").read_bytes())
+        start = next(v.offset for i, v in offset.storage_data.items() if i.fqn == entry)
+        declared(checkpoint, entry, length=change["sparse"] - start)
+    else:
+        declared(checkpoint, entry, **change)
+    tracemalloc.start()
+    try:
+        found = dict(checkpoint_entries(str(checkpoint)))[entry]
+    except (Exception, CheckpointException) as exc:  # the transform: the whole checkpoint
+        found = exc
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert isinstance(found, ValueError) and re.search(expected, str(found)), found
+    assert peak < 16 * 2**20, peak
+
+
+def sparse_metadata(checkpoint: Path, size: int) -> None:
+    """The checkpoint's real .metadata followed by a hole up to ``size`` bytes."""
+    with open(checkpoint / ".metadata", "r+b") as f:
+        f.truncate(size)
+
+
+def test_metadata_is_hashed_in_blocks_and_refused_above_its_bound(checkpoint):
+    import hashlib
+    import tracemalloc
+
+    from pipeline_lib.existing import metadata_sha256
+
+    sparse_metadata(checkpoint, 300 * 2**20)
+    tracemalloc.start()
+    digest = metadata_sha256(str(checkpoint))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    expected = hashlib.sha256()
+    with open(checkpoint / ".metadata", "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            expected.update(block)
+    assert digest == expected.hexdigest() and peak < 8 * 2**20, peak
+    sparse_metadata(checkpoint, 5 * 2**30 // 4)
+    with pytest.raises(ValueError, match=r"refused: 1\.2 GiB, more than the 1\.0 GiB read of one"):
+        metadata_sha256(str(checkpoint))
+    with pytest.raises(ValueError, match=r"refused: 1\.2 GiB, more than the 1\.0 GiB"):
+        dict(checkpoint_entries(str(checkpoint)))
+
+
+def test_a_pickled_object_larger_than_metadata_holds_is_refused_before_it_is_read(tmp_path):
+    """A pickle declaring one object of 1 GiB (BINBYTES8) in a file of a few bytes: the unpickler
+    reserves it (untouched), its read is refused."""
+    import struct
+
+    from pipeline_lib.untrusted import UntrustedPickle, load_metadata
+
+    path = tmp_path / ".metadata"
+    path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 2**30) + b"\x00" * 16)
+    with (
+        open(path, "rb") as f,
+        pytest.raises(UntrustedPickle, match=r"refused to read an object of 1024\.0 MiB \(more"),
+    ):
+        load_metadata(f, str(path))
+
+
+def existing_spec(path: Path, naming: str):
+    from pipeline_lib.specs import ExistingSpec
+
+    return ExistingSpec(
+        name="theirs", path=str(path), model="mlp", naming=naming,
+        save_dir="results/existing/theirs", reference="results/existing/theirs/reference",
+        record="results/existing/theirs.json", config_hash="x",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("naming", "command", "why"),
+    [
+        ("os:system", "/usr/bin/touch PWNED", "'os' is part of Python, not your own module"),
+        ("builtins:eval", "open('PWNED', 'w')", "'builtins' is part of Python"),
+        ("shutil:rmtree", "kept", "'shutil' (/"),
+    ],
+)
+def test_an_entry_named_like_a_command_never_runs(in_tmp, naming, command, why):
+    """A naming that is no function of the user's own, named past the config check (the import
+    job checks it again): the entry named like a command is never passed to it."""
+    from pipeline_lib.existing import import_checkpoint
+
+    (in_tmp / "kept").mkdir()
+    checkpoint = in_tmp / "theirs"
+    save(checkpoint, {"model": {"w": torch.ones(2)}, "optim": {"x": torch.ones(1)}})
+
+    def rename(metadata):
+        import dataclasses
+
+        metadata.state_dict_metadata[command] = metadata.state_dict_metadata.pop("model.w")
+        index = next(i for i in metadata.storage_data if i.fqn == "model.w")
+        metadata.storage_data[dataclasses.replace(index, fqn=command)] = metadata.storage_data.pop(
+            index
+        )
+
+    rewrite(checkpoint, rename)
+    spec = existing_spec(checkpoint, naming)
+    import_checkpoint(spec)
+    assert not (in_tmp / "PWNED").exists() and (in_tmp / "kept").is_dir()
+    record = json.loads(Path(spec.record).read_text())
+    assert record["status"] == "error" and why in record["reason"], record["reason"]

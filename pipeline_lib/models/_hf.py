@@ -25,6 +25,7 @@ import transformers
 from torch import nn
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from transformers import PretrainedConfig
 
 from pipeline_lib.errors import Incompatible
 from pipeline_lib.models._user import CAUSAL_LM_SUFFIXES, UserModel, _plan_targets
@@ -50,6 +51,8 @@ TP_STYLES: dict[str, tuple[Any, tuple[type, ...]]] = {
     ),
 }
 REPLICATED_STYLES = ("replicate", "replicated_with_grad_allreduce")
+# The name ending of transformers' base classes (PreTrainedModel, LlamaPreTrainedModel, ...).
+_BASE = "PreTrainedModel"
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,19 @@ class HFModelDefinition:
 
     @property
     def model_class(self) -> type:
+        """The architecture's class: a transformers model class with a config class of its own;
+        ValueError for anything else (not a model, or a base class: ``PreTrainedModel``,
+        ``LlamaPreTrainedModel``, which build no layers)."""
         found = getattr(transformers, self.architecture, None)
         if not (isinstance(found, type) and issubclass(found, transformers.PreTrainedModel)):
             raise ValueError(f"transformers has no model class {self.architecture!r}")
+        config_class = getattr(found, "config_class", None)
+        configured = isinstance(config_class, type) and issubclass(config_class, PretrainedConfig)
+        if not configured or config_class is PretrainedConfig or found.__name__.endswith(_BASE):
+            raise ValueError(
+                f"{self.architecture} is a base class of transformers' models (it builds no "
+                "layers); name an architecture, e.g. LlamaForCausalLM"
+            )
         return found
 
     def make_config(self):

@@ -58,9 +58,12 @@ class UserModelSource:
 
 
 def load(name: str) -> UserModelSource:
-    """Import ``package.module:callable`` and check the contract, or raise UserModelError."""
+    """Import ``package.module:callable`` and check the contract, or raise UserModelError. The
+    module must be one of your own and the callable a plain function or a class defined in it
+    (pipeline_lib.registry: not a built-in, nor the standard library's or an installed
+    package's, which a config could otherwise name to have it called)."""
     module_name, _, attr = name.partition(":")
-    module, factory = import_path(name, UserModelError)
+    module, factory = import_path(name, UserModelError, classes=True)
     if not callable(getattr(module, REQUIRED_INPUTS, None)):
         raise UserModelError(
             f"{module_name!r} has no {REQUIRED_INPUTS}(batch_size, generator) beside {attr!r}"
