@@ -27,6 +27,18 @@ def pytest_configure(config):
         os.environ["SLURM_CONF"] = str(conf)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Whatever process the tests left running below this one (a subprocess's descendant that
+    outlived it, the fork server of a job run in process) is killed, and named, when the
+    session ends: nothing a test started outlives the suite (each subprocess a test starts
+    runs under a timeout that kills its whole process group: tests/procs.py)."""
+    from tests.procs import sweep
+
+    killed = sweep(os.getpid())
+    if killed:
+        print("\nconftest: killed what the tests left running:", *killed, sep="\n  ")
+
+
 @pytest.fixture
 def default_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
 from pipeline_lib import config as config_mod
 from pipeline_lib import reproducer
+from tests import procs
 from tests.test_baseline import cell
 
 CONFIG = {
@@ -63,7 +63,7 @@ def test_reproducer_reproduces_the_status(tmp_path, status):
     fresh.mkdir()
     (fresh / "repro.py").write_text((written[0] / "repro.py").read_text())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "repro.py"], cwd=fresh, env=env, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
