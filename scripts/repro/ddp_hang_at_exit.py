@@ -12,7 +12,7 @@ barrier, destroy, return; a run not finished within ``--timeout`` seconds hung (
 PATH, the hung rank's native stacks are shown), and is killed with its whole process group.
 ``--free before`` frees the module before destroy instead: the control, which does not hang.
 Torch only, no pipeline_lib: ``python scripts/repro/ddp_hang_at_exit.py``. Exits 0 when a run
-hung (the finding holds), 1 when none did. On torch 2.13.0+cpu here every run of 20 cycles hung
+hung (the finding holds), 1 when none did. On torch 2.13.0+cpu here every run of 20-30 cycles hung
 (15 of 15), a first cycle never (45 seen), the control never (300 cycles).
 """
 
