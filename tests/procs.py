@@ -69,13 +69,13 @@ def run(
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
-def sweep(root: int) -> list[str]:
-    """SIGKILL every process below process ``root`` that is still running (not ``root``):
-    what tests left behind. Each one killed, as ``pid command line``."""
+def sweep(root: int, keep=lambda process: False) -> list[str]:
+    """SIGKILL every process below process ``root`` that is still running (not ``root``, nor
+    one ``keep`` accepts): what tests left behind. Each one killed, as ``pid command line``."""
     killed = []
     for process in psutil.Process(root).children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if process.status() == psutil.STATUS_ZOMBIE:
+            if process.status() == psutil.STATUS_ZOMBIE or keep(process):
                 continue
             command = " ".join(process.cmdline())[:200]
             process.kill()
