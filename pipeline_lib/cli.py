@@ -122,17 +122,22 @@ def _cmd_make_env(args: argparse.Namespace) -> None:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int | None:
-    """Valid: one line of counts and one of the disk estimate. Invalid: one line per error on
-    stderr (no traceback), exit status 1."""
+    """Valid: one line of counts and one of the disk estimate. Invalid, or a model that cannot
+    be built (the estimate builds it): one line per error on stderr (no traceback), exit
+    status 1."""
     from pipeline_lib import config as config_module
     from pipeline_lib import grid
-    from pipeline_lib.disk import grid_bytes
+    from pipeline_lib.disk import ModelBuildError, grid_bytes
 
     try:
         config = config_module.load(args.configfile)
+        estimate = grid_bytes(config)
     except config_module.ConfigError as exc:
         for line in config_module.error_lines(exc):
             print(line, file=sys.stderr)
+        return 1
+    except ModelBuildError as exc:
+        print(f"{args.configfile}: {_model_field(config, exc.model)}: {exc}", file=sys.stderr)
         return 1
     saves, loads = len(grid.save_layouts(config)), len(grid.load_layouts(config))
     print(
@@ -144,8 +149,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int | None:
             f"{args.configfile}: and {grid.existing_cell_count(config)} cells of "
             f"{len(config['checkpoints'])} existing checkpoint(s) x {loads} load layout(s)"
         )
-    print(f"{args.configfile}: the grid writes {grid_bytes(config)}")
+    print(f"{args.configfile}: the grid writes {estimate}")
     return None
+
+
+def _model_field(config: dict, model: str) -> str:
+    """The config field that names ``model``: ``models.<i>``, else ``models`` (a model the
+    fault campaign's cells save)."""
+    return f"models.{config['models'].index(model)}" if model in config["models"] else "models"
 
 
 def _add_job_commands(sub) -> None:

@@ -6,6 +6,7 @@ Every error names the field (``layouts.tp_2.mesh``) or the file, and is raised b
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -25,6 +26,14 @@ class ConfigError(ValueError):
 
 
 def load_schema() -> dict:
+    """The config schema (a copy: the caller may change it)."""
+    return copy.deepcopy(_parsed_schema())
+
+
+@functools.cache
+def _parsed_schema() -> dict:
+    """Parsed once per process: PyYAML's pure-Python parser takes 50-140 ms on it, and a
+    process validates many configs (a test session thousands)."""
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 

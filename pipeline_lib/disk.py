@@ -5,7 +5,9 @@ dtype) and per-entry overheads measured on torch 2.13 (2026-12-02: a DCP chunk i
 archive of about 1.6-1.9 KiB beyond its data, a reference piece about 0.3-0.4 KiB, a record and
 its worker file about 0.9 KiB per entry and cell). It errs on the high side: every optimizer
 keeps two states per parameter (SGD keeps one), frozen parameters are counted as trained.
-Torch-free for the built-in models; a model of your own is built on the meta device.
+Torch-free for the built-in models; a model of your own is built on the meta device (on the CPU
+when that raises). A model that cannot be built at all: check-config refuses the config,
+naming it; a job leaves its items out of the room check (their ranks record why they fail).
 """
 
 from __future__ import annotations
@@ -61,17 +63,37 @@ class Estimate:
         return f"about {human_bytes(self.total)}" + (f" ({shown})" if shown else "")
 
 
+class ModelBuildError(ValueError):
+    """A model of the grid cannot be built, so its state cannot be counted; the message names
+    the model (``model``) and the exception."""
+
+    def __init__(self, model: str, message: str):
+        super().__init__(message)
+        self.model = model
+
+
 def model_state(model: str, model_kwargs: dict | None = None) -> tuple[int, int, int, int]:
     """(parameter elements, parameter tensors, buffer elements, buffer tensors) of a model
-    (``model_kwargs``: an hf_models entry, pipeline_lib.models.spec_kwargs)."""
+    (``model_kwargs``: an hf_models entry, pipeline_lib.models.spec_kwargs). Built on the meta
+    device, on the CPU when that fails (a build that calls ``.item()``, say); ModelBuildError
+    when both raise."""
     if model in BUILTIN_STATE:
         return BUILTIN_STATE[model]
     import torch
 
     from pipeline_lib import models
+    from pipeline_lib.errors import one_line
 
-    with torch.device("meta"):
-        module = models.get(model, model_kwargs).build(**(model_kwargs or {}))
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                module = models.get(model, model_kwargs).build(**(model_kwargs or {}))
+            break
+        except Exception as exc:  # the user's code: any exception
+            error = exc
+    else:
+        message = f"model {model!r}: build() raised {one_line(error)}"
+        raise ModelBuildError(model, message) from error
     params, buffers = list(module.parameters()), list(module.buffers())
     return (sum(p.numel() for p in params), len(params), sum(b.numel() for b in buffers),
             len(buffers))  # fmt: skip
@@ -120,22 +142,33 @@ def load_cell_bytes(model: str, variant: Variant, kwargs=None) -> Estimate:
     return estimate
 
 
-def job_bytes(spec: JobSpec) -> Estimate:
-    """What a save or load job (pipeline_lib.grid.job_spec) writes, its skipped items aside."""
+def job_bytes(spec: JobSpec, unbuildable_ok: bool = False) -> Estimate:
+    """What a save or load job (pipeline_lib.grid.job_spec) writes, its skipped items aside.
+    ``unbuildable_ok``: an item whose model cannot be built counts nothing (its ranks fail
+    building it and record why) instead of raising ModelBuildError."""
     estimate = Estimate({"records": PER_JOB})
     world = spec.layout["world_size"]
     for item in spec.items:
         if item.skip:
             continue
-        if spec.kind == "save":
-            sealed = item.verify.get("reference") == "sealed"
-            part = save_item_bytes(item.model, item.variant, world, _hf_kwargs(item), sealed)
-        else:
-            part = load_cell_bytes(item.model, item.variant, _hf_kwargs(item))
-            part.parts = {k: v * len(item.sources) for k, v in part.parts.items()}
+        try:
+            part = _item_bytes(spec, item, world)
+        except ModelBuildError:
+            if not unbuildable_ok:
+                raise
+            continue
         for key, value in part.parts.items():
             estimate.add(key, value)
     return estimate
+
+
+def _item_bytes(spec: JobSpec, item: ItemSpec, world: int) -> Estimate:
+    if spec.kind == "save":
+        sealed = item.verify.get("reference") == "sealed"
+        return save_item_bytes(item.model, item.variant, world, _hf_kwargs(item), sealed)
+    part = load_cell_bytes(item.model, item.variant, _hf_kwargs(item))
+    part.parts = {k: v * len(item.sources) for k, v in part.parts.items()}
+    return part
 
 
 def _hf_kwargs(item: ItemSpec) -> dict | None:
@@ -146,7 +179,8 @@ def _hf_kwargs(item: ItemSpec) -> dict | None:
 
 
 def grid_bytes(config: dict) -> Estimate:
-    """What the whole grid writes (every job, the torch environments not built yet)."""
+    """What the whole grid writes (every job, the torch environments not built yet);
+    ModelBuildError when a model of the grid cannot be built."""
     from pipeline_lib import grid
 
     estimate = Estimate()
@@ -171,7 +205,7 @@ REFUSE_BELOW = 0.5
 def room_error(spec: JobSpec, folder: str | Path) -> str | None:
     """Why the job ``spec`` should not start: its filesystem (that of ``folder``) has clearly
     less free space than the job's estimate; None when it may have room."""
-    need = job_bytes(spec)
+    need = job_bytes(spec, unbuildable_ok=True)
     free = shutil.disk_usage(folder).free
     if free >= need.total * REFUSE_BELOW:
         return None

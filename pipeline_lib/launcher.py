@@ -40,6 +40,7 @@ import importlib
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,14 @@ _IMPORT_ENV, _IMPORT_PID = dict(os.environ), os.getpid()
 RDZV_BASE, RDZV_SLOTS, RDZV_PER_JOB = 20000, 2500, 4
 # After the watchdog's SIGTERM, srun and its agents get this long to stop the ranks.
 SRUN_GRACE_S = 15.0
+# Each rank marks the end of its part of a launch in work_dir/ENDED_DIR (mark_ended): its
+# results written, before it destroys its process group and exits. A launch whose ranks have
+# all ended (or one with an error) and that has not finished EXIT_GRACE_S later is killed and
+# counts as ended, its results kept: a rank can hang at exit inside torch
+# (docs/torch-notes.md). A rank exits within a second or two of its mark, also on a loaded
+# machine.
+ENDED_DIR = "ended"
+EXIT_GRACE_S = 20.0
 _LAUNCHES = itertools.count(1)
 
 
@@ -151,10 +160,45 @@ def kill_children() -> None:
                 child.send_signal(signal.SIGKILL)
 
 
+def mark_ended(work_dir: str | Path, rank: int, status: str, reason: str = "") -> None:
+    """Rank ``rank``'s part of the launch is over (``status`` ok, or error and why): every
+    result it writes is written. Read by the launcher's watchdog (:class:`ExitWatch`)."""
+    mark = {"status": status, "reason": reason, "pid": os.getpid(), "at": time.time()}
+    write_json(Path(work_dir) / ENDED_DIR / f"rank-{rank}.json", mark)
+
+
+def read_ends(work_dir: str | Path) -> dict[int, dict]:
+    """The end marks of the ranks of the current launch: {rank: mark}."""
+    ends = {}
+    for path in (Path(work_dir) / ENDED_DIR).glob("rank-*.json"):
+        with contextlib.suppress(OSError, ValueError):  # a mark being replaced: next poll
+            ends[int(path.stem.removeprefix("rank-"))] = read_json(path)
+    return ends
+
+
+@dataclass
+class ExitWatch:
+    """The end marks of one launch's ranks: once every rank has ended, or one has ended with
+    an error, the launch has ``grace_s`` to finish."""
+
+    work_dir: Path
+    world_size: int
+    grace_s: float = EXIT_GRACE_S
+
+    def due(self) -> dict[int, dict] | None:
+        """The marks, when they say the launch should be over; else None."""
+        ends = read_ends(self.work_dir)
+        if len(ends) >= self.world_size or any(e["status"] != "ok" for e in ends.values()):
+            return ends
+        return None
+
+
 class Watchdog(threading.Thread):
     """Stop the ranks (``kill``, by default SIGKILL to every child process) when the progress
     file has not changed for ``timeout_s``, or has not appeared within ``startup_timeout_s``
-    (start-up on a loaded machine can take far longer than a step)."""
+    (start-up on a loaded machine can take far longer than a step); ``fired`` says so. With
+    ``exits``: once the ranks' end marks say the launch is over, stop them ``exits.grace_s``
+    later instead (``hung_at_exit``: the marks then)."""
 
     def __init__(
         self,
@@ -162,17 +206,28 @@ class Watchdog(threading.Thread):
         timeout_s: float,
         startup_timeout_s: float,
         kill: Callable[[], None] | None = None,
+        exits: ExitWatch | None = None,
     ):
         super().__init__(daemon=True)
         self.progress, self.timeout_s = progress, timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.kill = kill or kill_children
+        self.exits = exits
         self.fired = False
+        self.hung_at_exit: dict[int, dict] | None = None
         self._done = threading.Event()
 
     def run(self) -> None:
-        last_change, last_mtime = time.monotonic(), None
+        last_change, last_mtime, ended_at = time.monotonic(), None, None
         while not self._done.wait(POLL_S):
+            if self.exits is not None and ended_at is None and self.exits.due() is not None:
+                ended_at = time.monotonic()
+            if ended_at is not None:  # the ranks' work is over: only their exit is awaited
+                if time.monotonic() - ended_at > self.exits.grace_s:
+                    self.hung_at_exit = self.exits.due()
+                    self.kill()
+                    ended_at = time.monotonic()
+                continue
             mtime = self.progress.stat().st_mtime_ns if self.progress.exists() else None
             if mtime != last_mtime:
                 last_change, last_mtime = time.monotonic(), mtime
@@ -401,13 +456,15 @@ def worker_program() -> list[str]:
     return ["-m", "pipeline_lib.worker"]
 
 
-def _run_standalone(world_size: int, worker_args: list[str]) -> tuple[str, str, str]:
+def _run_standalone(
+    world_size: int, worker_args: list[str], target: str = ""
+) -> tuple[str, str, str]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     argv = ["--standalone", f"--nproc-per-node={world_size}", *worker_program()]
     args = _prepare_torchrun([*argv, *worker_args])
     try:
-        _agent(args)
+        _agent(args, target or WORKER)
     except ChildFailedError as exc:
         return describe_failure(exc.failures)
     return "ok", "", ""
@@ -461,16 +518,37 @@ class _SrunLauncher:
         return "error", f"srun exited with code {returncode}", "see the job log"
 
 
+def _ended_outcome(ends: dict[int, dict], grace_s: float, step: str, unit: str) -> Outcome:
+    """The outcome of a launch killed ``grace_s`` after its ranks' end marks (``ends``) said
+    it was over: what the marks say (ok; or error, the first failing rank's reason), never a
+    timeout or crash. The job's log tells."""
+    print(
+        f"launcher: the ranks' work was over (end marks of ranks {sorted(ends)}) but the launch "
+        f"had not finished {grace_s:g} s later: killed, their results kept (a rank can hang "
+        "at exit inside torch: docs/torch-notes.md)",
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
+    failed = sorted((rank, end) for rank, end in ends.items() if end["status"] != "ok")
+    if not failed:
+        return Outcome("ok", "", step, unit)
+    rank, end = failed[0]
+    where = f"during {step}" if step else "during start-up"
+    return Outcome("error", f"rank {rank} raised {where}: {end['reason']}", step, unit)
+
+
 def launch(
     world_size: int,
     worker_args: list[str],
     work_dir: Path,
     timeout_s: float,
     startup_timeout_s: float,
+    target: str = "",
 ) -> Outcome:
-    """Run ``python -m pipeline_lib.worker ARGS`` on ``world_size`` ranks under torchrun."""
+    """Run ``python -m pipeline_lib.worker ARGS`` on ``world_size`` ranks under torchrun
+    (``target``: another ``module:function`` a served rank calls, for tests)."""
     progress = work_dir / "progress.json"
     progress.unlink(missing_ok=True)
+    shutil.rmtree(work_dir / ENDED_DIR, ignore_errors=True)  # the marks of an earlier launch
     try:
         allocation = slurm_allocation()
         rank_start()  # a bad DCP_MATRIX_RANK_START fails here, naming the variable
@@ -479,15 +557,22 @@ def launch(
             srun = _SrunLauncher(allocation, world_size, worker_args, work_dir)
     except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
         return Outcome("error", f"cannot launch: {exc}", "")
-    watchdog = Watchdog(progress, timeout_s, startup_timeout_s, kill=srun.kill if srun else None)
+    exits = ExitWatch(work_dir, world_size, EXIT_GRACE_S)
+    kill = srun.kill if srun else None
+    watchdog = Watchdog(progress, timeout_s, startup_timeout_s, kill=kill, exits=exits)
     watchdog.start()
     try:
-        status, cause, detail = srun.run() if srun else _run_standalone(world_size, worker_args)
+        if srun:
+            status, cause, detail = srun.run()
+        else:
+            status, cause, detail = _run_standalone(world_size, worker_args, target)
     finally:
         watchdog.stop()
     mark = read_json(progress) if progress.exists() else {"step": "", "unit": ""}
     step, unit = mark["step"], mark["unit"]
     where = f"during {step}" if step else "during start-up"
+    if watchdog.hung_at_exit is not None:
+        return _ended_outcome(watchdog.hung_at_exit, exits.grace_s, step, unit)
     if watchdog.fired:
         limit = timeout_s if step else startup_timeout_s
         return Outcome("timeout", f"no progress for {limit:g} s {where}; job killed", step, unit)

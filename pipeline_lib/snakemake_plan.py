@@ -114,9 +114,14 @@ class Plan:
         return Forced.of_process(self._dag_settings(), main=self.main)
 
     def disk_line(self) -> str:
-        from pipeline_lib.disk import grid_bytes
+        """The disk estimate; a model that cannot be built leaves it out (that model's cells
+        run and record why they fail)."""
+        from pipeline_lib.disk import ModelBuildError, grid_bytes
 
-        return f"dcp-matrix: the grid writes {grid_bytes(self.config)}"
+        try:
+            return f"dcp-matrix: the grid writes {grid_bytes(self.config)}"
+        except ModelBuildError as exc:
+            return f"dcp-matrix: no disk estimate: {exc}"
 
     def wildcard_pattern(self, key: str) -> str:
         return "|".join(re.escape(name) for name in self.config[key])

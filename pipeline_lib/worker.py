@@ -12,6 +12,7 @@ pipeline_lib.training, the checks pipeline_lib.checks, the faults' hooks pipelin
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import resource
@@ -471,8 +472,18 @@ def main(argv: list[str] | None = None) -> None:
             run_item(job, Item(item), startup_s)
     except (Exception, CheckpointException) as exc:
         job.write_result("job", {"status": "error", "reason": one_line(exc)})
+        launcher.mark_ended(job.work, job.rank, "error", one_line(exc))
         raise
+    else:
+        # Every result written: from here on, a rank that does not exit (torch can hang in a
+        # process group's destructor: docs/torch-notes.md) is killed by the launcher, and
+        # the job's outcome stays what the results say.
+        launcher.mark_ended(job.work, job.rank, "ok")
     finally:
+        # Free what the items left in reference cycles (a load job's DDP module, say) while
+        # the process group lives: a DDP module freed after destroy_process_group can hang
+        # its rank for ever (docs/torch-notes.md).
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -27,6 +27,20 @@ def pytest_configure(config):
         os.environ["SLURM_CONF"] = str(conf)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Whatever process the tests left running below this one (a subprocess's descendant that
+    outlived it, a rank of a job run in process) is killed, and named, when the session ends:
+    nothing a test started outlives the suite (each subprocess a test starts runs under a
+    timeout that kills its whole process group: tests/procs.py). The fork server and resource
+    tracker of a job run in this process are left alone: they end with it."""
+    from pipeline_lib.launcher import is_helper
+    from tests.procs import sweep
+
+    killed = sweep(os.getpid(), keep=lambda process: is_helper(process, os.getpid()))
+    if killed:
+        print("\nconftest: killed what the tests left running:", *killed, sep="\n  ")
+
+
 @pytest.fixture
 def default_config() -> dict:
     return yaml.safe_load((REPO / "config.yaml").read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -12,11 +11,12 @@ from dataclasses import replace
 from pipeline_lib import config, grid
 from pipeline_lib.atomic import read_json
 from pipeline_lib.specs import JobSpec, Source
+from tests import procs
 
 
 def cli(command: str, spec: JobSpec) -> str:
     """Run one job; its output (the job's log)."""
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-m", "pipeline_lib", command, "--spec", json.dumps(spec.to_dict())],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -117,3 +117,16 @@ def probe(args: list[str]) -> dict:
     import torch
 
     return {"env": dict(os.environ), "args": args, "threads": torch.get_num_threads()}
+
+
+def ends_then_hangs(args: list[str]) -> None:
+    """A served rank that marks its end (``args[0]``: the work folder) and, on rank 1, never
+    exits (the launcher's target in test_launcher.py)."""
+    import time
+
+    from pipeline_lib import launcher
+
+    rank = int(os.environ["RANK"])
+    launcher.mark_ended(args[0], rank, "ok")
+    while rank == 1:
+        time.sleep(60)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pipeline_lib.cli import main as cli_main
 from pipeline_lib.expectations import ExpectationsError, load_expectations
 from pipeline_lib.matrix_file import MatrixFileError, read_matrix
 from pipeline_lib.snakemake_plan import Plan
+from tests import procs
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -248,10 +248,10 @@ def test_shipped_expectations_load():
 
 
 def test_findings_table_is_generated_from_the_expectations():
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-m", "pipeline_lib", "findings-table", "--write", "docs/findings.md",
          "--check"],
-        cwd=REPO, capture_output=True, text=True,
+        cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, (
         proc.stdout
@@ -657,7 +657,7 @@ def test_gate_end_to_end(tmp_path):
         "baseline": str(REPO / "expectations" / "torch-2.13.0.yaml"),
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
+    proc = procs.run(
         [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--cores",
          "2", "--configfile", str(tmp_path / "config.yaml")],
         capture_output=True, text=True, timeout=900,

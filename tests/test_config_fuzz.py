@@ -12,7 +12,6 @@ import contextlib
 import io
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline_lib import cli, config
+from tests import procs
 from tests.conftest import REPO
 
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -183,7 +183,7 @@ def test_accepted_configs_dry_run_cleanly(cfg, tmp_path_factory):
     if status:  # refused by the checker: the same lines come from the dry run
         assert all(ERROR_LINE.match(line) for line in err.splitlines()), err
         return
-    proc = subprocess.run(
+    proc = procs.run(
         [SNAKEMAKE, "-n", "-s", str(REPO / "Snakefile"), "-d", str(scratch), "--cores", "2",
          "--configfile", str(path)],
         capture_output=True, text=True, timeout=120,

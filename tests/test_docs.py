@@ -39,6 +39,7 @@ import yaml
 
 from pipeline_lib.config import config_hash, load
 from pipeline_lib.records import MATRIX_SCHEMA, TENSORS_SCHEMA
+from tests import procs
 from tests.conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -184,7 +185,7 @@ def copy(tmp_path_factory) -> Path:
 
 
 def _run(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return procs.run(
         command, shell=True, executable="/bin/bash", cwd=cwd, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip

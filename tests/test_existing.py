@@ -6,7 +6,7 @@ for bit and agree with the others on the resumed losses; broken on purpose, the 
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +16,7 @@ import pytest
 
 from pipeline_lib import config, grid, naming
 from pipeline_lib.config import ConfigError
+from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli
 from tests.outside import write_checkpoints as writer
@@ -144,7 +145,7 @@ def write_torchtitan_checkpoint(path: Path, extra: bool = False) -> None:
     """A checkpoint as torchtitan's CheckpointManager lays it out, written with plain torch
     (examples/write_torchtitan_checkpoint.py, as README runs it)."""
     command = [sys.executable, str(REPO / "examples/write_torchtitan_checkpoint.py"), str(path)]
-    proc = subprocess.run(
+    proc = procs.run(
         command + (["--extra-entry", "extra.weight"] if extra else []),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -172,7 +173,7 @@ def run_existing(raw: dict, load_faults: dict | None = None) -> dict[str, dict]:
 
 
 def run_cli(*args: str) -> None:
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-m", "pipeline_lib", *args], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -293,8 +294,14 @@ def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, c
 
     shard = next((in_tmp / "titan").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes())  # same bytes, a new modification time
+    mtime = shard.stat().st_mtime_ns  # a second on: also where mtimes have whole seconds
+    os.utime(shard, ns=(mtime + 10**9, mtime + 10**9))
     line, again, rewritten = imported()
-    assert "reused 0 of 1 imports" in line and again != record and rewritten != reference
+    # The import ran again and rewrote its reference; the same bytes give the same record but
+    # for its time, which has whole seconds (both can fall in one).
+    assert "reused 0 of 1 imports" in line and rewritten != reference
+    untimed = [{**json.loads(text), "created_at": None} for text in (again, record)]
+    assert untimed[0] == untimed[1]
     next(Path(spec.reference).iterdir()).unlink()
     line, _, restored = imported()
     assert "reused 0 of 1 imports" in line and restored.keys() == reference.keys()
@@ -332,21 +339,6 @@ ALTERED_OURS = "optim.param_groups.user_model.model.layers.1.mlp.up_proj.weight.
 NAMINGS = {"torchtitan_objects": "torchtitan", "mine": "tests.outside.names:ours"}
 # The loaders' recipes: with an LR scheduler (one param group), and without (two).
 WITH, WITHOUT = "adam_lr_warmup", "adamw_param_groups"
-
-
-def run_bounded(command: list[str], timeout: int, **kwargs) -> subprocess.CompletedProcess:
-    """``command`` in a process group of its own, the whole group ended at ``timeout``."""
-    import os
-    import signal
-
-    proc = subprocess.Popen(command, start_new_session=True, text=True, **kwargs,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    return subprocess.CompletedProcess(command, proc.returncode, out, "")
 
 
 def alter_bytes_entry(folder: Path, entry: str, value) -> None:
@@ -422,8 +414,8 @@ def outside(tmp_path_factory) -> Outside:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", str(WRITER), str(folder / "written")]  # fmt: skip
-    proc = run_bounded(command, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    proc = procs.run(command, timeout=300, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     shutil.copytree(folder / "written/llama_torchtitan", folder / "written/llama_altered")
     alter_bytes_entry(folder / "written/llama_altered", ALTERED, 0.5)
     with pytest.MonkeyPatch.context() as patch:

@@ -12,7 +12,6 @@ order: check 2 compares a loader's names as a set (compare.ParamNames), so that 
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import textwrap
 
@@ -20,6 +19,7 @@ import pytest
 
 from pipeline_lib import frameworks, training
 from pipeline_lib.errors import Incompatible
+from tests import procs
 from tests.conftest import REPO
 from tests.jobs import run_matrix, tensors
 
@@ -123,7 +123,7 @@ except Incompatible as exc:
 
 
 def test_a_unit_mixing_frozen_and_trainable_parameters_is_a_skip():
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-c", textwrap.dedent(MIXED)],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip

@@ -1,13 +1,13 @@
 """Grid expansion: a pure function of the config (no torch, no torchrun)."""
 
 import math
-import subprocess
 import sys
 
 import pytest
 
 from pipeline_lib import config, faults, grid
 from pipeline_lib.specs import FaultTag
+from tests import procs
 from tests.conftest import REPO
 
 
@@ -18,7 +18,7 @@ def test_grid_does_not_import_torch():
         "c = config.load(REPO / 'config.yaml'); grid.cells(c); grid.load_spec(c, 'mlp', 'tp_2');"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    procs.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
 
 
 def test_pairs_all_covers_every_ordered_pair(default_config):

@@ -22,6 +22,7 @@ import yaml
 
 from pipeline_lib import atomic, config, disk, driver, environments, grid
 from pipeline_lib.config import ConfigError
+from tests import procs
 from tests.conftest import REPO
 
 PYTHON = sys.executable
@@ -232,7 +233,7 @@ def test_variant_ids_are_folder_names():
 
 def dry_run(workdir: Path, cfg: dict, check: bool = True) -> subprocess.CompletedProcess:
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
+    proc = procs.run(
         [SNAKEMAKE, "-n", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
          "--configfile", str(workdir / "config.yaml")],
         capture_output=True, text=True, timeout=300,
@@ -320,9 +321,9 @@ def test_check_config_prints_one_line_per_error_and_fails(tmp_path):
     cfg["layouts"]["x"] = {"framework": "hsdp", "mesh": [2]}
     cfg["train"] = {"lr": -1}
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
+    proc = procs.run(
         [PYTHON, "-m", "pipeline_lib", "check-config", str(path)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1 and proc.stdout == ""
     assert "Traceback" not in proc.stderr
@@ -330,9 +331,9 @@ def test_check_config_prints_one_line_per_error_and_fails(tmp_path):
     assert lines == [f"{path}: train.lr: -1 is less than or equal to the minimum of 0"], lines
     cfg["train"] = {}
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
+    proc = procs.run(
         [PYTHON, "-m", "pipeline_lib", "check-config", str(path)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         f"{path}: layouts.x.mesh: framework hsdp needs 2 mesh dim(s) (replicate, shard), got [2]"
@@ -342,9 +343,9 @@ def test_check_config_prints_one_line_per_error_and_fails(tmp_path):
 def test_check_config_of_an_unreadable_file_is_one_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("models: [mlp\nlayouts: {")
-    proc = subprocess.run(
+    proc = procs.run(
         [PYTHON, "-m", "pipeline_lib", "check-config", str(path)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"{path}: cannot read config")
@@ -421,7 +422,7 @@ def test_a_temporary_left_by_sigkill_is_removed_by_the_next_write(tmp_path):
         "def die(tmp):\n    tmp.write_text('half'); os.kill(os.getpid(), signal.SIGKILL)\n"
         f"atomic.write_with({str(target)!r}, die)\n"
     )
-    proc = subprocess.run([PYTHON, "-c", code], cwd=REPO)
+    proc = procs.run([PYTHON, "-c", code], cwd=REPO, timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert len(atomic.stale_temporaries(target)) == 1 and not target.exists()
     atomic.write_json(target, {"new": True})
@@ -515,9 +516,9 @@ def test_check_config_and_the_dry_run_print_the_disk_estimate(tmp_path):
     cfg = {**small(), "torch_versions": {"t": "torch==2.13.0"}, "formats": ["dcp", "torch_save"]}
     cfg["run"] = {"torch_env_dir": str(tmp_path / "envs")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
+    proc = procs.run(
         [PYTHON, "-m", "pipeline_lib", "check-config", str(tmp_path / "c.yaml")],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.splitlines()[1]
@@ -582,8 +583,8 @@ def tiny_fs(tmp_path):
     """A 3 MB tmpfs (root only), unmounted afterwards."""
     mount = tmp_path / "tiny"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                          capture_output=True)  # fmt: skip
+    proc = procs.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                     capture_output=True, timeout=60)  # fmt: skip
     if proc.returncode:
         reason = f"cannot mount a tmpfs: {proc.stderr.decode().strip()}"
         # CI runs as root: there the full-disk test must run, not skip.
@@ -592,8 +593,8 @@ def tiny_fs(tmp_path):
     import gc
 
     gc.collect()  # a failed torch.save may hold its file open until collected
-    if subprocess.run(["umount", str(mount)]).returncode:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+    if procs.run(["umount", str(mount)], timeout=60).returncode:
+        procs.run(["umount", "-l", str(mount)], check=True, timeout=60)
 
 
 def test_a_full_disk_in_a_torch_save_is_a_reason_naming_the_file(tiny_fs):
@@ -775,7 +776,7 @@ def test_the_import_job_runs_under_a_watchdog(in_tmp, body, status, reason):
     save(in_tmp / "ck", state())
     raw = with_checkpoint(in_tmp / "ck", naming="stuck_naming:ours")
     cfg = config.validate({**raw, "run": {"cell_timeout_s": 2}})
-    proc = subprocess.run(
+    proc = procs.run(
         [PYTHON, "-m", "pipeline_lib", "import-checkpoint", "--grid", json.dumps(cfg), "--name",
          "ck"], capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -5,7 +5,6 @@ the config's ``base_model_tp_plan``, and that only those models import transform
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 
@@ -18,6 +17,7 @@ from pipeline_lib import config, errors, models
 from pipeline_lib.config import ConfigError
 from pipeline_lib.models._common import split_batch
 from pipeline_lib.models._user import UserModel, first_float, model_loss
+from tests import procs
 from tests.conftest import REPO
 from tests.jobs import run_grid
 
@@ -322,7 +322,7 @@ def test_only_hf_models_import_transformers():
         print(json.dumps([before, "transformers" in sys.modules]))
         """
     )
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

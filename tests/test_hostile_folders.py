@@ -38,6 +38,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tests import procs
 from tests.conftest import REPO
 
 SPARSE_BYTES = 5 * 2**30 // 4  # 1.25 GiB: above every bound a read has (1 GiB of .metadata)
@@ -349,7 +350,7 @@ def load_cells(folders: list[Path], work: Path) -> None:
     cfg = config.validate(raw)
     os.chdir(work)
     for name in cfg["checkpoints"]:
-        proc = subprocess.run(
+        proc = procs.run(
             [sys.executable, "-m", "pipeline_lib", "import-checkpoint", "--grid", json.dumps(cfg),
              "--name", name], capture_output=True, text=True, timeout=300,
         )  # fmt: skip

@@ -11,6 +11,7 @@ from pipeline_lib import config, faults, frameworks, grid, pipelining
 from pipeline_lib.errors import Incompatible
 from pipeline_lib.models import mlp, transformer
 from pipeline_lib.reference import compare_list_part
+from tests import procs
 from tests.jobs import run_matrix
 
 
@@ -228,14 +229,13 @@ def test_sharded_mode_under_pp_keeps_one_stages_param_group_and_the_cell_names_i
 def test_the_torch_only_reproducer_of_the_pp_param_group_finding(flatten, tmp_path):
     """docs/findings/pp_optim_param_groups.py prints BUG on this torch and OK with
     flatten_optimizer_state_dict=True (torchtitan's choice under PP)."""
-    import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "docs/findings/pp_optim_param_groups.py"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     args = [*torchrun, str(script), *(["--flatten"] if flatten else [])]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = procs.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     if flatten:
         assert done.returncode == 0 and "OK: every stage's optimizer steps" in done.stdout, done
     else:

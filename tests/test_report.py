@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,6 +19,7 @@ from pipeline_lib.axes import DEFAULT
 from pipeline_lib.config import config_hash, validate
 from pipeline_lib.records import MATRIX_SCHEMA, STATUSES, TENSORS_SCHEMA
 from pipeline_lib.report import findings, main, markdown_cell
+from tests import procs
 from tests.conftest import REPO
 
 CONFIG = validate(
@@ -284,7 +284,7 @@ def test_heatmap_in_headless_chromium(report, tmp_path):
     if not chromium:
         pytest.fail("chromium not found: `bash scripts/setup.sh --dev` installs Debian's chromium")
     screenshot = tmp_path / "report.png"
-    proc = subprocess.run(
+    proc = procs.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
@@ -326,7 +326,7 @@ def test_report_rule_and_snakemake_report(tmp_path):
         ["--allowed-rules", "render_report", "--", "results/report.html"],
         ["--report", str(tmp_path / "snakemake-report.html")],
     ):
-        proc = subprocess.run([*snakemake, *args], capture_output=True, text=True, timeout=300)
+        proc = procs.run([*snakemake, *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'data-status="timeout"' in (tmp_path / "results" / "report.html").read_text()
     assert "| mlp | tp_2 | fsdp2_2 | timeout |" in (tmp_path / "results" / "summary.md").read_text()

@@ -23,6 +23,7 @@ from pipeline_lib import config as config_mod
 from pipeline_lib.atomic import read_json
 from pipeline_lib.axes import AXES, DEFAULT, Variant
 from pipeline_lib.records import CELL_KEYS
+from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli, cli_all
 
@@ -121,7 +122,7 @@ def test_a_script_holds_values_as_data_never_as_code(tmp_path):
         )
         assert (cell_value["reason"], cell_value["status"]) == (cell["reason"], cell["status"])
     (tmp_path / "repro.py").write_text(reproducer.script(row(reason=PWNED), config()))
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "repro.py", "--help"], cwd=tmp_path, env=_no_package(),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -206,7 +207,7 @@ def test_the_report_never_waits_for_the_reproducers(tmp_path):
         "single": {"framework": "single", "mesh": [1]}}}))  # fmt: skip
 
     def plan(*targets: str) -> list[str]:
-        proc = subprocess.run(
+        proc = procs.run(
             [str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"),
              "-d", str(tmp_path), "--configfile", str(tmp_path / "config.yaml"), "-n",
              "--cores", "1", *targets], capture_output=True, text=True, timeout=300,
@@ -420,7 +421,7 @@ def _run_reproducer(folder: Path) -> tuple[str, str]:
     shutil.copy(folder / "repro.py", fresh)
     mark = uuid.uuid4().hex
     try:
-        proc = subprocess.run(
+        proc = procs.run(
             [sys.executable, "repro.py"], cwd=fresh, capture_output=True, text=True,
             env={**_no_package(), reproducer_run.LAUNCH_ENV: mark}, timeout=500,
         )  # fmt: skip
@@ -437,7 +438,7 @@ def _no_package() -> dict:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return procs.run(
         [sys.executable, "-m", "pipeline_lib", "reproducers", *args],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip

@@ -26,6 +26,7 @@ from pipeline_lib import launcher
 from pipeline_lib.atomic import write_json
 from pipeline_lib.config import ConfigError, validate
 from pipeline_lib.snakemake_plan import Plan
+from tests import procs
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -57,7 +58,7 @@ class SlurmCluster:
         self.pids: dict[str, int] = {}
 
     def start(self) -> None:
-        proc = subprocess.run(
+        proc = procs.run(
             ["bash", str(REPO / "scripts" / "slurm_up.sh")],
             env=self.env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
@@ -77,14 +78,16 @@ class SlurmCluster:
         return {name: pid for name, pid in self.pids.items() if running(pid)}
 
     def stop(self) -> dict[str, int]:
-        subprocess.run(
+        procs.run(
             ["bash", str(REPO / "scripts" / "slurm_down.sh")],
             env=self.env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         for name, pid in self.alive().items():  # slurm_down.sh failed: stop ours by PID
             os.kill(pid, signal.SIGKILL)
             print(f"killed {name} ({pid}) left by slurm_down.sh", file=sys.stderr)
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10  # a SIGKILL is not instant on a loaded machine
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
         return self.alive()
 
 
@@ -133,9 +136,9 @@ def slurm_run(workdir: Path, cfg: dict, env: dict | None = None) -> str:
 def slurm_jobs(cluster: SlurmCluster) -> pd.DataFrame:
     """Every job the cluster still knows (MinJobAge=3600 in scripts/slurm_up.sh): comment
     (rule, wildcards), state, CPUs and nodes."""
-    out = subprocess.run(
+    out = procs.run(
         ["squeue", "-h", "--states=all", "-o", "%i|%k|%T|%C|%D"],
-        env=cluster.env, capture_output=True, text=True, check=True,
+        env=cluster.env, capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     rows = [line.split("|") for line in out.splitlines() if line.strip()]
     return pd.DataFrame(rows, columns=["id", "comment", "state", "cpus", "nodes"])
@@ -248,7 +251,7 @@ def test_slurm_up_never_overwrites_a_configuration_it_did_not_write(tmp_path):
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=production\n")
     env = {**os.environ, "SLURM_BASE": str(tmp_path / "base"), "SLURM_UP_CONF": str(conf)}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm_up.sh")], env=env,
+    proc = procs.run(["bash", str(REPO / "scripts" / "slurm_up.sh")], env=env,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip() == (

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests import procs
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
@@ -23,7 +24,7 @@ CORES = 4
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
+    proc = procs.run(
         [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-d", str(workdir),
          "--cores", str(CORES), "--configfile", str(workdir / "config.yaml"), *args],
         capture_output=True, text=True, timeout=1200,
@@ -145,7 +146,8 @@ def test_snakefmt_and_ruff_are_clean():
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
     ):
-        proc = subprocess.run(
-            [str(BIN / command[0]), *command[1:]], cwd=REPO, capture_output=True, text=True
-        )
+        proc = procs.run(
+            [str(BIN / command[0]), *command[1:]], cwd=REPO, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
         assert proc.returncode == 0, f"{command}: {proc.stdout}{proc.stderr}"

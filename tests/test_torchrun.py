@@ -4,7 +4,6 @@ failing cell never takes the others with it. (Every fault kind: tests/test_fault
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -12,6 +11,7 @@ import pytest
 
 from pipeline_lib import config, grid
 from pipeline_lib.atomic import read_json
+from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli, run_matrix, tensors
 
@@ -92,7 +92,7 @@ print(json.dumps({"ranks": ranks, "server_threads": [p.num_threads() for p in se
 
 
 def test_served_ranks_run_with_the_jobs_environment_at_launch():
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-c", SERVED], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
