@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_lib import axes, config, grid, optimizers
-from pipeline_lib.axes import Variant
-from pipeline_lib.reference import Reference
+from pipeline_lib.job import optimizers
+from pipeline_lib.plan import axes, config, grid
+from pipeline_lib.plan.axes import Variant
+from pipeline_lib.verify.reference import Reference
 from tests.jobs import run_grid
 
 FSDP2_TO_SINGLE = {

@@ -37,8 +37,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline_lib.config import config_hash, load
-from pipeline_lib.records import MATRIX_SCHEMA, TENSORS_SCHEMA
+from pipeline_lib.plan.config import config_hash, load
+from pipeline_lib.verify.records import MATRIX_SCHEMA, TENSORS_SCHEMA
 from tests import procs
 from tests.conftest import REPO
 
@@ -156,9 +156,9 @@ def _fixture(root: Path) -> None:
     (root / CHECKPOINT).mkdir(parents=True, exist_ok=True)
     (root / CHECKPOINT / ".metadata").write_bytes(b"")
     # The report, which `snakemake --report` embeds (results.md renders it just before).
-    from pipeline_lib.report import main
+    from pipeline_lib.cli import main
 
-    main(["--matrix", str(root / "results" / "matrix.parquet"),
+    main(["report", "--matrix", str(root / "results" / "matrix.parquet"),
           "--tensors", str(root / "results" / "tensors.parquet"),
           "--configfile", str(root / "config.yaml"),
           "--html", str(root / "results" / "report.html"),

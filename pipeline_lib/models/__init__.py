@@ -17,7 +17,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from pipeline_lib.registry import load_module, module_names
+from pipeline_lib.common.registry import load_module, module_names
 
 if TYPE_CHECKING:
     from pipeline_lib.models._user import UserModelSource

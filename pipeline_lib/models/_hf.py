@@ -27,7 +27,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from transformers import PretrainedConfig
 
-from pipeline_lib.errors import Incompatible
+from pipeline_lib.common.errors import Incompatible
 from pipeline_lib.models._user import CAUSAL_LM_SUFFIXES, UserModel, _plan_targets
 
 DEFAULT_SEQ_LEN = 8
