@@ -166,13 +166,22 @@ def _mapped_vs(path: str, reference: Reference, entries: dict):
 
 
 def loader_vs_saver(
-    item: Item, at: Placement, t: Trainee, source: Source, report, sealed: bool = False
+    item: Item,
+    at: Placement,
+    t: Trainee,
+    source: Source,
+    report,
+    sealed: bool = False,
+    model_only: bool = False,
 ) -> dict:
     """The loader's state, twice: as get_state_dict gives it in the loader's mode, and from its
     live objects (pipeline_lib.live), each against the saver's reference in that form. An entry
     is equal only if both are; a difference only the live objects show is noted ``live: ...``.
     ``report``: the non-strict load's account (checkpoint_io.LoadReport), checked against the
-    saver's in records.verdict: those entries are not compared here."""
+    saver's in records.verdict: those entries are not compared here. ``model_only``: a
+    checkpoint of model weights only (an existing one whose entries are all the model's): the
+    loader's optimizer and LR scheduler are not compared (nothing loaded them; the resume
+    starts with a new optimizer)."""
     fault, reference, variant = source.fault, source.paths.reference, item.variant
     form = load_form_dir(reference) if variant.forms_differ else None
     # Sealed mode: the files are the reference (their seal held: pipeline_lib.filecheck).
@@ -184,10 +193,14 @@ def loader_vs_saver(
     skip = {*report.missing, *report.unexpected}
     if variant.adds_entry:
         skip.add(UNEXPECTED_ENTRY)
+    flat = names_as_sets(
+        flatten(checkpoint_io.stateful_as_dicts(checkpoint_io.part_in_format(variant, state)))
+    )
+    mine = names_as_sets(live(item, at, t, side="load"))
+    if model_only:
+        skip |= {name for name in (*flat, *mine) if not name.startswith("model.")}
     through_api = against_reference(
-        names_as_sets(
-            flatten(checkpoint_io.stateful_as_dicts(checkpoint_io.part_in_format(variant, state)))
-        ),
+        flat,
         reference,
         "the loader's state",
         t.anatomy,
@@ -197,7 +210,6 @@ def loader_vs_saver(
         against=files,
         stage=at.pipeline is not None,
     )
-    mine = names_as_sets(live(item, at, t, side="load"))
     if files is not None:
         files.keep = False
     from_live = against_reference(
