@@ -282,6 +282,19 @@ def test_the_huggingface_naming_puts_every_tensor_in_the_model():
     assert not titan.model_only
 
 
+def test_the_shipped_example_loads_the_writers_folders():
+    """examples/hf_folder.yaml names each folder tests/outside/write_hf_folders.py writes, with
+    the hf_models entry it was saved from (docs/existing-checkpoints.md runs both)."""
+    import yaml
+
+    example = yaml.safe_load((REPO / "examples/hf_folder.yaml").read_text())
+    assert example["hf_models"] == writer.MODELS
+    assert example["checkpoints"] == {
+        f.name: {"path": f"checkpoints/hf/{f.name}", "model": f.model, "format": "hf_safetensors"}
+        for f in writer.FOLDERS
+    }
+
+
 # --- folders written by transformers in another process, loaded under every layout ----------
 
 LAYOUTS = {
