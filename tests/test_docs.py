@@ -41,6 +41,7 @@ from pipeline_lib.plan.config import config_hash, load
 from pipeline_lib.verify.records import MATRIX_SCHEMA, TENSORS_SCHEMA
 from tests import procs
 from tests.conftest import REPO
+from tests.outside import write_hf_folders
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
@@ -58,6 +59,8 @@ RUN = {  # prefix -> the exit status it must give in the copy
     ".venv/bin/snakemake --report": 0,
     # Writes a small checkpoint in torchtitan's layout (plain torch, a few seconds).
     ".venv/bin/python examples/write_torchtitan_checkpoint.py": 0,
+    # Writes four tiny Hugging Face folders with transformers' save_pretrained (a few seconds).
+    ".venv/bin/python tests/outside/write_hf_folders.py": 0,
 }
 DRY_RUN = (".venv/bin/snakemake",)
 SKIPPED = {
@@ -79,6 +82,7 @@ PLACEHOLDERS = {
 }
 
 CHECKPOINT = "checkpoints/torchtitan-step-2"
+HF_FOLDERS = "checkpoints/hf"
 
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
 
@@ -155,6 +159,10 @@ def _fixture(root: Path) -> None:
     # folder with a .metadata is all a dry run's config check needs.
     (root / CHECKPOINT).mkdir(parents=True, exist_ok=True)
     (root / CHECKPOINT / ".metadata").write_bytes(b"")
+    # Likewise the Hugging Face folders of examples/hf_folder.yaml: a model.safetensors each.
+    for folder in write_hf_folders.FOLDERS:
+        (root / HF_FOLDERS / folder.name).mkdir(parents=True, exist_ok=True)
+        (root / HF_FOLDERS / folder.name / "model.safetensors").write_bytes(b"")
     # The report, which `snakemake --report` embeds (results.md renders it just before).
     from pipeline_lib.cli import main
 

@@ -1,5 +1,6 @@
 """Existing checkpoints (config key ``checkpoints``): a DCP folder written anywhere, by this
-tool or another (torchtitan, your own job), loaded under every layout (docs:
+tool or another (torchtitan, your own job), or a Hugging Face ``save_pretrained`` folder (format
+``hf_safetensors``, pipeline_lib.verify.hf_folder), loaded under every layout (docs:
 existing-checkpoints.md). Imports torch.
 
 There is no saver's memory, so the files are the reference: the import job reads every entry in one
@@ -26,7 +27,7 @@ from pipeline_lib.job import reuse
 from pipeline_lib.job.driver import fresh_dir
 from pipeline_lib.job.import_job import base_record
 from pipeline_lib.plan.specs import ExistingSpec
-from pipeline_lib.verify import untrusted
+from pipeline_lib.verify import hf_folder, untrusted
 from pipeline_lib.verify.checkpoint_names import EntryMap, Naming, place
 from pipeline_lib.verify.entries import describe, entry_kind, flatten, leaves
 from pipeline_lib.verify.readers import checkpoint_entries
@@ -88,6 +89,9 @@ def _import(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
     """The record of one import (its reference written when the checkpoint reads)."""
     record = base_record(spec)
     try:
+        if spec.format == hf_folder.FORMAT:
+            record.update(_read_hf_folder(spec, progress), status="ok", reason="")
+            return record
         progress("hashing .metadata")
         record["metadata_sha256"] = metadata_sha256(spec.path)
         record.update(_read(spec, progress), status="ok", reason="")
@@ -127,6 +131,7 @@ def _read(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
         "excluded_entries": list(places.excluded),
         "unplaced_entries": list(places.unplaced),
         "flattened_optim": places.flattened_optim,
+        "model_only": places.model_only,
         "state_check": {},
         "files_check": {},
         "resume_losses": [],
@@ -191,3 +196,111 @@ def _inner(state, name: str, prefix: str) -> tuple | None:
             if found:
                 return found
     return None
+
+
+# --- Hugging Face save_pretrained folders (format hf_safetensors) ----------------------------
+
+
+def hf_anatomy(model: str, kwargs: dict) -> tuple[str, set[str], set[str], dict[str, str]]:
+    """model_entries' answer and the model's tied entries (``model.<alias>`` -> the entry of
+    the parameter's first name, as this tool names them), from one build on the meta device:
+    save_pretrained writes a tied parameter once, under one of its names."""
+    from pipeline_lib.verify.live import Anatomy
+
+    with torch.device("meta"):
+        base = models.get(model, kwargs).build(**kwargs)
+    wrapper = "user_model." if hasattr(base, "user_model") else ""
+    anatomy = Anatomy.of(base)
+    tied = {f"model.{n}": f"model.{first}" for n, first in anatomy.first_name.items() if n != first}
+    params = set(dict(base.named_parameters()))
+    return wrapper, {f"model.{k}" for k in base.state_dict()}, params, tied
+
+
+def hf_placement(path: str, naming: str, model: str, kwargs: dict, entries=None) -> EntryMap:
+    """Where a Hugging Face folder's tensors go, from its checked headers (hf_folder.read_folder:
+    nothing read before the folder's files are checked); ``entries``: hf_anatomy's answer."""
+    wrapper, known, *_ = entries or hf_anatomy(model, kwargs)
+    return place(hf_folder.read_folder(path).tensors, Naming(naming), known, wrapper)
+
+
+def _read_hf_folder(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
+    """The import of a Hugging Face folder: its files checked (hf_folder.read_folder), its
+    config.json compared with the model's hf_models entry, every tensor read by the
+    ``safetensors`` library (not the reader the cells test) under this tool's name of it, and a
+    tied parameter the file holds once under its other names too (as the model ties them)."""
+    progress("checking the folder's files")
+    folder = hf_folder.read_folder(spec.path)
+    found = hf_folder.config_json(spec.path)
+    hf = spec.model_kwargs.get(models.HF_KEY)
+    errors = hf_folder.config_errors(found, hf, spec.model) if found and hf else []
+    if errors:
+        raise hf_folder.HFFolderError("; ".join(errors))
+    progress("building the model (meta device)")
+    anatomy = hf_anatomy(spec.model, spec.model_kwargs)
+    places = place(folder.tensors, Naming(spec.naming), anatomy[1], anatomy[0])
+    flat = {}
+    for name, value in hf_folder.tensors(folder):
+        progress("reading the entries")
+        if name not in places.excluded:
+            flat[places.ours.get(name, name)] = value
+    tied = {
+        alias: first for alias, first in anatomy[3].items() if alias not in flat and first in flat
+    }
+    flat.update({alias: flat[first] for alias, first in tied.items()})
+    progress("writing the reference")
+    Reference.write(spec.reference, flat, rank=0)
+    entries = {}
+    for name, value in flat.items():
+        dtype, shape = describe(value)
+        entries[name] = {"kind": entry_kind(name, anatomy[2]), "dtype": dtype, "shape": shape}
+    return {
+        "metadata_sha256": folder.digest(),
+        "format": hf_folder.FORMAT,
+        "files": list(folder.files),
+        "config_json": hf_folder.summary(found),
+        "entries": entries,
+        "excluded_entries": list(places.excluded),
+        "unplaced_entries": list(places.unplaced),
+        "tied_entries": tied,
+        "flattened_optim": False,
+        "model_only": places.model_only,
+        "state_check": {},
+        "files_check": {},
+        "resume_losses": [],
+    }
+
+
+def load_hf_folder(trainee, state: dict, path: str, places: EntryMap, opts) -> None:
+    """Load a Hugging Face folder's weights into the trainee as a trainer starting to fine-tune
+    does: its files checked (hf_folder.read_folder, as the import did), ``dcp.load`` of the
+    model's state under the folder's names with DCP's ``HuggingFaceStorageReader``, then
+    ``set_model_state_dict``. The optimizer is not loaded (``fresh_optimizer``). An entry of
+    the model the folder lacks keeps the loader's value (check 2 names it; a tied parameter is
+    loaded through its other name)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    from pipeline_lib.job.checkpoint_io import stateful_as_dicts
+
+    hf_folder.read_folder(path)
+    dicts = stateful_as_dicts(state)
+    spots = leaves(dicts)
+    target = {}
+    for entry, ours in places.ours.items():
+        if spot := _spot(dicts, ours, spots):
+            holder, key = spot
+            target[entry] = holder[key]
+    dcp.load(target, storage_reader=HuggingFaceStorageReader(path))
+    set_model_state_dict(trainee.model, dicts["model"], options=opts)
+
+
+def fresh_optimizer(item, trainee) -> None:
+    """After the load of a model-only checkpoint and check 2: a new optimizer and LR scheduler
+    of the loader's recipe over the loaded model, as a trainer makes them after loading model
+    weights (the one the load job built, whose state get_state_dict initialized with a zero
+    step, is dropped): the resume starts from no optimizer state."""
+    from pipeline_lib.job import optimizers
+
+    trainee.optimizer, trainee.scheduler = optimizers.make(
+        item.variant.optimizer, trainee.model, item.train["lr"]
+    )

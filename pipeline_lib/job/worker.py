@@ -47,6 +47,7 @@ from pipeline_lib.plan.specs import JobSpec, Source
 from pipeline_lib.verify import checks, faults, seal_file, sealed_mode
 from pipeline_lib.verify.bitwise import shared_storage
 from pipeline_lib.verify.entries import describe, entry_kind, flatten
+from pipeline_lib.verify.hf_folder import FORMAT as HF_FOLDER
 from pipeline_lib.verify.reference import Reference, load_form_dir
 
 
@@ -353,9 +354,8 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
     places = None
     if source.naming is not None:  # an existing checkpoint: its optimizer entries decide
         spec = item.spec
-        places = existing.placement(
-            source.paths.checkpoint, source.naming, spec.model, spec.model_kwargs
-        )
+        find = existing.hf_placement if source.format == HF_FOLDER else existing.placement
+        places = find(source.paths.checkpoint, source.naming, spec.model, spec.model_kwargs)
         item = item.in_mode("flattened_optim" if places.flattened_optim else "sharded")
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
     timing: dict = {}
@@ -388,7 +388,8 @@ def load_into(
                 pass
             elif places is not None:
                 opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
-                existing.load(trainee, state, source.paths.checkpoint, places, opts)
+                load = existing.load_hf_folder if source.format == HF_FOLDER else existing.load
+                load(trainee, state, source.paths.checkpoint, places, opts)
             else:
                 with stages_agree(at.pipeline is not None):
                     report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
@@ -400,12 +401,15 @@ def load_into(
             error = one_line(exc) if isinstance(exc, CheckpointException) else whole_line(exc)
             result = {"status": "ok", "reason": "", "strict_error": error, "timing": timing}
             return {**result, **({"seal_ok": True} if sealed else {})}
+    model_only = places is not None and places.model_only
     with timed(timing, "verify_s"):
         through_api, from_live = training.loaded_state(item, at, trainee, fault)
         entries = checks.loader_vs_saver(
             item, through_api, from_live, trainee.anatomy, source, report,
-            sealed=sealed, stage=at.pipeline is not None,
+            sealed=sealed, stage=at.pipeline is not None, model_only=model_only,
         )  # fmt: skip
+    if model_only:  # weights only: the resume starts with a new optimizer, as fine-tuning does
+        existing.fresh_optimizer(item, trainee)
     try:
         with timed(timing, "resume_s"):
             faults.skew_resume(fault, trainee.optimizer)
@@ -421,6 +425,7 @@ def load_into(
         "missing_entries": report.missing,
         "unexpected_entries": report.unexpected,
         "resume_losses": resume,
+        "resume_optimizer": "fresh" if model_only else "loaded",
         "timing": timing,
         **({"seal_ok": True} if sealed else {}),
     }

@@ -76,7 +76,8 @@ def validate(raw: Any, source: str = "config") -> dict:
             _joined([f"{_field(e.absolute_path)}: {_message(e)}" for e in errors], source)
         )
     for entry in config["checkpoints"].values():  # defaults of a mapping's values
-        entry.setdefault("naming", "dcp_matrix")
+        entry.setdefault("format", "dcp")
+        entry.setdefault("naming", checkpoint_naming(entry["format"]))
     _check_semantics(config, source)
     return config
 
@@ -249,13 +250,34 @@ def _checkpoint_errors(config: dict) -> list[str]:
         where = f"checkpoints.{name}"
         if name in config["layouts"]:
             errors.append(f"{where}: a layout has this name too (both name a save side)")
-        if error := checkpoint_folder_error(entry["path"]):
+        if error := checkpoint_folder_error(entry["path"], entry["format"]):
             errors.append(f"{where}.path: {error}")
         if entry["model"] not in config["models"]:
             errors.append(f"{where}.model: {entry['model']!r} is not one of models")
-        if error := naming_error(entry["naming"]):
+        if error := naming_error(entry["naming"]) or _format_naming_error(entry):
             errors.append(f"{where}.naming: {error}")
     return errors
+
+
+def checkpoint_naming(fmt: str) -> str:
+    """The naming of an existing checkpoint of format ``fmt`` that names none."""
+    from pipeline_lib.verify import checkpoint_names, hf_folder
+
+    return checkpoint_names.HUGGINGFACE if fmt == hf_folder.FORMAT else "dcp_matrix"
+
+
+def _format_naming_error(entry: dict) -> str | None:
+    """A Hugging Face folder holds the model's tensors under the model's own names: the
+    built-in namings of other tools' full checkpoints would place none of them."""
+    from pipeline_lib.verify import checkpoint_names, hf_folder
+
+    if entry["format"] == hf_folder.FORMAT and entry["naming"] in ("dcp_matrix", "torchtitan"):
+        return (
+            f"{entry['naming']} names a DCP trainer checkpoint's entries; a {hf_folder.FORMAT} "
+            f"folder's are the model's own names: {checkpoint_names.HUGGINGFACE} (its default) or "
+            "a function of yours"
+        )
+    return None
 
 
 def checkpoint_files(folder: str | Path) -> list[Path]:
@@ -264,19 +286,27 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     return [p for p in sorted(Path(folder).rglob("*")) if p.is_file()]
 
 
-def checkpoint_folder_error(path: str) -> str | None:
+def checkpoint_folder_error(path: str, fmt: str = "dcp") -> str | None:
     """Why ``path`` is not an existing checkpoint's folder the grid can take, or None: it needs a
     ``.metadata`` that is a regular file inside it (not a link out of it: the import reads it),
-    and no file whose name Snakemake would read as a wildcard (``{`` or ``}``: each file is an
-    input of the import job). Reads no file."""
+    or for format hf_safetensors a ``model.safetensors`` or ``model.safetensors.index.json``
+    (hf_folder.folder_error), and no file whose name Snakemake would read as a wildcard (``{``
+    or ``}``: each file is an input of the import job). Reads no file."""
     from pipeline_lib.common.errors import printable
+    from pipeline_lib.verify import hf_folder
 
     metadata = Path(path) / ".metadata"
-    if metadata.exists() and not metadata.is_file():
+    if fmt == hf_folder.FORMAT:
+        if error := hf_folder.folder_error(path):
+            return error
+    elif metadata.exists() and not metadata.is_file():
         return f"{path!r}: its .metadata is not a regular file"
-    if not metadata.is_file():
-        return f"{path!r} is not a DCP checkpoint folder (no .metadata in it)"
-    if not metadata.resolve().is_relative_to(Path(path).resolve()):
+    elif not metadata.is_file():
+        hint = ""
+        if any((Path(path) / name).exists() for name in (hf_folder.SINGLE, hf_folder.INDEX)):
+            hint = f"; it holds a Hugging Face folder's weights: format {hf_folder.FORMAT}"
+        return f"{path!r} is not a DCP checkpoint folder (no .metadata in it{hint})"
+    elif not metadata.resolve().is_relative_to(Path(path).resolve()):
         return f"{path!r}: its .metadata is a link to {str(metadata.resolve())!r}, outside it"
     for file in checkpoint_files(path):
         if "{" in file.name or "}" in file.name:

@@ -409,6 +409,7 @@ def existing_spec(config: dict, name: str) -> ExistingSpec:
         record=existing_record_path(name),
         config_hash=config_hash(config),
         reuse_dir=reuse_dir(RESULTS),
+        format=entry["format"],
         **models.spec_kwargs(config, entry["model"]),
     )
 
@@ -446,6 +447,7 @@ def existing_sources(config: dict, model: str, variant: Variant) -> tuple[Source
             paths=CheckpointPaths(entry["path"], "", f"{existing_dir(name)}/reference"),
             save_record=existing_record_path(name),
             naming=entry["naming"],
+            format=None if entry["format"] == "dcp" else entry["format"],
         )
         for name, entry in config["checkpoints"].items()
         if entry["model"] == model

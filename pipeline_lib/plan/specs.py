@@ -56,6 +56,9 @@ class Source:
     # An existing checkpoint (config key checkpoints): how its entry names map to ours
     # (pipeline_lib.verify.checkpoint_names); None for a checkpoint this config's save job writes.
     naming: str | None = None
+    # An existing checkpoint's format other than dcp: hf_safetensors
+    # (pipeline_lib.verify.hf_folder).
+    format: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Source:
@@ -74,7 +77,7 @@ class ExistingSpec:
     without a process group into the reference of its load cells (pipeline_lib.job.existing)."""
 
     name: str
-    path: str  # the DCP folder, written anywhere by anything
+    path: str  # the checkpoint's folder, written anywhere by anything
     model: str
     naming: str
     save_dir: str  # what the import job writes: the reference folder below it, and the record
@@ -83,6 +86,7 @@ class ExistingSpec:
     config_hash: str
     model_kwargs: dict = field(default_factory=dict)  # an hf_models entry
     reuse_dir: str | None = None  # the reuse store (pipeline_lib.job.reuse); None: always import
+    format: str = "dcp"  # or hf_safetensors: a Hugging Face folder (pipeline_lib.verify.hf_folder)
 
     @classmethod
     def from_dict(cls, data: dict) -> ExistingSpec:

@@ -13,7 +13,9 @@ is neither is one the load cannot place: it is reported by name and fails the ce
   ``optimizer.…`` (flattened: ``optimizer.state.<fqn>.exp_avg``,
   ``optimizer.param_groups.<fqn>.lr``), ``lr_scheduler.…`` or ``lr_scheduler`` (one object
   entry, as DCP up to torch 2.3 wrote a dict holding no tensor); ``dataloader…`` and
-  ``train_state…`` left out.
+  ``train_state…`` left out;
+- ``huggingface``: a Hugging Face ``save_pretrained`` folder (model weights only, under the
+  model's own names): every entry is ``model.<entry>`` (``huggingface_model``).
 
 Or a function of yours, named by import path ``package.module:function``.
 
@@ -41,6 +43,8 @@ TORCHTITAN_EXCLUDED = ("dataloader", "train_state")
 # torchtitan's top-level keys -> ours.
 TORCHTITAN_KEYS = {"optimizer": "optim", "lr_scheduler": "scheduler"}
 MODEL, STATE, GROUPS, SCHEDULER = "model.", "optim.state.", "optim.param_groups.", "scheduler"
+# The naming of a Hugging Face save_pretrained folder (the default of format hf_safetensors).
+HUGGINGFACE = "huggingface"
 
 
 class NamingError(ValueError):
@@ -49,7 +53,7 @@ class NamingError(ValueError):
 
 @dataclass(frozen=True)
 class Naming:
-    """A naming: ``dcp_matrix``, ``torchtitan`` or ``package.module:function``."""
+    """A naming: ``dcp_matrix``, ``torchtitan``, ``huggingface`` or ``package.module:function``."""
 
     name: str
 
@@ -59,7 +63,15 @@ class Naming:
             return entry
         if self.name == "torchtitan":
             return _torchtitan(entry)
+        if self.name == HUGGINGFACE:
+            return huggingface_model(entry)
         return _user_function(self.name)(entry)
+
+
+def huggingface_model(entry: str) -> str:
+    """A Hugging Face folder's tensor: a parameter or buffer under the model's own name (a
+    transformers model's ``state_dict`` keys, as ``save_pretrained`` writes them)."""
+    return MODEL + entry
 
 
 def _torchtitan(entry: str) -> str | None:
@@ -106,10 +118,13 @@ def naming_error(name: str) -> str | None:
     imported; a job imports it (``_user_function`` checks it again, on what the import made)."""
     from pipeline_lib.common.registry import locate, top_level_function
 
-    if name in ("dcp_matrix", "torchtitan"):
+    if name in ("dcp_matrix", "torchtitan", HUGGINGFACE):
         return None
     if ":" not in name:
-        return f"unknown naming {name!r} (dcp_matrix, torchtitan, or package.module:function)"
+        return (
+            f"unknown naming {name!r} (dcp_matrix, torchtitan, {HUGGINGFACE}, or "
+            "package.module:function)"
+        )
     try:
         definition = top_level_function(locate(name, NamingError), NamingError)
     except NamingError as exc:
@@ -132,6 +147,12 @@ class EntryMap:
     unplaced: tuple[str, ...]
     params: dict[str, str] = field(default_factory=dict)
     prefix: str = ""
+
+    @property
+    def model_only(self) -> bool:
+        """Every entry placed is a model entry: a checkpoint of weights only (a Hugging Face
+        folder), whose load starts the resume with a fresh optimizer."""
+        return bool(self.ours) and all(n.startswith(MODEL) for n in self.ours.values())
 
     @property
     def flattened_optim(self) -> bool:

@@ -177,7 +177,7 @@ def _mapped_vs(path: str, reference: Reference, entries: dict):
 
 def loader_vs_saver(
     item: Item, state: dict, live: dict, anatomy: Anatomy, source: Source, report, *,
-    sealed: bool = False, stage: bool = False,
+    sealed: bool = False, stage: bool = False, model_only: bool = False,
 ) -> dict:  # fmt: skip
     """The loader's state, twice: ``state``, as get_state_dict gives it in the loader's mode
     (flat, in the variant's format), and ``live``, read from its live objects
@@ -185,7 +185,10 @@ def loader_vs_saver(
     equal only if both are; a difference only the live objects show is noted ``live: ...``.
     ``report``: the non-strict load's account (checkpoint_io.LoadReport), checked against the
     saver's in records.verdict: those entries are not compared here. ``anatomy``: the loader's
-    model's entries; ``stage``: the loader is a pipeline stage (it holds only its own)."""
+    model's entries; ``stage``: the loader is a pipeline stage (it holds only its own).
+    ``model_only``: a checkpoint of model weights only (an existing one whose entries are all
+    the model's): the loader's optimizer and LR scheduler are not compared (nothing loaded them;
+    the resume starts with a new optimizer)."""
     fault, reference, variant = source.fault, source.paths.reference, item.variant
     form = load_form_dir(reference) if variant.forms_differ else None
     # Sealed mode: the files are the reference (their seal held: pipeline_lib.verify.sealed_mode).
@@ -196,6 +199,8 @@ def loader_vs_saver(
     skip = {*report.missing, *report.unexpected}
     if variant.adds_entry:
         skip.add(UNEXPECTED_ENTRY)
+    if model_only:
+        skip |= {name for name in (*state, *live) if not name.startswith("model.")}
     through_api = against_reference(
         names_as_sets(state), reference, "the loader's state", anatomy, skip=skip,
         drop_first=fault == "drop_loaded_entry", form=form, against=files, stage=stage,

@@ -78,6 +78,7 @@ MATRIX_SCHEMA = pa.schema(
         ("resume_max_rel_diff", pa.float64()),
         ("resume_rtol", pa.float64()),
         ("resume_losses", pa.list_(pa.float64())),
+        ("resume_optimizer", pa.string()),
         ("loss_source", pa.string()),
         ("hf_export_loads", pa.bool_()),
         ("missing_entries", pa.string()),
@@ -338,6 +339,9 @@ def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, An
         else resume_rel_diff(save.get("resume_losses", []), load.get("resume_losses", [])),
         "resume_rtol": rtol,
         "resume_losses": load.get("resume_losses"),
+        # fresh: a checkpoint of model weights only; the resume made a new optimizer (and LR
+        # scheduler) after the load. loaded: the checkpoint's. None: no resume ran.
+        "resume_optimizer": load.get("resume_optimizer"),
         # model (its own loss), user (the module's loss) or fallback (pipeline_lib.models._user).
         "loss_source": save.get("loss_source"),
         # Format hf_export: the export loads with from_pretrained equal to the saver's model.
