@@ -79,9 +79,14 @@ MODELS = (
     TitanModel("llama3_debug_unfused", "llama3", "debugmodel", fuse_qkv=False),
     TitanModel("qwen3_moe_debug", "qwen3", "debugmodel_moe", n_layers=2, num_experts=4, top_k=2),
     TitanModel(
-        "qwen3_moe_debug_unfused", "qwen3", "debugmodel_moe", fuse_qkv=False, n_layers=2,
-        num_experts=4, top_k=2,
-    ),  # fmt: skip
+        "qwen3_moe_debug_unfused",
+        "qwen3",
+        "debugmodel_moe",
+        fuse_qkv=False,
+        n_layers=2,
+        num_experts=4,
+        top_k=2,
+    ),
 )
 
 
@@ -271,11 +276,16 @@ def manifest(spec: TitanModel, world: int) -> dict:
         "mesh": {"fsdp": world},
         "folder": f"{spec.name}/checkpoint/step-{STEPS}",
         "ran_as_shipped": [
-            "model classes and configs (model_registry)", "init_states",
-            "apply_fsdp_to_decoder", "OptimizersContainer (AdamW, for-loop)",
-            "LRSchedulersContainer", "ParallelAwareDataloader", "CrossEntropyLoss",
-            "clip_grad_norm_", "CheckpointManager (DCP, synchronous)",
-        ],  # fmt: skip
+            "model classes and configs (model_registry)",
+            "init_states",
+            "apply_fsdp_to_decoder",
+            "OptimizersContainer (AdamW, for-loop)",
+            "LRSchedulersContainer",
+            "ParallelAwareDataloader",
+            "CrossEntropyLoss",
+            "clip_grad_norm_",
+            "CheckpointManager (DCP, synchronous)",
+        ],
         "stand_ins": stand_ins,
     }
 

@@ -400,6 +400,7 @@ def existing_spec(config: dict, name: str) -> ExistingSpec:
         record=existing_record_path(name),
         config_hash=config_hash(config),
         reuse_dir=reuse_dir(RESULTS),
+        manifest=entry.get("manifest"),
         **models.spec_kwargs(config, entry["model"]),
     )
 

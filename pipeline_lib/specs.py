@@ -83,6 +83,7 @@ class ExistingSpec:
     config_hash: str
     model_kwargs: dict = field(default_factory=dict)  # an hf_models entry
     reuse_dir: str | None = None  # the reuse store (pipeline_lib.reuse); None: always import
+    manifest: str | None = None  # the writer's own account of the checkpoint (JSON), if any
 
     @classmethod
     def from_dict(cls, data: dict) -> ExistingSpec:

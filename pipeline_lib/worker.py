@@ -392,6 +392,7 @@ def load_into(
             elif places is not None:
                 opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
                 existing.load(trainee, state, source.paths.checkpoint, places, opts)
+                report = checkpoint_io.LoadReport(uncompared=existing.uncompared(source, state))
             else:
                 with stages_agree(at.pipeline is not None):
                     report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
@@ -419,6 +420,7 @@ def load_into(
         "entries": entries,
         "missing_entries": report.missing,
         "unexpected_entries": report.unexpected,
+        **({"uncompared_entries": report.uncompared} if report.uncompared else {}),
         "resume_losses": resume,
         "timing": timing,
         **({"seal_ok": True} if sealed else {}),
