@@ -14,9 +14,9 @@ Each direction loads a checkpoint the way torchtitan does and checks three thing
   a float rounding apart. Only this check sees an adapter that renames without permuting: its
   conversion equals itself, its round trip is the identity, and its logits differ.
 
-    .venv/bin/python -m pipeline_lib.torchtitan_hf write-hf hf-llama3 --model llama3 --flavor debugmodel
-    .venv/bin/python -m pipeline_lib.torchtitan_hf check --model llama3 --flavor debugmodel \\
-        --checkpoint checkpoints/torchtitan/llama3_debug/checkpoint/step-2 --hf-folder hf-llama3
+    .venv/bin/python -m pipeline_lib.torchtitan_hf write-hf hf-llama3
+    .venv/bin/python -m pipeline_lib.torchtitan_hf check --hf-folder hf-llama3 \\
+        --checkpoint checkpoints/torchtitan/llama3_debug/checkpoint/step-2
 """
 
 from __future__ import annotations
@@ -65,10 +65,11 @@ def hf_config(definition: TitanModelDefinition) -> dict:
     rope = attention.rope
     parameters = {"rope_type": "default", "rope_theta": rope.theta}
     if rope.scaling == "llama":
+        original = rope.original_max_position_embeddings
         parameters.update(rope_type="llama3", factor=rope.scaling_factor,
                           low_freq_factor=rope.low_freq_factor,
                           high_freq_factor=rope.high_freq_factor,
-                          original_max_position_embeddings=rope.original_max_position_embeddings)  # fmt: skip
+                          original_max_position_embeddings=original)  # fmt: skip
     values = {
         "hidden_size": config.dim,
         "intermediate_size": block.feed_forward.w1.out_features,

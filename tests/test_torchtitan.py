@@ -133,6 +133,21 @@ def test_config_refuses_a_flavor_torchtitan_lacks():
     )
 
 
+def test_a_measured_grid_holds_its_existing_checkpoints_cells():
+    """expectations: a grid with ``checkpoints`` measured each model's checkpoint under every
+    layout (save side: framework existing, no mesh); without it, none."""
+    from pipeline_lib.expectations import EXISTING, MeasuredGrid
+
+    entry = {"run": "r", "models": ["m"], "layouts": {"tp_2": {"framework": "tp", "mesh": [2]}},
+             "pairs": "none", "train": {"optimizer": "adam_lr_warmup"}}  # fmt: skip
+    tp = ("tp", "2", None, None)
+    with_checkpoints = MeasuredGrid.parse({**entry, "checkpoints": ["c"]}, "measured.0")
+    (variant,) = with_checkpoints.variants  # the default variant, the loaders' optimizer
+    assert with_checkpoints.holds("m", EXISTING, tp, variant)
+    assert not with_checkpoints.holds("other", EXISTING, tp, variant)
+    assert not MeasuredGrid.parse(entry, "measured.0").holds("m", EXISTING, tp, variant)
+
+
 # --- torchtitan's own writer, its folders through the grid ------------------------------------
 
 WRITER = REPO / "examples/torchtitan_train.py"
