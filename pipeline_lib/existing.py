@@ -113,7 +113,8 @@ def writer_manifest(path: str) -> dict:
     import os
     import stat
 
-    with open(path, "rb") as f:
+    # Opened without blocking (a FIFO would wait for a writer), read only if a regular file.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise ValueError(f"manifest {path} is not a regular file")
         data = f.read(MANIFEST_MAX_BYTES + 1)

@@ -100,6 +100,20 @@ def test_loader_scheduler_entries_torchtitan_does_not_save_are_not_compared():
     assert naming.uncompared("torchtitan", ["model.w"], loader) == []
 
 
+def test_a_writer_manifest_is_a_bounded_json_object_from_a_regular_file(tmp_path):
+    from pipeline_lib.existing import MANIFEST_MAX_BYTES, writer_manifest
+
+    (tmp_path / "ok.json").write_text('{"torchtitan": "0.3.0"}')
+    assert writer_manifest(str(tmp_path / "ok.json")) == {"torchtitan": "0.3.0"}
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "big.json").write_text('{"a": "' + "x" * MANIFEST_MAX_BYTES + '"}')
+    os.mkfifo(tmp_path / "fifo")  # no writer: an open that waited for one would hang here
+    for bad, why in (("list.json", "not a JSON object"), ("big.json", "not a JSON object"),
+                     ("fifo", "not a regular file")):  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            writer_manifest(str(tmp_path / bad))
+
+
 def test_config_refuses_a_torchtitan_model_it_does_not_know(tmp_path):
     raw = {
         "models": ["titan"],
