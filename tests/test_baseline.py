@@ -558,8 +558,9 @@ def _grid_rows(grid_) -> list[dict]:
     return rows
 
 
-def _size(mesh: str) -> int:
-    return math.prod(int(n) for n in mesh.split("x"))
+def _size(mesh: str) -> int | None:
+    """A mesh's world size; None for an existing checkpoint's side (no mesh)."""
+    return math.prod(int(n) for n in mesh.split("x")) if mesh else None
 
 
 # --- the gate passes on nothing --------------------------------------------------------------

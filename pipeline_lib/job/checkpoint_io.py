@@ -132,6 +132,9 @@ class LoadReport:
 
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    # An existing checkpoint's: the loader's entries it has no counterpart for by its writer's
+    # design (naming.uncompared), not compared.
+    uncompared: list[str] = field(default_factory=list)
 
 
 def read(variant: Variant, trainee, state: dict, paths: CheckpointPaths, fault=None) -> LoadReport:

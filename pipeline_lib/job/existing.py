@@ -28,7 +28,8 @@ from pipeline_lib.job.driver import fresh_dir
 from pipeline_lib.job.import_job import base_record
 from pipeline_lib.plan.specs import ExistingSpec
 from pipeline_lib.verify import hf_folder, untrusted
-from pipeline_lib.verify.checkpoint_names import EntryMap, Naming, place
+from pipeline_lib.verify.checkpoint_names import EntryMap, Naming, partial_scheduler, place
+from pipeline_lib.verify.checkpoint_names import uncompared as uncompared_names
 from pipeline_lib.verify.entries import describe, entry_kind, flatten, leaves
 from pipeline_lib.verify.readers import checkpoint_entries
 from pipeline_lib.verify.reference import Reference
@@ -95,10 +96,38 @@ def _import(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
         progress("hashing .metadata")
         record["metadata_sha256"] = metadata_sha256(spec.path)
         record.update(_read(spec, progress), status="ok", reason="")
+        if spec.manifest:
+            record["writer_manifest"] = writer_manifest(spec.manifest)
     except (Exception, CheckpointException) as exc:
         reason = printable(f"reading {spec.path}: {one_line(exc)}")
         record.update(status="error", reason=reason)
     return record
+
+
+PARTIAL_SCHEDULER = (
+    "the loader's scheduler.<key> entries other than scheduler.last_epoch: torchtitan's "
+    "LRSchedulersContainer saves last_epoch only"
+)
+# A writer's manifest is read whole: at most this many bytes (it is untrusted input).
+MANIFEST_MAX_BYTES = 1 << 20
+
+
+def writer_manifest(path: str) -> dict:
+    """The writer's manifest (``checkpoints.<name>.manifest``): a JSON object of at most
+    MANIFEST_MAX_BYTES, from a regular file; ValueError (the import's error) otherwise."""
+    import json
+    import os
+    import stat
+
+    # Opened without blocking (a FIFO would wait for a writer), read only if a regular file.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"manifest {path} is not a regular file")
+        data = f.read(MANIFEST_MAX_BYTES + 1)
+    found = json.loads(data) if len(data) <= MANIFEST_MAX_BYTES else None
+    if not isinstance(found, dict):
+        raise ValueError(f"manifest {path} is not a JSON object of at most {MANIFEST_MAX_BYTES} B")
+    return found
 
 
 def _read(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
@@ -132,6 +161,8 @@ def _read(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
         "unplaced_entries": list(places.unplaced),
         "flattened_optim": places.flattened_optim,
         "model_only": places.model_only,
+        # The loader's entries this checkpoint has none of by design (naming.uncompared).
+        "uncompared": PARTIAL_SCHEDULER if partial_scheduler(spec.naming, flat) else "",
         "state_check": {},
         "files_check": {},
         "resume_losses": [],
@@ -168,7 +199,20 @@ def load(trainee, state: dict, path: str, places: EntryMap, opts) -> None:
         options=opts,
     )
     if "scheduler" in state:
-        state["scheduler"].load_state_dict(dicts["scheduler"])
+        # The checkpoint's keys over the loader's own: a writer that saves part of its
+        # scheduler's state restores that part (torchtitan's LRSchedulersContainer: last_epoch
+        # only, each lr recomputed from the optimizer's base_lrs), as its own load does.
+        own = state["scheduler"].state_dict()
+        state["scheduler"].load_state_dict({**own, **dicts["scheduler"]})
+
+
+def uncompared(source, state: dict) -> list[str]:
+    """The loader's entries (of ``state``) that ``source``'s checkpoint has no counterpart for
+    by its writer's design (naming.uncompared), from its reference's names."""
+    from pipeline_lib.job.checkpoint_io import stateful_as_dicts
+
+    saved = Reference(source.paths.reference).meta
+    return uncompared_names(source.naming, saved, flatten(stateful_as_dicts(state)))
 
 
 def _target(value):

@@ -390,6 +390,7 @@ def load_into(
                 opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
                 load = existing.load_hf_folder if source.format == HF_FOLDER else existing.load
                 load(trainee, state, source.paths.checkpoint, places, opts)
+                report = checkpoint_io.LoadReport(uncompared=existing.uncompared(source, state))
             else:
                 with stages_agree(at.pipeline is not None):
                     report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
@@ -424,6 +425,7 @@ def load_into(
         "entries": entries,
         "missing_entries": report.missing,
         "unexpected_entries": report.unexpected,
+        **({"uncompared_entries": report.uncompared} if report.uncompared else {}),
         "resume_losses": resume,
         "resume_optimizer": "fresh" if model_only else "loaded",
         "timing": timing,

@@ -1,6 +1,7 @@
 """Models, one module each, registered by module name; or your own, named by import path
 (``package.module:callable``, adapted by ``_user``), or a Hugging Face architecture named in the
-config's ``hf_models`` (built by ``_hf``).
+config's ``hf_models`` (built by ``_hf``), or a torchtitan model named in its ``torchtitan_models``
+(built by ``_torchtitan``).
 
 A model module defines ``build() -> torch.nn.Module``; the module it returns provides:
 - ``forward(inputs)``;
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 # ItemSpec.model_kwargs key holding an ``hf_models`` entry (grid -> worker; models._hf).
 HF_KEY = "hf"
+# ItemSpec.model_kwargs key holding a ``torchtitan_models`` entry (models._torchtitan).
+TITAN_KEY = "torchtitan"
 
 
 class UserModelError(ValueError):
@@ -37,9 +40,13 @@ def names() -> list[str]:
 
 
 def spec_kwargs(config: dict, name: str) -> dict:
-    """What a job's item spec adds for model ``name``: its ``hf_models`` entry, if any."""
+    """What a job's item spec adds for model ``name``: its ``hf_models`` or
+    ``torchtitan_models`` entry, if any."""
     entry = config.get("hf_models", {}).get(name)
-    return {"model_kwargs": {HF_KEY: entry}} if entry is not None else {}
+    if entry is not None:
+        return {"model_kwargs": {HF_KEY: entry}}
+    entry = config.get("torchtitan_models", {}).get(name)
+    return {"model_kwargs": {TITAN_KEY: entry}} if entry is not None else {}
 
 
 def is_import_path(name: str) -> bool:
@@ -54,6 +61,10 @@ def get(name: str, model_kwargs: dict | None = None) -> ModuleType | UserModelSo
         from pipeline_lib.models import _hf  # imports transformers: only for those models
 
         return _hf.HFModelSource(name)
+    if model_kwargs and TITAN_KEY in model_kwargs:
+        from pipeline_lib.models import _torchtitan  # imports torchtitan: only for its models
+
+        return _torchtitan.TitanModelSource(name)
     if is_import_path(name):
         from pipeline_lib.models import _user  # imports torch: only for your own model
 

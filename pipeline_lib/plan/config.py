@@ -118,11 +118,12 @@ def _check_semantics(config: dict, source: str) -> None:
     errors += _name_errors(config)
     if errors:
         raise ConfigError(_joined(errors, source))
-    errors += _hf_model_errors(config)
+    errors += _hf_model_errors(config) + _titan_model_errors(config)
+    named = {**config["hf_models"], **config["torchtitan_models"]}
     errors += [
         f"models.{i}: {error}"
         for i, name in enumerate(config["models"])
-        if name not in config["hf_models"] and (error := _model_error(name, models.names()))
+        if name not in named and (error := _model_error(name, models.names()))
     ]
     max_dp = 1
     for name, layout in config["layouts"].items():
@@ -443,6 +444,27 @@ def _hf_model_errors(config: dict) -> list[str]:
     for name, entry in config["hf_models"].items():
         if error := _hf.definition_error(entry):
             errors.append(f"hf_models.{name}.{error}")
+    return errors
+
+
+def _titan_model_errors(config: dict) -> list[str]:
+    """Errors of the ``torchtitan_models`` entries (imports torchtitan, only when there are
+    some): a name another model has, a model or flavor torchtitan lacks."""
+    if not config["torchtitan_models"]:
+        return []
+    errors = [
+        f"torchtitan_models.{name}: {name!r} is a built-in or hf_models model's name"
+        for name in config["torchtitan_models"]
+        if name in models.names() or name in config["hf_models"]
+    ]
+    try:
+        from pipeline_lib.models import _torchtitan
+    except ImportError as exc:
+        why = f"cannot import torchtitan ({exc}): bash scripts/setup.sh --torchtitan"
+        return [*errors, f"torchtitan_models: {why}"]
+    for name, entry in config["torchtitan_models"].items():
+        if error := _torchtitan.definition_error(entry):
+            errors.append(f"torchtitan_models.{name}.{error}")
     return errors
 
 

@@ -172,10 +172,11 @@ def _item_bytes(spec: JobSpec, item: ItemSpec, world: int) -> Estimate:
 
 
 def _hf_kwargs(item: ItemSpec) -> dict | None:
-    """An item's hf_models entry (other model_kwargs resize a built-in: BUILTIN_STATE's)."""
-    from pipeline_lib.models import HF_KEY
+    """An item's hf_models or torchtitan_models entry (other model_kwargs resize a built-in:
+    BUILTIN_STATE's)."""
+    from pipeline_lib.models import HF_KEY, TITAN_KEY
 
-    return item.model_kwargs if HF_KEY in item.model_kwargs else None
+    return item.model_kwargs if item.model_kwargs.keys() & {HF_KEY, TITAN_KEY} else None
 
 
 def grid_bytes(config: dict) -> Estimate:

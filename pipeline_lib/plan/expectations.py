@@ -50,7 +50,10 @@ PATTERN_COLUMNS = (
 )
 # The config keys a measured grid may hold (what decides which cells a config has).
 GRID_AXIS_KEYS = {key: axis for axis, key in axes.CONFIG_KEYS.items() if axis != "optimizer"}
-GRID_KEYS = ("run", "models", "layouts", "pairs", "combine_axes", "train", *GRID_AXIS_KEYS)
+GRID_KEYS = ("run", "models", "layouts", "pairs", "combine_axes", "train", "checkpoints",
+             *GRID_AXIS_KEYS)  # fmt: skip
+# An existing checkpoint's side of its cells (the matrix: save_framework existing, no mesh).
+EXISTING: LayoutKey = ("existing", "", None, None)
 # A layout as the matrix names its definition: framework, mesh ("2x2"), PP schedule and
 # microbatches (None for other frameworks). Names are the user's: two configs may name one
 # layout differently.
@@ -298,8 +301,8 @@ def _pairs(setting: Any, layout_names: list[str], where: str) -> list[tuple[str,
     from pipeline_lib.plan.grid import layout_pairs
 
     if isinstance(setting, str):
-        if setting not in ("all", "same"):
-            raise ExpectationsError(f"{where}.pairs: {setting!r} (all, same or a list of pairs)")
+        if setting not in ("all", "same", "none"):
+            raise ExpectationsError(f"{where}.pairs: {setting!r} (all, same, none or a list)")
     else:
         for i, pair in enumerate(_list(setting, f"{where}.pairs")):
             if not (isinstance(pair, list) and len(pair) == 2):
@@ -352,6 +355,7 @@ class MeasuredGrid:
             raise ExpectationsError(
                 f"{where}.combine_axes: {grid['combine_axes']!r} (product or one_at_a_time)"
             )
+        existing = "checkpoints" in entry and _strings(entry["checkpoints"], f"{where}.checkpoints")
         values = _axis_values(grid, where)
         config = {axes.CONFIG_KEYS[a]: v for a, v in values.items() if a != "optimizer"}
         config |= {
@@ -361,7 +365,10 @@ class MeasuredGrid:
         return cls(
             run=run,
             models=frozenset(models),
-            layout_pairs=frozenset((layouts[s], layouts[d]) for s, d in pairs),
+            # Existing checkpoints (their names, as the config's checkpoints): each model's
+            # checkpoint loaded under every layout.
+            layout_pairs=frozenset((layouts[s], layouts[d]) for s, d in pairs)
+            | {(EXISTING, key) for key in layouts.values() if existing},
             variants=frozenset(axes.variants(config)),
         )
 

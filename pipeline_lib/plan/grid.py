@@ -410,6 +410,7 @@ def existing_spec(config: dict, name: str) -> ExistingSpec:
         config_hash=config_hash(config),
         reuse_dir=reuse_dir(RESULTS),
         format=entry["format"],
+        manifest=entry.get("manifest"),
         **models.spec_kwargs(config, entry["model"]),
     )
 

@@ -87,6 +87,7 @@ class ExistingSpec:
     model_kwargs: dict = field(default_factory=dict)  # an hf_models entry
     reuse_dir: str | None = None  # the reuse store (pipeline_lib.job.reuse); None: always import
     format: str = "dcp"  # or hf_safetensors: a Hugging Face folder (pipeline_lib.verify.hf_folder)
+    manifest: str | None = None  # the writer's own account of the checkpoint (JSON), if any
 
     @classmethod
     def from_dict(cls, data: dict) -> ExistingSpec:

@@ -164,6 +164,8 @@ def cell_data(row: dict, config: dict) -> dict:
             raise NotReproduced(f"layout {layout[:60]!r} is not in the config")
     if model in config.get("hf_models", {}):
         raise NotReproduced("an hf_models model")  # transformers builds it: not torch only
+    if model in config.get("torchtitan_models", {}):
+        raise NotReproduced("a torchtitan_models model")  # torchtitan builds it
     variant = row_variant(row)
     config = copy.deepcopy(config)
     config["verify"]["reference"] = "exact"

@@ -42,6 +42,9 @@ _ONE_PARAMETER = "a naming takes exactly one positional parameter, the entry nam
 TORCHTITAN_EXCLUDED = ("dataloader", "train_state")
 # torchtitan's top-level keys -> ours.
 TORCHTITAN_KEYS = {"optimizer": "optim", "lr_scheduler": "scheduler"}
+# What torchtitan's LRSchedulersContainer saves of its schedulers' state (its state_dict, 0.3.0):
+# each scheduler's lr is recomputed from its optimizer's base_lrs on load.
+TORCHTITAN_SCHEDULER = ("last_epoch",)
 MODEL, STATE, GROUPS, SCHEDULER = "model.", "optim.state.", "optim.param_groups.", "scheduler"
 # The naming of a Hugging Face save_pretrained folder (the default of format hf_safetensors).
 HUGGINGFACE = "huggingface"
@@ -171,6 +174,24 @@ class EntryMap:
         optimizer state entries of it map (``listed``); one without state, as the checkpoint's
         parameter names map (``prefix``)."""
         return self.params.get(name, self.prefix + name)
+
+
+def partial_scheduler(naming: str, saved: Iterable[str]) -> bool:
+    """The checkpoint's LR scheduler state (``saved``: its entries as ours) is exactly what
+    torchtitan saves of it (TORCHTITAN_SCHEDULER), under the ``torchtitan`` naming."""
+    kept = {f"{SCHEDULER}.{key}" for key in TORCHTITAN_SCHEDULER}
+    return naming == "torchtitan" and {n for n in saved if n.startswith(SCHEDULER + ".")} == kept
+
+
+def uncompared(naming: str, saved: Iterable[str], loader: Iterable[str]) -> list[str]:
+    """The loader's entries that have no counterpart in a checkpoint by its writer's design,
+    so they are not compared: with a ``partial_scheduler``, the loader's ``scheduler.<key>``
+    entries other than those torchtitan saves (``base_lrs``, ``_last_lr``, ...). Every entry
+    the checkpoint holds is still compared."""
+    if not partial_scheduler(naming, saved):
+        return []
+    kept = {f"{SCHEDULER}.{key}" for key in TORCHTITAN_SCHEDULER}
+    return sorted(n for n in loader if n.startswith(SCHEDULER + ".") and n not in kept)
 
 
 def split_fqn(name: str) -> tuple[str, str, str] | None:

@@ -196,7 +196,7 @@ def loader_vs_saver(
     if files is not None:
         files.keep = True  # the parts the first comparison reads serve the second too
     # Reported missing or unexpected by the non-strict load: not in the loader's model.
-    skip = {*report.missing, *report.unexpected}
+    skip = {*report.missing, *report.unexpected, *report.uncompared}
     if variant.adds_entry:
         skip.add(UNEXPECTED_ENTRY)
     if model_only:
