@@ -9,6 +9,8 @@ model runs as a ``_user.UserModel`` whose functions (``HFFunctions``) come from 
 ``fsdp_units`` (the decoder layers), ``tp_plan`` (the config's ``base_model_tp_plan`` mapped to
 torch's styles, ``TP_STYLES``) and ``tp_dims`` (heads and key/value heads).
 
+An entry's ``lora`` adds LoRA adapters with peft (models._lora, imported only then).
+
 Imports transformers: only for models that need it (models.get imports this module lazily).
 """
 
@@ -63,10 +65,12 @@ class HFModelDefinition:
     architecture: str
     config: dict = field(default_factory=dict)
     seq_len: int = DEFAULT_SEQ_LEN
+    lora: dict | None = None  # LoRA adapters (models._lora), or none
 
     @classmethod
     def from_dict(cls, data: dict) -> HFModelDefinition:
-        return cls(data["architecture"], dict(data.get("config", {})), data.get("seq_len", 8))
+        config, seq_len = dict(data.get("config", {})), data.get("seq_len", 8)
+        return cls(data["architecture"], config, seq_len, data.get("lora"))
 
     @property
     def model_class(self) -> type:
@@ -122,7 +126,22 @@ def definition_error(data: dict) -> str | None:
         return f"seq_len: {definition.seq_len} exceeds max_position_embeddings {positions}"
     if not hasattr(config, "vocab_size"):
         return f"architecture: {type(config).__name__} has no vocab_size to draw token ids from"
-    return None
+    return _lora_error(definition)
+
+
+def _lora_error(definition: HFModelDefinition) -> str | None:
+    """Why the entry's LoRA adapters cannot apply (imports peft: only for an entry with some)."""
+    if definition.lora is None:
+        return None
+    from pipeline_lib.models import _lora
+
+    return _lora.definition_error(definition)
+
+
+def _layer(module: nn.Module) -> nn.Module:
+    """The layer a TP style shards: a peft-adapted layer's base layer (models._lora maps the
+    plan to it and its adapter), any other module itself."""
+    return getattr(module, "base_layer", module)
 
 
 def _index(children: list, name: str) -> int:
@@ -135,8 +154,14 @@ class HFModelSource:
 
     name: str
 
-    def build(self, hf: dict) -> UserModel:
+    def build(self, hf: dict, base_seed: int | None = None) -> UserModel:
+        """``base_seed``: the seed of a LoRA model's base (models._lora), where it is not the
+        job's."""
         definition = HFModelDefinition.from_dict(hf)
+        if definition.lora is not None:
+            from pipeline_lib.models import _lora  # imports peft: only for LoRA models
+
+            return _lora.build(self.name, definition, base_seed)
         model = definition.build()
         return UserModel(self.name, HFFunctions(self.name, definition, model.config), model)
 
@@ -220,7 +245,9 @@ class HFFunctions:
             if not targets:
                 raise Incompatible(f"{self.name}: TP plan key {key} ({style}) names no module")
             wrong = [
-                f"{fqn} ({type(m).__name__})" for fqn, m in targets if not isinstance(m, types)
+                f"{fqn} ({type(m).__name__})"
+                for fqn, m in targets
+                if not isinstance(_layer(m), types)
             ]
             if wrong:
                 kinds = "/".join(t.__name__ for t in types)
