@@ -274,7 +274,9 @@ def save_result(job: Job, t: Trainee, flat: dict, changed, checks_done, losses, 
         "dropped_entries": changed[0],
         "added_entries": changed[1],
         # ignore_frozen_params: none of these may be in the state the saver wrote.
-        "frozen_saved": sorted(n for n in flat if n.removeprefix("model.") in t.frozen),
+        "frozen_saved": sorted(
+            n for n in flat if t.ignores_frozen and n.removeprefix("model.") in t.frozen
+        ),
         "timing": timing,
         "peak_rss_mb": job.peak_rss_mb(),
         "env": job.env,
@@ -363,8 +365,9 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
     timing: dict = {}
     with timed(timing, "build_s"):
-        seed = settings["seed"] + LOADER_SEED_OFFSET
-        trainee = training.build(item, at, seed, meta=variant.load_init == "meta", fault=fault)
+        seed, meta = settings["seed"] + LOADER_SEED_OFFSET, variant.load_init == "meta"
+        base_seed = training.base_seed(item)
+        trainee = training.build(item, at, seed, meta=meta, fault=fault, base_seed=base_seed)
         state = training.state_dict(item, trainee, fault=fault, side="load")
     return load_into(job, item, trainee, state, source, timing, places)
 
