@@ -180,6 +180,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         state, flat, state_check = saved_state(item, trainee, (dropped, added), live_shared)
     with job.phase("save", unit):
         job.inject("save", fault)
+        faults.keep_rank0_adapter_shard(fault, state, trainee.model, variant.writes_full_state)
         wait = checkpoint_io.write(variant, state, paths, timing)
     export = None
     if variant.exports_hf:
