@@ -308,7 +308,8 @@ def test_an_hf_model_reaches_the_jobs_through_model_kwargs():
 
 def test_only_hf_models_import_transformers():
     """The default matrix (config check, grid, a built-in's build and step) never imports
-    transformers, nor _hf; an hf_models config does."""
+    transformers, nor _hf, nor peft; an hf_models config imports transformers, and peft only
+    with LoRA adapters (configs/lora.yaml)."""
     script = textwrap.dedent(
         """
         import json, sys
@@ -320,16 +321,18 @@ def test_only_hf_models_import_transformers():
             model = models.get(name).build()
             inputs, targets = model.make_batch(0, 4, 0)
             model.loss_sum(model(inputs), targets)
-        before = "transformers" in sys.modules
+        seen = ["transformers" in sys.modules, "peft" in sys.modules]
         config.load("configs/hf_models.yaml")
-        print(json.dumps([before, "transformers" in sys.modules]))
+        seen += ["transformers" in sys.modules, "peft" in sys.modules]
+        config.load("configs/lora.yaml")
+        print(json.dumps([*seen, "peft" in sys.modules]))
         """
     )
     proc = procs.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == [False, True]
+    assert json.loads(proc.stdout.splitlines()[-1]) == [False, False, True, False, True]
 
 
 def test_hf_models_run_offline():

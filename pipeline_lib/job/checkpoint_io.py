@@ -24,12 +24,12 @@ from pipeline_lib.verify.untrusted import SafeLoadPlanner
 
 
 def options(variant: Variant, frozen: bool, full: bool, side: str = "save") -> StateDictOptions:
-    """The state-dict options of a variant on one side ("save" or "load"); ``full``: the full
-    state dict on rank 0 (CPU)."""
+    """The state-dict options of a variant on one side ("save" or "load"); ``frozen``: the model
+    has frozen parameters; ``full``: the full state dict on rank 0 (CPU)."""
     return StateDictOptions(
         full_state_dict=full,
         cpu_offload=full,
-        ignore_frozen_params=frozen,
+        ignore_frozen_params=variant.ignores_frozen(frozen),
         flatten_optimizer_state_dict=variant.flattened(side),
     )
 
@@ -224,7 +224,10 @@ def _broadcast_full_state(variant: Variant, trainee, state: dict, paths, opts) -
         full = torch.load(paths.full_state, weights_only=True) if dist.get_rank() == 0 else {}
     else:
         full = _dcp_on_rank0(variant, trainee, state, paths, opts)
-    broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True)
+    # A state without the frozen parameters: strict (load_state_dict's) would want them, as in
+    # _read_sharded; the broadcast drops the loader's own copies of keys rank 0 lacks.
+    strict = not opts.ignore_frozen_params
+    broadcast = replace(opts, full_state_dict=True, broadcast_from_rank0=True, strict=strict)
     # Model and optimizer one call each: set_state_dict takes the other ranks' empty model state
     # as "optimizer only" and skips the model broadcast rank 0 joins (a hang, torch 2.13).
     set_model_state_dict(model, full.get("model", {}), options=broadcast)

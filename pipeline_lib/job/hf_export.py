@@ -11,7 +11,8 @@ export that drops a stage's keys fails) bit for bit, and that its logits on a fi
 those of the architecture built fresh with the saver's state: both forwards run in one
 process, on the CPU, in the same dtype, with eager attention, on the same values, so any
 difference is the export's (the saver's own forward under TP or FSDP may sum in another order,
-so it is not the reference).
+so it is not the reference). A LoRA model (models._lora) exports its merged model instead
+(``run_merged``).
 Imports torch; transformers only through models._hf (HF models only).
 """
 
@@ -61,6 +62,8 @@ def refuse_unless_hf(item) -> None:
 def run(item, t, dtype: torch.dtype) -> ExportCheck:
     """Write the export and check it (every rank; rank 0's verdict on all)."""
     path = Path(item.spec.save_dir) / FOLDER
+    if hasattr(t.base.source, "merged_state"):  # a LoRA model: its adapters merged
+        return run_merged(item, t, dtype, path)
     state = exported_state(get_model_state_dict(t.model))
     state = faults.drop_last_stage_export(item.spec.fault, state, t.pipeline)
     verdict = [None]
@@ -71,6 +74,25 @@ def run(item, t, dtype: torch.dtype) -> ExportCheck:
         definition = t.base.source.definition
         reason = compare(definition, exported_state(full), path, dtype, item.train["seed"])
         verdict = [ExportCheck(not reason, reason)]
+    dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
+def run_merged(item, t, dtype: torch.dtype, path: Path) -> ExportCheck:
+    """A LoRA model (models._lora): rank 0 merges the adapters into the saver's full model
+    state (``merged_state``: peft's ``merge_and_unload``), writes that with DCP's
+    HuggingFaceStorageWriter alone (``no_dist``) and checks it as ``compare`` does, the merged
+    state as the saver's."""
+    full = full_state(t)
+    verdict = [None]
+    if dist.get_rank() == 0:
+        merged = t.base.source.merged_state(exported_state(full), dtype)
+        if error := write_error(merged, t.base.source.config, path, no_dist=True):
+            verdict = [ExportCheck(False, error)]
+        else:
+            definition = t.base.source.definition
+            reason = compare(definition, merged, path, dtype, item.train["seed"])
+            verdict = [ExportCheck(not reason, reason)]
     dist.broadcast_object_list(verdict, src=0)
     return verdict[0]
 
@@ -92,23 +114,24 @@ def exported_state(model_state: dict) -> dict:
     return {name.removeprefix(PREFIX): value for name, value in model_state.items()}
 
 
-def write_error(state: dict, config, path: Path) -> str:
+def write_error(state: dict, config, path: Path, no_dist: bool = False) -> str:
     """Write the export (``write``); "" or why it could not be written, e.g. DCP's
     HuggingFaceStorageWriter refuses tensors that share memory (tied embeddings)."""
     try:
-        write(state, config, path)
+        write(state, config, path, no_dist)
     except (Exception, CheckpointException) as exc:  # CheckpointException: a BaseException
         return f"cannot write: {one_line(exc)}"
     return ""
 
 
-def write(state: dict, config, path: Path) -> None:
-    """DCP's HuggingFaceStorageWriter (consolidated), then config.json (rank 0)."""
+def write(state: dict, config, path: Path, no_dist: bool = False) -> None:
+    """DCP's HuggingFaceStorageWriter (consolidated), then config.json (rank 0). ``no_dist``:
+    this rank writes alone (DCP's ``no_dist``), the whole state."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     writer = HuggingFaceStorageWriter(str(path), save_distributed=True, enable_consolidation=True)
-    dcp.save(state, storage_writer=writer)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    dcp.save(state, storage_writer=writer, no_dist=no_dist)
+    if no_dist or not dist.is_initialized() or dist.get_rank() == 0:
         config.save_pretrained(str(path))
 
 

@@ -70,6 +70,8 @@ class Trainee:
     anatomy: Anatomy  # the model's state entries, from the unwrapped module
     at_build: dict = field(default_factory=dict)  # fault stale_param: the state at build
     pipeline: pipelining.Pipeline | None = None  # the stage's schedule (pipeline parallelism)
+    # The state leaves out the frozen parameters (ignore_frozen_params; Variant.ignores_frozen).
+    ignores_frozen: bool = False
 
     @property
     def param_names(self) -> set[str]:
@@ -81,13 +83,19 @@ class Trainee:
         return self.anatomy.frozen
 
 
-def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) -> Trainee:
+def build(
+    item: Item, at: Placement, seed: int, meta: bool = False, fault=None, base_seed=None
+) -> Trainee:
     """The item's model, of its variant's dtype, under the layout, its optimizer and scheduler.
-    ``meta``: built on the meta device and materialized empty (no values until a load)."""
+    ``meta``: built on the meta device and materialized empty (no values until a load).
+    ``base_seed``: the seed of a LoRA model's base where it is not ``seed`` (``base_seed``)."""
     torch.manual_seed(seed)
     # model_kwargs (benchmarks only) resize a model, e.g. a 1 GB mlp.
+    kwargs = dict(item.spec.model_kwargs)
+    if base_seed is not None:
+        kwargs["base_seed"] = base_seed
     with torch.device("meta") if meta else contextlib.nullcontext():
-        base = item.model_module.build(**item.spec.model_kwargs)
+        base = item.model_module.build(**kwargs)
     if at.pipeline is not None:  # this rank's stage: the model less the other stages' units
         base = pipelining.split(base, item.spec.model, at.pipeline)
     for dim, size in base.tp_dims().items():
@@ -96,6 +104,7 @@ def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) 
             raise Incompatible(f"TP degree {at.tp_degree} does not divide {model} {dim}={size}")
     check_param_groups(at.framework, item.variant.optimizer)
     anatomy = Anatomy.of(base)
+    check_frozen(item, anatomy, meta)
     base.to(getattr(torch, item.variant.param_dtype))
     if not meta:
         base.to(at.device)
@@ -106,6 +115,7 @@ def build(item: Item, at: Placement, seed: int, meta: bool = False, fault=None) 
         model.to_empty(device=at.device)
     optimizer, scheduler = optimizers.make(item.variant.optimizer, model, item.train["lr"])
     trainee = Trainee(model, base, optimizer, scheduler, anatomy)
+    trainee.ignores_frozen = item.variant.ignores_frozen(bool(anatomy.frozen))
     if at.pipeline is not None:
         trainee.pipeline = _pipeline(item, at, model, base)
     if faults.wants_state_at_build(fault):
@@ -123,6 +133,33 @@ def check_param_groups(framework: Framework, recipe: str) -> None:
             f"optimizer {recipe} groups parameters by name; under {framework.name} each unit's "
             "parameters are one FlatParameter, in one param group"
         )
+
+
+def check_frozen(item: Item, anatomy: Anatomy, meta: bool = False) -> None:
+    """Incompatible (a skip) for frozen_params saved on a model without frozen parameters (its
+    state is the one frozen_params ignored saves), and for a loader built on the meta device
+    (``meta``) whose checkpoint leaves its frozen parameters out: nothing would give them values
+    (a user loads the pretrained base before the adapters)."""
+    if item.variant.frozen_params == "saved" and not anatomy.frozen:
+        raise Incompatible(
+            f"frozen_params saved: {item.spec.model} has no frozen parameters (its state is "
+            "frozen_params ignored's)"
+        )
+    if meta and item.variant.ignores_frozen(bool(anatomy.frozen)):
+        raise Incompatible(
+            "load_init meta: the checkpoint leaves the frozen parameters out (frozen_params "
+            "ignored), so nothing gives the loader's theirs"
+        )
+
+
+def base_seed(item: Item) -> int | None:
+    """The seed of the loader's base where it is the saver's: a LoRA model whose checkpoint
+    holds no base (frozen_params ignored, the adapter-only checkpoint) is resumed on the base
+    the saver built from the same seed, as users resume adapters on the pretrained model; None
+    otherwise (the loader builds everything from its own seed)."""
+    if models.HF_KEY not in item.spec.model_kwargs or item.variant.frozen_params != "ignored":
+        return None
+    return item.train["seed"] if item.spec.model_kwargs[models.HF_KEY].get("lora") else None
 
 
 def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) -> list[float]:
@@ -224,7 +261,7 @@ def live(
         t.scheduler,
         t.anatomy,
         starts,
-        ignore_frozen=bool(t.frozen),
+        ignore_frozen=t.ignores_frozen,
         flattened_optim=item.variant.flattened(side),
         flat_members=members,
     )
@@ -245,7 +282,7 @@ def dropped_entries(item: Item, t: Trainee) -> list[str]:
     """The entry a strict / non_strict saver leaves out on purpose (none for other modes)."""
     if not item.variant.drops_entry:
         return []
-    return [f"model.{t.anatomy.first_entry(bool(t.frozen))}"]
+    return [f"model.{t.anatomy.first_entry(t.ignores_frozen)}"]
 
 
 def added_entries(item: Item) -> dict:

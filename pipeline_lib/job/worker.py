@@ -178,6 +178,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         state, flat, state_check = saved_state(item, trainee, (dropped, added), live_shared)
     with job.phase("save", unit):
         job.inject("save", fault)
+        faults.keep_rank0_adapter_shard(fault, state, trainee.model, variant.writes_full_state)
         wait = checkpoint_io.write(variant, state, paths, timing)
     export = None
     if variant.exports_hf:
@@ -272,7 +273,9 @@ def save_result(job: Job, t: Trainee, flat: dict, changed, checks_done, losses, 
         "dropped_entries": changed[0],
         "added_entries": changed[1],
         # ignore_frozen_params: none of these may be in the state the saver wrote.
-        "frozen_saved": sorted(n for n in flat if n.removeprefix("model.") in t.frozen),
+        "frozen_saved": sorted(
+            n for n in flat if t.ignores_frozen and n.removeprefix("model.") in t.frozen
+        ),
         "timing": timing,
         "peak_rss_mb": job.peak_rss_mb(),
         "env": job.env,
@@ -360,8 +363,9 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
     timing: dict = {}
     with timed(timing, "build_s"):
-        seed = settings["seed"] + LOADER_SEED_OFFSET
-        trainee = training.build(item, at, seed, meta=variant.load_init == "meta", fault=fault)
+        seed, meta = settings["seed"] + LOADER_SEED_OFFSET, variant.load_init == "meta"
+        base_seed = training.base_seed(item)
+        trainee = training.build(item, at, seed, meta=meta, fault=fault, base_seed=base_seed)
         state = training.state_dict(item, trainee, fault=fault, side="load")
     return load_into(job, item, trainee, state, source, timing, places)
 

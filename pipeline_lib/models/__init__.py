@@ -57,6 +57,10 @@ def get(name: str, model_kwargs: dict | None = None) -> ModuleType | UserModelSo
     """The model's module, or for an import path its UserModelSource, or for an ``hf_models``
     name (``model_kwargs`` holds its entry under HF_KEY) its HFModelSource: all have
     ``build(**model_kwargs)``. An unusable import path raises UserModelError."""
+    if model_kwargs and HF_KEY in model_kwargs and model_kwargs[HF_KEY].get("lora"):
+        from pipeline_lib.models import _lora  # imports peft: only for LoRA models
+
+        return _lora.LoRAModelSource(name)
     if model_kwargs and HF_KEY in model_kwargs:
         from pipeline_lib.models import _hf  # imports transformers: only for those models
 

@@ -65,6 +65,11 @@ AXES: dict[str, tuple[str, ...]] = {
     # steps train.steps and train.steps + train.resume_steps, into separate folders; the cells load
     # the last checkpoint of the sequence or the first (pipeline_lib.job.sequence_steps).
     "save_sequence": ("once", "load_last", "load_first"),
+    # A model's frozen parameters (requires_grad False: a LoRA model's base): ignored, left
+    # out of the state saved and loaded (torch's ignore_frozen_params; for a LoRA model, the
+    # adapter-only checkpoint), or saved with the rest (the full state). A model without frozen
+    # parameters has one state: its cells of frozen_params saved are skip.
+    "frozen_params": ("ignored", "saved"),
 }
 CONFIG_KEYS = {
     "mode": "modes",
@@ -76,6 +81,7 @@ CONFIG_KEYS = {
     "load_init": "load_init",
     "load_process": "load_process",
     "save_sequence": "save_sequences",
+    "frozen_params": "frozen_params",
 }
 
 
@@ -90,6 +96,7 @@ class Variant:
     load_init: str = "device"
     load_process: str = "fresh"
     save_sequence: str = "once"
+    frozen_params: str = "ignored"
 
     @property
     def id(self) -> str:
@@ -159,6 +166,11 @@ class Variant:
     def saves_sequence(self) -> bool:
         """The saver saves more than once in one run (pipeline_lib.job.sequence_steps)."""
         return self.save_sequence != "once"
+
+    def ignores_frozen(self, frozen: bool) -> bool:
+        """The state saved and loaded leaves out the model's frozen parameters (torch's
+        ignore_frozen_params); ``frozen``: the model has some."""
+        return frozen and self.frozen_params == "ignored"
 
     @property
     def load_must_fail(self) -> bool:

@@ -442,9 +442,19 @@ def _hf_model_errors(config: dict) -> list[str]:
     except ImportError as exc:
         return [*errors, f"hf_models: cannot import transformers: {exc}"]
     for name, entry in config["hf_models"].items():
-        if error := _hf.definition_error(entry):
+        if error := _hf.definition_error(entry) or _lora_error(entry):
             errors.append(f"hf_models.{name}.{error}")
     return errors
+
+
+def _lora_error(entry: dict) -> str | None:
+    """Why an ``hf_models`` entry's LoRA adapters cannot apply (imports peft: only for an entry
+    with some)."""
+    if not entry.get("lora"):
+        return None
+    from pipeline_lib.models import _hf, _lora
+
+    return _lora.definition_error(_hf.HFModelDefinition.from_dict(entry))
 
 
 def _titan_model_errors(config: dict) -> list[str]:
@@ -458,6 +468,8 @@ def _titan_model_errors(config: dict) -> list[str]:
         if name in models.names() or name in config["hf_models"]
     ]
     try:
+        import torchtitan  # noqa: F401 - the optional extra: one line when it is missing
+
         from pipeline_lib.models import _torchtitan
     except ImportError as exc:
         why = f"cannot import torchtitan ({exc}): bash scripts/setup.sh --torchtitan"

@@ -275,6 +275,47 @@ PIPELINE_FAULTS = {
 }
 
 
+# Faults that mean something for a model with adapters only (an hf_models entry with lora),
+# hence not in the campaign: tests/test_lora.py injects them into a cell whose saver shards
+# the adapters (FSDP2).
+ADAPTER_FAULTS = {
+    # The saver writes only rank 0's shard of every sharded adapter weight, every other rank's
+    # part zero: an adapter-only save under FSDP2 that kept rank 0's slice (accelerate PR #4206,
+    # FULL_STATE_DICT with adapter_only; axolotl #3772: 1/world_size of each lora_B, the rest 0).
+    "adapter_rank0_shard": "fail",
+}
+# Parts of an entry's name that mark an adapter's weight (peft's LoRA layers).
+ADAPTER_PARTS = (".lora_A.", ".lora_B.")
+
+
+def keep_rank0_adapter_shard(fault: str | None, state: dict, model, full: bool) -> None:
+    """adapter_rank0_shard, on every rank once get_state_dict has run (check 0 passed) and
+    before the write: each adapter entry sharded over the ranks (a DTensor with a Shard
+    placement) keeps rank 0's local part, the others' become zeros. ``full``: the state is the
+    full state dict on rank 0, which gets the entry gathered from those parts."""
+    if fault != "adapter_rank0_shard":
+        return
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    sharded = get_model_state_dict(model)  # the same names, as DTensors, on every rank
+    for name in sorted(n for n in sharded if any(p in f".{n}" for p in ADAPTER_PARTS)):
+        value = sharded[name]
+        if not isinstance(value, DTensor) or all(p.is_replicate() for p in value.placements):
+            continue
+        local = value.to_local()
+        kept = local if dist.get_rank() == 0 else torch.zeros_like(local)
+        rank0 = DTensor.from_local(
+            kept, value.device_mesh, value.placements, shape=value.shape, stride=value.stride()
+        )
+        if full:  # a collective: every rank gathers, rank 0 holds the full state
+            rank0 = rank0.full_tensor()
+        if name in state["model"]:
+            state["model"][name] = rank0.to(state["model"][name].device)
+
+
 def drop_last_stage(fault: str | None, model_state: dict, pipeline, side: str) -> None:
     """drop_last_stage: on the saver's last pipeline stage, the model state holds nothing."""
     if fault == "drop_last_stage" and side == "save" and pipeline and pipeline.is_last:

@@ -39,6 +39,7 @@ AXIS_COLUMNS = [
     "load_init",
     "load_process",
     "save_sequence",
+    "frozen_params",
 ]
 CELL_KEYS = [
     "model",
