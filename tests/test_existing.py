@@ -17,10 +17,12 @@ import pytest
 from pipeline_lib.plan import config, grid
 from pipeline_lib.plan.config import ConfigError
 from pipeline_lib.verify import checkpoint_names
+from pipeline_lib.verify.results import ImportRecord, LoadRecord
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli
 from tests.outside import write_checkpoints as writer
+from tests.record_schemas import read_checked
 
 TITAN = checkpoint_names.Naming("torchtitan")
 
@@ -401,7 +403,7 @@ class Outside:
     config: dict
     rows: list[dict]  # matrix.parquet
     tensors: list[dict]  # tensors.parquet
-    records: dict[str, dict]  # checkpoint name -> its import record
+    records: dict[str, ImportRecord]  # checkpoint name -> its import record
 
 
 @pytest.fixture(scope="module")
@@ -434,9 +436,10 @@ def outside(tmp_path_factory) -> Outside:
         records = [p for layout in layouts for p in grid.load_outputs(cfg, grid.RESULTS, layout)]
         run_cli("aggregate", "--matrix", "m.parquet", "--tensors", "t.parquet", *records)
         imported = {
-            n: json.loads(Path(grid.existing_record_path(n)).read_text())
-            for n in cfg["checkpoints"]
+            n: read_checked(grid.existing_record_path(n), ImportRecord) for n in cfg["checkpoints"]
         }
+        for path in records:
+            read_checked(path, LoadRecord)
         rows, tensors = (pq.read_table(p).to_pylist() for p in ("m.parquet", "t.parquet"))
         return Outside(cfg, rows, tensors, imported)
 
@@ -461,9 +464,9 @@ def test_other_processes_checkpoints_load_bit_for_bit_under_every_layout(outside
         record = outside.records[name]
         for row in cells:
             assert (row["status"], row["reason"]) == ("pass", ""), (name, row["load_layout"])
-            assert row["entries_checked"] == len(record["entries"]) > 30, name
+            assert row["entries_checked"] == len(record.entries) > 30, name
             assert row["resume_max_rel_diff"] <= 1e-5
-        assert record["unplaced_entries"] == [], name
+        assert record.unplaced_entries == [], name
     compared = {(t["save_layout"], t["entry"]) for t in outside.tensors if t["load_equal"]}
     for entry in (
         "optim.state.user_model.model.layers.0.mlp.up_proj.weight.exp_avg",

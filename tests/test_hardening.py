@@ -792,17 +792,21 @@ def test_reasons_are_one_printable_line():
     """Entry names and messages from a checkpoint may hold newlines and terminal escapes: every
     reason shows them escaped, on one line (the gate prints reasons, a CI reads its lines)."""
     from pipeline_lib.common.errors import one_line
+    from pipeline_lib.common.layout import Layout
     from pipeline_lib.verify.records import verdict
+    from pipeline_lib.verify.results import EntryComparison, ImportRecord, LoadResult
 
     hostile = "w\n::error title=x::y\x1b[2J\u202e\t"
     shown = "w\\n::error title=x::y\\x1b[2J\\u202e\\t"
-    save = {"status": "ok", "existing": True, "files_check": {}, "resume_losses": []}
-    load = {"status": "ok", "resume_losses": [],
-            "entries": {hostile: {"equal": False, "note": "missing in the loader's state"}}}  # fmt: skip
+    where = {"model": "mlp", "layout": Layout.existing("x"), "checkpoint": "x", "reference": "r",
+             "config_hash": "h", "created_at": "t", "torch_version": "2.13", "source_folder": "x"}  # fmt: skip
+    save = ImportRecord(status="ok", reason="", files_check={}, resume_losses=[], **where)
+    missing = EntryComparison(False, None, "missing in the loader's state")
+    load = LoadResult(status="ok", reason="", resume_losses=[], entries={hostile: missing})
     assert verdict(save, load, 1e-5) == (
         "fail", f"loader vs saver: 1 of 1 entries differ; first {shown}: missing in the loader's "
         "state")  # fmt: skip
-    failed = {"status": "error", "existing": True, "reason": f"reading x: {hostile}"}
+    failed = ImportRecord(status="error", reason=f"reading x: {hostile}", **where)
     assert verdict(failed, load, 1e-5) == ("error", f"import: reading x: {shown}")
     assert one_line(RuntimeError("x\x1b[2J\u202ey")) == "RuntimeError: x\\x1b[2J\\u202ey"
     assert one_line(KeyError(hostile)) == f"KeyError: {hostile!r}"  # repr: escaped already

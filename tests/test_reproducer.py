@@ -25,6 +25,7 @@ from pipeline_lib.plan import grid
 from pipeline_lib.plan.axes import AXES, DEFAULT, Variant
 from pipeline_lib.results import baseline, inline, reproducer, reproducer_run
 from pipeline_lib.verify.records import CELL_KEYS
+from pipeline_lib.verify.results import EntryComparison
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli, cli_all
@@ -261,10 +262,13 @@ def test_a_change_to_the_pipeline_changes_the_script(tmp_path):
     assert "ENTRIES DIFFER" in changed.text and "ENTRIES DIFFER" not in ours.text
     assert "cpu_offload=False," in changed.text and "cpu_offload=False," not in ours.text
     summarize = _load(changed, "pipeline_lib.verify.records:summarize")
-    reason = summarize("files vs saver", {"a": {"equal": False, "note": "x"}})[1]
+    reason = summarize("files vs saver", {"a": EntryComparison(False, None, "x")})[1]
     assert reason == "files vs saver: 1 of 1 ENTRIES DIFFER a: x"
     original = _load(ours, "pipeline_lib.verify.records:summarize")
-    assert "entries differ; first a" in original("files vs saver", {"a": {"equal": False}})[1]
+    assert (
+        "entries differ; first a"
+        in original("files vs saver", {"a": EntryComparison(False, None)})[1]
+    )
     # every definition of a script is one of the package's (its docstring is there too)
     package_docstrings = {
         ast.get_docstring(n, clean=False)

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from pipeline_lib.job import driver, worker
 from pipeline_lib.common.atomic import read_json
 from pipeline_lib.plan.specs import JobSpec
+from pipeline_lib.verify.results import LoadRecord
 
 # In the environment of the script's run and of every process it starts (kept when set: a
 # caller that marks the run can kill what is left of it, kill_run).
@@ -65,7 +66,7 @@ def run_cell(cell: dict, side: str = "") -> None:
     if side in ("", "load"):
         load = JobSpec.from_dict(cell["load_job"])
         driver.run_load_job(load)
-        row = read_json(load.items[0].record)["cells"][0]
+        row = LoadRecord.from_dict(read_json(load.items[0].record)).cells[0]
         print(f"STATUS: {row['status']}: {row['reason']}", flush=True)
         print(f"(the cell's status in the run: {cell['status']}: {cell['reason']})", flush=True)
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline_lib.common.atomic import read_json, write_text, write_with
+from pipeline_lib.verify.results import LoadRecord
 
 COLUMNS = [
     "fault", "model", "save_layout", "load_layout", "reference_mode", "expected", "status",
@@ -24,18 +25,18 @@ COLUMNS = [
 def summarize(record_paths: list[str], table_path: str, markdown_path: str) -> None:
     rows = []
     for path in record_paths:
-        record = read_json(path)
-        fault, (cell,) = record["fault"], record["cells"]
+        record = LoadRecord.from_dict(read_json(path))
+        fault, (cell,) = record.fault, record.cells
         rows.append(
             {
-                "fault": fault["name"],
+                "fault": fault.name,
                 "model": cell["model"],
                 "save_layout": cell["save_layout"],
                 "load_layout": cell["load_layout"],
                 "reference_mode": cell.get("reference_mode", "exact"),
-                "expected": fault["expect"],
+                "expected": fault.expect,
                 "status": cell["status"],
-                "caught": cell["status"] == fault["expect"] and bool(cell["reason"]),
+                "caught": cell["status"] == fault.expect and bool(cell["reason"]),
                 "reason": cell["reason"],
             }
         )
