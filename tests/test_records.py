@@ -20,6 +20,7 @@ from pipeline_lib.verify.results import (
     ImportRecord,
     LoadResult,
     SaveRecord,
+    Timing,
 )
 
 LAYOUT_A = Layout("a", "ddp", (2,), ("dp",), None)
@@ -53,7 +54,7 @@ def save_record(**overrides) -> SaveRecord:
         "files_check": {"model.w": ok(), "optim.state.w.step": ok()},
         "entries": {"model.w": EntryInfo("param", "float32", [2, 2]),
                     "optim.state.w.step": EntryInfo("optim.step", "float32", [])},
-        "resume_losses": [1.0, 0.5], "timing": {"save_s": 0.1}, "checkpoint_bytes": 10,
+        "resume_losses": [1.0, 0.5], "timing": Timing(save_s=0.1), "checkpoint_bytes": 10,
         "checkpoint_files": 3, "env": ENV,
         "model": "mlp", "checkpoint": "c", "reference": "r", "config_hash": "abc",
         "created_at": "2026-01-01T00:00:00Z", "torch_version": "2.13.0",
@@ -66,7 +67,7 @@ def load_result(**overrides) -> LoadResult:
     result = {
         "status": "ok", "reason": "",
         "entries": {"model.w": ok(), "optim.state.w.step": ok()},
-        "resume_losses": [1.0, 0.5], "timing": {"load_s": 0.2, "verify_s": 0.01},
+        "resume_losses": [1.0, 0.5], "timing": Timing(load_s=0.2, verify_s=0.01),
     }  # fmt: skip
     result.update(overrides)
     return LoadResult(**result)

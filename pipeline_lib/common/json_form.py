@@ -23,8 +23,7 @@ def checked_keys(cls, data, extra: frozenset[str] = frozenset(), every: bool = F
     missing = sorted(
         name
         for name, f in known.items()
-        if name not in data
-        and (every or (f.default is MISSING and f.default_factory is MISSING))
+        if name not in data and (every or (f.default is MISSING and f.default_factory is MISSING))
     )
     problems = [f"{what} key(s) {', '.join(keys)}" for what, keys in
                 (("unknown", unknown), ("missing", missing)) if keys]  # fmt: skip

@@ -24,7 +24,7 @@ from pipeline_lib.verify import checks, faults
 from pipeline_lib.verify.bitwise import compare
 from pipeline_lib.verify.readers import checkpoint_entries
 from pipeline_lib.verify.reference import Reference
-from pipeline_lib.verify.results import CheckResult, SaveResult
+from pipeline_lib.verify.results import CheckResult, SaveResult, Timing
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Checkpointer:
         self.held: tuple | None = None  # ... past the next optimizer step
         self.pending: Callable[[], None] = lambda: None
 
-    def save(self, state: dict, paths, timing: dict) -> None:
+    def save(self, state: dict, paths, timing: Timing) -> None:
         self.pending()
         if faults.stale_save(self.fault):
             if self.first is None:
@@ -83,7 +83,7 @@ class Checkpointer:
 
 def run(job, item: Item, startup_s: float, steps: SaverSteps) -> None:
     """One save item of a sequence (``job``: the worker's Job)."""
-    unit, timing = item.id, {"startup_s": startup_s}
+    unit, timing = item.id, Timing(startup_s=startup_s)
     folders = sequence_steps.paths_by_step(item.variant, item.spec.paths, item.train)
     by_step = {step: sequence_steps.with_paths(item, paths) for step, paths in folders.items()}
     loaded = sequence_steps.loaded_step(item.variant, item.train)
@@ -98,7 +98,8 @@ def run(job, item: Item, startup_s: float, steps: SaverSteps) -> None:
         pairs = list(itertools.pairwise(by_step))
         consecutive = [_consecutive(by_step[a], by_step[b], (a, b)) for a, b in pairs]
     flat, state_check, save_timing = saved[loaded]
-    timing.update(save_timing, convert_s=files.convert_s)
+    timing.add(save_timing)
+    timing.convert_s = files.convert_s
     others = [step for step in by_step if step != loaded]
     facts = SaveResult(
         status="ok", reason="", state_check=state_check, files_check=checked[loaded][0],
@@ -109,7 +110,7 @@ def run(job, item: Item, startup_s: float, steps: SaverSteps) -> None:
     job.write_result(unit, steps.save_result(job, trainee, flat, ([], []), facts))
 
 
-def _train_and_save(job, item: Item, by_step: dict, steps: SaverSteps, timing: dict):
+def _train_and_save(job, item: Item, by_step: dict, steps: SaverSteps, timing: Timing):
     """Build, train, and at each step of ``by_step`` (step -> the item at that step's folders)
     the reference, check 0 and a save with the one checkpointer, training on between the saves
     and after the last. (trainee, the losses as the cells of each step see them: {step:
@@ -147,7 +148,7 @@ def _train_on(item: Item, trainee: Trainee, job, keeper: Checkpointer, start: in
 def _save_at(job, item: Item, trainee: Trainee, keeper: Checkpointer, steps: SaverSteps):
     """The saver's reference at this step (``item``'s paths), check 0, the save; (the saved
     state flattened, check 0, the save's timing)."""
-    unit, timing = item.id, {}
+    unit, timing = item.id, Timing()
     with job.phase("reference", unit):
         _, live_shared = steps.write_reference(item, job.placement, trainee, ([], {}), job.rank)
     with job.phase("state dict", unit):

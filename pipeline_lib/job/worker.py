@@ -51,7 +51,7 @@ from pipeline_lib.verify.bitwise import shared_storage
 from pipeline_lib.verify.entries import entry_table, flatten
 from pipeline_lib.verify.hf_folder import FORMAT as HF_FOLDER
 from pipeline_lib.verify.reference import Reference, load_form_dir
-from pipeline_lib.verify.results import Env, LoadResult, SaveResult, result_type
+from pipeline_lib.verify.results import Env, LoadResult, SaveResult, Timing, result_type
 
 
 class Job:
@@ -85,8 +85,8 @@ class Job:
             write_json(self.work / "progress.json", {"step": step, "unit": unit, "at": time.time()})
 
     @contextlib.contextmanager
-    def phase(self, step: str, unit: str, timing: dict | None = None, key: str = ""):
-        """One phase of a unit: rank 0's progress mark (the watchdog's), then ``timing[key]``
+    def phase(self, step: str, unit: str, timing: Timing | None = None, key: str = ""):
+        """One phase of a unit: rank 0's progress mark (the watchdog's), then ``timing.<key>``
         = its seconds (when given)."""
         self.progress(step, unit)
         with timed(timing, key):
@@ -142,12 +142,12 @@ def _convert_then_break(variant, paths, fault: str | None) -> FilesAccount:
 
 
 @contextlib.contextmanager
-def timed(timing: dict | None, key: str):
-    """``timing[key]`` = the seconds the block took (nothing when ``timing`` is None)."""
+def timed(timing: Timing | None, key: str):
+    """``timing.<key>`` = the seconds the block took (nothing when ``timing`` is None)."""
     started = time.perf_counter()
     yield
     if timing is not None:
-        timing[key] = time.perf_counter() - started
+        setattr(timing, key, time.perf_counter() - started)
 
 
 def _device_and_backend(run: dict) -> tuple[str, str]:
@@ -180,7 +180,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         steps = sequence_saver.SaverSteps(write_reference, saved_state, save_result)
         return sequence_saver.run(job, item, startup_s, steps)
     paths, settings, variant, fault = item.spec.paths, item.train, item.variant, item.spec.fault
-    at, unit, timing = job.placement, item.id, {"startup_s": startup_s}
+    at, unit, timing = job.placement, item.id, Timing(startup_s=startup_s)
     if variant.exports_hf:
         hf_export.refuse_unless_hf(item)
     with job.phase("build", unit, timing, "build_s"):
@@ -215,7 +215,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
     if files.error:
         job.write_result(unit, SaveResult(status="error", reason=files.error))
         return
-    timing["convert_s"] = files.convert_s
+    timing.convert_s = files.convert_s
     facts = SaveResult(
         status="ok", reason="", state_check=state_check, files_check=files_check,
         files_error=files_error, hf_export=export, fault_applied=files.fault_applied,
@@ -228,7 +228,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         reload_in_saver(job, item, trainee)
 
 
-def check_files(job: Job, item: Item, timing: dict) -> tuple[FilesAccount, dict, str]:
+def check_files(job: Job, item: Item, timing: Timing) -> tuple[FilesAccount, dict, str]:
     """Once the save completed: the conversion and checkpoint fault (``convert_then_break``),
     then check 1 of the files against the saver's reference. (account, check 1, reason the
     files cannot be read)."""
@@ -241,7 +241,7 @@ def check_files(job: Job, item: Item, timing: dict) -> tuple[FilesAccount, dict,
 
 
 def check_and_seal(
-    job: Job, item: Item, live: dict, timing: dict
+    job: Job, item: Item, live: dict, timing: Timing
 ) -> tuple[FilesAccount, dict, str]:
     """Sealed mode, before the resume changes the live state: the conversion and checkpoint
     fault (``convert_then_break``), check 1 of the files against the live state, then the seal
@@ -332,7 +332,7 @@ def reload_in_saver(job: Job, item: Item, trainee: Trainee) -> None:
         return
     paths, fault = item.spec.paths, item.spec.fault
     source = Source(id=item.id, layout=item.spec.layout, paths=paths, save_record="", fault=fault)
-    timing: dict = {}
+    timing = Timing()
     try:
         with timed(timing, "build_s"):
             state = training.state_dict(item, trainee, fault=fault, side="load")
@@ -371,7 +371,7 @@ def load_one(job: Job, item: Item, source: Source) -> LoadResult:
         places = find(source.paths.checkpoint, source.naming, spec.model, spec.model_kwargs)
         item = item.in_mode("flattened_optim" if places.flattened_optim else "sharded")
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
-    timing: dict = {}
+    timing = Timing()
     with timed(timing, "build_s"):
         seed, meta = settings["seed"] + LOADER_SEED_OFFSET, variant.load_init == "meta"
         base_seed = training.base_seed(item)
@@ -381,13 +381,18 @@ def load_one(job: Job, item: Item, source: Source) -> LoadResult:
 
 
 def load_into(
-    job: Job, item: Item, trainee: Trainee, state: dict, source: Source, timing, places=None
+    job: Job,
+    item: Item,
+    trainee: Trainee,
+    state: dict,
+    source: Source,
+    timing: Timing,
+    places=None,
 ) -> LoadResult:
     """Load ``source`` into ``trainee`` (``state``: its state dict in the loader's mode; an
     existing checkpoint's under its ``places``), check 2, resume; the cell's result (``timing``
     gets load_s, verify_s, resume_s)."""
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
-    report = checkpoint_io.LoadReport()
     sealed = sealed_mode.sealed_source(item, source)
     if sealed:
         with timed(timing, "seal_s"):
@@ -397,27 +402,11 @@ def load_into(
                 status="ok", reason="", seal_ok=False, seal_error=broken, timing=timing
             )
     with timed(timing, "load_s"):
-        job.inject("load", fault)
-        try:
-            if fault == "skip_load":
-                pass
-            elif places is not None:
-                opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
-                load = existing.load_hf_folder if source.format == HF_FOLDER else existing.load
-                load(trainee, state, source.paths.checkpoint, places, opts)
-                report = checkpoint_io.LoadReport(uncompared=existing.uncompared(source, state))
-            else:
-                with stages_agree(at.pipeline is not None):
-                    report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
-        except (CheckpointException, RuntimeError) as exc:
-            if not _expected_failure(variant, exc):
-                raise
-            # The expected outcome of a strict load of a checkpoint with an entry left out
-            # (dcp.load's CheckpointException) or added (set_state_dict's RuntimeError).
-            error = one_line(exc) if isinstance(exc, CheckpointException) else whole_line(exc)
-            return LoadResult(
-                status="ok", reason="", strict_error=error, timing=timing, seal_ok=sealed or None
-            )
+        report, strict_error = read_source(job, item, trainee, state, source, places)
+    if strict_error is not None:
+        return LoadResult(
+            status="ok", reason="", strict_error=strict_error, timing=timing, seal_ok=sealed or None
+        )
     model_only = places is not None and places.model_only
     with timed(timing, "verify_s"):
         through_api, from_live = training.loaded_state(item, at, trainee, fault)
@@ -449,6 +438,33 @@ def load_into(
     )
 
 
+def read_source(
+    job: Job, item: Item, trainee: Trainee, state: dict, source: Source, places
+) -> tuple[checkpoint_io.LoadReport, str | None]:
+    """The load of ``source`` into ``trainee`` the variant's way (an existing checkpoint's
+    under its ``places``): (the non-strict load's account, None), or (an empty account, the
+    error of a strict load that failed as its mode expects)."""
+    variant, fault = item.variant, source.fault
+    job.inject("load", fault)
+    try:
+        if fault == "skip_load":
+            return checkpoint_io.LoadReport(), None
+        if places is not None:
+            opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
+            load = existing.load_hf_folder if source.format == HF_FOLDER else existing.load
+            load(trainee, state, source.paths.checkpoint, places, opts)
+            return checkpoint_io.LoadReport(uncompared=existing.uncompared(source, state)), None
+        with stages_agree(job.placement.pipeline is not None):
+            return checkpoint_io.read(variant, trainee, state, source.paths, fault), None
+    except (CheckpointException, RuntimeError) as exc:
+        if not _expected_failure(variant, exc):
+            raise
+        # The expected outcome of a strict load of a checkpoint with an entry left out
+        # (dcp.load's CheckpointException) or added (set_state_dict's RuntimeError).
+        error = one_line(exc) if isinstance(exc, CheckpointException) else whole_line(exc)
+        return checkpoint_io.LoadReport(), error
+
+
 def _expected_failure(variant, exc: BaseException) -> bool:
     """A strict load's failure its mode expects: dcp.load's CheckpointException (mode strict:
     an entry left out), set_state_dict's RuntimeError (strict_unexpected: an entry added)."""
@@ -468,7 +484,7 @@ def run_load(job: Job, item: Item, startup_s: float) -> None:
         except (Exception, CheckpointException) as exc:
             log_traceback(f"cell {source.id}", exc)
             result = LoadResult(status="error", reason=one_line(exc))
-        timing = {**(result.timing or {}), "startup_s": startup_s}
+        timing = replace(result.timing or Timing(), startup_s=startup_s)
         job.write_result(unit, replace(
             result, timing=timing, peak_rss_mb=job.peak_rss_mb(), env=job.env,
             created_at=timestamps.now(),

@@ -26,6 +26,7 @@ from pipeline_lib.verify.results import (
     LoadResult,
     SaveRecord,
     SaveResult,
+    Timing,
 )
 
 if TYPE_CHECKING:
@@ -411,20 +412,20 @@ def _resume_columns(save: SaveResult, load: LoadResult, mode: str, rtol: float) 
 
 def _cost_columns(save: SaveRecord, load: LoadResult) -> dict[str, Any]:
     """What the cell cost: the seconds of each phase, the checkpoint's size, peak memory."""
-    st, lt = save.timing or {}, load.timing or {}
+    st, lt = save.timing or Timing(), load.timing or Timing()
     return {
-        "save_seconds": st.get("save_s"),
-        "save_blocked_seconds": st.get("save_blocked_s"),
-        "load_seconds": lt.get("load_s"),
-        "verify_seconds": lt.get("verify_s"),
-        "files_check_seconds": st.get("files_check_s"),
-        "seal_seconds": st.get("seal_s"),
-        "seal_check_seconds": lt.get("seal_s"),
-        "save_job_startup_seconds": st.get("startup_s"),
-        "save_train_seconds": st.get("train_s"),
-        "load_job_startup_seconds": lt.get("startup_s"),
-        "load_build_seconds": lt.get("build_s"),
-        "resume_seconds": lt.get("resume_s"),
+        "save_seconds": st.save_s,
+        "save_blocked_seconds": st.save_blocked_s,
+        "load_seconds": lt.load_s,
+        "verify_seconds": lt.verify_s,
+        "files_check_seconds": st.files_check_s,
+        "seal_seconds": st.seal_s,
+        "seal_check_seconds": lt.seal_s,
+        "save_job_startup_seconds": st.startup_s,
+        "save_train_seconds": st.train_s,
+        "load_job_startup_seconds": lt.startup_s,
+        "load_build_seconds": lt.build_s,
+        "resume_seconds": lt.resume_s,
         "checkpoint_bytes": save.checkpoint_bytes,
         "checkpoint_files": save.checkpoint_files,
         "save_peak_rss_mb": save.peak_rss_mb,

@@ -14,7 +14,8 @@ aggregate and the fault campaign (pipeline_lib.results).
 Each has a JSON round trip (``to_dict`` / ``from_dict``): the fields are the keys; a result or
 record leaves out a field that is None (a failed unit holds status and reason only); an
 unknown or missing key is an error naming it (common.json_form). The forms are checked against
-tests/schemas/*_record.json. Pure (no torch), plain dataclasses (a reproducer copies them).
+tests/schemas/*_record.json and *_result.json. Pure (no torch), plain dataclasses (a reproducer
+copies them).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def _json(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json(item) for item in value]
     return value
+
+
+def _whole(obj) -> dict:
+    """The JSON form of a value type: every field."""
+    return {f.name: _json(getattr(obj, f.name)) for f in fields(obj)}
 
 
 def _present(obj) -> dict:
@@ -60,7 +66,7 @@ class EntryComparison:
     note: str = ""
 
     def to_dict(self) -> dict:
-        return {"equal": self.equal, "max_abs_diff": self.max_abs_diff, "note": self.note}
+        return _whole(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> EntryComparison:
@@ -82,7 +88,7 @@ class CheckResult:
     error: str = ""
 
     def to_dict(self) -> dict:
-        return {"check": self.check, "entries": _json(self.entries), "error": self.error}
+        return _whole(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> CheckResult:
@@ -99,7 +105,7 @@ class EntryInfo:
     shape: list[int] | None
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "dtype": self.dtype, "shape": self.shape}
+        return _whole(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> EntryInfo:
@@ -119,7 +125,7 @@ class ExportCheck:
     reason: str = ""
 
     def to_dict(self) -> dict:
-        return {"loads": self.loads, "reason": self.reason}
+        return _whole(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> ExportCheck:
@@ -136,11 +142,45 @@ class FaultTag:
     id: str
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "expect": self.expect, "id": self.id}
+        return _whole(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> FaultTag:
         return cls(**checked_keys(cls, data, every=True))
+
+
+@dataclass
+class Timing:
+    """The seconds each phase of a unit took (``<phase>_s``), set as the phase ends
+    (pipeline_lib.job.worker.timed); a phase that did not run is None (not in the JSON)."""
+
+    startup_s: float | None = None  # the job's launch until its ranks began the unit's item
+    build_s: float | None = None
+    train_s: float | None = None
+    reference_s: float | None = None
+    state_check_s: float | None = None
+    save_blocked_s: float | None = None  # the training loop blocked by the save
+    save_s: float | None = None  # until the checkpoint was written (an async save: later)
+    hf_export_s: float | None = None
+    seal_s: float | None = None  # save side: sealing; load side: checking the seal
+    files_check_s: float | None = None
+    convert_s: float | None = None
+    load_s: float | None = None
+    verify_s: float | None = None
+    resume_s: float | None = None
+
+    def add(self, other: Timing) -> None:
+        """Take every phase ``other`` timed."""
+        for f in fields(other):
+            if (seconds := getattr(other, f.name)) is not None:
+                setattr(self, f.name, seconds)
+
+    def to_dict(self) -> dict:
+        return _present(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Timing:
+        return cls(**checked_keys(cls, data))
 
 
 @dataclass(frozen=True)
@@ -157,7 +197,7 @@ class Env:
     rank_start: str
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return _whole(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Env:
@@ -190,7 +230,7 @@ class SaveResult:
     added_entries: list[str] | None = None
     # ignore_frozen_params: frozen parameters found in the saved state (none may be).
     frozen_saved: list[str] | None = None
-    timing: dict[str, float] | None = None  # seconds per phase (``<phase>_s``)
+    timing: Timing | None = None
     peak_rss_mb: float | None = None
     env: Env | None = None
     # A save sequence: the step of the checkpoint the cells load, every step saved, and the
@@ -205,6 +245,7 @@ class SaveResult:
         "hf_export": ExportCheck.from_dict,
         "entries": entry_infos,
         "env": Env.from_dict,
+        "timing": Timing.from_dict,
         "sequence": lambda checks: [CheckResult.from_dict(c) for c in checks],
     }
 
@@ -282,7 +323,7 @@ class LoadResult:
     # Sealed mode: the seal held (False: seal_error says what changed; nothing was loaded).
     seal_ok: bool | None = None
     seal_error: str | None = None
-    timing: dict[str, float] | None = None
+    timing: Timing | None = None
     peak_rss_mb: float | None = None
     env: Env | None = None
     created_at: str | None = None
@@ -292,7 +333,8 @@ class LoadResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> LoadResult:
-        return _typed(cls, data, {"entries": comparisons, "env": Env.from_dict})
+        parse = {"entries": comparisons, "env": Env.from_dict, "timing": Timing.from_dict}
+        return _typed(cls, data, parse)
 
 
 def result_type(kind: str) -> type[SaveResult] | type[LoadResult]:
