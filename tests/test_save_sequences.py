@@ -88,6 +88,9 @@ def test_the_loader_resumes_from_the_step_it_loaded():
     assert loaded.spec.train is loaded.train  # one item: what it runs is its spec's
     assert item.train["steps"] == 2  # the item's own settings are left as they were
     assert sequence_steps.as_loaded(item.changed(variant=FIRST)).train["steps"] == 2
+    flat = item.in_mode("flattened_optim")  # an existing checkpoint's mode: the spec's too
+    assert flat.variant is flat.spec.variant and flat.variant.mode == "flattened_optim"
+    assert item.variant.mode == "sharded"
 
 
 def test_an_entry_the_saver_changed_must_differ_between_consecutive_checkpoints():
