@@ -18,17 +18,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.job import launcher
 from pipeline_lib.plan import config as config_mod
 from pipeline_lib.plan import grid
 from pipeline_lib.plan.axes import AXES, DEFAULT, Variant
 from pipeline_lib.results import baseline, inline, reproducer, reproducer_run
 from pipeline_lib.verify.records import CELL_KEYS
-from pipeline_lib.verify.results import EntryComparison
+from pipeline_lib.verify.results import EntryComparison, LoadRecord
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli, cli_all
+from tests.record_schemas import read_checked
 
 CONFIG = {
     "models": ["mlp", "tied_embedding", "transformer"],
@@ -419,7 +419,7 @@ def _pipeline_rows(cfg: dict) -> dict[str, dict]:
     load = grid.job_spec(cfg, "load", "single", "results/work/load/single", loads)
     cli("load", load)
     return {
-        kind: read_json(item.record)["cells"][0]
+        kind: read_checked(item.record, LoadRecord).cells[0]
         for kind, item in zip(CELLS, load.items, strict=True)
     }
 

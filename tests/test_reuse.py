@@ -20,13 +20,14 @@ import psutil
 import pytest
 import yaml
 
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.job import reuse
 from pipeline_lib.plan import grid
 from pipeline_lib.plan.config import validate
 from pipeline_lib.plan.specs import JobSpec
+from pipeline_lib.verify.results import LoadRecord
 from tests.conftest import REPO
 from tests.jobs import cli, cli_all
+from tests.record_schemas import read_checked
 from tests.test_snakemake import BIN, snakemake
 
 
@@ -433,7 +434,7 @@ def test_a_checkpoint_changed_after_its_cells_ran_is_verified_again(in_tmp):
         log = cli("load", load)
         rows = {}
         for model in raw["models"]:
-            for row in read_json(grid.load_record_path(model, "single"))["cells"]:
+            for row in read_checked(grid.load_record_path(model, "single"), LoadRecord).cells:
                 rows[model, row["save_layout"]] = row
         return log, rows
 
