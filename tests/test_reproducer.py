@@ -187,7 +187,7 @@ def test_a_cell_that_cannot_be_written_does_not_stop_the_others(tmp_path, monkey
     real = reproducer.script_of
 
     def broken(cell):
-        if cell["key"]["model"] == "transformer":
+        if cell.key["model"] == "transformer":
             raise RuntimeError("no room\nfor this one")
         return real(cell)
 
