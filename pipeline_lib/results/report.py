@@ -25,10 +25,10 @@ import yaml
 from markupsafe import Markup, escape
 
 from pipeline_lib.common import timestamps
-from pipeline_lib.plan import grid
-from pipeline_lib.results import display
 from pipeline_lib.common.atomic import write_with
+from pipeline_lib.plan import grid
 from pipeline_lib.plan.schema import config_hash
+from pipeline_lib.results import display
 from pipeline_lib.verify.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"

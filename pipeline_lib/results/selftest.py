@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from pipeline_lib.common.atomic import read_json, write_text, write_with
 from pipeline_lib.verify.results import LoadRecord
 
+
 @dataclass(frozen=True)
 class FaultRow:
     """One row of the campaign's table: a fault, its cell, the status it expects and got, and
