@@ -24,7 +24,7 @@ from pipeline_lib.job import reuse
 from pipeline_lib.plan import grid
 from pipeline_lib.plan.config import validate
 from pipeline_lib.plan.specs import JobSpec
-from pipeline_lib.verify.results import LoadRecord
+from pipeline_lib.verify.results import CellRows, LoadRecord
 from tests.conftest import REPO
 from tests.jobs import cli, cli_all
 from tests.record_schemas import read_checked
@@ -179,7 +179,7 @@ def test_a_store_that_does_not_read_reuses_nothing_and_still_keeps(small_config,
     Path(item.record).write_text('{"status": "ok"}\n')
     reading, writing = reuse.Store(in_tmp / "reuse"), reuse.Store(in_tmp / "reuse", read=False)
     writing.keep_saved(item)
-    writing.keep_cell("k", {"cell": {}, "tensors": []})
+    writing.keep_cell("k", CellRows(cell={}, tensors=[]))
     assert reading.saved_record(item) == '{"status": "ok"}\n' and reading.cell("k")
     assert writing.saved_record(item) is None and writing.cell("k") is None
     spec = JobSpec("save", {}, {}, "w", (), reuse_dir="r")

@@ -32,6 +32,7 @@ from pipeline_lib.job import reuse
 from pipeline_lib.job.launcher import Outcome, launch
 from pipeline_lib.plan.specs import ItemSpec, JobSpec, Source
 from pipeline_lib.verify.results import (
+    CellRows,
     ImportRecord,
     LoadRecord,
     LoadResult,
@@ -238,7 +239,7 @@ def _cell_keys(spec: JobSpec, store: reuse.Store | None) -> dict[str, str]:
 
 
 def _write_load_record(
-    item: ItemSpec, launches: int, rows: dict[str, dict], store, keys: dict, kept: dict
+    item: ItemSpec, launches: int, rows: dict[str, CellRows], store, keys: dict, kept: dict
 ) -> None:
     """The item's record from its cells' ``rows``; the stored text instead when every cell
     was kept. New cells go into the store."""
@@ -296,23 +297,23 @@ def _moved(source: Source, save: SaveRecord) -> str | None:
 
 def cell_rows(
     item: ItemSpec, source: Source, saves: dict[str, SaveRecord], results: dict[str, LoadResult]
-) -> dict:
-    """{"cell": matrix row (with its verdict), "tensors": its tensor rows} of one cell, from
-    its save record and load result."""
+) -> CellRows:
+    """The matrix row (with its verdict) and tensor rows of one cell, from its save record and
+    load result."""
     from pipeline_lib.verify.records import cell_row, tensor_rows
 
     unit, torch = item.unit(source), torch_version()
-    return {
-        "cell": cell_row(item.model, saves[unit], results[unit], item, torch),
-        "tensors": tensor_rows(item.model, saves[unit], results[unit], item, torch),
-    }
+    return CellRows(
+        cell=cell_row(item.model, saves[unit], results[unit], item, torch),
+        tensors=tensor_rows(item.model, saves[unit], results[unit], item, torch),
+    )
 
 
-def load_record_of(item: ItemSpec, rows: list[dict], launches: int) -> LoadRecord:
+def load_record_of(item: ItemSpec, rows: list[CellRows], launches: int) -> LoadRecord:
     """The record of one load item: its cells' matrix rows and tensor rows (cell_rows)."""
     return LoadRecord(
-        cells=[r["cell"] for r in rows],
-        tensors=[t for r in rows for t in r["tensors"]],
+        cells=[r.cell for r in rows],
+        tensors=[t for r in rows for t in r.tensors],
         launches=launches,
         fault=item.fault_tag,
     )

@@ -7,7 +7,8 @@ aggregate and the fault campaign (pipeline_lib.results).
   and where the checkpoint is); ``ImportRecord``: an existing checkpoint's import record, in a
   save record's place.
 - ``LoadResult``: what a load cell's rank 0 writes; ``LoadRecord``: the load job's record of an
-  item, its cells' matrix rows and tensor rows (the verdict already in them).
+  item, its cells' matrix rows and tensor rows (the verdict already in them; one cell's:
+  ``CellRows``).
 - ``EntryComparison``: one entry in one check (checks 0-2 give one per entry); ``CheckResult``:
   a named check of a save sequence; ``EntryInfo``: an entry's kind, dtype and shape.
 
@@ -340,6 +341,23 @@ class LoadResult:
 def result_type(kind: str) -> type[SaveResult] | type[LoadResult]:
     """The result a job of ``kind`` (save or load) reports of each of its units."""
     return SaveResult if kind == "save" else LoadResult
+
+
+@dataclass(frozen=True)
+class CellRows:
+    """One cell's rows in its load record: its matrix row (the verdict in it) and its tensor
+    rows (pipeline_lib.verify.records.cell_row, tensor_rows); what the reuse store keeps of a
+    cell."""
+
+    cell: dict[str, Any]
+    tensors: list[dict[str, Any]]
+
+    def to_dict(self) -> dict:
+        return _whole(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CellRows:
+        return cls(**checked_keys(cls, data, every=True))
 
 
 @dataclass(frozen=True)
