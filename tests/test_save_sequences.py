@@ -10,14 +10,14 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.job import sequence_steps
 from pipeline_lib.plan import config, grid
 from pipeline_lib.plan.axes import Variant
 from pipeline_lib.plan.specs import CheckpointPaths
 from pipeline_lib.verify import faults, records
-from pipeline_lib.verify.results import EntryComparison, LoadResult, SaveResult
+from pipeline_lib.verify.results import EntryComparison, LoadRecord, LoadResult, SaveResult
 from tests.jobs import cli
+from tests.record_schemas import read_checked
 
 LAST, FIRST = Variant(save_sequence="load_last"), Variant(save_sequence="load_first")
 TRAIN = {"steps": 2, "resume_steps": 2}
@@ -186,7 +186,7 @@ def run_sequences() -> dict[tuple[str, str], dict]:
     records_ = grid.load_outputs(cfg, *load_job)
     rows = {}
     for (variant, model), record in zip(grid.items(cfg), records_, strict=True):
-        (row,) = read_json(record)["cells"]
+        (row,) = read_checked(record, LoadRecord).cells
         rows[variant.id, model] = row
     return rows
 
