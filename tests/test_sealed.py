@@ -14,7 +14,7 @@ import pytest
 
 from pipeline_lib.plan import config, grid
 from pipeline_lib.verify import faults, records, seal_file
-from pipeline_lib.verify.results import LoadRecord, SaveRecord
+from pipeline_lib.verify.results import LoadRecord, LoadResult, SaveRecord, SaveResult
 from tests.conftest import REPO
 from tests.record_schemas import read_checked
 from tests.test_snakemake import snakemake
@@ -124,8 +124,9 @@ def test_files_are_read_by_part_and_compared_bit_for_bit(tmp_path):
 
 
 def test_a_broken_seal_fails_the_cell_whatever_else_held():
-    save = {"status": "ok", "state_check": {}, "files_check": {}, "resume_losses": [1.0]}
-    load = {"status": "ok", "seal_ok": False, "seal_error": "seal: .metadata changed since …"}
+    save = SaveResult(status="ok", reason="", state_check={}, files_check={}, resume_losses=[1.0])
+    broken = "seal: .metadata changed since …"
+    load = LoadResult(status="ok", reason="", seal_ok=False, seal_error=broken)
     assert records.verdict(save, load, 1e-5) == ("fail", "seal: .metadata changed since …")
 
 
