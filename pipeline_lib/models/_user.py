@@ -189,6 +189,13 @@ class UserModel(nn.Module):
                     dims[f"{fqn}.{attribute}"] = getattr(module, attribute)
         return dims
 
+    def ep_plan(self):
+        """The source's ``ep_plan(model)`` (models._hf: transformers' expert parallelism), keys
+        under ``user_model.``; none without one (expert-parallel layouts are then ``skip``)."""
+        if not hasattr(self.source, "ep_plan"):
+            return {}
+        return {f"user_model.{k}": style for k, style in self.source.ep_plan(self.user_model).items()}
+
     def _user_tp_plan(self) -> dict:
         return self.source.tp_plan(self.user_model)
 
