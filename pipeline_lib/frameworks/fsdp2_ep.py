@@ -7,10 +7,11 @@ mesh over every rank: the dense mesh). Each rank trains on its own slice of the 
 
 Expert gradients: the all-to-all's backward sums every rank's tokens, FSDP sums over ``dp``; the
 experts' FSDP modules divide by dp x ep (``set_gradient_divide_factor``, torchtitan's
-``gradient_divide_factor``) with a sum reduction and a local division
-(``set_force_sum_reduction_for_comms``, as transformers does): FSDP2 applies a factor other than
-its group size with ``ReduceOp.PREMUL_SUM``, which gloo refuses (docs/torch-notes.md,
-scripts/repro/fsdp2_divide_factor_gloo.py)."""
+``gradient_divide_factor``), as transformers 5.x does it: where ``dp`` has more than one rank,
+with a sum reduction and a local division (``set_force_sum_reduction_for_comms``; FSDP2 applies
+a factor other than its group size with ``ReduceOp.PREMUL_SUM``, which gloo refuses), and
+without it on one rank (there FSDP2 would divide twice). Both torch findings:
+docs/torch-notes.md, scripts/repro/fsdp2_divide_factor_gloo.py."""
 
 from pipeline_lib.frameworks import Framework, fsdp2
 
@@ -29,7 +30,7 @@ def parallelize(model, mesh):
         placement = Shard(1) if data_parallel > num_experts else Shard(0)
         fully_shard(module, mesh=dp_mesh, shard_placement_fn=lambda _, p=placement: p)
         module.set_gradient_divide_factor(float(data_parallel))
-        module.set_force_sum_reduction_for_comms(True)
+        module.set_force_sum_reduction_for_comms(dp_mesh.size() > 1)
     dense = expert_parallel.dense_mesh(mesh.device_type, mesh.size())
     return fsdp2.shard(model, dense["dense"])
 

@@ -194,7 +194,8 @@ class UserModel(nn.Module):
         under ``user_model.``; none without one (expert-parallel layouts are then ``skip``)."""
         if not hasattr(self.source, "ep_plan"):
             return {}
-        return {f"user_model.{k}": style for k, style in self.source.ep_plan(self.user_model).items()}
+        plan = self.source.ep_plan(self.user_model)
+        return {f"user_model.{key}": style for key, style in plan.items()}
 
     def _user_tp_plan(self) -> dict:
         return self.source.tp_plan(self.user_model)

@@ -104,7 +104,9 @@ class MoEBlock(nn.Module):
 
 
 class MoEDecoder(nn.Module):
-    def __init__(self, vocab=64, dim=16, heads=2, hidden=16, layers=2, seq_len=8, experts=8, top_k=2):
+    def __init__(
+        self, vocab=64, dim=16, heads=2, hidden=16, layers=2, seq_len=8, experts=8, top_k=2
+    ):
         super().__init__()
         self.vocab, self.heads, self.hidden, self.seq_len = vocab, heads, hidden, seq_len
         self.num_layers, self.num_experts = layers, experts
@@ -138,7 +140,8 @@ class MoEDecoder(nn.Module):
         """Expert parallelism: every layer's packed experts (pipeline_lib.expert_parallel)."""
         from pipeline_lib.expert_parallel import ExpertParallel
 
-        return {f"layers.{i}.moe.experts": ExpertParallel() for i, _ in self.layers.named_children()}
+        held = self.layers.named_children()  # a pipeline stage's layers keep their index
+        return {f"layers.{i}.moe.experts": ExpertParallel() for i, _ in held}
 
     def load_balance(self, sum_over_ranks) -> None:
         """Before an optimizer step: every layer's tokens per expert summed over the
