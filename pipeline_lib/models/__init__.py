@@ -9,7 +9,10 @@ A model module defines ``build() -> torch.nn.Module``; the module it returns pro
 - ``loss_sum(outputs, targets) -> (summed loss, number of loss terms)``;
 - ``fsdp_units()``: the blocks FSDP wraps or shards one by one (the root is always added);
 - ``tp_plan()``: ``parallelize_module`` plan; ``tp_dims()``: {dim name: size} that the TP degree
-  must divide (a layout that does not divide one becomes a ``skip`` cell).
+  must divide (a layout that does not divide one becomes a ``skip`` cell);
+- optional ``ep_plan()``: {experts module name: ParallelStyle} for expert parallelism
+  (pipeline_lib.expert_parallel); ``load_balance(sum_over_ranks)``: router state updated before
+  each optimizer step (models.moe).
 """
 
 from __future__ import annotations

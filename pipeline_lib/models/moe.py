@@ -14,6 +14,11 @@ value cannot pass). The step's counts are a plain attribute, not a buffer (torch
 non-persistent ``tokens_per_expert``): a model materialized empty (load_init meta) has nothing
 to re-initialize.
 
+Every forward counts, as torchtitan's does: under pipeline parallelism that includes the extra
+forward torch.distributed.pipelining runs in a schedule's first step (its metadata inference,
+on uninitialized tensors after the first stage), a finding (docs/findings.md,
+scripts/repro/pp_metadata_inference_forward.py).
+
 Routing is deterministic on the CPU: top-k of the same scores gives the same experts, tokens are
 grouped by expert with a stable sort, outputs summed with ``index_add_`` in that order.
 """
@@ -69,8 +74,7 @@ class MoE(nn.Module):
         _, chosen = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)
         weights = scores.gather(1, chosen)  # the bias chooses, the scores weigh
         per_expert = torch.bincount(chosen.reshape(-1), minlength=self.num_experts)
-        if not x.is_meta:  # a pipeline stage's shape inference runs on meta tensors
-            self.routed = per_expert if self.routed is None else self.routed + per_expert
+        self.routed = per_expert if self.routed is None else self.routed + per_expert
         order = torch.argsort(chosen.reshape(-1), stable=True)
         token = order // self.top_k
         routed = x[token] * weights.reshape(-1)[order, None].to(x.dtype)
