@@ -1,6 +1,6 @@
 """dcp-matrix: save a DCP checkpoint under every layout, load it under every other, verify.
 
-config.yaml -> grid (pipeline_lib.grid) -> save / load jobs -> records -> Parquet.
+config.yaml -> grid (pipeline_lib.plan.grid) -> save / load jobs -> records -> Parquet.
 """
 
 import sys
@@ -12,7 +12,7 @@ min_version("9.0")
 # The rules call pipeline_lib from this checkout with this interpreter.
 sys.path.insert(0, workflow.basedir)
 
-from pipeline_lib.snakemake_plan import Plan
+from pipeline_lib.plan.snakemake_view import Plan
 
 # The default grid, unless --configfile names another (Snakemake would merge the two).
 if not workflow.overwrite_configfiles:

@@ -19,7 +19,7 @@
 5. growth: the big cell at each ``--sweep-gb`` size in both modes (and bare): seconds per GB of
    each phase, peak RSS per rank, and the spread of the per-GB cost across the sweep;
 6. rerun: the matrix of ``--config``, then the same with ``--rerun-model`` added, in one folder:
-   the rerun's wall time ÷ the full run's (incremental reruns, pipeline_lib.reuse).
+   the rerun's wall time ÷ the full run's (incremental reruns, pipeline_lib.job.reuse).
 
 ``--device cuda`` runs the big cell and the growth sweep on GPUs (nccl; two visible GPUs).
 """
@@ -46,9 +46,10 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from pipeline_lib import config as config_lib  # noqa: E402
-from pipeline_lib import grid, launcher  # noqa: E402
-from pipeline_lib.atomic import read_json  # noqa: E402
+from pipeline_lib.common.atomic import read_json  # noqa: E402
+from pipeline_lib.job import launcher  # noqa: E402
+from pipeline_lib.plan import config as config_lib  # noqa: E402
+from pipeline_lib.plan import grid  # noqa: E402
 
 
 def timed(command: list[str], cwd: Path) -> tuple[float, str]:
@@ -130,7 +131,7 @@ def bench_matrix(config_path: Path, repeats: int, work: Path) -> None:
 
 def job_times(results: Path) -> dict:
     """Σ over the matrix's save and load jobs of the lines their logs end with
-    (pipeline_lib.driver.JobClock): job, prepare, ranks and records seconds, and launches."""
+    (pipeline_lib.job.driver.JobClock): job, prepare, ranks and records seconds, and launches."""
     pattern = re.compile(
         r"job time ([\d.]+) s: prepare ([\d.]+) s, ranks ([\d.]+) s \((\d+) launch\(es\)\), "
         r"records (-?[\d.]+) s"

@@ -7,5 +7,5 @@ Modules that need torch import it themselves, so the grid and records stay torch
 import time as _time
 
 # When this process imported the package: the start of a job's own account of its time
-# (pipeline_lib.driver.JobClock; `python -m pipeline_lib` imports it first).
+# (pipeline_lib.job.driver.JobClock; `python -m pipeline_lib` imports it first).
 STARTED = _time.time()

@@ -2,7 +2,7 @@
 
 Argument parsing only: every subcommand names its handler with ``set_defaults(func=...)``, which
 takes the parsed arguments and returns None, or an exit status. The save and load jobs themselves
-are pipeline_lib.driver; they always write their records and exit 0 when the job itself failed:
+are pipeline_lib.job.driver; they always write their records and exit 0 when the job itself failed:
 a failing cell never stops the matrix.
 """
 
@@ -15,18 +15,19 @@ from pathlib import Path
 
 
 def _reuses(args: argparse.Namespace, config: dict | None) -> bool:
-    """Whether a job may reuse what a run before it computed (pipeline_lib.reuse): not with
+    """Whether a job may reuse what a run before it computed (pipeline_lib.job.reuse): not with
     --no-reuse (a rule Snakemake forces) nor with the config key ``reuse: false``."""
     return not args.no_reuse and (config is None or config.get("reuse", True))
 
 
 def _cmd_job(args: argparse.Namespace) -> None:
     """A save or load job: its spec as given (--spec), or expanded from the grid (--grid)."""
-    from pipeline_lib import launcher
+    from pipeline_lib.job import launcher
 
     launcher.start_rank_server()  # its imports run while this process prepares the job
-    from pipeline_lib import driver, grid
-    from pipeline_lib.specs import JobSpec
+    from pipeline_lib.job import driver
+    from pipeline_lib.plan import grid
+    from pipeline_lib.plan.specs import JobSpec
 
     config = None
     if args.spec:
@@ -43,12 +44,12 @@ def _cmd_job(args: argparse.Namespace) -> None:
 
 def _cmd_import(args: argparse.Namespace) -> None:
     """The import job of an existing checkpoint (--grid, --name): always writes its record (exit
-    0), the import itself run in a child process under a watchdog (pipeline_lib.import_job);
+    0), the import itself run in a child process under a watchdog (pipeline_lib.job.import_job);
     that child (--spec, --progress) imports."""
     if args.spec:
-        from pipeline_lib.existing import import_checkpoint
-        from pipeline_lib.import_job import Marks
-        from pipeline_lib.specs import ExistingSpec
+        from pipeline_lib.job.existing import import_checkpoint
+        from pipeline_lib.job.import_job import Marks
+        from pipeline_lib.plan.specs import ExistingSpec
 
         import_checkpoint(
             ExistingSpec.from_dict(json.loads(args.spec)),
@@ -58,7 +59,8 @@ def _cmd_import(args: argparse.Namespace) -> None:
         return
     if not args.name:
         args.usage_error("--grid needs --name")
-    from pipeline_lib import grid, import_job
+    from pipeline_lib.job import import_job
+    from pipeline_lib.plan import grid
 
     config = json.loads(args.grid)
     limits = config["run"]["cell_timeout_s"], config["run"]["startup_timeout_s"]
@@ -67,14 +69,14 @@ def _cmd_import(args: argparse.Namespace) -> None:
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
-    from pipeline_lib.aggregate import aggregate
+    from pipeline_lib.results.aggregate import aggregate
 
     aggregate(args.records, args.matrix, args.tensors, git_commit=args.git_commit)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from pipeline_lib.config import load, validate
-    from pipeline_lib.report import write_report
+    from pipeline_lib.plan.config import load, validate
+    from pipeline_lib.results.report import write_report
 
     config = load(args.configfile) if args.configfile else validate(json.loads(args.config_json))
     write_report(
@@ -84,7 +86,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int | None:
-    from pipeline_lib.selftest import check, summarize
+    from pipeline_lib.results.selftest import check, summarize
 
     if args.check:
         return check(args.check, args.ok)
@@ -95,9 +97,9 @@ def _cmd_selftest(args: argparse.Namespace) -> int | None:
 def _cmd_reproducers(args: argparse.Namespace) -> int:
     """A reproducer per non-pass cell; an unreadable config or matrix: one line, exit 1 (a
     cell that fails is written down in its folder and the others go on: exit 0)."""
-    from pipeline_lib.config import ConfigError, load, validate
-    from pipeline_lib.matrix_file import MatrixFileError, read_matrix
-    from pipeline_lib.reproducer import write_all
+    from pipeline_lib.plan.config import ConfigError, load, validate
+    from pipeline_lib.plan.matrix_file import MatrixFileError, read_matrix
+    from pipeline_lib.results.reproducer import write_all
 
     try:
         config = (
@@ -113,8 +115,8 @@ def _cmd_reproducers(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_env(args: argparse.Namespace) -> None:
-    from pipeline_lib.config import env_dir_error
-    from pipeline_lib.environments import make_env
+    from pipeline_lib.plan.config import env_dir_error
+    from pipeline_lib.plan.torch_envs import make_env
 
     if error := env_dir_error(args.prefix):
         sys.exit(f"make-env: --prefix: {error}")
@@ -125,9 +127,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int | None:
     """Valid: one line of counts and one of the disk estimate. Invalid, or a model that cannot
     be built (the estimate builds it): one line per error on stderr (no traceback), exit
     status 1."""
-    from pipeline_lib import config as config_module
-    from pipeline_lib import grid
-    from pipeline_lib.disk import ModelBuildError, grid_bytes
+    from pipeline_lib.plan import config as config_module
+    from pipeline_lib.plan import grid
+    from pipeline_lib.plan.disk_estimate import ModelBuildError, grid_bytes
 
     try:
         config = config_module.load(args.configfile)
@@ -163,7 +165,7 @@ def _add_job_commands(sub) -> None:
     for name in ("save", "load"):
         p = sub.add_parser(name, help=f"run one {name} job")
         given = p.add_mutually_exclusive_group(required=True)
-        given.add_argument("--spec", help="the job spec as JSON (pipeline_lib.grid.job_spec)")
+        given.add_argument("--spec", help="the job spec as JSON (pipeline_lib.plan.grid.job_spec)")
         # A grid's job spec can exceed the 128 KiB a command-line argument may hold.
         given.add_argument(
             "--grid", help="the validated config as JSON: the job of --version-root, --layout"
@@ -246,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_commands(sub)
     _add_result_commands(sub)
     _add_setup_commands(sub)
-    from pipeline_lib.baseline import add_commands  # gate, findings-table
+    from pipeline_lib.results.baseline import add_commands  # gate, findings-table
 
     add_commands(sub)
     return parser

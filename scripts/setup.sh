@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Create .venv with the pinned dependencies and the project installed (editable).
-# Usage: bash scripts/setup.sh [--dev]     (--dev adds the test and lint tools)
+# Usage: bash scripts/setup.sh [--dev] [--torchtitan]
+#   --dev adds the test and lint tools and the optional extras the tests use (torchtitan);
+#   --torchtitan adds torchtitan's models and trainer code (requirements-torchtitan.txt).
 # Re-running is cheap: nothing is installed again unless a requirements file changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-reqs=requirements.txt
-[ "${1:-}" = "--dev" ] && reqs=requirements-dev.txt
-stamp=".venv/.installed-$(cat "$reqs" requirements.txt constraints.txt pyproject.toml | sha256sum | cut -c1-16)"
+reqs=requirements.txt extras=()
+for arg in "$@"; do
+  case "$arg" in
+    --dev) reqs=requirements-dev.txt extras=(requirements-torchtitan.txt) ;;
+    --torchtitan) extras=(requirements-torchtitan.txt) ;;
+    *) echo "setup.sh: unknown option $arg (--dev, --torchtitan)" >&2; exit 2 ;;
+  esac
+done
+stamp=".venv/.installed-$(cat "$reqs" requirements.txt constraints.txt pyproject.toml "${extras[@]}" | sha256sum | cut -c1-16)"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
@@ -14,10 +22,13 @@ if [ ! -f "$stamp" ]; then
   # torch==2.13.0 is pinned first and alone: an open range would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
   .venv/bin/python -m pip install -q --disable-pip-version-check -r "$reqs" -c constraints.txt
+  for extra in "${extras[@]}"; do  # its own pins, without the dependencies it declares
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -r "$extra"
+  done
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   touch "$stamp"
 fi
-if [ "${1:-}" = "--dev" ]; then
+if [ "$reqs" = requirements-dev.txt ]; then
   # The report's browser test opens report.html in headless Chromium (Debian's package).
   command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
   # tests/test_slurm.py brings up a real single-node Slurm (scripts/slurm_up.sh): Debian's

@@ -33,7 +33,7 @@ def pytest_sessionfinish(session, exitstatus):
     nothing a test started outlives the suite (each subprocess a test starts runs under a
     timeout that kills its whole process group: tests/procs.py). The fork server and resource
     tracker of a job run in this process are left alone: they end with it."""
-    from pipeline_lib.launcher import is_helper
+    from pipeline_lib.job.launcher import is_helper
     from tests.procs import sweep
 
     killed = sweep(os.getpid(), keep=lambda process: is_helper(process, os.getpid()))

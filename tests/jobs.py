@@ -8,9 +8,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
-from pipeline_lib import config, grid
-from pipeline_lib.atomic import read_json
-from pipeline_lib.specs import JobSpec, Source
+from pipeline_lib.common.atomic import read_json
+from pipeline_lib.plan import config, grid
+from pipeline_lib.plan.specs import JobSpec, Source
 from tests import procs
 
 
@@ -124,7 +124,7 @@ def ends_then_hangs(args: list[str]) -> None:
     exits (the launcher's target in test_launcher.py)."""
     import time
 
-    from pipeline_lib import launcher
+    from pipeline_lib.job import launcher
 
     rank = int(os.environ["RANK"])
     launcher.mark_ended(args[0], rank, "ok")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_lib import axes, config, grid, optimizers
-from pipeline_lib.axes import Variant
-from pipeline_lib.reference import Reference
+from pipeline_lib.job import optimizers
+from pipeline_lib.plan import axes, config, grid
+from pipeline_lib.plan.axes import Variant
+from pipeline_lib.verify.reference import Reference
 from tests.jobs import run_grid
 
 FSDP2_TO_SINGLE = {
@@ -42,6 +43,7 @@ def test_one_at_a_time_varies_each_axis_alone(small_config):
     more = {"load_modes": list(axes.AXES["load_mode"])}
     more["load_process"] = list(axes.AXES["load_process"])
     more["save_sequences"] = list(axes.AXES["save_sequence"])
+    more["frozen_params"] = list(axes.AXES["frozen_params"])
     cfg = config.validate({**small_config, **EVERY_VALUE, **more})
     variants = axes.variants(cfg)
     others = sum(len(values) - 1 for values in axes.AXES.values())

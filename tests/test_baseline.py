@@ -14,12 +14,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline_lib import baseline as b
-from pipeline_lib import config, grid, records
 from pipeline_lib.cli import main as cli_main
-from pipeline_lib.expectations import ExpectationsError, load_expectations
-from pipeline_lib.matrix_file import MatrixFileError, read_matrix
-from pipeline_lib.snakemake_plan import Plan
+from pipeline_lib.plan import config, grid
+from pipeline_lib.plan.expectations import ExpectationsError, load_expectations
+from pipeline_lib.plan.matrix_file import MatrixFileError, read_matrix
+from pipeline_lib.plan.snakemake_view import Plan
+from pipeline_lib.results import baseline as b
+from pipeline_lib.verify import records
 from tests import procs
 from tests.conftest import REPO
 
@@ -417,7 +418,7 @@ def test_a_cell_outside_the_measured_grids_is_new(tmp_path):
 
 
 def grid_matrix(cfg: dict, outcome) -> pd.DataFrame:
-    """The cells the pipeline's grid makes of ``cfg`` (pipeline_lib.grid.cells), with the status
+    """The cells the pipeline's grid makes of ``cfg`` (pipeline_lib.plan.grid.cells), with the status
     and reason its jobs give a skip (grid.skip_reason of each side, records.verdict's words)
     and ``outcome(cell)`` -> (status, reason) for the others."""
     rows = []
@@ -557,8 +558,9 @@ def _grid_rows(grid_) -> list[dict]:
     return rows
 
 
-def _size(mesh: str) -> int:
-    return math.prod(int(n) for n in mesh.split("x"))
+def _size(mesh: str) -> int | None:
+    """A mesh's world size; None for an existing checkpoint's side (no mesh)."""
+    return math.prod(int(n) for n in mesh.split("x")) if mesh else None
 
 
 # --- the gate passes on nothing --------------------------------------------------------------
@@ -631,7 +633,7 @@ def test_the_gate_prints_no_command_and_no_escape_from_the_results(tmp_path):
 
 
 def test_a_line_of_data_never_starts_a_workflow_command():
-    from pipeline_lib import display
+    from pipeline_lib.results import display
 
     assert display.line("::error::x") == "%3A%3Aerror::x"
     assert display.line("  ::set-output name=a::b") == "  %3A%3Aset-output name=a::b"

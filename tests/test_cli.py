@@ -43,7 +43,7 @@ def test_a_jobs_clock_accounts_for_its_time_in_parts_that_add_up(capsys, monkeyp
     import re
     import time
 
-    from pipeline_lib import driver
+    from pipeline_lib.job import driver
 
     clock = driver.JobClock()
     clock.started -= 1.0  # one second of imports and spec before this point
@@ -92,8 +92,8 @@ def test_check_config_names_a_model_whose_build_raises(tmp_path, monkeypatch, ca
     without the estimate and a job's room check leaves the item out."""
     import yaml
 
-    from pipeline_lib import config, disk, grid
-    from pipeline_lib.snakemake_plan import Plan
+    from pipeline_lib.plan import config, disk_estimate, grid
+    from pipeline_lib.plan.snakemake_view import Plan
 
     model = _user_model(
         tmp_path, monkeypatch, "raising_build", 'raise RuntimeError("no weights\\nmore")'
@@ -113,13 +113,13 @@ def test_check_config_names_a_model_whose_build_raises(tmp_path, monkeypatch, ca
         "RuntimeError: no weights"
     )
     spec = grid.save_job_spec(config.validate(raw), grid.RESULTS, "single")
-    assert disk.job_bytes(spec, unbuildable_ok=True).total == disk.PER_JOB
-    assert disk.room_error(spec, tmp_path) is None
+    assert disk_estimate.job_bytes(spec, unbuildable_ok=True).total == disk_estimate.PER_JOB
+    assert disk_estimate.room_error(spec, tmp_path) is None
 
 
 def test_a_model_that_cannot_be_built_on_meta_is_counted_on_the_cpu(tmp_path, monkeypatch):
-    from pipeline_lib import disk
+    from pipeline_lib.plan import disk_estimate
 
     body = "return torch.nn.Linear(3, int(torch.ones(1).sum().item()) + 1)  # .item(): not on meta"
     model = _user_model(tmp_path, monkeypatch, "cpu_only_build", body)
-    assert disk.model_state(model) == (3 * 2 + 2, 2, 0, 0)
+    assert disk_estimate.model_state(model) == (3 * 2 + 2, 2, 0, 0)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline_lib import config
-from pipeline_lib.config import ConfigError
+from pipeline_lib.plan import config
+from pipeline_lib.plan.config import ConfigError
 
 
 def test_default_config_is_valid_and_defaults_are_filled(default_config):

@@ -19,7 +19,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline_lib import cli, config
+from pipeline_lib import cli
+from pipeline_lib.plan import config
 from tests import procs
 from tests.conftest import REPO
 

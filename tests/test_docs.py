@@ -37,10 +37,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline_lib.config import config_hash, load
-from pipeline_lib.records import MATRIX_SCHEMA, TENSORS_SCHEMA
+from pipeline_lib.plan.config import config_hash, load
+from pipeline_lib.verify.records import MATRIX_SCHEMA, TENSORS_SCHEMA
 from tests import procs
 from tests.conftest import REPO
+from tests.outside import write_hf_folders
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
@@ -58,6 +59,8 @@ RUN = {  # prefix -> the exit status it must give in the copy
     ".venv/bin/snakemake --report": 0,
     # Writes a small checkpoint in torchtitan's layout (plain torch, a few seconds).
     ".venv/bin/python examples/write_torchtitan_checkpoint.py": 0,
+    # Writes four tiny Hugging Face folders with transformers' save_pretrained (a few seconds).
+    ".venv/bin/python tests/outside/write_hf_folders.py": 0,
 }
 DRY_RUN = (".venv/bin/snakemake",)
 SKIPPED = {
@@ -67,6 +70,11 @@ SKIPPED = {
     "the README's command (.ci/run, test_ci_runs_the_quick_start_test_command)",
     ".venv/bin/python bench/benchmark.py": "benchmarks run on purpose, never in the suite (the "
     "matrix three times: about 35 min; the quick ones still minutes and a 1 GB state)",
+    ".venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 "
+    "examples/torchtitan_train.py": "trains torchtitan's debug models on 2 ranks with the "
+    "optional extra (about a minute); tests/test_torchtitan.py runs it",
+    ".venv/bin/python -m pipeline_lib.verify.torchtitan_hf": "needs the optional extra and a torchtitan "
+    "step folder (examples/torchtitan_train.py); tests/test_torchtitan.py checks both directions",
     "python repro.py": "runs inside a reproducer folder of a finished run "
     "(results/reproducers/<cell>/); tests/test_reproducer.py runs reproducers",
 }
@@ -79,6 +87,7 @@ PLACEHOLDERS = {
 }
 
 CHECKPOINT = "checkpoints/torchtitan-step-2"
+HF_FOLDERS = "checkpoints/hf"
 
 FENCE = re.compile(r"^```bash\n(.*?)^```", re.M | re.S)
 
@@ -153,12 +162,18 @@ def _fixture(root: Path) -> None:
         (root / name).write_text(yaml.safe_dump(make(raw), sort_keys=False))
     # The checkpoint README's example names (written by an earlier command of the page): a
     # folder with a .metadata is all a dry run's config check needs.
-    (root / CHECKPOINT).mkdir(parents=True, exist_ok=True)
-    (root / CHECKPOINT / ".metadata").write_bytes(b"")
+    titan = yaml.safe_load((root / "configs/torchtitan.yaml").read_text())["checkpoints"]
+    for folder in [CHECKPOINT, *(entry["path"] for entry in titan.values())]:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        (root / folder / ".metadata").write_bytes(b"")
+    # Likewise the Hugging Face folders of examples/hf_folder.yaml: a model.safetensors each.
+    for folder in write_hf_folders.FOLDERS:
+        (root / HF_FOLDERS / folder.name).mkdir(parents=True, exist_ok=True)
+        (root / HF_FOLDERS / folder.name / "model.safetensors").write_bytes(b"")
     # The report, which `snakemake --report` embeds (results.md renders it just before).
-    from pipeline_lib.report import main
+    from pipeline_lib.cli import main
 
-    main(["--matrix", str(root / "results" / "matrix.parquet"),
+    main(["report", "--matrix", str(root / "results" / "matrix.parquet"),
           "--tensors", str(root / "results" / "tensors.parquet"),
           "--configfile", str(root / "config.yaml"),
           "--html", str(root / "results" / "report.html"),

@@ -9,9 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_lib import expert_parallel, faults, frameworks
-from pipeline_lib.errors import Incompatible
+from pipeline_lib import frameworks
+from pipeline_lib.common.errors import Incompatible
+from pipeline_lib.models import _expert_parallel as expert_parallel
 from pipeline_lib.models import mlp, moe
+from pipeline_lib.verify import faults
 from tests.jobs import run_matrix
 
 

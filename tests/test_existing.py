@@ -14,14 +14,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_lib import config, grid, naming
-from pipeline_lib.config import ConfigError
+from pipeline_lib.plan import config, grid
+from pipeline_lib.plan.config import ConfigError
+from pipeline_lib.verify import checkpoint_names
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli
 from tests.outside import write_checkpoints as writer
 
-TITAN = naming.Naming("torchtitan")
+TITAN = checkpoint_names.Naming("torchtitan")
 
 
 def test_torchtitan_names_map_to_ours():
@@ -35,21 +36,23 @@ def test_torchtitan_names_map_to_ours():
     assert TITAN.ours("lr_scheduler") == "scheduler"
     assert TITAN.ours("dataloader") is None and TITAN.ours("train_state") is None
     assert TITAN.ours("dataloader.dp_rank_0") is None and TITAN.ours("train_state.step") is None
-    assert naming.Naming("dcp_matrix").ours("model.w") == "model.w"
+    assert checkpoint_names.Naming("dcp_matrix").ours("model.w") == "model.w"
 
 
 def test_placement_sorts_entries_and_tells_the_optimizer_layout():
-    places = naming.place(
+    places = checkpoint_names.place(
         ["w", "extra", "optimizer.param_groups.w.lr", "train_state.step"], TITAN, {"model.w"}
     )
     assert places.ours == {"w": "model.w", "optimizer.param_groups.w.lr": "optim.param_groups.w.lr"}
     assert places.excluded == ("train_state.step",) and places.unplaced == ("extra",)
     assert places.flattened_optim
-    nested = naming.place(["model.w", "optim.param_groups.0.lr"], naming.Naming("dcp_matrix"))
+    nested = checkpoint_names.place(
+        ["model.w", "optim.param_groups.0.lr"], checkpoint_names.Naming("dcp_matrix")
+    )
     assert not nested.flattened_optim
-    stray = naming.place(["other.x"], naming.Naming("dcp_matrix"))
+    stray = checkpoint_names.place(["other.x"], checkpoint_names.Naming("dcp_matrix"))
     assert stray.unplaced == ("other.x",)
-    objects = naming.place(["lr_scheduler", "dataloader", "w"], TITAN, {"model.w"})
+    objects = checkpoint_names.place(["lr_scheduler", "dataloader", "w"], TITAN, {"model.w"})
     assert objects.ours == {"lr_scheduler": "scheduler", "w": "model.w"}
     assert objects.excluded == ("dataloader",)
 
@@ -65,7 +68,7 @@ def test_every_parameter_name_of_a_wrapped_model_gets_the_wrapper():
         "blocks.0.w", "head.w", "optimizer.state.blocks.0.w.exp_avg",
         "optimizer.param_groups.head.w.lr", "optimizer.param_groups.0.lr", "lr_scheduler",
     ]  # fmt: skip
-    places = naming.place(entries, TITAN, WRAPPED, wrapper="user_model.")
+    places = checkpoint_names.place(entries, TITAN, WRAPPED, wrapper="user_model.")
     assert places.ours == {
         "blocks.0.w": "model.user_model.blocks.0.w",
         "head.w": "model.user_model.head.w",
@@ -84,7 +87,9 @@ def test_names_that_carry_the_wrapper_already_are_taken_as_they_are():
     """This tool's own checkpoint of a model of yours (naming dcp_matrix)."""
     mine = ["model.user_model.blocks.0.w", "model.user_model.head.w"]
     state = ["optim.state.user_model.head.w.step", "optim.param_groups.0.params"]
-    places = naming.place(mine + state, naming.Naming("dcp_matrix"), WRAPPED, "user_model.")
+    places = checkpoint_names.place(
+        mine + state, checkpoint_names.Naming("dcp_matrix"), WRAPPED, "user_model."
+    )
     assert places.ours == {name: name for name in mine + state}
     listed = places.value("optim.param_groups.0.params", ["user_model.head.w"])
     assert listed == ["user_model.head.w"]
@@ -100,11 +105,11 @@ def test_the_parameters_a_param_group_lists_map_as_their_optimizer_state_does():
         head, _, rest = entry.partition(".")
         return {"net": "model.", "opt": "optim."}[head] + rest.replace("module.", "", 1)
 
-    class Mine(naming.Naming):
+    class Mine(checkpoint_names.Naming):
         def ours(self, entry):
             return ours(entry)
 
-    places = naming.place(entries, Mine("mine"), WRAPPED, "user_model.")
+    places = checkpoint_names.place(entries, Mine("mine"), WRAPPED, "user_model.")
     assert places.ours["opt.state.module.head.w.exp_avg"] == "optim.state.user_model.head.w.exp_avg"
     listed = places.value("optim.param_groups.0.params", ["module.head.w", "blocks.0.w"])
     assert listed == ["user_model.head.w", "user_model.blocks.0.w"]
@@ -225,11 +230,11 @@ def test_a_naming_of_your_own_is_a_function_by_import_path(in_tmp):
         "        return None\n"
         "    return 'model.' + entry.removeprefix('net.')\n"
     )
-    mine = naming.Naming("my_names:ours")
-    assert naming.naming_error("my_names:ours") is None
+    mine = checkpoint_names.Naming("my_names:ours")
+    assert checkpoint_names.naming_error("my_names:ours") is None
     assert mine.ours("net.w") == "model.w" and mine.ours("trainer.step") is None
-    assert "has no callable 'nope'" in naming.naming_error("my_names:nope")
-    assert "cannot import 'missing_module'" in naming.naming_error("missing_module:f")
+    assert "has no callable 'nope'" in checkpoint_names.naming_error("my_names:nope")
+    assert "cannot import 'missing_module'" in checkpoint_names.naming_error("missing_module:f")
 
 
 def test_a_folder_that_would_run_code_is_an_error_for_its_cells_and_runs_nothing(in_tmp):
@@ -275,8 +280,8 @@ def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, c
     """An import whose inputs did not change (adding a model to the config runs the import
     job again) writes its record again byte for byte and leaves its reference alone; a
     checkpoint rewritten behind its back, or a reference changed, imports again."""
-    from pipeline_lib.existing import import_checkpoint
-    from pipeline_lib.reuse import manifest
+    from pipeline_lib.job.existing import import_checkpoint
+    from pipeline_lib.job.reuse import manifest
 
     write_torchtitan_checkpoint(in_tmp / "titan")
     spec = grid.existing_spec(config.validate(_config(str(in_tmp / "titan"))), "titan")
@@ -407,7 +412,7 @@ def outside(tmp_path_factory) -> Outside:
     import os
     import shutil
 
-    from pipeline_lib.existing import import_checkpoint
+    from pipeline_lib.job.existing import import_checkpoint
     from tests.jobs import cli_all
 
     folder = tmp_path_factory.mktemp("outside")

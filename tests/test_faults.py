@@ -6,7 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipeline_lib import faults, selftest
+from pipeline_lib.results import selftest
+from pipeline_lib.verify import faults
 from tests.conftest import REPO
 from tests.test_snakemake import snakemake
 

@@ -1,6 +1,6 @@
 """FSDP1 with use_orig_params=False (``fsdp1_flat``, issue 19 item 5): its checkpoints load bit
 for bit under the other layouts and the other way round, its live state (read from the
-FlatParameters' shards, pipeline_lib.live) is independent of the state-dict API, and a unit
+FlatParameters' shards, pipeline_lib.verify.live) is independent of the state-dict API, and a unit
 that mixes frozen and trainable parameters is a skip.
 
 Found on torch 2.13.0 CPU (docs/findings.md, kept as data, so these cells ``fail``): FSDP1's
@@ -17,8 +17,9 @@ import textwrap
 
 import pytest
 
-from pipeline_lib import frameworks, training
-from pipeline_lib.errors import Incompatible
+from pipeline_lib import frameworks
+from pipeline_lib.common.errors import Incompatible
+from pipeline_lib.job import training
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import run_matrix, tensors
@@ -100,7 +101,7 @@ MIXED = """
 import os, torch, torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from pipeline_lib.errors import Incompatible
+from pipeline_lib.common.errors import Incompatible
 from pipeline_lib.frameworks import get
 
 class Model(nn.Module):

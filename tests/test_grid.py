@@ -5,8 +5,9 @@ import sys
 
 import pytest
 
-from pipeline_lib import config, faults, grid
-from pipeline_lib.specs import FaultTag
+from pipeline_lib.plan import config, grid
+from pipeline_lib.plan.specs import FaultTag
+from pipeline_lib.verify import faults
 from tests import procs
 from tests.conftest import REPO
 
@@ -14,7 +15,7 @@ from tests.conftest import REPO
 def test_grid_does_not_import_torch():
     # A fresh interpreter: this test process may have imported torch elsewhere.
     code = (
-        "import sys; from pipeline_lib import config, grid; from tests.conftest import REPO;"
+        "import sys; from pipeline_lib.plan import config, grid; from tests.conftest import REPO;"
         "c = config.load(REPO / 'config.yaml'); grid.cells(c); grid.load_spec(c, 'mlp', 'tp_2');"
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
@@ -114,7 +115,7 @@ def test_fault_cells_get_their_own_jobs(small_config):
 
 def test_unit_id_names_a_save_item_or_a_load_cell(small_config):
     # The worker's result files and the driver's pending units agree on these names.
-    from pipeline_lib.specs import unit_id
+    from pipeline_lib.plan.specs import unit_id
 
     spec = grid.load_job_spec(config.validate(small_config), grid.RESULTS, "single")
     units = [unit_id(i.id, s.id) for i in spec.items for s in i.sources]

@@ -20,8 +20,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline_lib import atomic, config, disk, driver, environments, grid
-from pipeline_lib.config import ConfigError
+from pipeline_lib.common import atomic
+from pipeline_lib.job import driver
+from pipeline_lib.plan import config, disk_estimate, grid, torch_envs
+from pipeline_lib.plan.config import ConfigError
 from tests import procs
 from tests.conftest import REPO
 
@@ -56,12 +58,12 @@ def test_torch_version_names_that_are_not_folders_are_refused(name):
 
 def test_make_env_never_deletes_a_folder_it_did_not_make(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(environments.subprocess, "run", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(torch_envs.subprocess, "run", lambda *a, **k: calls.append(a))
     precious = tmp_path / "usr"
     (precious / "bin").mkdir(parents=True)
     (precious / "bin" / "tool").write_text("keep me")
-    with pytest.raises(environments.NotOurs, match="refusing to delete"):
-        environments.make_env(precious, "torch==2.13.0")
+    with pytest.raises(torch_envs.NotOurs, match="refusing to delete"):
+        torch_envs.make_env(precious, "torch==2.13.0")
     assert (precious / "bin" / "tool").read_text() == "keep me" and not calls
 
 
@@ -69,18 +71,18 @@ def test_make_env_rebuilds_a_folder_it_made(tmp_path, monkeypatch):
     def run(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 0, stdout="torch==2.13.0\n")
 
-    monkeypatch.setattr(environments.subprocess, "run", run)
+    monkeypatch.setattr(torch_envs.subprocess, "run", run)
     prefix = tmp_path / "envs" / "t2_13"
-    environments.make_env(prefix, "torch==2.13.0")  # a new folder
-    assert (prefix / environments.MARKER).is_file()
+    torch_envs.make_env(prefix, "torch==2.13.0")  # a new folder
+    assert (prefix / torch_envs.MARKER).is_file()
     (prefix / "stale").write_text("from the last build")
-    environments.make_env(prefix, "torch==2.13.0")  # ours: rebuilt
+    torch_envs.make_env(prefix, "torch==2.13.0")  # ours: rebuilt
     assert not (prefix / "stale").exists() and (prefix / "packages.txt").exists()
 
 
 def test_make_env_refuses_a_requirement_that_is_not_torch(tmp_path):
     with pytest.raises(ValueError, match="not a pip requirement"):
-        environments.make_env(tmp_path / "e", "--index-url=http://evil")
+        torch_envs.make_env(tmp_path / "e", "--index-url=http://evil")
     assert not (tmp_path / "e").exists()
 
 
@@ -152,7 +154,7 @@ def test_a_baseline_is_read_from_anywhere(tmp_path):
     """The baseline is only read, so an absolute path outside the working directory is fine."""
     import pandas as pd
 
-    from pipeline_lib.matrix_file import REQUIRED_COLUMNS
+    from pipeline_lib.plan.matrix_file import REQUIRED_COLUMNS
 
     pd.DataFrame([dict.fromkeys(REQUIRED_COLUMNS, "pass")]).to_parquet(tmp_path / "old.parquet")
     config.validate({**small(), "baseline": str(tmp_path / "old.parquet")})
@@ -222,8 +224,8 @@ def test_a_periodic_fault_cell_is_refused():
 def test_variant_ids_are_folder_names():
     import itertools
 
-    from pipeline_lib.axes import AXES, Variant
-    from pipeline_lib.names import variant_id_error
+    from pipeline_lib.common.name_rule import variant_id_error
+    from pipeline_lib.plan.axes import AXES, Variant
 
     for values in itertools.product(*AXES.values()):
         variant = Variant(*values)
@@ -368,7 +370,7 @@ def test_report_shows_an_unknown_status_and_escapes_links(tmp_path):
     matrix = matrix.set_column(matrix.schema.get_field_index("reason"), "reason", pa.array(reasons))
     pq.write_table(matrix, tmp_path / "m.parquet")
     pq.write_table(tensors, tmp_path / "t.parquet")
-    from pipeline_lib.report import write_report
+    from pipeline_lib.results.report import write_report
 
     write_report(
         str(tmp_path / "m.parquet"), str(tmp_path / "t.parquet"), fixture.CONFIG,
@@ -418,7 +420,7 @@ def test_a_failed_write_leaves_no_temporary_and_the_old_file(tmp_path):
 def test_a_temporary_left_by_sigkill_is_removed_by_the_next_write(tmp_path):
     target = tmp_path / "r.json"
     code = (
-        "import os, signal, sys; from pipeline_lib import atomic\n"
+        "import os, signal, sys; from pipeline_lib.common import atomic\n"
         "def die(tmp):\n    tmp.write_text('half'); os.kill(os.getpid(), signal.SIGKILL)\n"
         f"atomic.write_with({str(target)!r}, die)\n"
     )
@@ -443,7 +445,7 @@ def _records(tmp_path: Path) -> list[str]:
 
 
 def test_matrix_and_tensors_carry_one_token_and_a_torn_pair_is_refused(tmp_path, monkeypatch):
-    from pipeline_lib import aggregate
+    from pipeline_lib.results import aggregate
 
     matrix, tensors = str(tmp_path / "matrix.parquet"), str(tmp_path / "tensors.parquet")
     records = _records(tmp_path)
@@ -466,7 +468,7 @@ def test_matrix_and_tensors_carry_one_token_and_a_torn_pair_is_refused(tmp_path,
     assert pq.read_table(matrix).column("git_commit")[0].as_py() == "y"
     with pytest.raises(ValueError, match="different aggregate runs"):
         aggregate.results_token(matrix, tensors)
-    from pipeline_lib.report import write_report
+    from pipeline_lib.results.report import write_report
     from tests.test_report import CONFIG
 
     with pytest.raises(ValueError, match="different aggregate runs"):
@@ -477,7 +479,7 @@ def test_matrix_and_tensors_carry_one_token_and_a_torn_pair_is_refused(tmp_path,
 def test_selftest_ok_is_written_atomically(tmp_path, monkeypatch):
     import pandas as pd
 
-    from pipeline_lib import selftest
+    from pipeline_lib.results import selftest
 
     table = tmp_path / "t.parquet"
     pd.DataFrame([{c: "x" for c in selftest.COLUMNS} | {"caught": True}]).to_parquet(table)
@@ -501,7 +503,7 @@ def test_selftest_ok_is_written_atomically(tmp_path, monkeypatch):
 
 def test_builtin_model_sizes_match_the_models():
     from pipeline_lib import models
-    from pipeline_lib.disk import BUILTIN_STATE
+    from pipeline_lib.plan.disk_estimate import BUILTIN_STATE
 
     assert set(BUILTIN_STATE) == set(models.names())
     for name, expected in BUILTIN_STATE.items():
@@ -532,8 +534,8 @@ def test_check_config_and_the_dry_run_print_the_disk_estimate(tmp_path):
 def test_the_estimate_covers_what_a_save_item_writes():
     """Measured: the transformer saved under fsdp2_2 (2026-12-02) wrote a 582 kB checkpoint
     and a 321 kB reference; torch_save's conversion 282 kB."""
-    from pipeline_lib.axes import DEFAULT, Variant
-    from pipeline_lib.disk import save_item_bytes
+    from pipeline_lib.plan.axes import DEFAULT, Variant
+    from pipeline_lib.plan.disk_estimate import save_item_bytes
 
     estimate = save_item_bytes("transformer", DEFAULT, 2)
     assert 582_197 <= estimate.parts["checkpoints"] <= 2 * 582_197
@@ -544,7 +546,7 @@ def test_the_estimate_covers_what_a_save_item_writes():
     assert "references" not in sealed.parts and 0 < sealed.parts["seals"] < 1024
     assert sealed.parts["checkpoints"] == estimate.parts["checkpoints"]
     cfg = config.validate({**small(), "verify": {"reference": "sealed"}})
-    job = disk.job_bytes(grid.save_job_spec(cfg, "results", "single"))
+    job = disk_estimate.job_bytes(grid.save_job_spec(cfg, "results", "single"))
     assert "references" not in job.parts and job.parts["seals"] > 0
 
 
@@ -564,7 +566,7 @@ def test_a_save_job_without_room_writes_an_error_record_per_item(in_tmp, monkeyp
 
 
 def test_enospc_names_the_path_and_the_free_space(tmp_path):
-    from pipeline_lib.errors import one_line
+    from pipeline_lib.common.errors import one_line
 
     exc = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x" / "y.pt"))
     reason = one_line(exc)
@@ -600,7 +602,7 @@ def tiny_fs(tmp_path):
 def test_a_full_disk_in_a_torch_save_is_a_reason_naming_the_file(tiny_fs):
     import torch
 
-    from pipeline_lib.errors import one_line
+    from pipeline_lib.common.errors import one_line
 
     atomic.write_json(tiny_fs / "done.json", {"kept": True})
     target = tiny_fs / "rank-0.pt"
@@ -666,7 +668,7 @@ def ours(entry):
         ("builtins:eval", "'builtins' is part of Python, not your own module"),
         ("shutil:rmtree", "shutil.py) is part of the standard library, not your own module"),
         ("yaml:safe_load", "is an installed package, not your own module"),
-        ("pipeline_lib.atomic:write_text", "atomic.py) is part of dcp-matrix, not your own module"),
+        ("pipeline_lib.common.atomic:write_text", "atomic.py) is part of dcp-matrix, not your own module"),
         ("mine_namings:system", "mine_namings:system is not a plain function: it must be defined with def (no decorator) at the top level of"),
         ("mine_namings:Thing", "mine_namings:Thing is not a plain function"),
         ("mine_namings:two", "mine_namings:two takes (entry, other): a naming takes exactly one positional parameter, the entry name"),
@@ -684,7 +686,7 @@ def test_a_naming_that_is_not_a_function_of_your_own_is_refused(in_tmp, naming, 
 def test_check_config_runs_no_naming_module_the_job_does(in_tmp):
     """A naming's module is read, not imported, by the config check; the import job imports it
     (then checks what it made: a plain function of one parameter)."""
-    from pipeline_lib.naming import Naming
+    from pipeline_lib.verify.checkpoint_names import Naming
 
     (in_tmp / "side_effect_naming.py").write_text(
         "open('IMPORTED', 'w').close()\n\n\ndef ours(entry):\n    return 'model.' + entry\n"
@@ -789,8 +791,8 @@ def test_the_import_job_runs_under_a_watchdog(in_tmp, body, status, reason):
 def test_reasons_are_one_printable_line():
     """Entry names and messages from a checkpoint may hold newlines and terminal escapes: every
     reason shows them escaped, on one line (the gate prints reasons, a CI reads its lines)."""
-    from pipeline_lib.errors import one_line
-    from pipeline_lib.records import verdict
+    from pipeline_lib.common.errors import one_line
+    from pipeline_lib.verify.records import verdict
 
     hostile = "w\n::error title=x::y\x1b[2J\u202e\t"
     shown = "w\\n::error title=x::y\\x1b[2J\\u202e\\t"
@@ -806,6 +808,6 @@ def test_reasons_are_one_printable_line():
     assert one_line(KeyError(hostile)) == f"KeyError: {hostile!r}"  # repr: escaped already
     assert one_line(ValueError(f"entry {hostile} refused")) == "ValueError: entry w"
 
-    from pipeline_lib.errors import printable
+    from pipeline_lib.common.errors import printable
 
     assert printable(hostile) == shown and printable(shown) == shown

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from pipeline_lib import config, errors, models
-from pipeline_lib.config import ConfigError
+from pipeline_lib import models
+from pipeline_lib.common import errors
 from pipeline_lib.models._common import split_batch
 from pipeline_lib.models._user import UserModel, first_float, model_loss
+from pipeline_lib.plan import config
+from pipeline_lib.plan.config import ConfigError
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import run_grid
@@ -294,7 +296,7 @@ def test_config_refuses_an_hf_model_named_like_a_builtin_or_a_path():
 
 
 def test_an_hf_model_reaches_the_jobs_through_model_kwargs():
-    from pipeline_lib import grid
+    from pipeline_lib.plan import grid
 
     cfg = config.validate(hf_config())
     item = grid.save_job_spec(cfg, grid.RESULTS, "single").items[0]
@@ -306,27 +308,31 @@ def test_an_hf_model_reaches_the_jobs_through_model_kwargs():
 
 def test_only_hf_models_import_transformers():
     """The default matrix (config check, grid, a built-in's build and step) never imports
-    transformers, nor _hf; an hf_models config does."""
+    transformers, nor _hf, nor peft; an hf_models config imports transformers, and peft only
+    with LoRA adapters (configs/lora.yaml)."""
     script = textwrap.dedent(
         """
         import json, sys
-        from pipeline_lib import config, disk, models
+        from pipeline_lib import models
+        from pipeline_lib.plan import config, disk_estimate
         cfg = config.load("config.yaml")
-        disk.grid_bytes(cfg)
+        disk_estimate.grid_bytes(cfg)
         for name in cfg["models"]:
             model = models.get(name).build()
             inputs, targets = model.make_batch(0, 4, 0)
             model.loss_sum(model(inputs), targets)
-        before = "transformers" in sys.modules
+        seen = ["transformers" in sys.modules, "peft" in sys.modules]
         config.load("configs/hf_models.yaml")
-        print(json.dumps([before, "transformers" in sys.modules]))
+        seen += ["transformers" in sys.modules, "peft" in sys.modules]
+        config.load("configs/lora.yaml")
+        print(json.dumps([*seen, "peft" in sys.modules]))
         """
     )
     proc = procs.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.splitlines()[-1]) == [False, True]
+    assert json.loads(proc.stdout.splitlines()[-1]) == [False, False, True, False, True]
 
 
 def test_hf_models_run_offline():
@@ -404,7 +410,7 @@ def test_hf_example_end_to_end(tmp_path):
 def test_reproducers_list_an_hf_model_cell_without_writing_a_script(tmp_path):
     import pandas as pd
 
-    from pipeline_lib import reproducer
+    from pipeline_lib.results import reproducer
     from tests.test_baseline import cell
 
     cfg = config.validate(hf_config())
@@ -418,7 +424,7 @@ def test_reproducers_list_an_hf_model_cell_without_writing_a_script(tmp_path):
 
 
 def test_hf_export_loads_back_equal_and_a_corrupted_export_does_not(tmp_path):
-    from pipeline_lib import hf_export
+    from pipeline_lib.job import hf_export
 
     model = build("llama_gqa")
     full = hf_export.exported_state(model.state_dict())
@@ -438,7 +444,7 @@ def test_hf_export_loads_back_equal_and_a_corrupted_export_does_not(tmp_path):
 
 
 def test_hf_export_logits_must_equal_the_savers(tmp_path):
-    from pipeline_lib import hf_export
+    from pipeline_lib.job import hf_export
 
     model = build("llama_gqa")
     full = hf_export.exported_state(model.state_dict())
@@ -452,7 +458,7 @@ def test_hf_export_logits_must_equal_the_savers(tmp_path):
 
 
 def test_a_failed_hf_export_fails_the_cell():
-    from pipeline_lib.records import verdict
+    from pipeline_lib.verify.records import verdict
 
     save = {"status": "ok", "state_check": {}, "files_check": {}, "resume_losses": [1.0],
             "dropped_entries": [], "hf_export": {"loads": True, "reason": ""}}  # fmt: skip
@@ -539,7 +545,7 @@ def test_a_transformers_model_named_by_import_path_trains_on_its_own_loss(tmp_pa
 def test_an_export_that_cannot_be_written_says_why(tmp_path):
     """Tied embeddings: DCP's HuggingFaceStorageWriter refuses tensors that share memory (kept
     as the export's failure, hf_export_loads false, not worked around)."""
-    from pipeline_lib import hf_export
+    from pipeline_lib.job import hf_export
 
     model = build("llama_tied")
     state = hf_export.exported_state(model.state_dict())

@@ -60,8 +60,8 @@ RUNNER = textwrap.dedent("""
     import json, os, signal, sys, time, warnings
     import psutil
     warnings.simplefilter("ignore")
-    from pipeline_lib.existing import import_checkpoint
-    from pipeline_lib.specs import ExistingSpec
+    from pipeline_lib.job.existing import import_checkpoint
+    from pipeline_lib.plan.specs import ExistingSpec
 
     def child(job):
         start_rss = psutil.Process().memory_info().rss
@@ -340,7 +340,7 @@ def load_cells(folders: list[Path], work: Path) -> None:
     """One load job (layout single: one torchrun launch) over ``folders``, each imported first
     through the import job's command (its watchdog): every cell ``error`` or ``fail``, its
     reason one printable line, and the renamed entry of NAMES_ONLY named, escaped."""
-    from pipeline_lib import config, grid
+    from pipeline_lib.plan import config, grid
     from tests.jobs import cli
 
     work.mkdir()

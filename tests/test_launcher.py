@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline_lib import launcher
+from pipeline_lib.job import launcher
 from tests import procs
 
 
@@ -58,7 +58,7 @@ def test_a_rank_the_server_did_not_preload_refuses_to_run():
 # watchdog's kill: the rank must die, the server and its resource tracker must not.
 FORKED = """
 import json, multiprocessing, time, psutil
-from pipeline_lib import launcher
+from pipeline_lib.job import launcher
 rank = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(600,),
                                                           daemon=True)
 rank.start()
@@ -136,7 +136,7 @@ def test_a_rank_that_raised_and_hangs_is_an_error_with_its_reason(tmp_path, caps
 HUNG_AT_EXIT = """
 import json, sys, time, psutil
 from pathlib import Path
-from pipeline_lib import launcher
+from pipeline_lib.job import launcher
 launcher.EXIT_GRACE_S = 3.0
 work = Path(sys.argv[1])
 started = time.monotonic()

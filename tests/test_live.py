@@ -1,14 +1,15 @@
-"""The live state (pipeline_lib.live) names and values every entry as get_state_dict does, without
+"""The live state (pipeline_lib.verify.live) names and values every entry as get_state_dict does, without
 it: single process, every built-in model, optimizer recipe and optimizer-state layout."""
 
 import pytest
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-from pipeline_lib import models, optimizers
-from pipeline_lib.compare import compare, shared_storage
-from pipeline_lib.entries import flatten
-from pipeline_lib.live import Anatomy, live_state, own_name
+from pipeline_lib import models
+from pipeline_lib.job import optimizers
+from pipeline_lib.verify.bitwise import compare, shared_storage
+from pipeline_lib.verify.entries import flatten
+from pipeline_lib.verify.live import Anatomy, live_state, own_name
 
 
 def trained(model_name: str, recipe: str):

@@ -1,4 +1,4 @@
-"""The checks' mapped reader of a DCP folder (pipeline_lib.mapped): the same values as DCP's own
+"""The checks' mapped reader of a DCP folder (pipeline_lib.verify.mapped_reader): the same values as DCP's own
 read, a changed byte seen, and every case it does not map left to DCP's read."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from torch.distributed.checkpoint.metadata import (  # noqa: E402
     TensorStorageMetadata,
 )
 
-from pipeline_lib import mapped  # noqa: E402
-from pipeline_lib.readers import checkpoint_entries  # noqa: E402
-from pipeline_lib.untrusted import SafeFileSystemReader  # noqa: E402
+from pipeline_lib.verify import mapped_reader  # noqa: E402
+from pipeline_lib.verify.readers import checkpoint_entries  # noqa: E402
+from pipeline_lib.verify.untrusted import SafeFileSystemReader  # noqa: E402
 
 
 def _save(path, state) -> object:
@@ -43,7 +43,7 @@ def saved(tmp_path):
 
 
 def _parts(folder, metadata, name):
-    with mapped.open_parts(str(folder), metadata, name) as parts:
+    with mapped_reader.open_parts(str(folder), metadata, name) as parts:
         assert parts is not None, name
         return [(p.offsets, p.data.clone()) for p in parts]
 
@@ -58,7 +58,7 @@ def test_mapped_chunks_hold_what_dcp_reads(saved):
         assert torch.equal(
             data.reshape(-1).view(torch.uint8), read[name].reshape(-1).view(torch.uint8)
         )
-    with mapped.open_parts(str(folder), metadata, "lr") as parts:
+    with mapped_reader.open_parts(str(folder), metadata, "lr") as parts:
         assert parts is None  # a value: DCP reads it
 
 
@@ -77,7 +77,7 @@ def _data_offset(folder, metadata, name) -> tuple:
 
 
 def test_a_changed_byte_of_the_data_is_seen(saved):
-    from pipeline_lib.filecheck import Files
+    from pipeline_lib.verify.sealed_mode import Files
 
     folder, state, metadata = saved
     path, at = _data_offset(folder, metadata, "w")
@@ -89,7 +89,7 @@ def test_a_changed_byte_of_the_data_is_seen(saved):
 
 
 def _not_mapped(folder, metadata, name) -> bool:
-    with mapped.open_parts(str(folder), metadata, name) as parts:
+    with mapped_reader.open_parts(str(folder), metadata, name) as parts:
         return parts is None
 
 
@@ -122,23 +122,23 @@ def test_chunks_that_do_not_tile_the_entry_are_left_to_dcp():
         chunks = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in boxes]
         return TensorStorageMetadata(TensorProperties(torch.float32), torch.Size([4, 4]), chunks)
 
-    assert mapped.tiles(entry(((0, 0), (2, 4)), ((2, 0), (2, 4))))
-    assert not mapped.tiles(entry(((0, 0), (2, 4))))  # a gap
-    assert not mapped.tiles(entry(((0, 0), (3, 4)), ((2, 0), (1, 4))))  # an overlap
-    assert not mapped.tiles(entry(((0, 0), (2, 4)), ((3, 0), (2, 4))))  # outside the entry
+    assert mapped_reader.tiles(entry(((0, 0), (2, 4)), ((2, 0), (2, 4))))
+    assert not mapped_reader.tiles(entry(((0, 0), (2, 4))))  # a gap
+    assert not mapped_reader.tiles(entry(((0, 0), (3, 4)), ((2, 0), (1, 4))))  # an overlap
+    assert not mapped_reader.tiles(entry(((0, 0), (2, 4)), ((3, 0), (2, 4))))  # outside the entry
     scalar = TensorStorageMetadata(
         TensorProperties(torch.float32),
         torch.Size([]),
         [ChunkStorageMetadata(torch.Size([]), torch.Size([]))],
     )
-    assert mapped.tiles(scalar)
+    assert mapped_reader.tiles(scalar)
 
 
 def test_check_1_compares_mapped_chunks_and_still_fails_on_a_change(saved, tmp_path):
     """Exact mode's files check reads mapped chunks (no dcp.load of a tensor entry) and a
     changed byte in them still fails the entry."""
-    from pipeline_lib import checks
-    from pipeline_lib.reference import Reference
+    from pipeline_lib.verify import checks
+    from pipeline_lib.verify.reference import Reference
 
     folder, state, metadata = saved
     Reference.write(str(tmp_path / "ref"), state, 0)
@@ -156,7 +156,7 @@ def test_check_1_compares_mapped_chunks_and_still_fails_on_a_change(saved, tmp_p
 
 def test_a_full_state_file_is_compared_through_torch_loads_own_mapping(tmp_path):
     """Files of a full-state file (torch.save) compare through torch.load's own mapping."""
-    from pipeline_lib.filecheck import Files
+    from pipeline_lib.verify.sealed_mode import Files
 
     state = {"model": {"w": torch.randn(4, 3)}, "optim": {"lr": 0.1}}
     torch.save(state, tmp_path / "full.pt")

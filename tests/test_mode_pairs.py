@@ -9,9 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_lib import axes, config, faults, grid, records, reproducer
-from pipeline_lib.axes import UNEXPECTED_ENTRY, Variant
-from pipeline_lib.reference import Reference, load_form_dir
+from pipeline_lib.plan import axes, config, grid
+from pipeline_lib.plan.axes import Variant
+from pipeline_lib.results import reproducer
+from pipeline_lib.verify import faults, records
+from pipeline_lib.verify.entries import UNEXPECTED_ENTRY
+from pipeline_lib.verify.reference import Reference, load_form_dir
 from tests.jobs import run_grid
 from tests.test_torchrun import DDP_TO_FSDP2
 
@@ -210,7 +213,7 @@ def test_a_loader_that_ignores_the_unexpected_entry_fails_both_ways(in_tmp):
 
 
 def test_the_reproducer_replays_every_mode_pair(tmp_path, small_config):
-    """A reproducer runs the pipeline's own jobs (pipeline_lib.reproducer): a load_mode, a mode
+    """A reproducer runs the pipeline's own jobs (pipeline_lib.results.reproducer): a load_mode, a mode
     that adds an entry, a save sequence are in its script as in the pipeline."""
     rows = []
     for variant in (

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline_lib import config, errors, models
-from pipeline_lib.config import ConfigError
+from pipeline_lib import models
+from pipeline_lib.common import errors
+from pipeline_lib.plan import config
+from pipeline_lib.plan.config import ConfigError
 from tests.jobs import run_matrix, tensors
 
 EXAMPLE = "examples.my_model:build"
@@ -140,7 +142,7 @@ def test_user_module_without_tp_plan_skips_tp_layouts(user_module):
 
 
 def test_worker_skips_on_the_adapters_incompatible():
-    from pipeline_lib import worker
+    from pipeline_lib.job import worker
 
     assert worker.Incompatible is errors.Incompatible
 

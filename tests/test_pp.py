@@ -7,10 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_lib import config, faults, frameworks, grid, pipelining
-from pipeline_lib.errors import Incompatible
+from pipeline_lib import frameworks
+from pipeline_lib.common.errors import Incompatible
+from pipeline_lib.job import pipelining
 from pipeline_lib.models import mlp, transformer
-from pipeline_lib.reference import compare_list_part
+from pipeline_lib.plan import config, grid
+from pipeline_lib.verify import faults
+from pipeline_lib.verify.reference import compare_list_part
 from tests import procs
 from tests.jobs import run_matrix
 
@@ -166,8 +169,8 @@ def test_hf_export_under_pp_keeps_every_stages_keys(in_tmp):
 def test_the_savers_list_is_the_union_of_the_stages_and_their_parts_must_cover_it(tmp_path):
     """A list entry each stage holds part of (its optimizer param group's names): the saver's
     reference holds the union; loaded parts that lack an item fail, naming it."""
-    from pipeline_lib.checks import _uncovered
-    from pipeline_lib.reference import Reference
+    from pipeline_lib.verify.checks import _uncovered
+    from pipeline_lib.verify.reference import Reference
 
     name = "optim.param_groups.0.params"
     Reference.write(str(tmp_path), {name: ["a", "b"]}, rank=0)
@@ -187,7 +190,7 @@ def test_the_savers_list_is_the_union_of_the_stages_and_their_parts_must_cover_i
 def test_a_rank_whose_param_group_lacks_a_setting_fails_though_another_holds_it():
     """Broken on purpose: stage 0's loaded group came without its hyperparameters (lr), stage
     1's has them; the entry is held by some rank, but not by every rank with that group."""
-    from pipeline_lib.checks import _group_gaps
+    from pipeline_lib.verify.checks import _group_gaps
 
     group = "optim.param_groups.0"
     reference = [f"{group}.lr", f"{group}.params", "optim.state.w.exp_avg"]

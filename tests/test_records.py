@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_lib import records
-from pipeline_lib.aggregate import TOKEN_KEY, aggregate
-from pipeline_lib.atomic import write_json
-from pipeline_lib.axes import Variant
-from pipeline_lib.specs import ItemSpec
+from pipeline_lib.common.atomic import write_json
+from pipeline_lib.plan.axes import Variant
+from pipeline_lib.plan.specs import ItemSpec
+from pipeline_lib.results.aggregate import TOKEN_KEY, aggregate
+from pipeline_lib.verify import records
 
 LAYOUT_A = {"name": "a", "framework": "ddp", "mesh": [2], "world_size": 2}
 LAYOUT_B = {"name": "b", "framework": "hsdp", "mesh": [2, 2], "world_size": 4}

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline_lib import grid
-from pipeline_lib.axes import Variant
+from pipeline_lib.plan import grid
+from pipeline_lib.plan.axes import Variant
 from tests.jobs import run_grid
 
 FSDP2_AND_DDP = {

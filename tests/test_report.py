@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline_lib import report as report_lib
-from pipeline_lib.axes import DEFAULT
-from pipeline_lib.config import config_hash, validate
-from pipeline_lib.records import MATRIX_SCHEMA, STATUSES, TENSORS_SCHEMA
-from pipeline_lib.report import findings, main, markdown_cell
+from pipeline_lib.cli import main
+from pipeline_lib.plan.axes import DEFAULT
+from pipeline_lib.plan.config import config_hash, validate
+from pipeline_lib.results import report as report_lib
+from pipeline_lib.results.report import findings, markdown_cell
+from pipeline_lib.verify.records import MATRIX_SCHEMA, STATUSES, TENSORS_SCHEMA
 from tests import procs
 from tests.conftest import REPO
 
@@ -171,7 +172,7 @@ def report(tmp_path_factory) -> dict[str, Path]:
     paths["config.yaml"].write_text(yaml.safe_dump(CONFIG, sort_keys=False))
     paths |= {"html": out / "report.html", "markdown": out / "summary.md"}
     main(
-        ["--matrix", str(paths["matrix.parquet"]), "--tensors", str(paths["tensors.parquet"]),
+        ["report", "--matrix", str(paths["matrix.parquet"]), "--tensors", str(paths["tensors.parquet"]),
          "--configfile", str(paths["config.yaml"]), "--snakemake-version", "9.27.1",
          "--html", str(paths["html"]), "--markdown", str(paths["markdown"])]
     )  # fmt: skip

@@ -1,5 +1,5 @@
-"""Reproducers (pipeline_lib.reproducer): a standalone script per cell that does not pass, made
-of the pipeline's own code (pipeline_lib.inline), run in a fresh folder without pipeline_lib.
+"""Reproducers (pipeline_lib.results.reproducer): a standalone script per cell that does not pass, made
+of the pipeline's own code (pipeline_lib.results.inline), run in a fresh folder without pipeline_lib.
 Cells known on torch 2.13.0 CPU: docs/findings.md."""
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline_lib import baseline, grid, inline, launcher, reproducer, reproducer_run
-from pipeline_lib import config as config_mod
-from pipeline_lib.atomic import read_json
-from pipeline_lib.axes import AXES, DEFAULT, Variant
-from pipeline_lib.records import CELL_KEYS
+from pipeline_lib.common.atomic import read_json
+from pipeline_lib.job import launcher
+from pipeline_lib.plan import config as config_mod
+from pipeline_lib.plan import grid
+from pipeline_lib.plan.axes import AXES, DEFAULT, Variant
+from pipeline_lib.results import baseline, inline, reproducer, reproducer_run
+from pipeline_lib.verify.records import CELL_KEYS
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli, cli_all
@@ -248,9 +250,9 @@ def test_a_change_to_the_pipeline_changes_the_script(tmp_path):
     a script is the package's own text (renamed references aside)."""
     package = tmp_path / "src" / "pipeline_lib"
     shutil.copytree(REPO / "pipeline_lib", package, ignore=shutil.ignore_patterns("__pycache__"))
-    records = package / "records.py"
+    records = package / "verify" / "records.py"
     records.write_text(records.read_text().replace("entries differ; first", "ENTRIES DIFFER"))
-    io = package / "checkpoint_io.py"
+    io = package / "job" / "checkpoint_io.py"
     io.write_text(io.read_text().replace("cpu_offload=full,", "cpu_offload=False,"))
     cell = reproducer.cell_data(row(), config())
     start = reproducer.roots(cell)
@@ -258,18 +260,23 @@ def test_a_change_to_the_pipeline_changes_the_script(tmp_path):
     changed = inline.bundle(start, reproducer.SEAMS, root=tmp_path / "src")
     assert "ENTRIES DIFFER" in changed.text and "ENTRIES DIFFER" not in ours.text
     assert "cpu_offload=False," in changed.text and "cpu_offload=False," not in ours.text
-    summarize = _load(changed, "pipeline_lib.records:summarize")
+    summarize = _load(changed, "pipeline_lib.verify.records:summarize")
     reason = summarize("files vs saver", {"a": {"equal": False, "note": "x"}})[1]
     assert reason == "files vs saver: 1 of 1 ENTRIES DIFFER a: x"
-    original = _load(ours, "pipeline_lib.records:summarize")
+    original = _load(ours, "pipeline_lib.verify.records:summarize")
     assert "entries differ; first a" in original("files vs saver", {"a": {"equal": False}})[1]
     # every definition of a script is one of the package's (its docstring is there too)
-    package_text = "".join(p.read_text() for p in (REPO / "pipeline_lib").rglob("*.py"))
+    package_docstrings = {
+        ast.get_docstring(n, clean=False)
+        for p in (REPO / "pipeline_lib").rglob("*.py")
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+    }
     tree = ast.parse(ours.text)
     defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     docstrings = [ast.get_docstring(n, clean=False) for n in defs]
     assert sum(d is not None for d in docstrings) > 200
-    assert all(d in package_text for d in docstrings if d is not None)
+    assert all(d in package_docstrings for d in docstrings if d is not None)
 
 
 def _load(bundle: inline.Bundle, ref: str):
@@ -283,7 +290,7 @@ def _load(bundle: inline.Bundle, ref: str):
 
 
 def test_inline_copies_what_a_root_reaches_and_keeps_each_name_meaning_what_it_meant(tmp_path):
-    """pipeline_lib.inline on a package of its own: a name two modules define, a variable that
+    """pipeline_lib.results.inline on a package of its own: a name two modules define, a variable that
     would hide a renamed definition, a local import of the package, an alias, a decorator, a
     base class and a constant needed at definition time, a seam and a stub."""
     package = tmp_path / "pipeline_lib"
@@ -332,7 +339,7 @@ def test_inline_copies_what_a_root_reaches_and_keeps_each_name_meaning_what_it_m
 # --- the script's launch ------------------------------------------------------------------------
 @pytest.mark.torchrun
 def test_the_scripts_launch_kills_a_hung_rank(tmp_path, monkeypatch):
-    """The pipeline's launcher with the script's seams (pipeline_lib.reproducer.SEAMS): ranks
+    """The pipeline's launcher with the script's seams (pipeline_lib.results.reproducer.SEAMS): ranks
     that hang before their first progress mark are killed at the start-up timeout, with the
     processes they started: none is left running, reparented to init (each rank, and here
     each rank's child, has a session of its own: a process group would not reach them)."""
@@ -374,7 +381,7 @@ def _state(pid: int) -> str:
 def test_a_reproducer_gives_the_pipelines_verdict(tmp_path, monkeypatch):
     """Five cells, one of each kind of finding, run by the pipeline (its save and load jobs,
     as Snakemake runs them), then each cell's reproducer in a fresh folder without
-    pipeline_lib: the same status and reason signature (pipeline_lib.baseline.signature)."""
+    pipeline_lib: the same status and reason signature (pipeline_lib.results.baseline.signature)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     rows = _pipeline_rows(config())

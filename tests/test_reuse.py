@@ -1,4 +1,4 @@
-"""Incremental reruns (pipeline_lib.reuse): a rerun computes only the units whose inputs changed."""
+"""Incremental reruns (pipeline_lib.job.reuse): a rerun computes only the units whose inputs changed."""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ import psutil
 import pytest
 import yaml
 
-from pipeline_lib import grid, reuse
-from pipeline_lib.atomic import read_json
-from pipeline_lib.config import validate
-from pipeline_lib.specs import JobSpec
+from pipeline_lib.common.atomic import read_json
+from pipeline_lib.job import reuse
+from pipeline_lib.plan import grid
+from pipeline_lib.plan.config import validate
+from pipeline_lib.plan.specs import JobSpec
 from tests.conftest import REPO
 from tests.jobs import cli, cli_all
 from tests.test_snakemake import BIN, snakemake
@@ -185,7 +186,7 @@ def test_a_store_that_does_not_read_reuses_nothing_and_still_keeps(small_config,
 
 
 def test_the_switch_reuse_is_validated_and_changes_no_result_hash(small_config):
-    from pipeline_lib.config import ConfigError, config_hash
+    from pipeline_lib.plan.config import ConfigError, config_hash
 
     assert validate(small_config)["reuse"] is True
     off = validate({**small_config, "reuse": False})
@@ -229,7 +230,7 @@ def _settings(**given):
 def test_a_forced_rule_runs_its_jobs_without_reuse(
     small_config, in_tmp, settings, forced, monkeypatch
 ):
-    from pipeline_lib.snakemake_plan import FORCED_ENV, Plan
+    from pipeline_lib.plan.snakemake_view import FORCED_ENV, Plan
 
     monkeypatch.setenv(FORCED_ENV, "")  # undone after the test: the Plan below sets it
     (in_tmp / "ckpt").mkdir()

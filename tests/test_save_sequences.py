@@ -10,10 +10,12 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline_lib import config, faults, grid, records, sequences
-from pipeline_lib.atomic import read_json
-from pipeline_lib.axes import Variant
-from pipeline_lib.specs import CheckpointPaths
+from pipeline_lib.common.atomic import read_json
+from pipeline_lib.job import sequence_steps
+from pipeline_lib.plan import config, grid
+from pipeline_lib.plan.axes import Variant
+from pipeline_lib.plan.specs import CheckpointPaths
+from pipeline_lib.verify import faults, records
 from tests.jobs import cli
 
 LAST, FIRST = Variant(save_sequence="load_last"), Variant(save_sequence="load_first")
@@ -64,14 +66,14 @@ def test_an_existing_checkpoint_is_not_a_sequence():
 
 
 def test_steps_and_folders_of_a_sequence():
-    assert sequences.save_steps({"steps": 3, "resume_steps": 2}) == [3, 5]
+    assert sequence_steps.save_steps({"steps": 3, "resume_steps": 2}) == [3, 5]
     paths = CheckpointPaths("r/checkpoint", "r/full_state.pt", "r/reference")
-    last = sequences.paths_by_step(LAST, paths, TRAIN)
+    last = sequence_steps.paths_by_step(LAST, paths, TRAIN)
     assert last[4] == paths  # the loaded one where a single save writes: the load jobs read it
     assert last[2] == CheckpointPaths(
         "r/checkpoint-step-2", "r/full_state-step-2.pt", "r/reference-step-2"
     )
-    first = sequences.paths_by_step(FIRST, paths, TRAIN)
+    first = sequence_steps.paths_by_step(FIRST, paths, TRAIN)
     assert first[2] == paths and first[4].checkpoint == "r/checkpoint-step-4"
 
 
@@ -79,37 +81,37 @@ def test_the_loader_resumes_from_the_step_it_loaded():
     class Item:
         variant, train = LAST, {**TRAIN, "lr": 0.1}
 
-    loaded = sequences.as_loaded(Item())
+    loaded = sequence_steps.as_loaded(Item())
     assert loaded.train == {"steps": 4, "resume_steps": 2, "lr": 0.1}
     assert Item.train["steps"] == 2  # the item's own settings are left as they were
     Item.variant = FIRST
-    assert sequences.as_loaded(Item()).train["steps"] == 2
+    assert sequence_steps.as_loaded(Item()).train["steps"] == 2
 
 
 def test_an_entry_the_saver_changed_must_differ_between_consecutive_checkpoints():
     changed = {"model.a": True, "model.b": True, "optim.param_groups.0.lr": False}
     same = {"model.a": False, "model.b": True, "optim.param_groups.0.lr": True}
-    entries = sequences.unchanged(changed, same, (2, 4))
+    entries = sequence_steps.unchanged(changed, same, (2, 4))
     assert [n for n, e in entries.items() if not e["equal"]] == ["model.b"]
     note = entries["model.b"]["note"]
     assert note == "equal in the checkpoints of steps 2 and 4, though the saver's state changed"
     assert all(
         e["equal"]
-        for e in sequences.unchanged(changed, dict.fromkeys(same, False), (2, 4)).values()
+        for e in sequence_steps.unchanged(changed, dict.fromkeys(same, False), (2, 4)).values()
     )
 
 
 def test_the_verdict_names_each_checkpoint_by_its_step():
     ok = {"equal": True, "max_abs_diff": 0.0, "note": ""}
     bad = {"equal": False, "max_abs_diff": 0.5, "note": "bytes differ"}
-    stuck = sequences.unchanged({"model.a": True}, {"model.a": True}, (2, 4))
+    stuck = sequence_steps.unchanged({"model.a": True}, {"model.a": True}, (2, 4))
     save = {
         "status": "ok", "state_check": {"model.a": ok}, "files_check": {"model.a": bad},
         "files_error": "", "resume_losses": [1.0], "save_step": 4,
         "sequence": [
-            sequences.sequence_check("state dict vs live at step 2", {"model.a": ok}),
-            sequences.sequence_check("files vs saver at step 2", {"model.a": ok}),
-            sequences.sequence_check(sequences.CONSECUTIVE, stuck),
+            sequence_steps.sequence_check("state dict vs live at step 2", {"model.a": ok}),
+            sequence_steps.sequence_check("files vs saver at step 2", {"model.a": ok}),
+            sequence_steps.sequence_check(sequence_steps.CONSECUTIVE, stuck),
         ],
     }  # fmt: skip
     load = {"status": "ok", "entries": {"model.a": ok}, "resume_losses": [1.0]}
@@ -120,7 +122,9 @@ def test_the_verdict_names_each_checkpoint_by_its_step():
         "(max_abs_diff 0.5); save sequence: 1 of 1 entries differ; first model.a: equal in the "
         "checkpoints of steps 2 and 4, though the saver's state changed"
     )
-    save["sequence"][1] = sequences.sequence_check("files vs saver at step 2", {}, "cannot read")
+    save["sequence"][1] = sequence_steps.sequence_check(
+        "files vs saver at step 2", {}, "cannot read"
+    )
     assert "; cannot read; " in records.verdict(save, load, 1e-5)[1]
 
 
@@ -136,7 +140,7 @@ def test_save_step_is_the_loaded_checkpoints_step():
 
 
 def test_the_report_counts_a_check_named_with_its_step():
-    from pipeline_lib.report import findings
+    from pipeline_lib.results.report import findings
     from tests.test_report import CONFIG, results_tables
 
     matrix, tensors = (t.to_pandas() for t in results_tables())

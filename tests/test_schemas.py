@@ -19,7 +19,8 @@ REGENERATE = ".venv/bin/python -m tests.test_schemas --write"
 
 def current() -> dict[str, list]:
     """Every table's columns: [name, Arrow type, nullable] (selftest: its column names)."""
-    from pipeline_lib import records, selftest
+    from pipeline_lib.results import selftest
+    from pipeline_lib.verify import records
 
     def fields(schema) -> list:
         return [[field.name, str(field.type), field.nullable] for field in schema]

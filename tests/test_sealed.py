@@ -12,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline_lib import config, faults, grid, records, seal
-from pipeline_lib.atomic import read_json
+from pipeline_lib.common.atomic import read_json
+from pipeline_lib.plan import config, grid
+from pipeline_lib.verify import faults, records, seal_file
 from tests.conftest import REPO
 from tests.test_snakemake import snakemake
 
@@ -25,12 +26,12 @@ def sealed_dir(tmp_path):
     (folder / ".metadata").write_bytes(b"m" * 100)
     (folder / "__0_0.distcp").write_bytes(bytes(range(256)) * 40)
     (folder / "sub" / "x").write_bytes(b"")
-    seal.write(str(folder))
+    seal_file.write(str(folder))
     return folder
 
 
 def test_an_intact_checkpoint_keeps_its_seal_beside_it(sealed_dir):
-    assert seal.check(str(sealed_dir)) == ""
+    assert seal_file.check(str(sealed_dir)) == ""
     assert (sealed_dir.parent / "checkpoint.seal.json").exists()
     assert not any(p.name.endswith(".seal.json") for p in sealed_dir.rglob("*"))
     files = json.loads((sealed_dir.parent / "checkpoint.seal.json").read_text())["files"]
@@ -42,7 +43,7 @@ def test_a_changed_byte_names_the_file(sealed_dir):
     data = bytearray(path.read_bytes())
     data[5000] ^= 1  # same size: only the digest sees it
     path.write_bytes(bytes(data))
-    assert seal.check(str(sealed_dir)).startswith(
+    assert seal_file.check(str(sealed_dir)).startswith(
         "seal: __0_0.distcp changed since the save (xxh3_128 "
     )
 
@@ -50,24 +51,24 @@ def test_a_changed_byte_names_the_file(sealed_dir):
 def test_the_ranks_digest_shares_of_the_files(sealed_dir):
     path = sealed_dir / "__0_0.distcp"
     path.write_bytes(path.read_bytes()[::-1])
-    reasons = [seal.check(str(sealed_dir), (i, 2)) for i in range(2)]
+    reasons = [seal_file.check(str(sealed_dir), (i, 2)) for i in range(2)]
     assert sorted(reasons)[0] == "" and "__0_0.distcp changed" in sorted(reasons)[1]
-    halves = [seal.make(str(sealed_dir), (i, 2)).files for i in range(2)]
-    assert {**halves[0], **halves[1]} == seal.make(str(sealed_dir)).files
+    halves = [seal_file.make(str(sealed_dir), (i, 2)).files for i in range(2)]
+    assert {**halves[0], **halves[1]} == seal_file.make(str(sealed_dir)).files
 
 
 def test_a_truncated_deleted_or_added_file_is_named(sealed_dir):
     (sealed_dir / ".metadata").write_bytes(b"m" * 99)
-    assert seal.check(str(sealed_dir)) == (
+    assert seal_file.check(str(sealed_dir)) == (
         "seal: .metadata changed since the save (99 bytes, sealed 100)"
     )
     (sealed_dir / ".metadata").unlink()
-    assert seal.check(str(sealed_dir)) == (
+    assert seal_file.check(str(sealed_dir)) == (
         f"seal: sealed file .metadata is missing from {sealed_dir}"
     )
-    seal.write(str(sealed_dir))
+    seal_file.write(str(sealed_dir))
     (sealed_dir / "__1_0.distcp").write_bytes(b"new")
-    assert seal.check(str(sealed_dir)) == (
+    assert seal_file.check(str(sealed_dir)) == (
         f"seal: file __1_0.distcp in {sealed_dir} is not in the seal"
     )
 
@@ -76,28 +77,28 @@ def test_a_seal_that_does_not_match_or_is_missing_fails(sealed_dir):
     assert (
         faults.corrupt_seal(sealed_dir) == "changed the digest of .metadata in checkpoint.seal.json"
     )
-    assert seal.check(str(sealed_dir)).startswith("seal: .metadata changed since the save")
+    assert seal_file.check(str(sealed_dir)).startswith("seal: .metadata changed since the save")
     (sealed_dir.parent / "checkpoint.seal.json").write_text("{")
-    assert "checkpoint.seal.json unreadable: JSONDecodeError" in seal.check(str(sealed_dir))
+    assert "checkpoint.seal.json unreadable: JSONDecodeError" in seal_file.check(str(sealed_dir))
     (sealed_dir.parent / "checkpoint.seal.json").unlink()
-    assert seal.check(str(sealed_dir)) == f"seal: no seal at {sealed_dir}.seal.json"
+    assert seal_file.check(str(sealed_dir)) == f"seal: no seal at {sealed_dir}.seal.json"
 
 
 def test_a_single_file_checkpoint_is_sealed_too(tmp_path):
     path = tmp_path / "full_state.pt"
     path.write_bytes(b"abc")
-    seal.write(str(path))
-    assert seal.check(str(path)) == ""
+    seal_file.write(str(path))
+    assert seal_file.check(str(path)) == ""
     path.write_bytes(b"abd")
-    assert seal.check(str(path)).startswith("seal: full_state.pt changed since the save")
+    assert seal_file.check(str(path)).startswith("seal: full_state.pt changed since the save")
 
 
 def test_files_are_read_by_part_and_compared_bit_for_bit(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from pipeline_lib.entries import FlatPiece
-    from pipeline_lib.filecheck import Files
+    from pipeline_lib.verify.entries import FlatPiece
+    from pipeline_lib.verify.sealed_mode import Files
 
     w, b = torch.randn(7, 5), torch.randn(5)
     state = {"model.w": w, "model.b": b, "optim.param_groups.0.lr": 0.1}

@@ -22,10 +22,10 @@ import psutil
 import pytest
 import yaml
 
-from pipeline_lib import launcher
-from pipeline_lib.atomic import write_json
-from pipeline_lib.config import ConfigError, validate
-from pipeline_lib.snakemake_plan import Plan
+from pipeline_lib.common.atomic import write_json
+from pipeline_lib.job import launcher
+from pipeline_lib.plan.config import ConfigError, validate
+from pipeline_lib.plan.snakemake_view import Plan
 from tests import procs
 from tests.conftest import REPO
 
@@ -324,7 +324,7 @@ def test_srun_command_starts_one_agent_per_node_with_a_c10d_rendezvous(tmp_path)
                  "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
                  f"--rdzv-endpoint=gpu-a:{port}"):  # fmt: skip
         assert flag in cmd, (flag, cmd)
-    assert cmd[0] == "srun" and cmd[-3:] == ["-m", "pipeline_lib.worker", "spec.json"]
+    assert cmd[0] == "srun" and cmd[-3:] == ["-m", "pipeline_lib.job.worker", "spec.json"]
     # Concurrent jobs (nearby ids) and a job's successive launches get different ports.
     ports = {launcher.rendezvous_port(str(j), n) for j in range(12345, 12400) for n in (1, 2)}
     assert len(ports) == 55 * 2 and all(20000 <= p < 30000 for p in ports)

@@ -124,8 +124,8 @@ def test_a_matrix_beside_a_fault_campaign_of_other_models_plans_both(tmp_path):
 def test_setting_a_baseline_reruns_no_job(tmp_path):
     """A baseline changes the gate and the report, not a cell: the jobs' params and the rows'
     config hash stay the same, so Snakemake re-runs nothing of a finished matrix."""
-    from pipeline_lib.config import config_hash, validate
-    from pipeline_lib.snakemake_plan import Plan
+    from pipeline_lib.plan.config import config_hash, validate
+    from pipeline_lib.plan.snakemake_view import Plan
 
     cfg = {"models": ["mlp"], "layouts": {"single": {"framework": "single", "mesh": [1]}}}
     with_baseline = {**cfg, "baseline": str(REPO / "expectations" / "torch-2.13.0.yaml")}

@@ -1,4 +1,4 @@
-"""Typed job specs (pipeline_lib.specs): every spec the grid writes survives the JSON round trip
+"""Typed job specs (pipeline_lib.plan.specs): every spec the grid writes survives the JSON round trip
 unchanged, and a spec of another form is refused naming the key. Pure."""
 
 import json
@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline_lib import config, grid
-from pipeline_lib.specs import CheckpointPaths, JobSpec, SpecError, unit_id
+from pipeline_lib.plan import config, grid
+from pipeline_lib.plan.specs import CheckpointPaths, JobSpec, SpecError, unit_id
 
 CONFIG = {
     "models": ["mlp", "tied_embedding"],

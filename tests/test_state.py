@@ -1,14 +1,14 @@
 """Entries, the saver's reference, bit-exact comparison and offline readers (torch, single
-process): pipeline_lib.entries, reference, compare, readers."""
+process): pipeline_lib.verify.entries, reference, compare, readers."""
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pipeline_lib.compare import EntryComparison, compare, merge, shared_storage
-from pipeline_lib.entries import FlatPiece, entry_kind, flatten
-from pipeline_lib.readers import checkpoint_entries, shares
-from pipeline_lib.reference import Part, Reference
+from pipeline_lib.verify.bitwise import EntryComparison, compare, merge, shared_storage
+from pipeline_lib.verify.entries import FlatPiece, entry_kind, flatten
+from pipeline_lib.verify.readers import checkpoint_entries, shares
+from pipeline_lib.verify.reference import Part, Reference
 
 
 def test_compare_is_bit_exact():
@@ -246,9 +246,9 @@ def test_a_loaders_param_names_compare_as_a_set_and_only_on_the_loaders_side():
     """Check 2 takes a loader's param group names in its optimizer's order (FSDP1 without
     use_orig_params holds the root unit first); another name, a missing or a repeated one
     still fails, and the saver's own lists (checks 0 and 1) stay ordered."""
-    from pipeline_lib.checks import names_as_sets
-    from pipeline_lib.compare import ParamNames
-    from pipeline_lib.reference import compare_list_part
+    from pipeline_lib.verify.bitwise import ParamNames
+    from pipeline_lib.verify.checks import names_as_sets
+    from pipeline_lib.verify.reference import compare_list_part
 
     saver = ["blocks.0.w", "blocks.1.w", "head.w"]
     loader = names_as_sets({"optim.param_groups.0.params": ["head.w", "blocks.0.w", "blocks.1.w"],

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline_lib import config, grid
-from pipeline_lib.atomic import read_json
+from pipeline_lib.common.atomic import read_json
+from pipeline_lib.plan import config, grid
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli, run_matrix, tensors
@@ -62,7 +62,7 @@ def test_cross_layout_cells_pass_bit_for_bit(in_tmp, monkeypatch):
 
 
 def test_ranks_started_as_fresh_processes_pass_too(in_tmp, monkeypatch):
-    # DCP_MATRIX_RANK_START=exec: every rank a `python -m pipeline_lib.worker`, as torchrun
+    # DCP_MATRIX_RANK_START=exec: every rank a `python -m pipeline_lib.job.worker`, as torchrun
     # starts a script; a rank that dies still fails its cell as a crash.
     monkeypatch.setenv("DCP_MATRIX_RANK_START", "exec")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
@@ -80,7 +80,7 @@ def test_ranks_started_as_fresh_processes_pass_too(in_tmp, monkeypatch):
 SERVED = """
 import json, os, psutil
 os.environ.update(PROBE="at server start", GONE="1", OMP_NUM_THREADS="2")
-from pipeline_lib import launcher
+from pipeline_lib.job import launcher
 launcher.start_rank_server()
 os.environ["PROBE"] = "at launch"
 del os.environ["GONE"]

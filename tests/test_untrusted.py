@@ -17,11 +17,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
 
-from pipeline_lib import checkpoint_io, config, driver, faults, grid
-from pipeline_lib.axes import DEFAULT, Variant
-from pipeline_lib.errors import one_line
-from pipeline_lib.readers import checkpoint_entries
-from pipeline_lib.specs import CheckpointPaths
+from pipeline_lib.common.errors import one_line
+from pipeline_lib.job import checkpoint_io, driver
+from pipeline_lib.plan import config, grid
+from pipeline_lib.plan.axes import DEFAULT, Variant
+from pipeline_lib.plan.specs import CheckpointPaths
+from pipeline_lib.verify import faults
+from pipeline_lib.verify.readers import checkpoint_entries
 
 
 class RunsCode:
@@ -62,7 +64,7 @@ def tamper(checkpoint: Path, marker: Path) -> None:
 
 
 def test_a_real_metadata_loads(checkpoint):
-    from pipeline_lib.untrusted import load_metadata
+    from pipeline_lib.verify.untrusted import load_metadata
 
     with open(checkpoint / ".metadata", "rb") as f:
         metadata = load_metadata(f)
@@ -86,8 +88,8 @@ def paths(checkpoint, full_state) -> CheckpointPaths:
     "read",
     [
         lambda c: (
-            __import__("pipeline_lib.untrusted")
-            .untrusted.SafeFileSystemReader(str(c))
+            __import__("pipeline_lib.verify.untrusted")
+            .verify.untrusted.SafeFileSystemReader(str(c))
             .read_metadata()
         ),
         lambda c: dict(checkpoint_entries(str(c))),
@@ -99,7 +101,7 @@ def paths(checkpoint, full_state) -> CheckpointPaths:
 def test_a_metadata_that_would_run_code_is_refused(checkpoint, tmp_path, read):
     marker = tmp_path / "ran"
     tamper(checkpoint, marker)
-    # pipeline_lib.untrusted.UntrustedPickle
+    # pipeline_lib.verify.untrusted.UntrustedPickle
     with pytest.raises(
         pickle.UnpicklingError, match=r"\.metadata: refused to unpickle posix\.system"
     ):
@@ -124,7 +126,7 @@ def place_outside(checkpoint: Path, target: str, other: Path) -> None:
 def test_a_metadata_that_reads_outside_its_folder_is_refused(checkpoint, tmp_path, where):
     """DCP's FileSystemReader reads a file outside the folder when .metadata says so (the
     premise, torch 2.13); every reader of this tool refuses it, naming the entry."""
-    from pipeline_lib.untrusted import OutsideFolder, SafeFileSystemReader
+    from pipeline_lib.verify.untrusted import OutsideFolder, SafeFileSystemReader
 
     other = tmp_path / "other"
     sevens = state()
@@ -241,8 +243,8 @@ def test_a_fifo_in_the_folder_is_refused_without_blocking(checkpoint, special):
 
 
 def test_a_metadata_link_out_of_the_folder_is_refused(checkpoint, tmp_path):
-    from pipeline_lib.existing import metadata_sha256
-    from pipeline_lib.untrusted import OutsideFolder, SafeFileSystemReader
+    from pipeline_lib.job.existing import metadata_sha256
+    from pipeline_lib.verify.untrusted import OutsideFolder, SafeFileSystemReader
 
     (tmp_path / "elsewhere.metadata").write_bytes((checkpoint / ".metadata").read_bytes())
     (checkpoint / ".metadata").unlink()
@@ -268,7 +270,7 @@ def test_entries_without_data_are_named_before_any_read_and_metadata_is_unpickle
     metadata is unpickled once (it was once per dcp.load: once per entry after a failed batch)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from pipeline_lib import untrusted
+    from pipeline_lib.verify import untrusted
 
     def add(metadata):
         for i in range(40):
@@ -372,7 +374,7 @@ def test_metadata_is_hashed_in_blocks_and_refused_above_its_bound(checkpoint):
     import hashlib
     import tracemalloc
 
-    from pipeline_lib.existing import metadata_sha256
+    from pipeline_lib.job.existing import metadata_sha256
 
     sparse_metadata(checkpoint, 300 * 2**20)
     tracemalloc.start()
@@ -396,7 +398,7 @@ def test_a_pickled_object_larger_than_metadata_holds_is_refused_before_it_is_rea
     reserves it (untouched), its read is refused."""
     import struct
 
-    from pipeline_lib.untrusted import UntrustedPickle, load_metadata
+    from pipeline_lib.verify.untrusted import UntrustedPickle, load_metadata
 
     path = tmp_path / ".metadata"
     path.write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 2**30) + b"\x00" * 16)
@@ -408,7 +410,7 @@ def test_a_pickled_object_larger_than_metadata_holds_is_refused_before_it_is_rea
 
 
 def existing_spec(path: Path, naming: str):
-    from pipeline_lib.specs import ExistingSpec
+    from pipeline_lib.plan.specs import ExistingSpec
 
     return ExistingSpec(
         name="theirs", path=str(path), model="mlp", naming=naming,
@@ -428,7 +430,7 @@ def existing_spec(path: Path, naming: str):
 def test_an_entry_named_like_a_command_never_runs(in_tmp, naming, command, why):
     """A naming that is no function of the user's own, named past the config check (the import
     job checks it again): the entry named like a command is never passed to it."""
-    from pipeline_lib.existing import import_checkpoint
+    from pipeline_lib.job.existing import import_checkpoint
 
     (in_tmp / "kept").mkdir()
     checkpoint = in_tmp / "theirs"

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline_lib import config, grid
+from pipeline_lib.plan import config, grid
 from tests.conftest import REPO
 from tests.test_snakemake import snakemake
 

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline_lib import frameworks, records
+from pipeline_lib import frameworks
+from pipeline_lib.verify import records
 from tests.jobs import run_matrix
 from tests.test_records import LAYOUT_A, SPEC, load_result, save_record
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, NamedTuple
 
-from pipeline_lib.registry import load_module, module_names
+from pipeline_lib.common.registry import load_module, module_names
 
 # Pipeline schedules a pipeline-parallel layout may name (torch.distributed.pipelining's
 # ScheduleGPipe and Schedule1F1B), and the layout's defaults (docs/config.md).
@@ -48,17 +48,17 @@ class Framework:
     shards_meta_model: bool = False
     # flat_starts(wrapped model) -> {id(parameter): where this rank's part starts in the
     # parameter's elements, None where it holds none}, for frameworks that keep parameters as
-    # flat shards (FSDP1); pipeline_lib.live reads such parameters as FlatPieces.
+    # flat shards (FSDP1); pipeline_lib.verify.live reads such parameters as FlatPieces.
     flat_starts: Callable[[Any], dict[int, int | None]] | None = None
-    # flat_members(wrapped model) -> {id(flat parameter): its original parameters}, for
-    # frameworks whose parameters (and optimizer state) are flat over several original ones
-    # (FSDP1 use_orig_params=False); pipeline_lib.live reads one entry per original parameter.
+    # flat_members(wrapped model) -> {id(flat parameter): its original parameters}, for frameworks
+    # whose parameters (and optimizer state) are flat over several original ones (FSDP1
+    # use_orig_params=False); pipeline_lib.verify.live reads one entry per original parameter.
     flat_members: Callable[[Any], dict[int, tuple[FlatMember, ...]]] | None = None
     # The dtype forward and backward compute in when it is not the parameters' (mixed
     # precision): the resumed losses of its cells are judged with resume_rtol_bfloat16.
     compute_dtype: str | None = None
     # The mesh dim of pipeline parallelism: each rank holds the stage of its place on this dim
-    # (pipeline_lib.pipelining splits the model before ``parallelize``, which gets the stage).
+    # (pipeline_lib.job.pipelining splits the model before ``parallelize``, which gets the stage).
     pp_dim: str | None = None
 
     @property

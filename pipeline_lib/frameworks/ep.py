@@ -1,6 +1,6 @@
 """Expert parallelism alone: the experts sharded over the ``ep`` ranks on the expert dim
 (DTensor ``Shard(0)``, tokens sent to their experts' ranks by all-to-all:
-pipeline_lib.expert_parallel); every other parameter replicated on each rank, its gradients
+pipeline_lib.models._expert_parallel); every other parameter replicated on each rank, its gradients
 averaged by DistributedDataParallel over the same ranks (each EP rank trains on its own slice of
 the batch, as a data-parallel rank). DDP ignores the experts (each rank holds other ones); their
 gradients, which the all-to-all's backward already summed over every rank's tokens, are divided
@@ -12,7 +12,7 @@ from pipeline_lib.frameworks import Framework
 def parallelize(model, mesh):
     from torch.nn.parallel import DistributedDataParallel
 
-    from pipeline_lib import expert_parallel
+    from pipeline_lib.models import _expert_parallel as expert_parallel
 
     ep_mesh = mesh[expert_parallel.EP_DIM]
     experts = expert_parallel.shard_experts(model, ep_mesh)

@@ -3,7 +3,7 @@ FULL_SHARD, one unit per model block plus the root, as ``fsdp1``; each unit's pa
 one ``FlatParameter`` and the optimizer holds those, so its state is flat over this rank's shard
 of each.
 
-The live state (pipeline_lib.live) cannot read such parameters by name: the model's
+The live state (pipeline_lib.verify.live) cannot read such parameters by name: the model's
 ``named_parameters`` are the flat parameters (``<unit>._flat_param``). Which original
 parameters a flat parameter holds, their shapes and where this rank's shard holds a run of each
 are kept only in FSDP1's private ``FlatParameter`` fields ``_fqns``, ``_shapes``, ``_numels``
@@ -25,7 +25,7 @@ MIXED_REQUIRES_GRAD = (
 
 
 def parallelize(model, mesh):
-    from pipeline_lib.errors import Incompatible, one_line
+    from pipeline_lib.common.errors import Incompatible, one_line
 
     try:
         return wrap(model, mesh, "FULL_SHARD", use_orig_params=False)

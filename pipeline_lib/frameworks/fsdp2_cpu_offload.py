@@ -8,7 +8,7 @@ from pipeline_lib.frameworks.fsdp2 import shard
 def parallelize(model, mesh):
     from torch.distributed.fsdp import CPUOffloadPolicy
 
-    from pipeline_lib.errors import Incompatible
+    from pipeline_lib.common.errors import Incompatible
 
     if mesh.device_type == "cpu":
         # torch 2.13: fully_shard asks for the accelerator to offload from and raises.

@@ -1,6 +1,6 @@
 """Expert parallelism with FSDP2, as torchtitan combines them (its ``dp_shard`` = ``dp`` x
 ``ep``; transformers 5.x lays out its ``fsdp``/``efsdp``/``ep`` meshes alike): the experts
-sharded over ``ep`` on the expert dim (pipeline_lib.expert_parallel) and then ``fully_shard``-ed
+sharded over ``ep`` on the expert dim (pipeline_lib.models._expert_parallel) and then ``fully_shard``-ed
 over ``dp`` (torchtitan's ``dp_shard_mod_ep``: ``Shard(0)``, or ``Shard(1)`` where dp x ep
 exceeds the experts), every other parameter ``fully_shard``-ed over all dp x ep ranks (a 1-D
 mesh over every rank: the dense mesh). Each rank trains on its own slice of the batch.
@@ -20,7 +20,7 @@ def parallelize(model, mesh):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    from pipeline_lib import expert_parallel
+    from pipeline_lib.models import _expert_parallel as expert_parallel
 
     ep_mesh, dp_mesh = mesh[expert_parallel.EP_DIM], mesh["dp"]
     experts = expert_parallel.shard_experts(model, ep_mesh)

@@ -1,4 +1,4 @@
-"""Pipeline parallelism x FSDP2: each stage (pipeline_lib.pipelining) fully_shard-ed over the
+"""Pipeline parallelism x FSDP2: each stage (pipeline_lib.job.pipelining) fully_shard-ed over the
 data-parallel dim, as torchtitan applies it."""
 
 from pipeline_lib.frameworks import Framework, fsdp2

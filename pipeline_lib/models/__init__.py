@@ -1,6 +1,7 @@
 """Models, one module each, registered by module name; or your own, named by import path
 (``package.module:callable``, adapted by ``_user``), or a Hugging Face architecture named in the
-config's ``hf_models`` (built by ``_hf``).
+config's ``hf_models`` (built by ``_hf``), or a torchtitan model named in its ``torchtitan_models``
+(built by ``_torchtitan``).
 
 A model module defines ``build() -> torch.nn.Module``; the module it returns provides:
 - ``forward(inputs)``;
@@ -11,7 +12,7 @@ A model module defines ``build() -> torch.nn.Module``; the module it returns pro
 - ``tp_plan()``: ``parallelize_module`` plan; ``tp_dims()``: {dim name: size} that the TP degree
   must divide (a layout that does not divide one becomes a ``skip`` cell);
 - optional ``ep_plan()``: {experts module name: ParallelStyle} for expert parallelism
-  (pipeline_lib.expert_parallel); ``load_balance(sum_over_ranks)``: router state updated before
+  (pipeline_lib.models._expert_parallel); ``load_balance(sum_over_ranks)``: router state updated before
   each optimizer step (models.moe).
 """
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from pipeline_lib.registry import load_module, module_names
+from pipeline_lib.common.registry import load_module, module_names
 
 if TYPE_CHECKING:
     from pipeline_lib.models._user import UserModelSource
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 # ItemSpec.model_kwargs key holding an ``hf_models`` entry (grid -> worker; models._hf).
 HF_KEY = "hf"
+# ItemSpec.model_kwargs key holding a ``torchtitan_models`` entry (models._torchtitan).
+TITAN_KEY = "torchtitan"
 
 
 class UserModelError(ValueError):
@@ -40,9 +43,13 @@ def names() -> list[str]:
 
 
 def spec_kwargs(config: dict, name: str) -> dict:
-    """What a job's item spec adds for model ``name``: its ``hf_models`` entry, if any."""
+    """What a job's item spec adds for model ``name``: its ``hf_models`` or
+    ``torchtitan_models`` entry, if any."""
     entry = config.get("hf_models", {}).get(name)
-    return {"model_kwargs": {HF_KEY: entry}} if entry is not None else {}
+    if entry is not None:
+        return {"model_kwargs": {HF_KEY: entry}}
+    entry = config.get("torchtitan_models", {}).get(name)
+    return {"model_kwargs": {TITAN_KEY: entry}} if entry is not None else {}
 
 
 def is_import_path(name: str) -> bool:
@@ -53,10 +60,18 @@ def get(name: str, model_kwargs: dict | None = None) -> ModuleType | UserModelSo
     """The model's module, or for an import path its UserModelSource, or for an ``hf_models``
     name (``model_kwargs`` holds its entry under HF_KEY) its HFModelSource: all have
     ``build(**model_kwargs)``. An unusable import path raises UserModelError."""
+    if model_kwargs and HF_KEY in model_kwargs and model_kwargs[HF_KEY].get("lora"):
+        from pipeline_lib.models import _lora  # imports peft: only for LoRA models
+
+        return _lora.LoRAModelSource(name)
     if model_kwargs and HF_KEY in model_kwargs:
         from pipeline_lib.models import _hf  # imports transformers: only for those models
 
         return _hf.HFModelSource(name)
+    if model_kwargs and TITAN_KEY in model_kwargs:
+        from pipeline_lib.models import _torchtitan  # imports torchtitan: only for its models
+
+        return _torchtitan.TitanModelSource(name)
     if is_import_path(name):
         from pipeline_lib.models import _user  # imports torch: only for your own model
 

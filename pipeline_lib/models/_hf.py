@@ -9,6 +9,8 @@ model runs as a ``_user.UserModel`` whose functions (``HFFunctions``) come from 
 ``fsdp_units`` (the decoder layers), ``tp_plan`` (the config's ``base_model_tp_plan`` mapped to
 torch's styles, ``TP_STYLES``) and ``tp_dims`` (heads and key/value heads).
 
+An entry's ``lora`` adds LoRA adapters with peft (models._lora, imported only then).
+
 Imports transformers: only for models that need it (models.get imports this module lazily).
 """
 
@@ -27,7 +29,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 from transformers import PretrainedConfig
 
-from pipeline_lib.errors import Incompatible
+from pipeline_lib.common.errors import Incompatible
 from pipeline_lib.models._user import CAUSAL_LM_SUFFIXES, UserModel, _plan_targets
 
 DEFAULT_SEQ_LEN = 8
@@ -63,10 +65,12 @@ class HFModelDefinition:
     architecture: str
     config: dict = field(default_factory=dict)
     seq_len: int = DEFAULT_SEQ_LEN
+    lora: dict | None = None  # LoRA adapters (models._lora), or none
 
     @classmethod
     def from_dict(cls, data: dict) -> HFModelDefinition:
-        return cls(data["architecture"], dict(data.get("config", {})), data.get("seq_len", 8))
+        config, seq_len = dict(data.get("config", {})), data.get("seq_len", 8)
+        return cls(data["architecture"], config, seq_len, data.get("lora"))
 
     @property
     def model_class(self) -> type:
@@ -125,6 +129,12 @@ def definition_error(data: dict) -> str | None:
     return None
 
 
+def _layer(module: nn.Module) -> nn.Module:
+    """The layer a TP style shards: a peft-adapted layer's base layer (models._lora maps the
+    plan to it and its adapter), any other module itself."""
+    return getattr(module, "base_layer", module)
+
+
 def _index(children: list, name: str) -> int:
     return [n for n, _ in children].index(name)
 
@@ -135,7 +145,9 @@ class HFModelSource:
 
     name: str
 
-    def build(self, hf: dict) -> UserModel:
+    def build(self, hf: dict, base_seed: int | None = None) -> UserModel:
+        """``base_seed``: the seed of a LoRA model's base (models._lora.LoRAModelSource); a
+        model without adapters has one seed."""
         definition = HFModelDefinition.from_dict(hf)
         model = definition.build()
         return UserModel(self.name, HFFunctions(self.name, definition, model.config), model)
@@ -220,7 +232,9 @@ class HFFunctions:
             if not targets:
                 raise Incompatible(f"{self.name}: TP plan key {key} ({style}) names no module")
             wrong = [
-                f"{fqn} ({type(m).__name__})" for fqn, m in targets if not isinstance(m, types)
+                f"{fqn} ({type(m).__name__})"
+                for fqn, m in targets
+                if not isinstance(_layer(m), types)
             ]
             if wrong:
                 kinds = "/".join(t.__name__ for t in types)
@@ -294,7 +308,7 @@ class TransformersExpertParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         from transformers.distributed.expert_parallel import apply_expert_parallelism
 
-        from pipeline_lib.expert_parallel import dense_mesh
+        from pipeline_lib.models._expert_parallel import dense_mesh
 
         world = torch.distributed.get_world_size()
         tp_mesh = dense_mesh(device_mesh.device_type, world)["tp"]

@@ -33,10 +33,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from pipeline_lib.errors import Incompatible
+from pipeline_lib.common.errors import Incompatible
+from pipeline_lib.common.registry import import_path
 from pipeline_lib.models import UserModelError
 from pipeline_lib.models._common import batch_to, split_batch, step_generator
-from pipeline_lib.registry import import_path
 
 REQUIRED_INPUTS = "make_inputs"
 # Where a cell's loss came from (the save record's and matrix's loss_source).
@@ -60,7 +60,7 @@ class UserModelSource:
 def load(name: str) -> UserModelSource:
     """Import ``package.module:callable`` and check the contract, or raise UserModelError. The
     module must be one of your own and the callable a plain function or a class defined in it
-    (pipeline_lib.registry: not a built-in, nor the standard library's or an installed
+    (pipeline_lib.common.registry: not a built-in, nor the standard library's or an installed
     package's, which a config could otherwise name to have it called)."""
     module_name, _, attr = name.partition(":")
     module, factory = import_path(name, UserModelError, classes=True)
@@ -101,7 +101,7 @@ class UserModel(nn.Module):
         self.loss_source: str | None = None  # set by loss_sum: one of LOSS_SOURCES
 
     def forward(self, inputs=None, **named):
-        # A pipeline stage gets a dict of inputs as keyword arguments (pipeline_lib.pipelining).
+        # A pipeline stage gets a dict of inputs as keyword arguments (pipeline_lib.job.pipelining).
         inputs = named or inputs
         if getattr(self, "pipeline_stage", None) and hasattr(self.source, "stage_forward"):
             return self.source.stage_forward(self.user_model, inputs)
@@ -140,7 +140,7 @@ class UserModel(nn.Module):
 
     def pipeline_split(self):
         """The user's ``pipeline_split(model)`` (names relative to the user's model), or None:
-        no layer stack to split into pipeline stages (pipeline_lib.pipelining)."""
+        no layer stack to split into pipeline stages (pipeline_lib.job.pipelining)."""
         if not hasattr(self.source, "pipeline_split"):
             return None
         found = self.source.pipeline_split(self.user_model)

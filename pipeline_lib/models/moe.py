@@ -47,7 +47,9 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.randn(num_experts, hidden, dim) * dim**-0.5)
 
     def forward(self, tokens: torch.Tensor, per_expert: torch.Tensor) -> torch.Tensor:
-        from pipeline_lib.expert_parallel import local  # imports torch.distributed only here
+        from pipeline_lib.models._expert_parallel import (
+            local,  # imports torch.distributed only here
+        )
 
         w1, w2, w3 = local(self.w1), local(self.w2), local(self.w3)
         outputs = []
@@ -141,8 +143,8 @@ class MoEDecoder(nn.Module):
         return list(self.layers)
 
     def ep_plan(self):
-        """Expert parallelism: every layer's packed experts (pipeline_lib.expert_parallel)."""
-        from pipeline_lib.expert_parallel import ExpertParallel
+        """Expert parallelism: every layer's packed experts (pipeline_lib.models._expert_parallel)."""
+        from pipeline_lib.models._expert_parallel import ExpertParallel
 
         held = self.layers.named_children()  # a pipeline stage's layers keep their index
         return {f"layers.{i}.moe.experts": ExpertParallel() for i, _ in held}

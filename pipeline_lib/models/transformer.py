@@ -63,7 +63,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens):
         # A pipeline stage holds some of the parts (the others are None): it takes the previous
-        # stage's output and returns its own (pipeline_lib.pipelining).
+        # stage's output and returns its own (pipeline_lib.job.pipelining).
         x = tokens
         if self.tok_embeddings is not None:
             x = self.tok_embeddings(tokens) + self.pos_embeddings[: tokens.shape[1]]

@@ -199,7 +199,12 @@ def main() -> None:
         model, optim, scheduler = train(spec, rank, mesh)
         save(spec, os.path.join(out, spec.name), state(spec, rank, model, optim, scheduler))
     writers = sorted(m for m in sys.modules if m.startswith("pipeline_lib"))
-    allowed = {"pipeline_lib", "pipeline_lib.models", "pipeline_lib.registry"}
+    allowed = {
+        "pipeline_lib",
+        "pipeline_lib.models",
+        "pipeline_lib.common",
+        "pipeline_lib.common.registry",
+    }
     allowed |= {"pipeline_lib.models.mlp", "pipeline_lib.models._common"}
     assert set(writers) <= allowed, f"dcp-matrix code ran in the writer: {writers}"
     dist.destroy_process_group()

@@ -1,5 +1,5 @@
 # A reproducer per non-pass cell, and (with config key `baseline`) the CI gate. Logic in
-# pipeline_lib.reproducer and pipeline_lib.baseline.
+# pipeline_lib.results.reproducer and pipeline_lib.results.baseline.
 import json
 import shlex
 

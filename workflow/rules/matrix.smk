@@ -1,6 +1,6 @@
 # {version_root}: results, or results/torch/<version> for a torch_versions environment. One job
 # per layout runs every (variant, model) item: one record (and save folder) each. Each rule's
-# callables are named after it (pipeline_lib.snakemake_plan.Plan).
+# callables are named after it (pipeline_lib.plan.snakemake_view.Plan).
 rule save_checkpoints:
     input:
         plan.job_env_inputs,
