@@ -1,9 +1,9 @@
-"""Expert parallelism with FSDP2, as torchtitan combines them (its ``dp_shard`` = ``dp`` x
-``ep``; transformers 5.x lays out its ``fsdp``/``efsdp``/``ep`` meshes alike): the experts
-sharded over ``ep`` on the expert dim (pipeline_lib.models._expert_parallel) and then ``fully_shard``-ed
-over ``dp`` (torchtitan's ``dp_shard_mod_ep``: ``Shard(0)``, or ``Shard(1)`` where dp x ep
-exceeds the experts), every other parameter ``fully_shard``-ed over all dp x ep ranks (a 1-D
-mesh over every rank: the dense mesh). Each rank trains on its own slice of the batch.
+"""Expert parallelism with FSDP2, as torchtitan combines them (its ``dp_shard`` = ``dp`` x ``ep``;
+transformers 5.x lays out its ``fsdp``/``efsdp``/``ep`` meshes alike): the experts sharded over
+``ep`` on the expert dim (pipeline_lib.models._expert_parallel) and then ``fully_shard``-ed over
+``dp`` (torchtitan's ``dp_shard_mod_ep``: ``Shard(0)``, or ``Shard(1)`` where dp x ep exceeds the
+experts), every other parameter ``fully_shard``-ed over all dp x ep ranks (a 1-D mesh over every
+rank: the dense mesh). Each rank trains on its own slice of the batch.
 
 Expert gradients: the all-to-all's backward sums every rank's tokens, FSDP sums over ``dp``; the
 experts' FSDP modules divide by dp x ep (``set_gradient_divide_factor``, torchtitan's
