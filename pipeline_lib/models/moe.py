@@ -143,8 +143,7 @@ class MoEDecoder(nn.Module):
         return list(self.layers)
 
     def ep_plan(self):
-        """Expert parallelism: every layer's packed experts (pipeline_lib.models._expert_parallel).
-        """
+        """Expert parallelism: every layer's packed experts (models._expert_parallel)."""
         from pipeline_lib.models._expert_parallel import ExpertParallel
 
         held = self.layers.named_children()  # a pipeline stage's layers keep their index
