@@ -1,4 +1,4 @@
-"""Expert parallelism (issue 34, item 1): the ``ep`` and ``fsdp2_ep`` frameworks, the built-in
+"""Expert parallelism: the ``ep`` and ``fsdp2_ep`` frameworks, the built-in
 ``moe`` model (router, shared expert, load-balancing bias) and transformers' own expert
 parallelism for ``hf_models``; cells across EP degrees, FSDP2 x EP <-> EP and EP <-> single
 exact, and a saver that keeps one rank's experts failing the cell with the expert entry named.
