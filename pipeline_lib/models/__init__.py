@@ -10,7 +10,9 @@ A model module defines ``build() -> torch.nn.Module``; the module it returns pro
 - ``loss_sum(outputs, targets) -> (summed loss, number of loss terms)``;
 - ``fsdp_units()``: the blocks FSDP wraps or shards one by one (the root is always added);
 - ``tp_plan()``: ``parallelize_module`` plan; ``tp_dims()``: {dim name: size} that the TP degree
-  must divide (a layout that does not divide one becomes a ``skip`` cell).
+  must divide because the model's own arithmetic needs whole parts on each TP rank (attention
+  heads); a layout that does not divide one becomes a ``skip`` cell. Any other size the plan
+  shards is torch's to shard unevenly: the cell runs and torch's error, if any, is its verdict.
 """
 
 from __future__ import annotations
