@@ -174,8 +174,13 @@ class UserModel(nn.Module):
     def tp_dims(self):
         """The module's own ``tp_dims``: sizes its arithmetic needs whole on each TP rank
         (heads). The Linear and Embedding sizes the TP plan shards are torch's to shard
-        unevenly: a TP degree that does not divide one runs, and torch's error is the verdict."""
+        unevenly: a TP degree that does not divide one runs, and torch's error is the verdict.
+        A plan that cannot apply gives none: TP layouts skip it anyway, with the plan's reason."""
         if not hasattr(self.source, "tp_plan") or not hasattr(self.source, "tp_dims"):
+            return {}
+        try:
+            self._user_tp_plan()
+        except Incompatible:
             return {}
         return dict(self.source.tp_dims(self.user_model))
 
