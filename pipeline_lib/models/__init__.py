@@ -12,7 +12,10 @@ A model module defines ``build() -> torch.nn.Module``; the module it returns pro
 - ``tp_plan()``: ``parallelize_module`` plan; ``tp_dims()``: {dim name: size} that the TP degree
   must divide because the model's own arithmetic needs whole parts on each TP rank (attention
   heads); a layout that does not divide one becomes a ``skip`` cell. Any other size the plan
-  shards is torch's to shard unevenly: the cell runs and torch's error, if any, is its verdict.
+  shards is torch's to shard unevenly: the cell runs and torch's error, if any, is its verdict;
+- optional ``ep_plan()``: {experts module name: ParallelStyle} for expert parallelism
+  (models._expert_parallel); ``load_balance(sum_over_ranks)``: router state updated before
+  each optimizer step (models.moe).
 """
 
 from __future__ import annotations
