@@ -58,15 +58,20 @@ class SlurmCluster:
         self.pids: dict[str, int] = {}
 
     def start(self) -> None:
+        # As in a process that ran torchrun (it sets OMP_NUM_THREADS=1 in its own environment):
+        # the node must still have every CPU, or jobs of 2 ranks never start.
         proc = procs.run(
             ["bash", str(REPO / "scripts" / "slurm_up.sh")],
-            env=self.env, capture_output=True, text=True, timeout=600,
+            env={**self.env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         # Record what was started even when start-up failed half way, so that it is stopped.
         for pid_file in (self.base / "pids").glob("*.pid"):
             self.pids[pid_file.stem] = int(pid_file.read_text())
         assert proc.returncode == 0, f"slurm_up.sh failed:\n{proc.stdout}\n{proc.stderr}"
         assert {"slurmctld", "slurmd"} <= set(self.pids), self.pids
+        cpus = procs.run(["sinfo", "-h", "-N", "-o", "%c"], env=self.env, capture_output=True,
+                         text=True, timeout=60).stdout.split()  # fmt: skip
+        assert cpus == [str(len(os.sched_getaffinity(0)))], f"node CPUs {cpus}"
 
     def alive(self) -> dict[str, int]:
         def running(pid: int) -> bool:
