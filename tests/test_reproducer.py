@@ -249,7 +249,9 @@ def _callables(obj) -> dict:
     methods (class and static methods included)."""
     if not isinstance(obj, type):
         return {"": obj}
-    return {k: getattr(obj, k) for k in vars(obj) if not k.startswith("_") and callable(getattr(obj, k))}
+    return {
+        k: getattr(obj, k) for k in vars(obj) if not k.startswith("_") and callable(getattr(obj, k))
+    }
 
 
 def test_every_stand_in_takes_what_the_pipeline_passes_to_what_it_replaces():
