@@ -515,7 +515,7 @@ def test_builtin_model_sizes_match_the_models():
 
 
 def test_check_config_and_the_dry_run_print_the_disk_estimate(tmp_path):
-    cfg = {**small(), "torch_versions": {"t": "torch==2.13.0"}, "formats": ["dcp", "torch_save"]}
+    cfg = {**small(), "torch_versions": {"t": "torch==2.13.0"}, "format": ["dcp", "torch_save"]}
     cfg["run"] = {"torch_env_dir": str(tmp_path / "envs")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = procs.run(

@@ -481,7 +481,7 @@ def test_hf_export_under_fsdp2_and_tp(in_tmp, monkeypatch):
             "tp_2": {"framework": "tp", "mesh": [2]},
         },
         "pairs": [["fsdp2_2", "tp_2"], ["tp_2", "fsdp2_2"]],
-        "formats": ["hf_export"],
+        "format": ["hf_export"],
         "train": {"steps": 2, "resume_steps": 2, "global_batch": 4},
         "run": {"cell_timeout_s": 300},
     }

@@ -31,7 +31,7 @@ GRID = {
     "train": TRAIN,
     "run": {"cell_timeout_s": 120},
     "async_save": ["sync", "thread", "process"],
-    "save_sequences": ["load_last", "load_first"],
+    "save_sequence": ["load_last", "load_first"],
 }
 # The faulty items of the grid (mlp_uneven): (async_save, save_sequence) -> fault.
 FAULTY = {("thread", "load_last"): "stale_save", ("process", "load_first"): "future_save"}

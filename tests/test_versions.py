@@ -86,7 +86,7 @@ def test_fsdp1_full_optimizer_state_on_2_14_fails_on_the_state_check(tmp_path):
             "fsdp1_2": {"framework": "fsdp1", "mesh": [2]},
         },
         pairs=[["fsdp1_2", "single"]],
-        modes=["full"],
+        mode=["full"],
         torch_versions={"t2_14": VERSIONS["t2_14"]},
     )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
