@@ -1,4 +1,5 @@
-"""Issue 18: reason signatures, comparison classes, the gate, the shipped expectations."""
+"""The regression gate: reason signatures, comparison classes, the gate, the shipped
+expectations."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 14: generated configs (hypothesis) thrown at the config check and the dry run.
+"""Hardening: generated configs (hypothesis) thrown at the config check and the dry run.
 
 Every config is either accepted (and then dry-runs cleanly) or refused with one line per error,
 each naming a field; never a traceback, never a file written outside the scratch folder.

@@ -1,4 +1,4 @@
-"""Issue 14: no config, name or checkpoint can delete, overwrite or execute what it should not.
+"""Hardening: no config, name or checkpoint can delete, overwrite or execute what it should not.
 
 One section per item of the issue; each test failed before its fix (see the issue's note).
 """
@@ -615,7 +615,7 @@ def test_a_full_disk_in_a_torch_save_is_a_reason_naming_the_file(tiny_fs):
     assert sorted(p.name for p in tiny_fs.iterdir()) == ["done.json"]  # no temporary left
 
 
-# --- 10. what a config may execute; what a checkpoint folder may hold (issue 32) --------------
+# --- 10. what a config may execute; what a checkpoint folder may hold --------------------------
 
 
 def check_config(path: Path) -> tuple[int, str, str]:

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (issue 19, item 1): stages split by layer with the full model's names,
+"""Pipeline parallelism: stages split by layer with the full model's names,
 GPipe and 1F1B schedules over microbatches, cells PP <-> other layouts and across PP degrees,
 and a saver whose last stage writes nothing failing the cell with the entries named."""
 

@@ -1,4 +1,4 @@
-"""Save sequences (axis save_sequence, issue 19 item 2): a saver that saves twice in one run with
+"""Save sequences (axis save_sequence): a saver that saves twice in one run with
 one checkpointer object (sync, thread, process), every checkpoint checked against the saver's
 state at its own step, consecutive checkpoints required to differ where training changed the
 state; cells load the last or the first checkpoint. A checkpointer that writes stale or future
