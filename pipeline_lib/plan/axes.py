@@ -7,6 +7,7 @@ worker.py."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
@@ -154,15 +155,22 @@ def variants(config: dict) -> list[Variant]:
     if config["combine_axes"] == "product":
         combos = [dict(zip(values, c, strict=True)) for c in itertools.product(*values.values())]
     elif config["combine_axes"] == "pairwise":
-        from pipeline_lib.plan.pairwise import covering_rows
-
-        combos = covering_rows(values, [(rule.reads, rule.allows) for rule in RULES])
+        combos = _pairwise(tuple((axis, tuple(vals)) for axis, vals in values.items()))
     else:
         base = {axis: vals[0] for axis, vals in values.items()}
         combos = [base] + [
             {**base, axis: value} for axis, vals in values.items() for value in vals[1:]
         ]
     return list(dict.fromkeys(Variant(**c) for c in combos))
+
+
+@functools.cache
+def _pairwise(values: tuple[tuple[str, tuple[str, ...]], ...]) -> list[dict]:
+    """The covering array of these axis values (once per process: a Snakemake run asks for a
+    grid's variants many times)."""
+    from pipeline_lib.plan.pairwise import covering_rows
+
+    return covering_rows(dict(values), [(rule.reads, rule.allows) for rule in RULES])
 
 
 @dataclass(frozen=True)
