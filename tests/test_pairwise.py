@@ -20,7 +20,7 @@ from tests.conftest import REPO
 
 SHIPPED = REPO / "configs" / "every_axis_pairwise.yaml"
 # The shipped grid's variants (their ids in order): a change of covertable, of its options or
-# of the rules changes the cells the expectations file measured (tests/test_baseline.py).
+# of the rules changes the cells the config runs, and the cells a measured grid of it holds.
 SHIPPED_VARIANTS = (41, "131024dd72ceecea")
 
 
