@@ -7,7 +7,10 @@
 set -euo pipefail
 BASE=${SLURM_BASE:-/tmp/slurm}
 HOST=$(hostname -s)
-NCPU=$(nproc)
+# Every CPU this machine gives us: nproc alone honours OMP_NUM_THREADS, which torchrun sets to 1
+# in its own process (and so in a test process that ran it): a node of 1 CPU leaves every job
+# of 2 ranks pending for ever (Reason=PartitionConfig).
+NCPU=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 
 for f in "$BASE"/pids/*.pid; do
   [ -s "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && {

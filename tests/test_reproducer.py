@@ -244,6 +244,43 @@ def test_a_script_imports_torch_and_the_standard_library_only():
 
 
 # --- one copy: the script is the pipeline's code ----------------------------------------------
+def _callables(obj) -> dict:
+    """A seam's callables as the pipeline calls them: a function itself, a class's public
+    methods (class and static methods included)."""
+    if not isinstance(obj, type):
+        return {"": obj}
+    return {
+        k: getattr(obj, k) for k in vars(obj) if not k.startswith("_") and callable(getattr(obj, k))
+    }
+
+
+def test_every_stand_in_takes_what_the_pipeline_passes_to_what_it_replaces():
+    """A stand-in (a seam with ``by``) accepts the parameters of the definition it replaces, so
+    a change to the pipeline's signature cannot leave the scripts calling it wrong (a
+    ``TypeError`` at run time, as once for ``reuse.Store.of(spec, read=...)``)."""
+    import importlib
+    import inspect
+
+    checked = 0
+    for where, seam in reproducer.SEAMS.items():
+        if seam.by is None:
+            continue
+        ref = inline.Ref.parse(where)
+        ours = getattr(importlib.import_module(ref.module), ref.name)
+        theirs = getattr(importlib.import_module(seam.by.module), seam.by.name)
+        if not callable(ours):
+            continue
+        for name, fn in _callables(ours).items():
+            if name and name not in _callables(theirs):
+                continue
+            stand_in = _callables(theirs)[name]
+            want = [p.name for p in inspect.signature(fn).parameters.values()]
+            got = [p.name for p in inspect.signature(stand_in).parameters.values()]
+            assert got == want, (where, name, got, want)
+            checked += 1
+    assert checked >= 8
+
+
 def test_a_change_to_the_pipeline_changes_the_script(tmp_path):
     """The script copies the package as it is now: a copy of pipeline_lib whose verdict and
     checkpoint code say otherwise gives a script that says otherwise, and every definition in

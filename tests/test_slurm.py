@@ -30,7 +30,7 @@ from tests import procs
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
-SNAKEMAKE_TIMEOUT_S = 900
+SNAKEMAKE_TIMEOUT_S = 600  # each run takes 2-3 min here, alone or beside other work
 # The configuration scripts/slurm_up.sh writes: the cluster these tests bring up (the others
 # run with a SLURM_CONF of no cluster, tests/conftest.py).
 CLUSTER_ENV = {"SLURM_CONF": "/etc/slurm/slurm.conf"}
@@ -58,15 +58,20 @@ class SlurmCluster:
         self.pids: dict[str, int] = {}
 
     def start(self) -> None:
+        # As in a process that ran torchrun (it sets OMP_NUM_THREADS=1 in its own environment):
+        # the node must still have every CPU, or jobs of 2 ranks never start.
         proc = procs.run(
             ["bash", str(REPO / "scripts" / "slurm_up.sh")],
-            env=self.env, capture_output=True, text=True, timeout=600,
+            env={**self.env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         # Record what was started even when start-up failed half way, so that it is stopped.
         for pid_file in (self.base / "pids").glob("*.pid"):
             self.pids[pid_file.stem] = int(pid_file.read_text())
         assert proc.returncode == 0, f"slurm_up.sh failed:\n{proc.stdout}\n{proc.stderr}"
         assert {"slurmctld", "slurmd"} <= set(self.pids), self.pids
+        cpus = procs.run(["sinfo", "-h", "-N", "-o", "%c"], env=self.env, capture_output=True,
+                         text=True, timeout=60).stdout.split()  # fmt: skip
+        assert cpus == [str(len(os.sched_getaffinity(0)))], f"node CPUs {cpus}"
 
     def alive(self) -> dict[str, int]:
         def running(pid: int) -> bool:
@@ -91,9 +96,56 @@ class SlurmCluster:
         return self.alive()
 
 
+_BASES: list[Path] = []  # the clusters' folders (their daemons' logs), for diagnose()
+
+
+def _tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return f"--- {path}\n{path.read_text(errors='replace')[-chars:]}"
+    except OSError as e:
+        return f"--- {path}: {e}"
+
+
+def _command(*argv: str) -> str:
+    try:
+        proc = procs.run(list(argv), capture_output=True, text=True, timeout=30,
+                         env={**os.environ, **CLUSTER_ENV})  # fmt: skip
+        lines = "\n".join(line[:200] for line in proc.stdout.splitlines())
+        return f"$ {' '.join(argv)}\n{lines[-4000:]}\n{proc.stderr[-1000:]}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"$ {' '.join(argv)}: {e}"
+
+
+def diagnose(workdir: Path) -> str:
+    """What a run that did not finish left: Slurm's view of its jobs and node, the jobs' logs,
+    the daemons' logs, the processes and listening ports of this machine."""
+    parts = [
+        _command("squeue", "-a", "-o", "%i %j %T %R %M %C"),
+        _command("sinfo", "-N", "-l"),
+        _command("scontrol", "show", "jobs"),
+        _command(
+            "ps",
+            "--ppid",
+            "2",
+            "-p",
+            "2",
+            "--deselect",
+            "-o",
+            "pid,ppid,etimes,stat,pcpu,args",
+            "--sort=-etimes",
+        ),
+        _command("ss", "-ltnp"),
+    ]
+    logs = sorted(workdir.glob(".snakemake/slurm_logs/**/*.log"))
+    logs += sorted(workdir.glob("results/logs/**/*.log"))
+    logs += [log for base in _BASES for log in sorted(base.glob("**/*.log"))]
+    return "\n".join(parts + [_tail(log) for log in logs])
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    _BASES.append(cluster.base)
     try:
         cluster.start()
         yield cluster
@@ -114,8 +166,10 @@ def run_snakemake(workdir: Path, *args: str, env: dict | None = None) -> str:
     try:
         out, _ = proc.communicate(timeout=SNAKEMAKE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
+        found = diagnose(workdir)  # before the kill: the jobs as they hung
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
+        print(found, file=sys.stderr)  # shown with the failure (captured stderr)
         pytest.fail(f"snakemake ran past {SNAKEMAKE_TIMEOUT_S} s:\n{out[-6000:]}")
     assert proc.returncode == 0, out[-6000:]
     return out

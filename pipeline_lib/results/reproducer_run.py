@@ -120,7 +120,7 @@ class NoReuse:
     """Stands for reuse.Store: a reproducer runs every unit (its jobs have no reuse folder)."""
 
     @classmethod
-    def of(cls, spec) -> None:
+    def of(cls, spec, read: bool = True) -> None:
         return None
 
 
