@@ -115,6 +115,8 @@ def build(
         model.to_empty(device=at.device)
     optimizer, scheduler = optimizers.make(item.variant.optimizer, model, item.train["lr"])
     trainee = Trainee(model, base, optimizer, scheduler, anatomy)
+    if hasattr(base, "load_balance"):  # router state (models.moe): updated before each step
+        optimizer.register_step_pre_hook(lambda *_: base.load_balance(_summed_over_ranks(at)))
     trainee.ignores_frozen = item.variant.ignores_frozen(bool(anatomy.frozen))
     if at.pipeline is not None:
         trainee.pipeline = _pipeline(item, at, model, base)
@@ -214,6 +216,19 @@ def _global_terms(local: int, at: Placement) -> int:
     return int(total) // (at.tp_degree * at.pp_degree)
 
 
+def _summed_over_ranks(at: Placement):
+    """A function that sums a CPU tensor over the data-parallel ranks: one all_reduce over
+    every rank (a pipeline stage's rows for the layers it does not hold are zero), divided by the
+    TP degree (the ranks of one TP group count the same tokens)."""
+
+    def summed(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(at.device)
+        dist.all_reduce(tensor)
+        return tensor.cpu() / at.tp_degree
+
+    return summed
+
+
 def _pipeline(item: Item, at: Placement, model, base) -> pipelining.Pipeline:
     """The stage's schedule; Incompatible (a skip) when a data-parallel rank's slice of the
     global batch has fewer samples than the layout's microbatches."""
@@ -240,6 +255,7 @@ def state_dict(item: Item, t: Trainee, full: bool = False, fault=None, side="sav
     model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
     faults.corrupt_state(fault, model_state, optim_state, t.at_build)
     faults.drop_last_stage(fault, model_state, t.pipeline, side)
+    faults.keep_local_experts(fault, model_state, side)
     state = {"model": model_state, "optim": optim_state}
     if t.scheduler is not None:
         state["scheduler"] = t.scheduler

@@ -3,15 +3,15 @@
 config's ``hf_models`` (built by ``_hf``), or a torchtitan model named in its ``torchtitan_models``
 (built by ``_torchtitan``).
 
-A model module defines ``build() -> torch.nn.Module``; the module it returns provides:
-- ``forward(inputs)``;
-- ``make_batch(step, global_batch, seed) -> (inputs, targets)``: the seeded global batch of a step
-  (identical for every layout; each data-parallel rank takes its slice);
-- ``loss_sum(outputs, targets) -> (summed loss, number of loss terms)``;
-- ``fsdp_units()``: the blocks FSDP wraps or shards one by one (the root is always added);
-- ``tp_plan()``: ``parallelize_module`` plan; ``tp_dims()``: {dim name: size} that the TP degree
-  must divide (a layout that does not divide one becomes a ``skip`` cell).
-"""
+A model module defines ``build() -> torch.nn.Module``; the module it returns provides: -
+``forward(inputs)``; - ``make_batch(step, global_batch, seed) -> (inputs, targets)``: the seeded
+global batch of a step (identical for every layout; each data-parallel rank takes its slice); -
+``loss_sum(outputs, targets) -> (summed loss, number of loss terms)``; - ``fsdp_units()``: the
+blocks FSDP wraps or shards one by one (the root is always added); - ``tp_plan()``:
+``parallelize_module`` plan; ``tp_dims()``: {dim name: size} that the TP degree must divide (a
+layout that does not divide one becomes a ``skip`` cell); - optional ``ep_plan()``: {experts module
+name: ParallelStyle} for expert parallelism (pipeline_lib.models._expert_parallel);
+``load_balance(sum_over_ranks)``: router state updated before each optimizer step (models.moe)."""
 
 from __future__ import annotations
 

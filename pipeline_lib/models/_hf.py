@@ -26,7 +26,7 @@ import torch
 import transformers
 from torch import nn
 from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 from transformers import PretrainedConfig
 
 from pipeline_lib.common.errors import Incompatible
@@ -247,6 +247,10 @@ class HFFunctions:
         names = ("num_attention_heads", "num_key_value_heads")
         return {n: getattr(self.config, n) for n in names if getattr(self.config, n, None)}
 
+    def ep_plan(self, model: nn.Module) -> dict:
+        """Expert parallelism as transformers ships it (``expert_parallel_plan``)."""
+        return expert_parallel_plan(self.name, model)
+
     def _no_plan_reason(self, model: nn.Module) -> str:
         reason = f"{self.definition.architecture} has no base_model_tp_plan in its config"
         if any(type(m).__name__ == "Conv1D" for m in model.modules()):
@@ -255,3 +259,61 @@ class HFFunctions:
                 "RowwiseParallel shard nn.Linear and nn.Embedding only)"
             )
         return reason
+
+
+# --- Mixtures of experts: transformers' own expert parallelism ----------------------------------
+# Its experts modules (Mixtral's, Qwen2-MoE's: ``mlp.experts``) pack every expert's weights in
+# 3-D parameters (``gate_up_proj`` [experts, 2 x intermediate, hidden], ``down_proj``
+# [experts, hidden, intermediate]); the config's ``base_model_ep_plan`` styles them
+# ``grouped_gemm`` (Shard(0) on the EP mesh: whole experts per rank) and the module
+# ``ep_dispatch_experts`` (the tokens moved to their experts' ranks).
+EP_MODULE_STYLE = "ep_dispatch_experts"
+EP_PARAM_STYLE = "grouped_gemm"
+# transformers' EPImplementation: the (token, expert) pairs sent by all-to-all, as in training.
+EP_IMPLEMENTATION = "all_to_all"
+
+
+def expert_parallel_plan(name: str, model: nn.Module) -> dict:
+    """{experts module name: TransformersExpertParallel} from the model's ``ep_plan`` (the
+    config's ``base_model_ep_plan`` under the base model's prefix); empty without one;
+    Incompatible (a skip) for a style this mapping does not apply."""
+    source = dict(getattr(model, "ep_plan", None) or {})
+    plan = {}
+    for key, style in source.items():
+        if style == EP_PARAM_STYLE and key.rpartition(".")[0] in source:
+            continue  # a parameter of an experts module below
+        if style != EP_MODULE_STYLE:
+            raise Incompatible(
+                f"{name}: EP style {style!r} of {key} is not applied here "
+                f"({EP_MODULE_STYLE} with {EP_PARAM_STYLE} parameters)"
+            )
+        params = {k.rpartition(".")[2]: s for k, s in source.items() if k.rpartition(".")[0] == key}
+        for fqn, _ in _plan_targets(model, key):
+            plan[fqn] = TransformersExpertParallel({**params, "": style})
+    return plan
+
+
+class TransformersExpertParallel(ParallelStyle):
+    """One experts module under transformers' expert parallelism, applied with transformers'
+    ``apply_expert_parallelism`` (its parameters' styles first, then the module's; the plan's
+    names relative to the module, ``""`` the module itself): ``grouped_gemm`` shards each packed
+    weight on dim 0 and sets the module's ``num_experts`` to its local count,
+    ``ep_dispatch_experts`` with ``ep_implementation="all_to_all"`` sends each (token, expert)
+    pair to the expert's rank (``AllToAllEP``). Its TP mesh is of size 1: no TP here."""
+
+    def __init__(self, plan: dict[str, str]):
+        super().__init__()
+        self.plan = plan
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        from transformers.distributed.expert_parallel import apply_expert_parallelism
+
+        from pipeline_lib.models._expert_parallel import dense_mesh
+
+        world = torch.distributed.get_world_size()
+        tp_mesh = dense_mesh(device_mesh.device_type, world)["tp"]
+        params = {k: s for k, s in self.plan.items() if k}
+        ordered = {**params, "": self.plan[""]}
+        return apply_expert_parallelism(
+            module, device_mesh, tp_mesh, ordered, ep_implementation=EP_IMPLEMENTATION
+        )

@@ -189,6 +189,14 @@ class UserModel(nn.Module):
                     dims[f"{fqn}.{attribute}"] = getattr(module, attribute)
         return dims
 
+    def ep_plan(self):
+        """The source's ``ep_plan(model)`` (models._hf: transformers' expert parallelism), keys
+        under ``user_model.``; none without one (expert-parallel layouts are then ``skip``)."""
+        if not hasattr(self.source, "ep_plan"):
+            return {}
+        plan = self.source.ep_plan(self.user_model)
+        return {f"user_model.{key}": style for key, style in plan.items()}
+
     def _user_tp_plan(self) -> dict:
         return self.source.tp_plan(self.user_model)
 

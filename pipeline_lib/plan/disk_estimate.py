@@ -30,6 +30,7 @@ BUILTIN_STATE = {
     "mlp_extra_state": (2280, 10, 17, 2),
     "mlp_frozen": (2280, 10, 0, 0),
     "mlp_uneven": (868, 10, 0, 0),
+    "moe": (17936, 32, 16, 2),
     "tied_embedding": (2744, 5, 30, 2),
     "transformer": (21088, 24, 0, 0),
 }

@@ -275,6 +275,27 @@ PIPELINE_FAULTS = {
 }
 
 
+# Faults that mean something under expert parallelism only, hence not in the campaign:
+# tests/test_ep.py injects them into a cell whose saver is an expert-parallel layout.
+EXPERT_FAULTS = {
+    # The saver's state dict holds each rank's own experts as a plain tensor under the whole
+    # entry's name (a save that keeps one rank's experts: DCP writes one of the copies).
+    "keep_local_experts": "fail",
+}
+
+
+def keep_local_experts(fault: str | None, model_state: dict, side: str) -> None:
+    """keep_local_experts: on the saver, every expert entry (a DTensor sharded over the ``ep``
+    mesh dim) becomes this rank's local tensor."""
+    if fault != "keep_local_experts" or side != "save":
+        return
+    from pipeline_lib.models._expert_parallel import is_expert_entry  # imports torch
+
+    for name, value in model_state.items():
+        if is_expert_entry(value):
+            model_state[name] = value.to_local()
+
+
 # Faults that mean something for a model with adapters only (an hf_models entry with lora),
 # hence not in the campaign: tests/test_lora.py injects them into a cell whose saver shards
 # the adapters (FSDP2).
