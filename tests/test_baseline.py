@@ -511,7 +511,8 @@ def test_the_pipelines_own_skips_are_judged_by_its_rule(tmp_path):
     exp = b.load_expectations(write(tmp_path, {**EXPECTATIONS, "measured": grids}))
     rule = "save layout: format safetensors is tested with mode sharded only (mode full)"
     torch_save = "load layout: format torch_save is loaded in a single-process layout only"
-    tp_skip = "save layout: TP degree 2 does not divide mlp_uneven hidden=25"
+    tp_skip = "save layout: TP degree 3 does not divide transformer heads=4"
+    save_error = "save: RuntimeError: a and b must have same reduction dim (during train)"
     run = pd.DataFrame([
         cell("mlp", status="skip", reason=rule, mode="full", format="safetensors"),
         cell("mlp", status="skip", reason="save layout: other", mode="full", format="safetensors"),
@@ -519,15 +520,20 @@ def test_the_pipelines_own_skips_are_judged_by_its_rule(tmp_path):
         cell("mlp_frozen", load="ddp_2", status="skip", reason=torch_save + " (world size 1)",
              format="torch_save"),
         cell("mlp", load="ddp_2", status="skip", reason=tp_skip, format="torch_save"),
+        # the save job failed first (torch's error): its status, not the load side's skip
+        cell("mlp", load="ddp_2", status="error", reason=save_error, format="torch_save"),
     ])  # fmt: skip
     comparison = b.compare(run, exp)
-    assert list(comparison.cells.comparison) == ["same", "changed", "fixed", "same", "same"]
-    assert list(comparison.cells.judged_by) == ["pipeline"] * 4 + ["baseline"]
-    assert comparison.cells.baseline_finding.iloc[4] == "unused"  # the file's skip finding
+    assert list(comparison.cells.comparison) == [
+        "same", "changed", "fixed", "same", "same", "changed"
+    ]  # fmt: skip
+    assert list(comparison.cells.judged_by) == ["pipeline"] * 4 + ["baseline"] * 2
+    # the file's skip finding judges both (the last: it expected a skip, the save errored)
+    assert list(comparison.cells.baseline_finding.iloc[4:]) == ["unused"] * 2
     # the same rule against a matrix baseline that never had these cells
     old = pd.DataFrame([cell("mlp", status="pass")])
     assert list(b.compare(run, old).cells.comparison) == [
-        "same", "changed", "fixed", "same", "new"
+        "same", "changed", "fixed", "same", "new", "new"
     ]  # fmt: skip
 
 

@@ -215,10 +215,8 @@ def test_tp_plan_maps_the_configs_base_plan_to_torch_styles():
     assert isinstance(plan[f"{prefix}.self_attn.o_proj"], RowwiseParallel)
     assert isinstance(plan[f"{prefix}.mlp.down_proj"], RowwiseParallel)
     assert len(plan) == 7
-    dims = model.tp_dims()
-    assert dims["num_attention_heads"] == 4 and dims["num_key_value_heads"] == 2
-    assert dims["model.layers.1.self_attn.k_proj.out_features"] == 16  # 2 kv heads x 8
-    assert dims["model.layers.0.mlp.down_proj.in_features"] == 64
+    # The heads only: the projections' sizes are torch's to shard, evenly or not.
+    assert model.tp_dims() == {"num_attention_heads": 4, "num_key_value_heads": 2}
 
 
 @pytest.mark.parametrize(

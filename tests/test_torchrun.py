@@ -108,27 +108,6 @@ def test_served_ranks_run_with_the_jobs_environment_at_launch():
     assert out["server_threads"] == [1]
 
 
-def test_tp_degree_that_does_not_divide_is_skip(in_tmp):
-    cfg = {
-        "models": ["mlp_uneven"],
-        "layouts": {
-            "tp_2": {"framework": "tp", "mesh": [2]},
-            "single": {"framework": "single", "mesh": [1]},
-        },
-    }
-    rows = run_matrix(cfg, model="mlp_uneven")
-    assert rows["single", "single"]["status"] == "pass"
-    for cell in [("tp_2", "single"), ("tp_2", "tp_2")]:
-        assert rows[cell]["status"] == "skip", rows[cell]["reason"]
-        assert (
-            rows[cell]["reason"] == "save layout: TP degree 2 does not divide mlp_uneven hidden=25"
-        )
-    assert (
-        rows["single", "tp_2"]["reason"]
-        == "load layout: TP degree 2 does not divide mlp_uneven hidden=25"
-    )
-
-
 def test_flipped_bit_also_fails_the_loader_check(in_tmp):
     row = run_matrix(DDP_TO_FSDP2, save_faults={"ddp_2": "flip_byte"})[CELL]
     assert (

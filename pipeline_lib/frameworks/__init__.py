@@ -38,7 +38,7 @@ class Framework:
     mesh_dims: tuple[str, ...]
     # parallelize(model, mesh) -> wrapped model; model follows pipeline_lib.models' interface.
     parallelize: Callable[[Any, Any], Any]
-    # The mesh dim that tensor parallelism uses (its size must divide the model's TP dims).
+    # The mesh dim that tensor parallelism uses (its size must divide the model's tp_dims).
     tp_dim: str | None = None
     # Largest world size the framework supports (single process: 1).
     max_world_size: int | None = None

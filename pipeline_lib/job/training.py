@@ -98,10 +98,7 @@ def build(
         base = item.model_module.build(**kwargs)
     if at.pipeline is not None:  # this rank's stage: the model less the other stages' units
         base = pipelining.split(base, item.spec.model, at.pipeline)
-    for dim, size in base.tp_dims().items():
-        if size % at.tp_degree:
-            model = item.spec.model
-            raise Incompatible(f"TP degree {at.tp_degree} does not divide {model} {dim}={size}")
+    check_tp_degree(base, item.spec.model, at.tp_degree)
     check_param_groups(at.framework, item.variant.optimizer)
     anatomy = Anatomy.of(base)
     check_frozen(item, anatomy, meta)
@@ -124,6 +121,20 @@ def build(
         model_state, _ = get_state_dict(model, optimizer)
         trainee.at_build = {name: value.clone() for name, value in model_state.items()}
     return trainee
+
+
+def check_tp_degree(base: torch.nn.Module, model: str, tp_degree: int) -> None:
+    """Incompatible (a skip) where the model's own arithmetic needs the TP degree to divide a
+    size (``tp_dims``: attention heads, each TP rank computing whole heads; a head split over
+    ranks would be another model, not another layout). Every other size a TP plan shards (a
+    vocabulary, a hidden size) is torch's to shard unevenly: the cell runs, and torch's own
+    error, if any, is its verdict."""
+    for dim, size in base.tp_dims().items():
+        if size % tp_degree:
+            raise Incompatible(
+                f"TP degree {tp_degree} does not divide {model} {dim}={size}: the model "
+                f"computes whole {dim} on each TP rank (split, it would be another model)"
+            )
 
 
 def check_param_groups(framework: Framework, recipe: str) -> None:

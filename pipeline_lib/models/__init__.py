@@ -3,15 +3,20 @@
 config's ``hf_models`` (built by ``_hf``), or a torchtitan model named in its ``torchtitan_models``
 (built by ``_torchtitan``).
 
-A model module defines ``build() -> torch.nn.Module``; the module it returns provides: -
-``forward(inputs)``; - ``make_batch(step, global_batch, seed) -> (inputs, targets)``: the seeded
-global batch of a step (identical for every layout; each data-parallel rank takes its slice); -
-``loss_sum(outputs, targets) -> (summed loss, number of loss terms)``; - ``fsdp_units()``: the
-blocks FSDP wraps or shards one by one (the root is always added); - ``tp_plan()``:
-``parallelize_module`` plan; ``tp_dims()``: {dim name: size} that the TP degree must divide (a
-layout that does not divide one becomes a ``skip`` cell); - optional ``ep_plan()``: {experts module
-name: ParallelStyle} for expert parallelism (pipeline_lib.models._expert_parallel);
-``load_balance(sum_over_ranks)``: router state updated before each optimizer step (models.moe)."""
+A model module defines ``build() -> torch.nn.Module``; the module it returns provides:
+- ``forward(inputs)``;
+- ``make_batch(step, global_batch, seed) -> (inputs, targets)``: the seeded global batch of a step
+  (identical for every layout; each data-parallel rank takes its slice);
+- ``loss_sum(outputs, targets) -> (summed loss, number of loss terms)``;
+- ``fsdp_units()``: the blocks FSDP wraps or shards one by one (the root is always added);
+- ``tp_plan()``: ``parallelize_module`` plan; ``tp_dims()``: {dim name: size} that the TP degree
+  must divide because the model's own arithmetic needs whole parts on each TP rank (attention
+  heads); a layout that does not divide one becomes a ``skip`` cell. Any other size the plan
+  shards is torch's to shard unevenly: the cell runs and torch's error, if any, is its verdict;
+- optional ``ep_plan()``: {experts module name: ParallelStyle} for expert parallelism
+  (models._expert_parallel); ``load_balance(sum_over_ranks)``: router state updated before
+  each optimizer step (models.moe).
+"""
 
 from __future__ import annotations
 

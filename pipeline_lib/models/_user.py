@@ -11,7 +11,8 @@ The user's module provides (docs/extending.md, "Your own model"):
   (without one, TP layouts are ``skip``); the model's output must be whole on every TP rank;
 - optional ``fsdp_units(model) -> list[nn.Module]``: the blocks FSDP wraps or shards one by one
   (default: the model's direct children that hold parameters);
-- optional ``tp_dims(model) -> dict``: more {name: size} the TP degree must divide (e.g. heads).
+- optional ``tp_dims(model) -> dict``: {name: size} the TP degree must divide because the model's
+  own arithmetic needs whole parts on each TP rank (attention heads).
 
 The forward may return a tensor, a tuple, a dict or a transformers ``ModelOutput``. The loss
 (``UserModel.loss_sum``, docs/extending.md): the model's own (``outputs.loss``), else the
@@ -31,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from pipeline_lib.common.errors import Incompatible
 from pipeline_lib.common.registry import import_path
@@ -172,22 +172,17 @@ class UserModel(nn.Module):
         return {f"user_model.{key}": style for key, style in self._user_tp_plan().items()}
 
     def tp_dims(self):
-        """{"<fqn>.<attribute>": size} of every Linear and Embedding dim the TP plan shards (and
-        the module's own ``tp_dims``), so a TP degree that does not divide one is a skip
-        instead of a crash. A plan that cannot apply gives none: TP layouts skip it anyway."""
-        if not hasattr(self.source, "tp_plan"):
+        """The module's own ``tp_dims``: sizes its arithmetic needs whole on each TP rank
+        (heads). The Linear and Embedding sizes the TP plan shards are torch's to shard
+        unevenly: a TP degree that does not divide one runs, and torch's error is the verdict.
+        A plan that cannot apply gives none: TP layouts skip it anyway, with the plan's reason."""
+        if not hasattr(self.source, "tp_plan") or not hasattr(self.source, "tp_dims"):
             return {}
         try:
-            plan = self._user_tp_plan()
+            self._user_tp_plan()
         except Incompatible:
             return {}
-        dims = dict(self.source.tp_dims(self.user_model)) if hasattr(self.source, "tp_dims") else {}
-        for key, style in plan.items():
-            for fqn, module in _plan_targets(self.user_model, key):
-                attribute = _sharded_attribute(module, style)
-                if attribute:
-                    dims[f"{fqn}.{attribute}"] = getattr(module, attribute)
-        return dims
+        return dict(self.source.tp_dims(self.user_model))
 
     def ep_plan(self):
         """The source's ``ep_plan(model)`` (models._hf: transformers' expert parallelism), keys
@@ -269,15 +264,3 @@ def _plan_targets(model: nn.Module, key: str) -> list[tuple[str, nn.Module]]:
         if len(fqn.split(".")) == len(atoms)
         and all(fnmatchcase(part, atom) for part, atom in zip(fqn.split("."), atoms, strict=True))
     ]
-
-
-def _sharded_attribute(module: nn.Module, style) -> str | None:
-    """The size attribute a Colwise or Rowwise style splits over the TP ranks (None: no split)."""
-    colwise = isinstance(style, ColwiseParallel)
-    if not colwise and not isinstance(style, RowwiseParallel):
-        return None
-    if isinstance(module, nn.Linear):
-        return "out_features" if colwise else "in_features"
-    if isinstance(module, nn.Embedding):
-        return "embedding_dim" if colwise else "num_embeddings"
-    return None

@@ -41,7 +41,7 @@ class TiedEmbedding(nn.Module):
         return {"block.fc1": ColwiseParallel(), "block.fc2": RowwiseParallel()}
 
     def tp_dims(self):
-        return {"hidden": self.hidden}
+        return {}  # no size its arithmetic needs whole per TP rank (mlp.MLP.tp_dims)
 
 
 def build() -> TiedEmbedding:

@@ -99,7 +99,9 @@ class Transformer(nn.Module):
         return "layers", ["tok_embeddings", "pos_embeddings"], ["norm", "output"]
 
     def tp_dims(self):
-        return {"vocab": self.vocab, "heads": self.heads, "hidden": self.hidden}
+        """The attention views each rank's projections as whole heads: the TP degree must
+        divide them. The vocabulary and the feed-forward size are torch's to shard unevenly."""
+        return {"heads": self.heads}
 
 
 def build() -> Transformer:

@@ -31,6 +31,7 @@ BUILTIN_STATE = {
     "mlp_frozen": (2280, 10, 0, 0),
     "mlp_uneven": (868, 10, 0, 0),
     "moe": (17936, 32, 16, 2),
+    "odd_vocab": (12624, 24, 0, 0),
     "tied_embedding": (2744, 5, 30, 2),
     "transformer": (21088, 24, 0, 0),
 }

@@ -166,15 +166,17 @@ def _key(values) -> tuple:
 
 def _by_pipeline(row: dict) -> str | None:
     """The reason a cell must be skipped with when the pipeline's rule judges it, else None. A
-    load side's planned skip does not judge a cell whose save side skipped first (a skip the
-    save job decided, e.g. a TP degree that does not divide the model): records.verdict names
-    the save side's skip, and the baseline judges it."""
+    load side's planned skip does not judge a cell whose save side skipped or failed first (a
+    skip the save job decided, e.g. a TP degree that does not divide the model's heads; torch's
+    error in the save job): records.verdict names the save side, and the baseline judges it."""
     planned = planned_skip(row)
     if planned is None:
         return None
     side, reason = planned
-    save_skipped = row["status"] == "skip" and str(row["reason"]).startswith("save layout: ")
-    if side == "load" and save_skipped:
+    save_first = row["status"] != "pass" and str(row["reason"]).startswith(
+        ("save layout: ", "save: ")
+    )
+    if side == "load" and save_first:
         return None
     return reason
 
