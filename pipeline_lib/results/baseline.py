@@ -36,17 +36,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline_lib.results import display
 from pipeline_lib.plan.expectations import (  # noqa: F401 - the gate's baseline, re-exported
-    load_baseline,
     PATTERN_COLUMNS,
     Expectation,
     Expectations,
     ExpectationsError,
     layout_key,
+    load_baseline,
     load_expectations,
 )
 from pipeline_lib.plan.matrix_file import MatrixFileError, read_matrix, with_default_axes
+from pipeline_lib.results import display
 from pipeline_lib.verify.records import AXIS_COLUMNS, CELL_KEYS
 
 COMPARISONS = ("regression", "changed", "fixed", "new", "same")

@@ -25,12 +25,12 @@ import yaml
 from markupsafe import Markup, escape
 
 from pipeline_lib.common import timestamps
-from pipeline_lib.plan import grid
-from pipeline_lib.results import display
 from pipeline_lib.common.atomic import write_with
+from pipeline_lib.plan import grid
 from pipeline_lib.plan.expectations import ExpectationsError, load_baseline
 from pipeline_lib.plan.matrix_file import MatrixFileError
 from pipeline_lib.plan.schema import config_hash
+from pipeline_lib.results import display
 from pipeline_lib.results.baseline import Comparison, cell_label, compare, gate_lines, signature
 from pipeline_lib.verify.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
 

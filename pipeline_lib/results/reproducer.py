@@ -4,10 +4,10 @@
 The script is the pipeline's own code for the cell and the cell as data. The code: what
 pipeline_lib.results.reproducer_run.main reaches (the pipeline's driver, launcher, worker, training,
 checkpoint I/O and checks, the cell's model and frameworks), copied from the package by
-pipeline_lib.results.inline, with the few seams of ``SEAMS``; it imports torch and the standard library
-only. The data: the cell's save job and load job as pipeline_lib.plan.grid makes them from the config
-(never from the matrix: a row naming a model or layout the config lacks gets an error line and
-no script), and the run's status and reason. Values go into the script as Python literals
+pipeline_lib.results.inline, with the few seams of ``SEAMS``; it imports torch and the standard
+library only. The data: the cell's save job and load job as pipeline_lib.plan.grid makes them from
+the config (never from the matrix: a row naming a model or layout the config lacks gets an error
+line and no script), and the run's status and reason. Values go into the script as Python literals
 (``repr``), never as code. ``python repro.py`` runs both jobs as the pipeline does and prints
 ``STATUS: <status>: <reason>``, the verdict of pipeline_lib.verify.records.
 
@@ -34,8 +34,8 @@ from pathlib import Path
 
 from pipeline_lib import models
 from pipeline_lib.plan import grid
-from pipeline_lib.results import inline
 from pipeline_lib.plan.axes import AXES, DEFAULT, Variant
+from pipeline_lib.results import inline
 from pipeline_lib.results.inline import Ref, Seam
 from pipeline_lib.verify.records import AXIS_COLUMNS, CELL_KEYS
 
@@ -293,8 +293,9 @@ def readme(cell: dict) -> str:
         "runs the cell's save job and load job (torchrun, one process per rank) with the\n"
         "pipeline's own code, copied into the script, and prints STATUS: <status>: <reason>.\n"
         "Everything it writes is under results/ beside the script. The torch calls are in\n"
-        "the blocks of pipeline_lib/job/checkpoint_io.py (save, load), pipeline_lib/job/training.py\n"
-        "(build, train, get_state_dict) and pipeline_lib/frameworks/ (parallelize).\n"
+        "the blocks of pipeline_lib/job/checkpoint_io.py (save, load),\n"
+        "pipeline_lib/job/training.py (build, train, get_state_dict) and\n"
+        "pipeline_lib/frameworks/ (parallelize).\n"
         + (
             f"The model is your own ({key['model']}): its module must be importable (PYTHONPATH).\n"
             if models.is_import_path(key["model"])

@@ -1,5 +1,6 @@
 """What a reproducer script runs: ``main`` and what it reaches, copied into the script by
-pipeline_lib.results.reproducer (pipeline_lib.results.inline), so that it runs the pipeline's own code.
+pipeline_lib.results.reproducer (pipeline_lib.results.inline), so that it runs the pipeline's own
+code.
 
 ``python repro.py`` runs the cell's save job and load job with the pipeline's driver
 (pipeline_lib.job.driver: launches, records and the verdict, records.cell_row) and prints the
@@ -26,8 +27,8 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline_lib.job import driver, worker
 from pipeline_lib.common.atomic import read_json
+from pipeline_lib.job import driver, worker
 from pipeline_lib.plan.specs import JobSpec
 
 # In the environment of the script's run and of every process it starts (kept when set: a
