@@ -46,8 +46,7 @@ PYTHON = sys.executable
 wildcard_constraints:
     model=plan.model_pattern,
     layout=plan.wildcard_pattern("layouts"),
-    version_root=plan.version_root_pattern,
-    version=plan.wildcard_pattern("torch_versions"),
+    version=plan.wildcard_pattern("torch_versions") or "(?!)",
 
 
 include: "workflow/rules/matrix.smk"

@@ -196,8 +196,8 @@ CELL_PHASES = {
     "load": ("load", "load_seconds"),
     "verify": ("load", "verify_seconds"),
 }
-OVERHEAD_TARGET = 1.10  # matrix wall ÷ (Σ no-op floors + Σ recorded phases) (issue 20)
-TARGETS = {"exact": 1.6, "sealed": 1.35}  # cell ÷ bare dcp.save + dcp.load, at 1 GB (issue 20)
+OVERHEAD_TARGET = 1.10  # matrix wall ÷ (Σ no-op floors + Σ recorded phases)
+TARGETS = {"exact": 1.6, "sealed": 1.35}  # cell ÷ bare dcp.save + dcp.load, at 1 GB
 RSS_MARGIN = 0.3  # exact mode: peak RSS per rank ÷ its share <= bare's + this
 EXTRA_DISK = 0.01  # sealed mode: what it writes beside the checkpoint <= 1 % of the state
 GROWTH_SPREAD = 0.20  # per-GB cost within 20 % across the sweep

@@ -114,6 +114,25 @@ def _cmd_reproducers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from pipeline_lib.results.baseline import gate
+
+    return gate(args.matrix, args.baseline, args.fail_on_new, args.ok, args.comparison)
+
+
+def _cmd_findings_table(args: argparse.Namespace) -> int:
+    from pipeline_lib.results import findings_table
+
+    return findings_table.write(args.expectations, args.write, args.check)
+
+
+def _cmd_axes_table(args: argparse.Namespace) -> int:
+    from pipeline_lib.common import doc_tables
+    from pipeline_lib.plan.axes import docs_table
+
+    return doc_tables.write("axes-table", args.write, docs_table(), args.check)
+
+
 def _cmd_make_env(args: argparse.Namespace) -> None:
     from pipeline_lib.plan.config import env_dir_error
     from pipeline_lib.plan.torch_envs import make_env
@@ -232,6 +251,36 @@ def _add_result_commands(sub) -> None:
     p.set_defaults(func=_cmd_reproducers)
 
 
+def _add_gate_commands(sub) -> None:
+    p = sub.add_parser(
+        "gate",
+        help="compare a matrix with a baseline: exit 1 on a regression or change, or when it "
+        "judged no cell; 2 when the matrix or the baseline cannot be read",
+    )
+    p.add_argument("--matrix", default="results/matrix.parquet")
+    p.add_argument(
+        "--baseline", required=True, help="an expectations file (.yaml) or a matrix.parquet"
+    )
+    p.add_argument("--fail-on-new", action="store_true", help="also fail on new non-pass cells")
+    p.add_argument("--comparison", help="comparison.parquet to write (every cell, its class)")
+    p.add_argument("--ok", help="marker file written when the gate passes")
+    p.set_defaults(func=_cmd_gate)
+    p = sub.add_parser(
+        "findings-table", help="the findings table of docs/findings.md from expectations"
+    )
+    p.add_argument("expectations", nargs="*", help="default: expectations/torch-*.yaml")
+    _add_table_page(p, "docs/findings.md")
+    p.set_defaults(func=_cmd_findings_table)
+    p = sub.add_parser("axes-table", help="the axes table of docs/config.md from the axes")
+    _add_table_page(p, "docs/config.md")
+    p.set_defaults(func=_cmd_axes_table)
+
+
+def _add_table_page(parser: argparse.ArgumentParser, page: str) -> None:
+    parser.add_argument("--write", help=f"{page}: replace the table between its markers")
+    parser.add_argument("--check", action="store_true", help="with --write: exit 1 if it differs")
+
+
 def _add_setup_commands(sub) -> None:
     p = sub.add_parser("make-env", help="build a torch_versions environment (venv + project)")
     p.add_argument("--requirement", required=True, help='pip requirement, e.g. "torch==2.14.1"')
@@ -248,9 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job_commands(sub)
     _add_result_commands(sub)
     _add_setup_commands(sub)
-    from pipeline_lib.results.baseline import add_commands  # gate, findings-table
-
-    add_commands(sub)
+    _add_gate_commands(sub)
     return parser
 
 

@@ -22,12 +22,12 @@ FSDP2_TO_SINGLE = {
     "run": {"cell_timeout_s": 120},
 }
 EVERY_VALUE = {
-    "modes": list(axes.AXES["mode"]),
-    "formats": list(axes.AXES["format"]),
+    "mode": list(axes.AXES["mode"]),
+    "format": list(axes.AXES["format"]),
     "async_save": list(axes.AXES["async_save"]),
-    "dtypes": list(axes.AXES["param_dtype"]),
+    "param_dtype": list(axes.AXES["param_dtype"]),
     "load_init": list(axes.AXES["load_init"]),
-    "train": {"optimizer": list(axes.AXES["optimizer"])},
+    "optimizer": list(axes.AXES["optimizer"]),
     "combine_axes": "one_at_a_time",
 }
 
@@ -40,9 +40,9 @@ def test_defaults_are_one_variant_with_the_plain_paths(small_config):
 
 
 def test_one_at_a_time_varies_each_axis_alone(small_config):
-    more = {"load_modes": list(axes.AXES["load_mode"])}
+    more = {"load_mode": list(axes.AXES["load_mode"])}
     more["load_process"] = list(axes.AXES["load_process"])
-    more["save_sequences"] = list(axes.AXES["save_sequence"])
+    more["save_sequence"] = list(axes.AXES["save_sequence"])
     more["frozen_params"] = list(axes.AXES["frozen_params"])
     cfg = config.validate({**small_config, **EVERY_VALUE, **more})
     variants = axes.variants(cfg)
@@ -64,7 +64,7 @@ def test_one_at_a_time_varies_each_axis_alone(small_config):
 
 def test_product_combines_every_value(small_config):
     cfg = config.validate(
-        {**small_config, "modes": ["sharded", "full"], "dtypes": ["float32", "bfloat16"]}
+        {**small_config, "mode": ["sharded", "full"], "param_dtype": ["float32", "bfloat16"]}
     )
     assert {(v.mode, v.param_dtype) for v in axes.variants(cfg)} == {
         ("sharded", "float32"), ("sharded", "bfloat16"), ("full", "float32"), ("full", "bfloat16"),
@@ -147,7 +147,7 @@ def test_non_strict_load_restores_extra_state(in_tmp):
     cfg = {
         "models": ["mlp_extra_state"],
         "layouts": {"single": {"framework": "single", "mesh": [1]}},
-        "modes": ["non_strict"],
+        "mode": ["non_strict"],
         "run": {"cell_timeout_s": 120},
     }
     (row,) = run_grid(cfg).values()
@@ -196,7 +196,7 @@ def test_two_param_groups_survive_fsdp1(in_tmp):
             "ddp_2": {"framework": "ddp", "mesh": [2]},
         },
         "pairs": [["fsdp1_2", "ddp_2"], ["ddp_2", "fsdp1_2"]],
-        "train": {"optimizer": "adamw_param_groups"},
+        "optimizer": ["adamw_param_groups"],
     }
     rows = run_grid(cfg)
     assert {k[2:]: (r["status"], r["reason"]) for k, r in rows.items()} == {
@@ -226,7 +226,7 @@ def test_full_state_dict_loads_into_multi_rank_layouts(in_tmp):
             "single": {"framework": "single", "mesh": [1]},
         },
         "pairs": [["fsdp2_2", "ddp_2"], ["single", "fsdp2_2"]],
-        "modes": ["full"],
+        "mode": ["full"],
     }
     rows = run_grid(cfg)
     assert {k[2:]: (r["status"], r["reason"]) for k, r in rows.items()} == {
@@ -246,7 +246,7 @@ def test_fsdp1_full_state_dict_crash_is_a_crash_row(in_tmp):
             "single": {"framework": "single", "mesh": [1]},
         },
         "pairs": [["fsdp1_2", "single"]],
-        "modes": ["full"],
+        "mode": ["full"],
     }
     (row,) = run_grid(cfg).values()
     assert row["status"] == "crash"

@@ -1,4 +1,5 @@
-"""Issue 18: reason signatures, comparison classes, the gate, the shipped expectations."""
+"""The regression gate: reason signatures, comparison classes, the gate, the shipped
+expectations."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pipeline_lib.plan.expectations import ExpectationsError, load_expectations
 from pipeline_lib.plan.matrix_file import MatrixFileError, read_matrix
 from pipeline_lib.plan.snakemake_view import Plan
 from pipeline_lib.results import baseline as b
+from pipeline_lib.results.findings_table import DEFAULT_EXPECTATIONS
 from pipeline_lib.verify import records
 from pipeline_lib.verify.results import LoadResult, SaveResult
 from tests import procs
@@ -181,7 +183,7 @@ def test_compare_with_a_matrix_cells_that_appear_and_disappear():
 LAYOUTS = {name: {"framework": name.split("_")[0], "mesh": [int(mesh)]}
            for name, mesh in MESHES.items()}  # fmt: skip
 GRID = {"run": "a test grid", "models": ["mlp", "tied_embedding"], "layouts": LAYOUTS,
-        "modes": ["sharded", "full"], "combine_axes": "product"}  # fmt: skip
+        "mode": ["sharded", "full"], "combine_axes": "product"}  # fmt: skip
 EXPECTATIONS = {
     "torch": "2.13.0",
     "measured": [GRID],
@@ -238,7 +240,7 @@ def test_expectations_refuse_unknown_columns(tmp_path):
 
 
 def test_shipped_expectations_load():
-    paths = b.DEFAULT_EXPECTATIONS
+    paths = DEFAULT_EXPECTATIONS
     assert {Path(p).name for p in paths} >= {
         "torch-2.13.0.yaml",
         "torch-2.14.1.yaml",
@@ -279,7 +281,7 @@ def test_signature_matches_gives_the_regex_results(pattern, sig):
 def test_signature_matches_the_shipped_signatures_as_before():
     """Every shipped signature against texts it should and should not match: the same results
     as the regex matcher."""
-    for path in b.DEFAULT_EXPECTATIONS:
+    for path in DEFAULT_EXPECTATIONS:
         for finding in load_expectations(path).findings:
             pattern = finding.signature
             for sig in (pattern.replace("*", ""), pattern.replace("*", "x * [N] y"),
@@ -333,9 +335,9 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
          "covers", "replaced by 'measured'"),
         (yaml.safe_dump({"torch": "2.13.0", "measured": [], "findings": []}), "measured",
          "no grid"),
-        (yaml.safe_dump({"torch": "2.13.0", "measured": [{**GRID, "modes": ["shardd"]}],
+        (yaml.safe_dump({"torch": "2.13.0", "measured": [{**GRID, "mode": ["shardd"]}],
                          "findings": []}),
-         "measured.0.modes", "unknown mode 'shardd'"),
+         "measured.0.mode", "unknown mode 'shardd'"),
         (yaml.safe_dump({"torch": "2.13.0", "measured": [{**GRID, "pairs": [["single", "x"]]}],
                          "findings": []}),
          "measured.0.pairs.0.1", "unknown layout 'x'"),
@@ -487,8 +489,8 @@ def test_a_product_grid_is_judged_only_where_measured():
     (never measured in these modes with meta) are new. On the former gate: 52 regression,
     221 changed, 4 fixed, 43 same."""
     cfg = {"models": ["mlp", "tied_embedding"], "layouts": FOUR_LAYOUTS,
-           "modes": ["full", "non_strict"], "load_init": ["meta"], "combine_axes": "product",
-           "formats": ["dcp", "safetensors", "safetensors_consolidated", "torch_save",
+           "mode": ["full", "non_strict"], "load_init": ["meta"], "combine_axes": "product",
+           "format": ["dcp", "safetensors", "safetensors_consolidated", "torch_save",
                        "torch_save_to_dcp"]}  # fmt: skip
     matrix = grid_matrix(cfg, _product_outcome)
     assert len(matrix) == 320
@@ -507,7 +509,7 @@ def test_the_pipelines_own_skips_are_judged_by_its_rule(tmp_path):
     """A skip the grid decides is expected whatever the file says (the file measured no such
     cell here); a cell the grid skips that gave another reason, or ran, is not that skip; a
     cell whose save side skipped first (a skip its save job decided) is judged by the file."""
-    grids = [{**GRID, "formats": ["dcp", "torch_save"]}]
+    grids = [{**GRID, "format": ["dcp", "torch_save"]}]
     exp = b.load_expectations(write(tmp_path, {**EXPECTATIONS, "measured": grids}))
     rule = "save layout: format safetensors is tested with mode sharded only (mode full)"
     torch_save = "load layout: format torch_save is loaded in a single-process layout only"
@@ -541,7 +543,7 @@ def test_every_shipped_grid_and_finding_is_measured():
     """Each measured grid expands to the cell count its ``run`` states; every finding that is
     not the pipeline's own (by_design) matches a cell of its file's grids the grid does not
     skip: a file claims nothing about cells its release did not run."""
-    for path in b.DEFAULT_EXPECTATIONS:
+    for path in DEFAULT_EXPECTATIONS:
         exp = load_expectations(path)
         for grid_ in exp.measured:
             assert f"{grid_.size} cells" in grid_.run, (path, grid_.run)
@@ -661,7 +663,7 @@ def test_gate_end_to_end(tmp_path):
             "single": {"framework": "single", "mesh": [1]},
             "ddp_2": {"framework": "ddp", "mesh": [2]},
         },
-        "formats": ["dcp", "safetensors"],
+        "format": ["dcp", "safetensors"],
         "combine_axes": "one_at_a_time",
         "run": {"cell_timeout_s": 120},
         "baseline": str(REPO / "expectations" / "torch-2.13.0.yaml"),

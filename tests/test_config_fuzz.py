@@ -1,4 +1,4 @@
-"""Issue 14: generated configs (hypothesis) thrown at the config check and the dry run.
+"""Hardening: generated configs (hypothesis) thrown at the config check and the dry run.
 
 Every config is either accepted (and then dry-runs cleanly) or refused with one line per error,
 each naming a field; never a traceback, never a file written outside the scratch folder.
@@ -77,8 +77,8 @@ def any_config():
             "run": st.fixed_dictionaries(
                 {}, optional={"torch_env_dir": ENV_DIRS, "cell_timeout_s": NUMBERS,
                               "startup_timeout_s": NUMBERS, "gpus_per_node": NUMBERS}),
-            "modes": st.lists(st.sampled_from(["sharded", "full", "bogus"]), max_size=2),
-            "formats": st.lists(st.sampled_from(["dcp", "torch_save", "safetensors"]), max_size=2),
+            "mode": st.lists(st.sampled_from(["sharded", "full", "bogus"]), max_size=2),
+            "format": st.lists(st.sampled_from(["dcp", "torch_save", "safetensors"]), max_size=2),
             "faults": st.lists(st.fixed_dictionaries(
                 {"fault": st.sampled_from(["flip_byte", "all", "nope"]),
                  "model": st.sampled_from(["mlp", ".."]), "save": NAMES, "load": NAMES}),
@@ -105,7 +105,7 @@ def valid_config():
             "train": st.fixed_dictionaries({"seed": st.integers(0, 2**40 - 1),
                                             "lr": st.floats(1e-6, 1.0)}),
             "run": st.fixed_dictionaries({"torch_env_dir": st.sampled_from([".envs", "e/x"])}),
-            "formats": st.lists(st.sampled_from(["dcp", "torch_save"]), min_size=1, unique=True),
+            "format": st.lists(st.sampled_from(["dcp", "torch_save"]), min_size=1, unique=True),
         },
     )  # fmt: skip
 
@@ -118,7 +118,7 @@ def one_bad_key(valid: dict, anything: dict, key: str) -> dict:
 def configs():
     """A third valid, a third valid but for one key, a third anything."""
     keys = st.sampled_from(["models", "layouts", "pairs", "torch_versions", "train", "verify",
-                            "run", "modes", "formats", "faults"])  # fmt: skip
+                            "run", "mode", "format", "faults"])  # fmt: skip
     return st.one_of(
         valid_config(), st.builds(one_bad_key, valid_config(), any_config(), keys), any_config()
     )

@@ -1,4 +1,4 @@
-"""Issue 16: every command in the docs runs as written, and the docs are one navigable set.
+"""The docs: every command in them runs as written, and the docs are one navigable set.
 
 Every line of a ```bash block in README.md and docs/*.md is a command (continuation lines
 joined, comments dropped, ``a && b`` split into ``a`` and ``b``). The commands run in document

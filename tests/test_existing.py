@@ -396,7 +396,8 @@ def outside_config(folder: Path) -> dict:
             "fsdp2_tp_2x2": {"framework": "fsdp2_tp", "mesh": [2, 2]},
         },
         "pairs": "none",
-        "train": {"optimizer": [WITH, WITHOUT], "global_batch": 4},
+        "optimizer": [WITH, WITHOUT],
+        "train": {"global_batch": 4},
         "checkpoints": {**checkpoints, "llama_altered": altered},
     }
 

@@ -1,4 +1,4 @@
-"""FSDP1 with use_orig_params=False (``fsdp1_flat``, issue 19 item 5): its checkpoints load bit
+"""FSDP1 with use_orig_params=False (``fsdp1_flat``, a wrapper that changes the state path): its checkpoints load bit
 for bit under the other layouts and the other way round, its live state (read from the
 FlatParameters' shards, pipeline_lib.verify.live) is independent of the state-dict API, and a unit
 that mixes frozen and trainable parameters is a skip.

@@ -1,4 +1,4 @@
-"""Issue 14: no config, name or checkpoint can delete, overwrite or execute what it should not.
+"""Hardening: no config, name or checkpoint can delete, overwrite or execute what it should not.
 
 One section per item of the issue; each test failed before its fix (see the issue's note).
 """
@@ -517,7 +517,7 @@ def test_builtin_model_sizes_match_the_models():
 
 
 def test_check_config_and_the_dry_run_print_the_disk_estimate(tmp_path):
-    cfg = {**small(), "torch_versions": {"t": "torch==2.13.0"}, "formats": ["dcp", "torch_save"]}
+    cfg = {**small(), "torch_versions": {"t": "torch==2.13.0"}, "format": ["dcp", "torch_save"]}
     cfg["run"] = {"torch_env_dir": str(tmp_path / "envs")}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     proc = procs.run(
@@ -617,7 +617,7 @@ def test_a_full_disk_in_a_torch_save_is_a_reason_naming_the_file(tiny_fs):
     assert sorted(p.name for p in tiny_fs.iterdir()) == ["done.json"]  # no temporary left
 
 
-# --- 10. what a config may execute; what a checkpoint folder may hold (issue 32) --------------
+# --- 10. what a config may execute; what a checkpoint folder may hold --------------------------
 
 
 def check_config(path: Path) -> tuple[int, str, str]:

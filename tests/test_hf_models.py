@@ -1,4 +1,4 @@
-"""Hugging Face models (issue 17 A): outputs, inputs and the loss of a model of your own
+"""Hugging Face models: outputs, inputs and the loss of a model of your own
 (models._user), ``hf_models`` entries built without a file (models._hf), the TP plan mapped from
 the config's ``base_model_tp_plan``, and that only those models import transformers."""
 
@@ -481,7 +481,7 @@ def test_hf_export_under_fsdp2_and_tp(in_tmp, monkeypatch):
             "tp_2": {"framework": "tp", "mesh": [2]},
         },
         "pairs": [["fsdp2_2", "tp_2"], ["tp_2", "fsdp2_2"]],
-        "formats": ["hf_export"],
+        "format": ["hf_export"],
         "train": {"steps": 2, "resume_steps": 2, "global_batch": 4},
         "run": {"cell_timeout_s": 300},
     }
@@ -526,7 +526,7 @@ def make_inputs(batch_size, generator):
 
 
 def test_a_transformers_model_named_by_import_path_trains_on_its_own_loss(tmp_path, monkeypatch):
-    """Issue 17's report: CausalLMOutputWithPast has no .float(); now its loss is the model's."""
+    """A reported bug: CausalLMOutputWithPast has no .float(); now its loss is the model's."""
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "user_llama.py").write_text(USER_TRANSFORMERS_MODULE)
     try:

@@ -25,7 +25,7 @@ FIRST = "model.blocks.0.fc1.bias"  # mlp's first model entry
 def test_same_keeps_every_existing_variant_id_and_path(small_config):
     assert Variant(load_mode="same").id == "" and grid.job_root(None) == "results"
     assert Variant(mode="full").id == "mode-full"
-    cfg = config.validate({**small_config, "modes": ["sharded", "full"]})
+    cfg = config.validate({**small_config, "mode": ["sharded", "full"]})
     assert [v.id for v in axes.variants(cfg)] == ["", "mode-full"]
     pair = Variant(mode="full", load_mode="sharded")
     assert pair.id == "mode-full+load_mode-sharded"
@@ -60,8 +60,8 @@ def test_pairs_that_cannot_run_are_skip_with_a_reason(variant, reason):
 
 
 def test_unknown_load_mode_is_refused(small_config):
-    with pytest.raises(config.ConfigError, match=r"load_modes\.0: unknown load_mode 'half'"):
-        config.validate({**small_config, "load_modes": ["half"]})
+    with pytest.raises(config.ConfigError, match=r"load_mode\.0: unknown load_mode 'half'"):
+        config.validate({**small_config, "load_mode": ["half"]})
 
 
 SAVE = {"status": "ok", "state_check": {}, "files_check": {}, "resume_losses": [1.0, 0.5]}
@@ -144,8 +144,8 @@ def test_mode_pairs_across_ddp_and_fsdp2(in_tmp):
     rows = run_grid(
         {
             **DDP_TO_FSDP2,
-            "modes": ["sharded", "full", "flattened_optim"],
-            "load_modes": ["same", "sharded", "full"],
+            "mode": ["sharded", "full", "flattened_optim"],
+            "load_mode": ["same", "sharded", "full"],
         }
     )
     by_id = {key[0]: row for key, row in rows.items()}
@@ -172,7 +172,7 @@ def test_mode_pairs_across_ddp_and_fsdp2(in_tmp):
 
 @pytest.mark.torchrun
 def test_check_2_of_a_full_load_fails_when_an_entry_is_lost(in_tmp):
-    cfg = {**DDP_TO_FSDP2, "modes": ["sharded", "full"], "load_modes": ["full", "sharded"]}
+    cfg = {**DDP_TO_FSDP2, "mode": ["sharded", "full"], "load_mode": ["full", "sharded"]}
     rows = run_grid_with_fault(cfg, "drop_loaded_entry")
     for variant_id in ["load_mode-full", "mode-full+load_mode-sharded"]:
         row = rows[variant_id]
@@ -189,7 +189,7 @@ def run_grid_with_fault(cfg: dict, fault: str) -> dict[str, dict]:
 
 @pytest.mark.torchrun
 def test_unexpected_entry_strict_and_non_strict(in_tmp):
-    cfg = {**DDP_TO_FSDP2, "modes": ["strict_unexpected", "non_strict_unexpected"]}
+    cfg = {**DDP_TO_FSDP2, "mode": ["strict_unexpected", "non_strict_unexpected"]}
     rows = {key[0]: row for key, row in run_grid(cfg).items()}
     strict, lenient = rows["mode-strict_unexpected"], rows["mode-non_strict_unexpected"]
     assert (strict["status"], strict["reason"]) == ("pass", ""), strict["reason"]
@@ -204,7 +204,7 @@ def test_unexpected_entry_strict_and_non_strict(in_tmp):
 @pytest.mark.torchrun
 def test_a_loader_that_ignores_the_unexpected_entry_fails_both_ways(in_tmp):
     assert faults.MODE_FAULTS["ignore_unexpected"] == "fail"
-    cfg = {**DDP_TO_FSDP2, "modes": ["strict_unexpected", "non_strict_unexpected"]}
+    cfg = {**DDP_TO_FSDP2, "mode": ["strict_unexpected", "non_strict_unexpected"]}
     rows = run_grid_with_fault(cfg, "ignore_unexpected")
     assert (rows["mode-strict_unexpected"]["status"], rows["mode-strict_unexpected"]["reason"]) == (
         "fail",

@@ -1,4 +1,4 @@
-"""Pipeline parallelism (issue 19, item 1): stages split by layer with the full model's names,
+"""Pipeline parallelism: stages split by layer with the full model's names,
 GPipe and 1F1B schedules over microbatches, cells PP <-> other layouts and across PP degrees,
 and a saver whose last stage writes nothing failing the cell with the entries named."""
 
@@ -123,7 +123,7 @@ def test_pp_cells_against_fsdp2_and_across_pipeline_degrees(in_tmp):
     pairs = [["pp_2", "fsdp2_2"], ["fsdp2_2", "pp_2"], ["pp_2", "pp_4"], ["pp_4", "pp_2"],
              ["pp_2_drop", "fsdp2_2"]]  # fmt: skip
     raw = {"models": ["transformer"], "layouts": layouts, "pairs": pairs,
-           "modes": ["flattened_optim"]}  # fmt: skip
+           "mode": ["flattened_optim"]}  # fmt: skip
     rows = run_matrix(raw, model="transformer", save_faults={"pp_2_drop": "drop_last_stage"})
     for pair in [("pp_2", "fsdp2_2"), ("fsdp2_2", "pp_2"), ("pp_2", "pp_4"), ("pp_4", "pp_2")]:
         assert (rows[pair]["status"], rows[pair]["reason"]) == ("pass", ""), pair
@@ -155,7 +155,7 @@ def test_hf_export_under_pp_keeps_every_stages_keys(in_tmp):
         "pp_2_drop": {"framework": "pp", "mesh": [2], "microbatches": 2},
     }
     raw = {"models": ["llama"], "hf_models": {"llama": LLAMA}, "layouts": layouts,
-           "pairs": [["pp_2", "single"], ["pp_2_drop", "single"]], "formats": ["hf_export"],
+           "pairs": [["pp_2", "single"], ["pp_2_drop", "single"]], "format": ["hf_export"],
            "train": {"global_batch": 4}}  # fmt: skip
     rows = run_matrix(raw, model="llama", save_faults={"pp_2_drop": "drop_last_stage_export"})
     assert rows["pp_2", "single"]["hf_export_loads"] is True
@@ -211,7 +211,7 @@ def test_sharded_mode_under_pp_keeps_one_stages_param_group_and_the_cell_names_i
     on every stage at once (it used to wait in the next schedule until the cell timeout)."""
     layouts = {"pp_2": {"framework": "pp", "mesh": [2], "microbatches": 2}}
     raw = {"models": ["transformer"], "layouts": layouts, "pairs": [["pp_2", "pp_2"]],
-           "modes": ["sharded"], "run": {"cell_timeout_s": 120}}  # fmt: skip
+           "mode": ["sharded"], "run": {"cell_timeout_s": 120}}  # fmt: skip
     row = run_matrix(raw, model="transformer")["pp_2", "pp_2"]
     assert row["status"] == "fail", row
     reason = row["reason"]

@@ -1,4 +1,4 @@
-"""Reload in the same process (axis load_process, issue 19 item 3): the saver's own process
+"""Reload in the same process (axis load_process): the saver's own process
 loads its checkpoint right after the save into its model and optimizer, trained on since, as a
 trainer resumes after an evaluation."""
 

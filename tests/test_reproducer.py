@@ -39,8 +39,8 @@ CONFIG = {
         "fsdp1_flat_2": {"framework": "fsdp1_flat", "mesh": [2]},
         "pp_2": {"framework": "pp", "mesh": [2], "schedule": "gpipe", "microbatches": 4},
     },
-    "formats": ["dcp", "safetensors", "safetensors_consolidated"],
-    "modes": ["sharded", "full"],
+    "format": ["dcp", "safetensors", "safetensors_consolidated"],
+    "mode": ["sharded", "full"],
     "combine_axes": "one_at_a_time",
     "run": {"cell_timeout_s": 120},
 }

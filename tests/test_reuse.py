@@ -238,7 +238,7 @@ def test_a_forced_rule_runs_its_jobs_without_reuse(
     (in_tmp / "ckpt" / ".metadata").write_bytes(b"")
     cfg = {**small_config, "checkpoints": {"ext": {"path": "ckpt", "model": "mlp"}}}
     plan = Plan(cfg, ".", announce=True, dag_settings=lambda: settings)
-    wildcards = SimpleNamespace(version_root="results", layout="single", checkpoint="ext")
+    wildcards = SimpleNamespace(layout="single", checkpoint="ext")
     flags = {
         "save": plan.save_job_reuse(wildcards),
         "load": plan.load_job_reuse(wildcards),

@@ -1,4 +1,4 @@
-"""Save sequences (axis save_sequence, issue 19 item 2): a saver that saves twice in one run with
+"""Save sequences (axis save_sequence): a saver that saves twice in one run with
 one checkpointer object (sync, thread, process), every checkpoint checked against the saver's
 state at its own step, consecutive checkpoints required to differ where training changed the
 state; cells load the last or the first checkpoint. A checkpointer that writes stale or future
@@ -32,7 +32,7 @@ GRID = {
     "train": TRAIN,
     "run": {"cell_timeout_s": 120},
     "async_save": ["sync", "thread", "process"],
-    "save_sequences": ["load_last", "load_first"],
+    "save_sequence": ["load_last", "load_first"],
 }
 # The faulty items of the grid (mlp_uneven): (async_save, save_sequence) -> fault.
 FAULTY = {("thread", "load_last"): "stale_save", ("process", "load_first"): "future_save"}

@@ -266,7 +266,7 @@ class _Resources(dict):
 
 
 def _resources(plan: Plan, layout: str) -> _Resources:
-    wc = SimpleNamespace(version_root="results", layout=layout)
+    wc = SimpleNamespace(layout=layout)
     resources = plan.job_resources  # save_checkpoints, load_checkpoints
     values = {name: f(wc) for name, f in resources.items() if name not in ("ranks", "runtime")}
     values["runtime"] = resources["runtime"](wc, 1)
@@ -278,7 +278,7 @@ def _sbatch(plan: Plan, layout: str) -> str:
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
     job = SimpleNamespace(resources=_resources(plan, layout), threads=plan.job_ranks(
-        SimpleNamespace(version_root="results", layout=layout)))  # fmt: skip
+        SimpleNamespace(layout=layout)))  # fmt: skip
     params = {"run_uuid": "u", "slurm_logfile": "l", "comment_str": "c", "account": "",
               "partition": "", "workdir": "/w"}  # fmt: skip
     return get_submit_command(job, params) + set_gres_string(job)
@@ -335,7 +335,7 @@ def test_each_rule_has_its_own_resources():
     # A fault job has one item; a matrix job of the same layout runs every item (two here).
     plan.config["models"] = ["mlp", "mlp_uneven"]
     fault_minutes = plan.fault_save_resources["runtime"](save, 1)
-    matrix = SimpleNamespace(version_root="results", layout="single")
+    matrix = SimpleNamespace(layout="single")
     assert plan.job_resources["runtime"](matrix, 1) > fault_minutes
     assert plan.job_resources["runtime"](matrix, 2) == 2 * plan.job_resources["runtime"](matrix, 1)
 

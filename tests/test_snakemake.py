@@ -121,6 +121,52 @@ def test_a_matrix_beside_a_fault_campaign_of_other_models_plans_both(tmp_path):
     assert re.search(r"save_checkpoints\s+2\n", out), out
 
 
+def planned_jobs(out: str) -> list[dict]:
+    """The jobs of a dry run (``-n -p``): rule, outputs, wildcards and shell command each."""
+    jobs = []
+    for block in re.split(r"^\[.*\]\n", out, flags=re.M)[1:]:
+        rule = re.search(r"^(?:local)?rule (\w+):", block, flags=re.M)
+        outputs = re.search(r"^    output: (.*)$", block, flags=re.M)
+        wildcards = re.search(r"^    wildcards: (.*)$", block, flags=re.M)
+        jobs.append({
+            "rule": rule.group(1) if rule else None,
+            "outputs": outputs.group(1).split(", ") if outputs else [],
+            "wildcards": dict(w.split("=", 1) for w in wildcards.group(1).split(", "))
+            if wildcards else {},
+            "shell": block,
+        })  # fmt: skip
+    return jobs
+
+
+@pytest.mark.parametrize("torch_versions", [{}, {"t213": "torch==2.13.0"}], ids=["own", "env"])
+def test_the_matrix_rules_write_the_grids_paths_with_one_segment_wildcards(
+    tmp_path, torch_versions
+):
+    """The rules write their outputs themselves (the pipeline's own torch under results/, a
+    torch_versions environment's jobs in the rules' *_in_torch_env copies): each job's outputs
+    are the records its grid job writes (grid.save_outputs, load_outputs), every wildcard is one
+    path segment, and the job is told its version root."""
+    from pipeline_lib.plan import config, grid
+
+    cfg = {"models": ["mlp"], "mode": ["sharded", "full"], "torch_versions": torch_versions,
+           "layouts": {"single": {"framework": "single", "mesh": [1]},
+                       "ddp_2": {"framework": "ddp", "mesh": [2]}}}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(snakemake(tmp_path, "-n", "-p").stdout)
+    valid = config.validate(cfg)
+    suffix = "_in_torch_env" if torch_versions else ""
+    matrix = [j for j in jobs if j["rule"] and j["rule"].endswith(f"_checkpoints{suffix}")]
+    assert len(matrix) == 4, [j["rule"] for j in jobs]
+    for job in matrix:
+        layout, version = job["wildcards"]["layout"], job["wildcards"].get("version")
+        assert set(job["wildcards"]) == ({"layout", "version"} if torch_versions else {"layout"})
+        assert not any("/" in value for value in job["wildcards"].values())
+        root = grid.version_root(version)
+        outputs = grid.save_outputs if job["rule"].startswith("save") else grid.load_outputs
+        assert job["outputs"] == outputs(valid, root, layout)
+        assert f"--version-root {root} --layout {layout}" in job["shell"]
+
+
 def test_setting_a_baseline_reruns_no_job(tmp_path):
     """A baseline changes the gate and the report, not a cell: the jobs' params and the rows'
     config hash stay the same, so Snakemake re-runs nothing of a finished matrix."""

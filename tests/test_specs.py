@@ -16,7 +16,7 @@ CONFIG = {
         "single": {"framework": "single", "mesh": [1]},
         "fsdp2_2": {"framework": "fsdp2", "mesh": [2]},
     },
-    "modes": ["sharded", "full"],
+    "mode": ["sharded", "full"],
     "torch_versions": {"t2_13": "torch==2.13.0", "t2_14": "torch==2.14.1"},
     "faults": [{"fault": "all", "model": "mlp", "save": "single", "load": "fsdp2_2"}],
 }

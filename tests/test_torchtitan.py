@@ -159,7 +159,7 @@ def test_a_measured_grid_holds_its_existing_checkpoints_cells():
     from pipeline_lib.plan.expectations import EXISTING, MeasuredGrid
 
     entry = {"run": "r", "models": ["m"], "layouts": {"tp_2": {"framework": "tp", "mesh": [2]}},
-             "pairs": "none", "train": {"optimizer": "adam_lr_warmup"}}  # fmt: skip
+             "pairs": "none", "optimizer": ["adam_lr_warmup"]}  # fmt: skip
     tp = ("tp", "2", None, None)
     with_checkpoints = MeasuredGrid.parse({**entry, "checkpoints": ["c"]}, "measured.0")
     (variant,) = with_checkpoints.variants  # the default variant, the loaders' optimizer
@@ -191,7 +191,8 @@ def titan_config(folder: Path) -> dict:
         },
         "layouts": {"tp_2": {"framework": "tp", "mesh": [2]}},
         "pairs": "none",
-        "train": {"optimizer": "adam_lr_warmup", "lr": 0.0008, "global_batch": 4},
+        "optimizer": ["adam_lr_warmup"],
+        "train": {"lr": 0.0008, "global_batch": 4},
         "checkpoints": {name: checkpoint(folder, name) for name in WRITTEN},
         "run": {"cell_timeout_s": 300},
     }

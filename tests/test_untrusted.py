@@ -1,4 +1,4 @@
-"""Issue 14, item 10: what docs/untrusted-checkpoints.md promises. A checkpoint from elsewhere
+"""What docs/untrusted-checkpoints.md promises. A checkpoint from elsewhere
 (a foreign or tampered ``.metadata``, a non-tensor entry, a torch.save file) is refused with a
 clear error and never runs code; a record on disk cannot point the loader at another folder."""
 
@@ -210,7 +210,7 @@ def test_a_save_record_cannot_point_the_loader_at_another_reference(in_tmp, monk
     assert launched == [[]]  # nothing to run
 
 
-# --- issue 32: what a checkpoint folder can make the reader run, block on or allocate ---------
+# --- what a checkpoint folder can make the reader run, block on or allocate ----------------------
 
 
 def finishes(read, seconds: float = 30.0, unblock: Path | None = None):

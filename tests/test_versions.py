@@ -77,7 +77,7 @@ def test_cross_version_pairs_in_both_directions(tmp_path):
 
 @pytest.mark.e2e
 def test_fsdp1_full_optimizer_state_on_2_14_fails_on_the_state_check(tmp_path):
-    """Issue 15: on torch 2.14.1 (CPU) FSDP1's full optimizer state dict returns every exp_avg
+    """Found on torch 2.14.1 (CPU): FSDP1's full optimizer state dict returns every exp_avg
     as a view that exp_avg_sq overwrites. The saver's reference comes from the live optimizer,
     so the state check names the entries, not only the resume."""
     cfg = versions_config(
@@ -86,7 +86,7 @@ def test_fsdp1_full_optimizer_state_on_2_14_fails_on_the_state_check(tmp_path):
             "fsdp1_2": {"framework": "fsdp1", "mesh": [2]},
         },
         pairs=[["fsdp1_2", "single"]],
-        modes=["full"],
+        mode=["full"],
         torch_versions={"t2_14": VERSIONS["t2_14"]},
     )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))

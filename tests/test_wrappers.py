@@ -1,4 +1,4 @@
-"""Wrappers and options that change the state path (issue 19, item 5): each is a framework, so
+"""Wrappers and options that change the state path: each is a framework, so
 a checkpoint saved with it is loaded without it and the other way round by the same grid."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Optimizer recipes (the ``train.optimizer`` axis): name -> (optimizer, LR scheduler or None).
+"""Optimizer recipes (the ``optimizer`` axis): name -> (optimizer, LR scheduler or None).
 
 Only trainable parameters are optimized (frozen ones have no gradient and no state).
 """

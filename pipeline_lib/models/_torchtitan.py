@@ -37,8 +37,6 @@ from pipeline_lib.models._user import UserModel
 DEFAULT_SEQ_LEN = 16
 # model -> torchtitan's package of it and the name of its flavor table (the allow-list).
 MODELS = {"llama3": "llama3_configs", "qwen3": "qwen3_configs"}
-# The stand-in for torchtitan's language-model attention on CPU (records and docs say so).
-ATTENTION = "ScaledDotProductAttention (causal)"
 
 
 @dataclass(frozen=True)

@@ -7,96 +7,30 @@ worker.py."""
 
 from __future__ import annotations
 
+import functools
 import itertools
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from typing import Any
 
-# Axis -> its values, the default first. Config keys: modes, formats, async_save, dtypes,
-# load_init (lists) and train.optimizer (a name or a list).
-AXES: dict[str, tuple[str, ...]] = {
-    # sharded: DCP of get_state_dict; full: full state dict written by rank 0 with torch.save and
-    # loaded with broadcast_from_rank0; flattened_optim: flatten_optimizer_state_dict=True;
-    # strict / non_strict: the saver leaves one model entry out on purpose, a strict load must
-    # fail naming it, a non-strict one must report exactly it as missing;
-    # strict_unexpected / non_strict_unexpected: the saver adds one model entry the model lacks
-    # (UNEXPECTED_ENTRY), a strict load must fail naming it, a non-strict one must report
-    # exactly it as unexpected.
-    "mode": (
-        "sharded",
-        "full",
-        "flattened_optim",
-        "strict",
-        "non_strict",
-        "strict_unexpected",
-        "non_strict_unexpected",
-    ),
-    # The loader's state-dict mode: same (the mode's own, both sides alike), or one of
-    # LOAD_MODES other than the mode: the saver writes what its mode writes, the loader loads
-    # it in this mode (docs/config.md, "Save mode != load mode").
-    "load_mode": ("same", "sharded", "full", "flattened_optim"),
-    # dcp: FileSystemWriter; safetensors(_consolidated): HuggingFaceStorageWriter (sharded
-    # files, and also one consolidated file); torch_save: DCP converted with dcp_to_torch_save
-    # and loaded in a single-process layout; torch_save_to_dcp: a torch.save full state dict
-    # converted with torch_save_to_dcp and loaded under any layout; hf_export: dcp, plus the
-    # model state exported for Hugging Face and loaded back with from_pretrained on the save
-    # side (pipeline_lib.job.hf_export; hf_models only).
-    "format": (
-        "dcp",
-        "safetensors",
-        "safetensors_consolidated",
-        "torch_save",
-        "torch_save_to_dcp",
-        "hf_export",
-    ),
-    # sync: dcp.save; thread / process: dcp.async_save with that checkpointer type;
-    # process_pinned: the process checkpointer staging into pinned (and shared) memory with
-    # DCP's DefaultStager (CUDA only: a skip on a CPU-only job).
-    "async_save": ("sync", "thread", "process", "process_pinned"),
-    # pipeline_lib.job.optimizers
-    "optimizer": ("adam", "adamw", "sgd", "adamw_param_groups", "adam_lr_warmup"),
-    "param_dtype": ("float32", "bfloat16"),
-    # device: the loading model is built with its values; meta: built on the meta device and
-    # materialized empty (to_empty), so only the load can give it values.
-    "load_init": ("device", "meta"),
-    # fresh: the load job's own process builds the loader; saver: the saver's process loads the
-    # checkpoint right after its save into its own model and optimizer (trained on since), as a
-    # trainer resumes after an evaluation; the cell (save layout = load layout) reads its result.
-    "load_process": ("fresh", "saver"),
-    # once: one save; load_last / load_first: the saver saves twice with one checkpointer object, at
-    # steps train.steps and train.steps + train.resume_steps, into separate folders; the cells load
-    # the last checkpoint of the sequence or the first (pipeline_lib.job.sequence_steps).
-    "save_sequence": ("once", "load_last", "load_first"),
-    # A model's frozen parameters (requires_grad False: a LoRA model's base): ignored, left
-    # out of the state saved and loaded (torch's ignore_frozen_params; for a LoRA model, the
-    # adapter-only checkpoint), or saved with the rest (the full state). A model without frozen
-    # parameters has one state: its cells of frozen_params saved are skip.
-    "frozen_params": ("ignored", "saved"),
-}
-CONFIG_KEYS = {
-    "mode": "modes",
-    "load_mode": "load_modes",
-    "format": "formats",
-    "async_save": "async_save",
-    "optimizer": "train.optimizer",
-    "param_dtype": "dtypes",
-    "load_init": "load_init",
-    "load_process": "load_process",
-    "save_sequence": "save_sequences",
-    "frozen_params": "frozen_params",
-}
+from pipeline_lib.verify.axis_table import AXIS_TABLE
+
+# Axis -> its values, the default first (pipeline_lib.verify.axis_table: each axis declared once;
+# its name is its config key, its Parquet column and its word in a variant id).
+AXES: dict[str, tuple[str, ...]] = {axis.name: axis.values for axis in AXIS_TABLE}
+
+# The fields of a Variant: one per axis, its default the axis's first value.
+_AxisFields = make_dataclass(
+    "_AxisFields",
+    [(axis.name, str, field(default=axis.default)) for axis in AXIS_TABLE],
+    frozen=True,
+)
 
 
 @dataclass(frozen=True)
-class Variant:
-    mode: str = "sharded"
-    load_mode: str = "same"
-    format: str = "dcp"
-    async_save: str = "sync"
-    optimizer: str = "adam"
-    param_dtype: str = "float32"
-    load_init: str = "device"
-    load_process: str = "fresh"
-    save_sequence: str = "once"
-    frozen_params: str = "ignored"
+class Variant(_AxisFields):
+    """One value of every axis (its fields: AXIS_TABLE's names, each defaulting to the axis's
+    first value)."""
 
     @property
     def id(self) -> str:
@@ -172,11 +106,6 @@ class Variant:
         ignore_frozen_params); ``frozen``: the model has some."""
         return frozen and self.frozen_params == "ignored"
 
-    @property
-    def load_must_fail(self) -> bool:
-        """A strict load of a checkpoint the saver changed on purpose must fail naming it."""
-        return self.mode in ("strict", "strict_unexpected")
-
 
 DEFAULT = Variant()
 # The modes a load_mode pairs (the state-dict modes proper; strict ones change entries).
@@ -184,19 +113,49 @@ LOAD_MODES = ("sharded", "full", "flattened_optim")
 
 
 def axis_values(config: dict) -> dict[str, list[str]]:
-    values = {axis: config[key] for axis, key in CONFIG_KEYS.items() if axis != "optimizer"}
-    optimizer = config["train"]["optimizer"]
-    values["optimizer"] = [optimizer] if isinstance(optimizer, str) else optimizer
-    return values
+    """Axis -> the values a validated config gives it (its config key is its name)."""
+    return {axis: list(config[axis]) for axis in AXES}
+
+
+def docs_table() -> str:
+    """docs/config.md's table of the axes (``python -m pipeline_lib axes-table``)."""
+    lines = [
+        "| axis: config key and column | values, the default first | what it says |",
+        "|---|---|---|",
+    ]
+    for axis in AXIS_TABLE:
+        values = ", ".join(f"`{value}`" for value in axis.values)
+        lines.append(f"| `{axis.name}` | {values} | {axis.doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def renamed_keys(config: Any) -> list[str]:
+    """One line per axis given under its old config key (``modes``, ``train.optimizer``): each
+    axis's key is now its name (pipeline_lib.verify.axis_table)."""
+    errors = []
+    for axis in AXIS_TABLE:
+        *parents, key = (axis.old_key or "").split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if axis.old_key and isinstance(node, dict) and key in node:
+            errors.append(
+                f"{axis.old_key}: renamed to {axis.name}, a list (each axis's config key is "
+                "its name, as its column in matrix.parquet)"
+            )
+    return errors
 
 
 def variants(config: dict) -> list[Variant]:
     """``combine_axes: product``: every combination of the axis values; ``one_at_a_time``: the
     first value of every axis, then each other value of one axis with the others at their
-    first value."""
+    first value; ``pairwise``: a covering array (pipeline_lib.plan.pairwise) in which every
+    two values of any two axes meet in some variant, but for pairs RULES makes impossible."""
     values = axis_values(config)
     if config["combine_axes"] == "product":
         combos = [dict(zip(values, c, strict=True)) for c in itertools.product(*values.values())]
+    elif config["combine_axes"] == "pairwise":
+        combos = _pairwise(tuple((axis, tuple(vals)) for axis, vals in values.items()))
     else:
         base = {axis: vals[0] for axis, vals in values.items()}
         combos = [base] + [
@@ -205,28 +164,58 @@ def variants(config: dict) -> list[Variant]:
     return list(dict.fromkeys(Variant(**c) for c in combos))
 
 
+@functools.cache
+def _pairwise(values: tuple[tuple[str, tuple[str, ...]], ...]) -> list[dict]:
+    """The covering array of these axis values (once per process: a Snakemake run asks for a
+    grid's variants many times)."""
+    from pipeline_lib.plan.pairwise import covering_rows
+
+    return covering_rows(dict(values), [(rule.reads, rule.allows) for rule in RULES])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Axis values that cannot combine: ``reason`` says why (None: they can), reading only the
+    axes ``reads`` names (a pairwise grid checks a partial combination with it)."""
+
+    reads: tuple[str, ...]
+    reason: Callable[[Variant], str | None]
+
+    def allows(self, values: dict[str, str]) -> bool:
+        """Whether ``values`` (the axes it reads, at least) can combine. Any other axis is
+        left unset: a rule reading one it does not name raises UndeclaredAxis."""
+        given = {axis: values[axis] if axis in self.reads else _Unset(axis) for axis in AXES}
+        return self.reason(Variant(**given)) is None
+
+
+class UndeclaredAxis(AssertionError):
+    """A Rule read an axis its ``reads`` does not name."""
+
+
+class _Unset:
+    """The value of an axis a Rule does not read: any comparison or use raises."""
+
+    def __init__(self, axis: str):
+        self.axis = axis
+
+    def _read(self, *_args):
+        raise UndeclaredAxis(f"a conflict rule reads axis {self.axis}, not in its reads")
+
+    __eq__ = __ne__ = __hash__ = __bool__ = __str__ = _read
+
+    def __getattr__(self, name):
+        self._read()
+
+
 def conflict(variant: Variant) -> str | None:
-    """Why these axis values cannot combine (every cell of the variant is ``skip``)."""
-    if variant.load_mode != "same" and (reason := _load_mode_conflict(variant)):
-        return reason
-    if variant.format != "dcp" and variant.mode != "sharded":
-        return f"format {variant.format} is tested with mode sharded only (mode {variant.mode})"
-    if variant.load_process == "saver" and variant.load_init != "device":
-        init = variant.load_init
-        return f"load_process saver reuses the saver's model: load_init {init} does not apply"
-    if variant.format.startswith("safetensors") and variant.optimizer == "adam_lr_warmup":
-        return f"format {variant.format} holds tensors only, not the LR scheduler's state"
-    if variant.saves_sequence and (reason := _sequence_conflict(variant)):
-        return reason
-    if variant.async_save != "sync" and (variant.format != "dcp" or variant.mode == "full"):
-        return (
-            f"async_save {variant.async_save} writes DCP with the default writer "
-            f"(mode {variant.mode}, format {variant.format})"
-        )
-    return None
+    """Why these axis values cannot combine (every cell of the variant is ``skip``): the first
+    rule of RULES that refuses them."""
+    return next((reason for rule in RULES if (reason := rule.reason(variant))), None)
 
 
 def _load_mode_conflict(variant: Variant) -> str | None:
+    if variant.load_mode == "same":
+        return None
     if variant.load_mode == variant.mode:
         return f"load_mode {variant.load_mode} is mode {variant.mode} itself (load_mode same)"
     if variant.mode not in LOAD_MODES:
@@ -236,7 +225,28 @@ def _load_mode_conflict(variant: Variant) -> str | None:
     return None
 
 
+def _format_conflict(variant: Variant) -> str | None:
+    if variant.format != "dcp" and variant.mode != "sharded":
+        return f"format {variant.format} is tested with mode sharded only (mode {variant.mode})"
+    return None
+
+
+def _load_process_conflict(variant: Variant) -> str | None:
+    if variant.load_process == "saver" and variant.load_init != "device":
+        init = variant.load_init
+        return f"load_process saver reuses the saver's model: load_init {init} does not apply"
+    return None
+
+
+def _scheduler_conflict(variant: Variant) -> str | None:
+    if variant.format.startswith("safetensors") and variant.optimizer == "adam_lr_warmup":
+        return f"format {variant.format} holds tensors only, not the LR scheduler's state"
+    return None
+
+
 def _sequence_conflict(variant: Variant) -> str | None:
+    if not variant.saves_sequence:
+        return None
     others = {
         "mode": ("sharded", variant.mode),
         "format": ("dcp", variant.format),
@@ -248,6 +258,26 @@ def _sequence_conflict(variant: Variant) -> str | None:
             sequence = variant.save_sequence
             return f"save_sequence {sequence} is tested with {axis} {tested} only ({axis} {value})"
     return None
+
+
+def _async_conflict(variant: Variant) -> str | None:
+    if variant.async_save != "sync" and (variant.format != "dcp" or variant.mode == "full"):
+        return (
+            f"async_save {variant.async_save} writes DCP with the default writer "
+            f"(mode {variant.mode}, format {variant.format})"
+        )
+    return None
+
+
+# In this order: a variant's skip reason is the first rule's that refuses it.
+RULES = (
+    Rule(("load_mode", "mode", "format"), _load_mode_conflict),
+    Rule(("format", "mode"), _format_conflict),
+    Rule(("load_process", "load_init"), _load_process_conflict),
+    Rule(("format", "optimizer"), _scheduler_conflict),
+    Rule(("save_sequence", "mode", "format", "load_mode", "load_process"), _sequence_conflict),
+    Rule(("async_save", "format", "mode"), _async_conflict),
+)
 
 
 def layout_conflict(variant: Variant, side: str, world_size: int) -> str | None:

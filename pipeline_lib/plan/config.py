@@ -54,6 +54,9 @@ _Validator = jsonschema.validators.extend(
 
 def _message(error: jsonschema.ValidationError) -> str:
     value = error.instance
+    axis = error.absolute_path[0] if error.absolute_path else None
+    if error.validator == "enum" and axis in axes.AXES:
+        return f"unknown {axis} {value!r} (known: {', '.join(axes.AXES[axis])})"
     if error.validator == "type" and isinstance(value, float):
         if not math.isfinite(value):
             return f"{value} is not a finite number"
@@ -68,6 +71,8 @@ def validate(raw: Any, source: str = "config") -> dict:
     """Return a validated copy of ``raw`` with defaults filled in, or raise ConfigError."""
     schema = load_schema()
     config = copy.deepcopy(raw) if raw is not None else {}
+    if renamed := axes.renamed_keys(config):
+        raise ConfigError(_joined(renamed, source))
     if isinstance(config, dict):
         _fill_defaults(config, schema)
     errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: [str(p) for p in e.path])
@@ -192,13 +197,8 @@ def _pipeline_errors(where: str, layout: dict, fw) -> list[str]:
 
 def _axis_errors(config: dict) -> list[str]:
     errors = []
-    single_optimizer = isinstance(config["train"]["optimizer"], str)
-    for axis, values in axes.axis_values(config).items():
-        key, known = axes.CONFIG_KEYS[axis], axes.AXES[axis]
-        for i, value in enumerate(values):
-            if value not in known:
-                where = key if axis == "optimizer" and single_optimizer else f"{key}.{i}"
-                errors.append(f"{where}: unknown {axis} {value!r} (known: {', '.join(known)})")
+    if config["combine_axes"] == "pairwise" and not axes.variants(config):
+        errors.append("combine_axes: pairwise: no combination of the axes' values can run")
     if config["verify"].get("reference") == "sealed":
         staged = [
             name
@@ -211,10 +211,10 @@ def _axis_errors(config: dict) -> list[str]:
                 f"layouts.{staged[0]}: a pipeline-parallel layout is checked against the saver's "
                 "reference; verify.reference sealed writes none (use exact)"
             )
-    sequences = [v for v in config.get("save_sequences", []) if v != "once"]
+    sequences = [v for v in config["save_sequence"] if v != "once"]
     if sequences and config["verify"].get("reference") == "sealed":
         errors.append(
-            f"save_sequences: {sequences[0]} is checked against the saver's reference at each "
+            f"save_sequence: {sequences[0]} is checked against the saver's reference at each "
             "step; verify.reference sealed writes none (use exact)"
         )
     return errors

@@ -48,10 +48,9 @@ PATTERN_COLUMNS = (
     "save_torch_version",
     "load_torch_version",
 )
-# The config keys a measured grid may hold (what decides which cells a config has).
-GRID_AXIS_KEYS = {key: axis for axis, key in axes.CONFIG_KEYS.items() if axis != "optimizer"}
-GRID_KEYS = ("run", "models", "layouts", "pairs", "combine_axes", "train", "checkpoints",
-             *GRID_AXIS_KEYS)  # fmt: skip
+# The config keys a measured grid may hold (what decides which cells a config has): an
+# axis's key is its name.
+GRID_KEYS = ("run", "models", "layouts", "pairs", "combine_axes", "checkpoints", *axes.AXES)
 # An existing checkpoint's side of its cells (the matrix: save_framework existing, no mesh).
 EXISTING: LayoutKey = ("existing", "", None, None)
 # A layout as the matrix names its definition: framework, mesh ("2x2"), PP schedule and
@@ -245,9 +244,7 @@ def _config_defaults() -> dict:
     from pipeline_lib.plan.schema import load_schema
 
     props = load_schema()["properties"]
-    defaults = {key: props[key]["default"] for key in GRID_KEYS if "default" in props.get(key, {})}
-    defaults["train"] = {"optimizer": props["train"]["properties"]["optimizer"]["default"]}
-    return defaults
+    return {key: props[key]["default"] for key in GRID_KEYS if "default" in props.get(key, {})}
 
 
 def _layout(spec: Any, where: str) -> LayoutKey:
@@ -280,19 +277,13 @@ def _layout(spec: Any, where: str) -> LayoutKey:
 
 def _axis_values(grid: dict, where: str) -> dict[str, list[str]]:
     """Axis -> its values, as a config's axis keys give them (defaults filled)."""
-    values = {}
-    for key, axis in GRID_AXIS_KEYS.items():
-        values[axis] = list(_strings(grid[key], f"{where}.{key}"))
-    train = _mapping(grid["train"], f"{where}.train")
-    _unknown_keys(train, ("optimizer",), f"{where}.train")
-    optimizer = train.get("optimizer", _config_defaults()["train"]["optimizer"])
-    values["optimizer"] = list(_strings(optimizer, f"{where}.train.optimizer"))
+    values = {axis: list(_strings(grid[axis], f"{where}.{axis}")) for axis in axes.AXES}
     for axis, vals in values.items():
         for value in vals:
             if value not in axes.AXES[axis]:
-                key = axes.CONFIG_KEYS[axis]
+                known = ", ".join(axes.AXES[axis])
                 raise ExpectationsError(
-                    f"{where}.{key}: unknown {axis} {value!r} (known: {', '.join(axes.AXES[axis])})"
+                    f"{where}.{axis}: unknown {axis} {value!r} (known: {known})"
                 )
     return values
 
@@ -337,6 +328,8 @@ class MeasuredGrid:
     @classmethod
     def parse(cls, entry: Any, where: str) -> MeasuredGrid:
         entry = _mapping(entry, where)
+        if renamed := axes.renamed_keys(entry):
+            raise ExpectationsError(f"{where}.{renamed[0]}")
         _unknown_keys(entry, GRID_KEYS, where)
         for key in ("run", "models", "layouts"):
             if key not in entry:
@@ -351,17 +344,11 @@ class MeasuredGrid:
         if not layouts:
             raise ExpectationsError(f"{where}.layouts: no layouts")
         pairs = _pairs(grid["pairs"], list(layouts), where)
-        if grid["combine_axes"] not in ("product", "one_at_a_time"):
-            raise ExpectationsError(
-                f"{where}.combine_axes: {grid['combine_axes']!r} (product or one_at_a_time)"
-            )
+        if grid["combine_axes"] not in ("product", "one_at_a_time", "pairwise"):
+            raise ExpectationsError(f"{where}.combine_axes: {grid['combine_axes']!r} (product, "
+                                    "one_at_a_time or pairwise)")  # fmt: skip
         existing = "checkpoints" in entry and _strings(entry["checkpoints"], f"{where}.checkpoints")
-        values = _axis_values(grid, where)
-        config = {axes.CONFIG_KEYS[a]: v for a, v in values.items() if a != "optimizer"}
-        config |= {
-            "train": {"optimizer": values["optimizer"]},
-            "combine_axes": grid["combine_axes"],
-        }
+        config = {**_axis_values(grid, where), "combine_axes": grid["combine_axes"]}
         return cls(
             run=run,
             models=frozenset(models),

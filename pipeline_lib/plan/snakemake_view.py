@@ -2,9 +2,10 @@
 
 Thin adapters only; the expansion itself is pipeline_lib.plan.grid. Each rule has callables of its
 own, named after it (``save_job_*``, ``load_job_*``, ``fault_save_*``, ``fault_load_*``): none
-guesses its rule from the wildcards it gets. Wildcards of the matrix rules: ``{version_root}``
-(grid.version_root) and ``{layout}``; of the fault rules: ``{fault_id}`` (and the save rule's
-``{model}``, ``{layout}``).
+guesses its rule from the wildcards it gets. Each wildcard is one path segment. Wildcards of the
+matrix rules: ``{layout}``, and ``{version}`` for those of a torch_versions environment (their
+root results/torch/{version}; without it, the pipeline's own: results); of the fault rules:
+``{fault_id}`` (and the save rule's ``{model}``, ``{layout}``).
 """
 
 from __future__ import annotations
@@ -139,12 +140,6 @@ class Plan:
         """The {checkpoint} wildcard: the names of the existing checkpoints (none: nothing)."""
         return self.wildcard_pattern("checkpoints") or "(?!)"
 
-    @property
-    def version_root_pattern(self) -> str:
-        """The {version_root} wildcard of the matrix rules: results, or results/torch/<version>
-        (grid.version_root)."""
-        return "|".join(re.escape(root) for root in grid.version_roots(self.config))
-
     def existing_files(self, wildcards) -> list[str]:
         """Every file of the existing checkpoint's folder: one rewritten, the checkpoint's
         import job runs again (and imports again: pipeline_lib.job.reuse). Snakemake reads ``{…}``
@@ -192,12 +187,29 @@ class Plan:
 
         return " ".join(pinned(JOB_PACKAGES))
 
-    # --- the matrix jobs (rules save_checkpoints, load_checkpoints) -------------------------
-    def _version(self, wildcards) -> str | None:
-        return grid.version_roots(self.config)[wildcards.version_root]
+    # --- the matrix jobs (rules save_checkpoints, load_checkpoints, *_in_torch_env) --------
+    @property
+    def item_folders(self) -> dict[str, list[str]]:
+        """Where a matrix job's items write below its root, for the rules' outputs
+        (``expand(..., zip, **item_folders)``): each item's variant folder ("" or
+        "/axes/<variant id>", grid.variant_dir) and model, in the job's order."""
+        items = grid.items(self.config)
+        return {
+            "axes": [grid.variant_dir(variant) for variant, _ in items],
+            "model": [model for _, model in items],
+        }
+
+    @staticmethod
+    def _version(wildcards) -> str | None:
+        """The job's torch_versions environment ({version}), None for the pipeline's own."""
+        return getattr(wildcards, "version", None)
+
+    def job_root(self, wildcards) -> str:
+        """The job's version root: results, or results/torch/{version}."""
+        return grid.version_root(self._version(wildcards))
 
     def job_env_inputs(self, wildcards) -> list[str]:
-        """The torch environment a job of {version_root} runs in (none for the pipeline's own)."""
+        """The torch environment a job runs in (none for the pipeline's own)."""
         version = self._version(wildcards)
         return [] if version is None else [grid.env_marker(self.config, version)]
 
@@ -223,12 +235,16 @@ class Plan:
 
     # A forced job reruns every unit (--no-reuse); the config key reuse is in the grid param.
     def save_job_reuse(self, wildcards) -> ReuseFlag:
-        outputs = grid.save_outputs(self.config, wildcards.version_root, wildcards.layout)
-        return ReuseFlag(self.forced.job("save_checkpoints", outputs))
+        outputs = grid.save_outputs(self.config, self.job_root(wildcards), wildcards.layout)
+        return ReuseFlag(self.forced.job(self._rule("save_checkpoints", wildcards), outputs))
 
     def load_job_reuse(self, wildcards) -> ReuseFlag:
-        outputs = grid.load_outputs(self.config, wildcards.version_root, wildcards.layout)
-        return ReuseFlag(self.forced.job("load_checkpoints", outputs))
+        outputs = grid.load_outputs(self.config, self.job_root(wildcards), wildcards.layout)
+        return ReuseFlag(self.forced.job(self._rule("load_checkpoints", wildcards), outputs))
+
+    def _rule(self, rule: str, wildcards) -> str:
+        """The rule of a matrix job: ``rule`` or, in a torch_versions environment, its copy."""
+        return rule if self._version(wildcards) is None else f"{rule}_in_torch_env"
 
     def import_reuse(self, wildcards) -> ReuseFlag:
         output = grid.existing_record_path(wildcards.checkpoint)
@@ -238,18 +254,9 @@ class Plan:
         """World size of the job of {layout} (also the fault campaign's save jobs)."""
         return self.layouts[wildcards.layout].world_size
 
-    # Output patterns of the matrix jobs: one record (and save folder) per item.
-    @property
-    def save_job_records(self) -> list[str]:
-        return grid.save_outputs(self.config, "{version_root}", "{layout}")
-
-    @property
-    def load_job_records(self) -> list[str]:
-        return grid.load_outputs(self.config, "{version_root}", "{layout}")
-
     def load_job_inputs(self, wildcards) -> list[str]:
         return grid.load_inputs(
-            self.config, wildcards.version_root, wildcards.layout
+            self.config, self.job_root(wildcards), wildcards.layout
         ) + self.job_env_inputs(wildcards)
 
     def load_record_paths(self) -> list[str]:

@@ -17,10 +17,12 @@ REPO = Path(__file__).resolve().parents[2]
 # it carries this file (it made the folder), whatever torch_env_dir and the version name say.
 MARKER = ".dcp-matrix-env"
 # What a save or load job imports besides torch (pandas: the CLI's gate commands; numpy:
-# torch wheels other than the local CPU build do not pull it in; xxhash: the seal). The rule
+# torch wheels other than the local CPU build do not pull it in; xxhash: the seal; covertable:
+# a job expands a pairwise grid to its items). The rule
 # torch_env takes their pins as a param, so a change here rebuilds the environments.
 JOB_PACKAGES = (
     "numpy", "pandas", "pyarrow", "jsonschema", "PyYAML", "psutil", "safetensors", "xxhash",
+    "covertable",
 )  # fmt: skip
 
 

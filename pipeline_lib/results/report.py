@@ -27,8 +27,11 @@ from markupsafe import Markup, escape
 from pipeline_lib.common import timestamps
 from pipeline_lib.common.atomic import write_with
 from pipeline_lib.plan import grid
+from pipeline_lib.plan.expectations import ExpectationsError, load_baseline
+from pipeline_lib.plan.matrix_file import MatrixFileError
 from pipeline_lib.plan.schema import config_hash
 from pipeline_lib.results import display
+from pipeline_lib.results.baseline import Comparison, cell_label, compare, gate_lines, signature
 from pipeline_lib.verify.records import AXIS_COLUMNS, CELL_KEYS, STATUSES
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -574,11 +577,193 @@ def write_report(
         tensors_path, columns=[*CELL_KEYS, "kind", "equal"], filters=[("equal", "==", False)]
     )
     ctx = context(matrix, tensors, config, snakemake_version)
-    # Issue 18: the comparison with a baseline, findings with evidence, how to reproduce.
-    from pipeline_lib.results.baseline import report_context
-
     ctx.update(report_context(matrix, config, baseline, command))
     env = _templates()
     for path, template in ((html_path, "report.html"), (markdown_path, "summary.md")):
         text = env.get_template(template).render(ctx)
         write_with(path, lambda tmp, text=text: tmp.write_text(text))
+
+
+# --- the comparison with a baseline, the findings and how to reproduce the run ------------------
+SIDE_LABELS = (
+    ("save_layout", "saved by", "save layout"),
+    ("load_layout", "loaded into", "load layout"),
+    ("model", "model", "model"),
+)
+
+
+def collapse(group: pd.DataFrame, matrix: pd.DataFrame) -> str:
+    """The cells of ``group`` in words: "saved by fsdp1_2, every load layout, every model,
+    mode=full (8 cells)"."""
+    parts = []
+    for col, label, noun in SIDE_LABELS:
+        values = list(dict.fromkeys(group[col]))
+        if set(values) == set(matrix[col]) and len(values) > 1:
+            parts.append(f"every {noun}")
+        else:
+            parts.append(f"{label} {', '.join(map(str, values))}")
+    for col in AXIS_COLUMNS:
+        values = list(dict.fromkeys(group[col]))
+        if matrix[col].nunique() > 1 and set(values) != set(matrix[col]):
+            parts.append(f"{col}={'/'.join(map(str, values))}")
+    n = len(group)
+    return f"{', '.join(parts)} ({n} cell{'s' if n != 1 else ''})"
+
+
+@dataclass(frozen=True)
+class FindingGroup:
+    """One row of the report's findings: the non-pass cells of one status and reason
+    signature, in words (collapse), their torch releases, an example reason, the first cell's
+    reproducer ("" for skips and existing checkpoints) and, with a baseline, the comparisons."""
+
+    status: str
+    signature: str
+    count: int
+    cells: str
+    releases: str
+    example: str
+    reproducer: str
+    comparison: str
+
+
+def finding_groups(
+    cells: pd.DataFrame, reproducers: str = "results/reproducers"
+) -> list[FindingGroup]:
+    """Non-pass cells grouped by status and reason signature, problems first, skips last."""
+    cells = cells.copy()
+    if "signature" not in cells:
+        cells["signature"] = [signature(r) for r in cells.reason]
+    keys = ["status", "signature"] + (["baseline_finding"] if "baseline_finding" in cells else [])
+    groups = [
+        _finding_group(key[0], key[1], group, cells, reproducers)
+        for key, group in cells[cells.status != "pass"].groupby(keys, sort=False)
+    ]
+    # A status this version does not know (a newer record) sorts last.
+    rank = {status: i for i, status in enumerate(STATUSES)}
+    groups.sort(key=lambda g: (rank.get(g.status, len(rank)), -g.count))
+    return groups
+
+
+def _finding_group(
+    status: str, sig: str, group: pd.DataFrame, cells: pd.DataFrame, reproducers: str
+) -> FindingGroup:
+    from pipeline_lib.results.reproducer import cell_id
+
+    releases = sorted(set(group.save_torch_version) | set(group.load_torch_version))
+    first = group.iloc[0].to_dict()
+    # An existing checkpoint's cells have none: the checkpoint is the reproducer.
+    no_reproducer = status == "skip" or first.get("save_framework") == "existing"
+    counts = group.comparison.value_counts().items() if "comparison" in group else ()
+    return FindingGroup(
+        status=status,
+        signature=sig,
+        count=len(group),
+        cells=collapse(group, cells),
+        releases=", ".join(map(str, releases)),
+        example=str(first["reason"]),
+        reproducer="" if no_reproducer else f"{reproducers}/{cell_id(first)}/repro.py",
+        comparison=", ".join(f"{c} {n}" for c, n in counts),
+    )
+
+
+def machine() -> list[tuple[str, str]]:
+    import os
+    import shutil
+    import subprocess
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    rows = [("CPU", f"{cpu}, {os.cpu_count()} cores"), ("OS", platform.platform())]
+    gpus = "none visible"
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip()  # fmt: skip
+            gpus = "; ".join(out.splitlines()) or gpus
+        except (OSError, subprocess.SubprocessError):
+            pass
+    rows.append(("GPUs (name, driver)", gpus))
+    return rows
+
+
+def packages(config: dict) -> list[tuple[str, str]]:
+    """(environment, its exact package list) for the pipeline's and each torch_versions env."""
+    own = sorted(
+        {
+            f"{d.metadata['Name']}=={d.version}"
+            for d in metadata.distributions()
+            if d.metadata["Name"]
+        },
+        key=str.lower,
+    )
+    import sys
+
+    envs = [(f"pipeline ({sys.prefix})", "\n".join(own))]
+    for name in config.get("torch_versions") or {}:
+        path = Path(config["run"]["torch_env_dir"]) / name / "packages.txt"
+        text = path.read_text().strip() if path.exists() else f"({path} not found)"
+        envs.append((f"{name} ({path})", text))
+    return envs
+
+
+def report_context(matrix: pd.DataFrame, config: dict, baseline_path: str | None,
+                   command: str | None) -> dict:  # fmt: skip
+    """The report's comparison with a baseline (or None), its findings with their evidence,
+    and how to reproduce the run. A baseline that cannot be read (config validation
+    refuses one before any job; this is the report made by hand) costs the comparison, not
+    the report."""
+    comparison = None
+    cells = matrix
+    if baseline_path:
+        try:
+            result = compare(matrix, load_baseline(baseline_path))
+        except (ExpectationsError, MatrixFileError) as exc:
+            result = None
+            comparison = {"error": str(exc), "gate_failed": True}
+        if result is not None:
+            cells = result.cells
+            comparison = _comparison_section(result)
+    return {
+        "comparison": comparison,
+        "finding_groups": finding_groups(cells),
+        "reproduce": {
+            "command": command or "(not given: run from the Snakemake rule to record it)",
+            "machine": machine(),
+            "packages": packages(config),
+        },
+    }
+
+
+def _comparison_section(result: Comparison) -> dict:
+    code, lines = gate_lines(result)
+    return {
+        "error": "",
+        "baseline": result.baseline,
+        "verdict": lines[-1],
+        "counts": [(c, n) for c, n in result.counts().items() if n],
+        "failing": [
+            {
+                "cell": cell_label(r),
+                "old": r["baseline_status"] or "—",
+                "new": r["status"],
+                "comparison": r["comparison"],
+                "reason": r["reason"],
+            }
+            for r in result.failing().to_dict("records")
+        ],
+        "fixed": [
+            {"cell": cell_label(r), "old": r["baseline_status"], "finding": r["baseline_finding"]}
+            for r in result.cells[result.cells.comparison == "fixed"].to_dict("records")
+        ],
+        "missing": len(result.missing),
+        "unused": [f.id for f in result.unused],
+        "gate_failed": bool(code),
+    }

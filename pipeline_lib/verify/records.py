@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from pipeline_lib.common.errors import printable
 from pipeline_lib.common.layout import Layout
+from pipeline_lib.verify.axis_table import AXIS_TABLE
 from pipeline_lib.verify.results import (
     EntryComparison,
     ImportRecord,
@@ -36,19 +37,9 @@ STATUSES = ("pass", "fail", "error", "crash", "timeout", "skip")
 # Job outcomes (before the cell's checks): ok, or the status the whole cell inherits.
 JOB_FAILURES = ("error", "crash", "timeout")
 
-# The variant's axes (pipeline_lib.plan.axes) are columns of their own, after the layouts.
-AXIS_COLUMNS = [
-    "mode",
-    "load_mode",
-    "format",
-    "async_save",
-    "optimizer",
-    "param_dtype",
-    "load_init",
-    "load_process",
-    "save_sequence",
-    "frozen_params",
-]
+# The variant's axes are columns of their own, after the layouts, each named as its axis
+# (pipeline_lib.verify.axis_table).
+AXIS_COLUMNS = [axis.name for axis in AXIS_TABLE]
 CELL_KEYS = [
     "model",
     "save_layout",

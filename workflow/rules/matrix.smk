@@ -1,13 +1,19 @@
-# {version_root}: results, or results/torch/<version> for a torch_versions environment. One job
-# per layout runs every (variant, model) item: one record (and save folder) each. Each rule's
-# callables are named after it (pipeline_lib.plan.snakemake_view.Plan).
+# One job per layout runs every (variant, model) item and writes one record per item (and its
+# save folder, not an output: a rerun keeps the folders of unchanged items). The jobs of the
+# pipeline's own torch write under results, those of a torch_versions environment under
+# results/torch/{version} (the same rules there: *_in_torch_env); a variant other than the
+# default writes below axes/<variant id> (ITEMS["axes"]: that folder with a slash before it, or
+# nothing). Each rule's callables are named after it (pipeline_lib.plan.snakemake_view.Plan).
+ITEMS = plan.item_folders
+
+
 rule save_checkpoints:
     input:
         plan.job_env_inputs,
     output:
-        records=plan.save_job_records,
+        records=expand("results{axes}/save/{model}/{{layout}}.json", zip, **ITEMS),
     log:
-        "{version_root}/logs/save/{layout}.log",
+        "results/logs/save/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: plan.job_ranks
@@ -18,18 +24,26 @@ rule save_checkpoints:
         grid=plan.grid_json,
         inputs=plan.code_and_environment,
         reuse=plan.save_job_reuse,
+        root=plan.job_root,
     shell:
         "{params.python:q} -m pipeline_lib save --grid {params.grid:q} {params.reuse}"
-        " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
+        " --version-root {params.root} --layout {wildcards.layout} > {log} 2>&1"
+
+
+use rule save_checkpoints as save_checkpoints_in_torch_env with:
+    output:
+        records=expand("results/torch/{{version}}{axes}/save/{model}/{{layout}}.json", zip, **ITEMS),
+    log:
+        "results/torch/{version}/logs/save/{layout}.log",
 
 
 rule load_checkpoints:
     input:
         plan.load_job_inputs,
     output:
-        records=plan.load_job_records,
+        records=expand("results{axes}/load/{model}/{{layout}}.json", zip, **ITEMS),
     log:
-        "{version_root}/logs/load/{layout}.log",
+        "results/logs/load/{layout}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: plan.job_ranks
@@ -40,9 +54,17 @@ rule load_checkpoints:
         grid=plan.grid_json,
         inputs=plan.code_and_environment,
         reuse=plan.load_job_reuse,
+        root=plan.job_root,
     shell:
         "{params.python:q} -m pipeline_lib load --grid {params.grid:q} {params.reuse}"
-        " --version-root {wildcards.version_root} --layout {wildcards.layout} > {log} 2>&1"
+        " --version-root {params.root} --layout {wildcards.layout} > {log} 2>&1"
+
+
+use rule load_checkpoints as load_checkpoints_in_torch_env with:
+    output:
+        records=expand("results/torch/{{version}}{axes}/load/{model}/{{layout}}.json", zip, **ITEMS),
+    log:
+        "results/torch/{version}/logs/load/{layout}.log",
 
 
 # An existing checkpoint (config key checkpoints): read without a process group into the
