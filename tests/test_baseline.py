@@ -14,7 +14,6 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pipeline_lib.results.findings_table import DEFAULT_EXPECTATIONS
 
 from pipeline_lib.cli import main as cli_main
 from pipeline_lib.plan import config, grid
@@ -22,6 +21,7 @@ from pipeline_lib.plan.expectations import ExpectationsError, load_expectations
 from pipeline_lib.plan.matrix_file import MatrixFileError, read_matrix
 from pipeline_lib.plan.snakemake_view import Plan
 from pipeline_lib.results import baseline as b
+from pipeline_lib.results.findings_table import DEFAULT_EXPECTATIONS
 from pipeline_lib.verify import records
 from tests import procs
 from tests.conftest import REPO
