@@ -25,6 +25,7 @@ run here or listed with its reason. Run time: about a minute (six Snakemake dry 
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -189,6 +190,7 @@ def copy(tmp_path_factory) -> Path:
     shutil.copytree(
         REPO,
         root,
+        symlinks=True,
         ignore=lambda folder, names: [
             n for n in names
             if n in {"__pycache__", ".ruff_cache"} or (Path(folder) == REPO and n in leave_out)
@@ -309,3 +311,19 @@ def test_glossary_defines_each_word_once():
     assert len(headings) == len(set(headings))
     for word in ("Layout", "Variant", "Cell", "Job", "Item", "Unit", "Source", "Version root"):
         assert word in headings
+
+
+def test_no_tracked_link_leaves_the_checkout():
+    """A committed symlink to a folder outside the checkout (a worktree's `.venv-main` once was)
+    points at another machine's files in every clone, and a copy of the checkout follows it
+    (the docs fixture once copied a 4.4 GB venv and filled CI's disk)."""
+    listing = subprocess.run(
+        ["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    links = [line.split("\t", 1)[1] for line in listing.splitlines() if line.startswith("120000")]
+    outside = [
+        link for link in links
+        if Path(os.readlink(REPO / link)).is_absolute()
+        or not (REPO / link).resolve().is_relative_to(REPO.resolve())
+    ]  # fmt: skip
+    assert not outside, f"tracked links that leave the checkout: {outside}"
