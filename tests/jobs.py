@@ -7,11 +7,13 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.plan import config, grid
 from pipeline_lib.plan.specs import JobSpec, Source
+from pipeline_lib.verify.results import LoadRecord, LoadResult, SaveRecord, SaveResult
 from tests import procs
+from tests.record_schemas import read_checked
 
 
 def cli(command: str, spec: JobSpec) -> str:
@@ -64,21 +66,35 @@ def run_matrix(
         )
         loads.append(replace(spec, items=faulty))
     cli_all("load", loads)
+    check_written(saves + loads)
     rows = {}
     for spec in loads:
         for item in spec.items:  # one per variant (its own root): the first variant's rows
-            for row in read_json(item.record)["cells"]:
+            for row in read_checked(item.record, LoadRecord).cells:
                 rows.setdefault((row["save_layout"], row["load_layout"]), row)
     return rows
 
 
+def check_written(specs: list[JobSpec]) -> None:
+    """Every record and every unit's result the jobs wrote holds to its schema in
+    tests/schemas and reads back as the pipeline's type (tests.record_schemas)."""
+    for spec in specs:
+        record, result = (
+            (SaveRecord, SaveResult) if spec.kind == "save" else (LoadRecord, LoadResult)
+        )
+        for item in spec.items:
+            read_checked(item.record, record)
+        for path in sorted(Path(spec.work_dir).glob("results/*.json")):
+            read_checked(path, result)
+
+
 def with_fault(source: Source, layout: str, load_faults: dict) -> Source:
     """``source`` with the load fault given for its (save layout, load layout), if any."""
-    return replace(source, fault=load_faults.get((source.layout["name"], layout)))
+    return replace(source, fault=load_faults.get((source.layout.name, layout)))
 
 
 def tensors(model: str, load_layout: str) -> list[dict]:
-    return read_json(grid.load_record_path(model, load_layout))["tensors"]
+    return read_checked(grid.load_record_path(model, load_layout), LoadRecord).tensors
 
 
 def run_grid(
@@ -103,11 +119,12 @@ def run_grid(
         )
         loads.append(replace(spec, items=items))
     cli_all("load", loads)
+    check_written(saves + loads)
     rows = {}
     for version_root, layout in grid.load_jobs(cfg):
         records = grid.load_outputs(cfg, version_root, layout)
         for (variant, model), record in zip(grid.items(cfg), records, strict=True):
-            for row in read_json(record)["cells"]:
+            for row in read_checked(record, LoadRecord).cells:
                 rows[variant.id, model, row["save_layout"], row["load_layout"]] = row
     return rows
 

@@ -23,6 +23,7 @@ from pipeline_lib.plan.snakemake_view import Plan
 from pipeline_lib.results import baseline as b
 from pipeline_lib.results.findings_table import DEFAULT_EXPECTATIONS
 from pipeline_lib.verify import records
+from pipeline_lib.verify.results import LoadResult, SaveResult
 from tests import procs
 from tests.conftest import REPO
 
@@ -428,7 +429,8 @@ def grid_matrix(cfg: dict, outcome) -> pd.DataFrame:
         skips = [grid.skip_reason(c.variant, side, layout)
                  for side, layout in (("save", c.save), ("load", c.load))]  # fmt: skip
         if any(skips):
-            results = [{"status": "skip", "reason": r} if r else {"status": "pass"} for r in skips]
+            results = [typed(status="skip" if r else "ok", reason=r or "")
+                       for typed, r in zip((SaveResult, LoadResult), skips, strict=True)]  # fmt: skip
             status, reason = records.verdict(*results, 0.0)
         else:
             status, reason = outcome(c)

@@ -17,10 +17,12 @@ import pytest
 from pipeline_lib.plan import config, grid
 from pipeline_lib.plan.config import ConfigError
 from pipeline_lib.verify import checkpoint_names
+from pipeline_lib.verify.results import ImportRecord, LoadRecord
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli
 from tests.outside import write_checkpoints as writer
+from tests.record_schemas import checked, read_checked
 
 TITAN = checkpoint_names.Naming("torchtitan")
 
@@ -197,8 +199,8 @@ def test_a_torchtitan_checkpoint_loads_bit_for_bit_under_every_layout(in_tmp):
     entries = {r["entry"] for r in pq.read_table("t.parquet").to_pylist()}
     assert "model.layers.0.attn.wq.weight" in entries or any(".wq." in e for e in entries)
     assert not any(e.startswith(("dataloader", "train_state", "model.dataloader")) for e in entries)
-    record = json.loads(Path(grid.existing_record_path("titan")).read_text())
-    assert record["excluded_entries"] == ["dataloader.dp_rank_0", "train_state.step"]
+    record = read_checked(grid.existing_record_path("titan"), ImportRecord)
+    assert record.excluded_entries == ["dataloader.dp_rank_0", "train_state.step"]
 
 
 def test_broken_on_purpose_the_cells_fail_naming_why(in_tmp):
@@ -270,10 +272,10 @@ def test_a_checkpoint_this_tool_wrote_loads_as_an_existing_one(in_tmp):
     }  # fmt: skip
     rows = run_existing(raw)
     assert {(k, r["status"]) for k, r in rows.items()} == {("single", "pass"), ("fsdp2_2", "pass")}
-    record = json.loads(Path(grid.existing_record_path("kept")).read_text())
-    assert record["excluded_entries"] == [] and record["unplaced_entries"] == []
-    assert "optim.state.user_model.head.weight.exp_avg" in record["entries"]
-    assert not any("user_model.user_model" in entry for entry in record["entries"])
+    record = read_checked(grid.existing_record_path("kept"), ImportRecord)
+    assert record.excluded_entries == [] and record.unplaced_entries == []
+    assert "optim.state.user_model.head.weight.exp_avg" in record.entries
+    assert not any("user_model.user_model" in entry for entry in record.entries)
 
 
 def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, capsys):
@@ -292,7 +294,8 @@ def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, c
         return line, Path(spec.record).read_text(), manifest(spec.reference)
 
     line, record, reference = imported()
-    assert "reused 0 of 1 imports" in line and json.loads(record)["status"] == "ok"
+    assert "reused 0 of 1 imports" in line
+    assert checked(json.loads(record), ImportRecord).status == "ok"
     assert reference
     line, again, kept = imported()
     assert "reused 1 of 1 imports" in line and (again, kept) == (record, reference)
@@ -305,7 +308,9 @@ def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, c
     # The import ran again and rewrote its reference; the same bytes give the same record but
     # for its time, which has whole seconds (both can fall in one).
     assert "reused 0 of 1 imports" in line and rewritten != reference
-    untimed = [{**json.loads(text), "created_at": None} for text in (again, record)]
+    untimed = [
+        replace(ImportRecord.from_dict(json.loads(t)), created_at="") for t in (again, record)
+    ]
     assert untimed[0] == untimed[1]
     next(Path(spec.reference).iterdir()).unlink()
     line, _, restored = imported()
@@ -402,7 +407,7 @@ class Outside:
     config: dict
     rows: list[dict]  # matrix.parquet
     tensors: list[dict]  # tensors.parquet
-    records: dict[str, dict]  # checkpoint name -> its import record
+    records: dict[str, ImportRecord]  # checkpoint name -> its import record
 
 
 @pytest.fixture(scope="module")
@@ -435,9 +440,10 @@ def outside(tmp_path_factory) -> Outside:
         records = [p for layout in layouts for p in grid.load_outputs(cfg, grid.RESULTS, layout)]
         run_cli("aggregate", "--matrix", "m.parquet", "--tensors", "t.parquet", *records)
         imported = {
-            n: json.loads(Path(grid.existing_record_path(n)).read_text())
-            for n in cfg["checkpoints"]
+            n: read_checked(grid.existing_record_path(n), ImportRecord) for n in cfg["checkpoints"]
         }
+        for path in records:
+            read_checked(path, LoadRecord)
         rows, tensors = (pq.read_table(p).to_pylist() for p in ("m.parquet", "t.parquet"))
         return Outside(cfg, rows, tensors, imported)
 
@@ -462,9 +468,9 @@ def test_other_processes_checkpoints_load_bit_for_bit_under_every_layout(outside
         record = outside.records[name]
         for row in cells:
             assert (row["status"], row["reason"]) == ("pass", ""), (name, row["load_layout"])
-            assert row["entries_checked"] == len(record["entries"]) > 30, name
+            assert row["entries_checked"] == len(record.entries) > 30, name
             assert row["resume_max_rel_diff"] <= 1e-5
-        assert record["unplaced_entries"] == [], name
+        assert record.unplaced_entries == [], name
     compared = {(t["save_layout"], t["entry"]) for t in outside.tensors if t["load_equal"]}
     for entry in (
         "optim.state.user_model.model.layers.0.mlp.up_proj.weight.exp_avg",

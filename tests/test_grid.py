@@ -37,9 +37,9 @@ def test_job_budget(default_config):
     job = grid.load_job_spec(cfg, "results", "tp_2")
     assert [item.model for item in job.items] == cfg["models"]
     assert [item.id for item in job.items] == ["0", "1", "2", "3"]
-    assert job.layout["world_size"] == 2 and job.work_dir == "results/work/load/tp_2"
+    assert job.layout.world_size == 2 and job.work_dir == "results/work/load/tp_2"
     for item in job.items:
-        assert [s.layout["name"] for s in item.sources] == list(cfg["layouts"])
+        assert [s.layout.name for s in item.sources] == list(cfg["layouts"])
         assert item.record == f"results/load/{item.model}/tp_2.json"
     records = grid.save_outputs(cfg, "results", "tp_2")
     assert records == [f"results/save/{m}/tp_2.json" for m in cfg["models"]]
@@ -80,14 +80,14 @@ def test_any_world_size(framework, mesh, world, tp):
     layout = grid.layouts(cfg)["l"]
     assert (layout.world_size, layout.tp_degree) == (world, tp)
     assert layout.world_size == math.prod(mesh)
-    assert grid.save_spec(cfg, "mlp", "l").layout["world_size"] == world
+    assert grid.save_spec(cfg, "mlp", "l").layout.world_size == world
 
 
 def test_specs_carry_what_the_job_needs(small_config):
     cfg = config.validate(small_config)
     spec = grid.save_spec(cfg, "mlp", "fsdp2_2")
     assert spec.paths.checkpoint == "results/save/mlp/fsdp2_2/checkpoint"
-    assert spec.layout["mesh_dims"] == ["shard"]
+    assert spec.layout.mesh_dims == ("shard",)
     assert spec.train["steps"] == 2
     assert spec.config_hash == config.config_hash(cfg)
 

@@ -24,8 +24,10 @@ from pipeline_lib.common import atomic
 from pipeline_lib.job import driver
 from pipeline_lib.plan import config, disk_estimate, grid, torch_envs
 from pipeline_lib.plan.config import ConfigError
+from pipeline_lib.verify.results import ImportRecord, SaveRecord
 from tests import procs
 from tests.conftest import REPO
+from tests.record_schemas import read_checked
 
 PYTHON = sys.executable
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -559,10 +561,10 @@ def test_a_save_job_without_room_writes_an_error_record_per_item(in_tmp, monkeyp
     monkeypatch.setattr(driver, "run_units", lambda *a: pytest.fail("launched without room"))
     driver.run_save_job(spec)
     for item in spec.items:
-        record = json.loads(Path(item.record).read_text())
-        assert record["status"] == "error"
-        assert record["reason"].startswith("not enough disk space: the save job of single needs")
-        assert "1000 B free on the filesystem of results/work/save/single" in record["reason"]
+        record = read_checked(item.record, SaveRecord)
+        assert record.status == "error"
+        assert record.reason.startswith("not enough disk space: the save job of single needs")
+        assert "1000 B free on the filesystem of results/work/save/single" in record.reason
 
 
 def test_enospc_names_the_path_and_the_free_space(tmp_path):
@@ -783,26 +785,30 @@ def test_the_import_job_runs_under_a_watchdog(in_tmp, body, status, reason):
          "ck"], capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    record = json.loads(Path(grid.existing_record_path("ck")).read_text())
-    assert (record["status"], record["reason"]) == (status, reason)
-    assert record["existing"] and record["checkpoint"] == str(in_tmp / "ck")
+    record = read_checked(grid.existing_record_path("ck"), ImportRecord)
+    assert (record.status, record.reason) == (status, reason)
+    assert record.existing and record.checkpoint == str(in_tmp / "ck")
 
 
 def test_reasons_are_one_printable_line():
     """Entry names and messages from a checkpoint may hold newlines and terminal escapes: every
     reason shows them escaped, on one line (the gate prints reasons, a CI reads its lines)."""
     from pipeline_lib.common.errors import one_line
+    from pipeline_lib.common.layout import Layout
     from pipeline_lib.verify.records import verdict
+    from pipeline_lib.verify.results import EntryComparison, ImportRecord, LoadResult
 
     hostile = "w\n::error title=x::y\x1b[2J\u202e\t"
     shown = "w\\n::error title=x::y\\x1b[2J\\u202e\\t"
-    save = {"status": "ok", "existing": True, "files_check": {}, "resume_losses": []}
-    load = {"status": "ok", "resume_losses": [],
-            "entries": {hostile: {"equal": False, "note": "missing in the loader's state"}}}  # fmt: skip
+    where = {"model": "mlp", "layout": Layout.existing("x"), "checkpoint": "x", "reference": "r",
+             "config_hash": "h", "created_at": "t", "torch_version": "2.13", "source_folder": "x"}  # fmt: skip
+    save = ImportRecord(status="ok", reason="", files_check={}, resume_losses=[], **where)
+    missing = EntryComparison(False, None, "missing in the loader's state")
+    load = LoadResult(status="ok", reason="", resume_losses=[], entries={hostile: missing})
     assert verdict(save, load, 1e-5) == (
         "fail", f"loader vs saver: 1 of 1 entries differ; first {shown}: missing in the loader's "
         "state")  # fmt: skip
-    failed = {"status": "error", "existing": True, "reason": f"reading x: {hostile}"}
+    failed = ImportRecord(status="error", reason=f"reading x: {hostile}", **where)
     assert verdict(failed, load, 1e-5) == ("error", f"import: reading x: {shown}")
     assert one_line(RuntimeError("x\x1b[2J\u202ey")) == "RuntimeError: x\\x1b[2J\\u202ey"
     assert one_line(KeyError(hostile)) == f"KeyError: {hostile!r}"  # repr: escaped already

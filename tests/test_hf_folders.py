@@ -25,9 +25,11 @@ from pipeline_lib.plan import config, grid
 from pipeline_lib.plan.config import ConfigError
 from pipeline_lib.verify import checkpoint_names, hf_folder
 from pipeline_lib.verify.hf_folder import INDEX, SINGLE, HFFolderError, read_folder
+from pipeline_lib.verify.results import ImportRecord
 from tests import procs
 from tests.conftest import REPO
 from tests.outside import write_hf_folders as writer
+from tests.record_schemas import read_checked
 
 # --- the folder's checks (untrusted input) ----------------------------------------------------
 
@@ -202,9 +204,9 @@ def test_the_import_of_a_hostile_folder_is_an_error_record_naming_the_file(in_tm
     (hf / INDEX).write_text(json.dumps(index))
     spec = spec_of(hf)
     import_checkpoint(spec)
-    record = json.loads(Path(spec.record).read_text())
-    assert record["status"] == "error" and "\n" not in record["reason"]
-    assert record["reason"] == (
+    record = read_checked(spec.record, ImportRecord)
+    assert record.status == "error" and "\n" not in record.reason
+    assert record.reason == (
         f"reading {hf}: HFFolderError: {INDEX}: refused: weight_map places b.weight in "
         "'../../etc/passwd.safetensors', outside the checkpoint's folder (a file of the folder "
         "itself is named by its name alone)"
@@ -227,10 +229,10 @@ def test_config_json_is_read_as_data_only(in_tmp):
     (hf / "config.json").write_text(json.dumps(found))
     spec = spec_of(hf)
     import_checkpoint(spec)
-    record = json.loads(Path(spec.record).read_text())
+    record = read_checked(spec.record, ImportRecord)
     assert not marker.exists()
-    assert record["config_json"]["auto_map"] is True and record["model_only"] is True
-    assert record["unplaced_entries"] == [] and "model.blocks.0.fc1.weight" in record["entries"]
+    assert record.config_json["auto_map"] is True and record.model_only is True
+    assert record.unplaced_entries == [] and "model.blocks.0.fc1.weight" in record.entries
     llama = writer.MODELS["llama_tiny"]
     assert hf_folder.config_errors(found, llama, "llama_tiny") == [
         "config.json: architectures ['EvilForCausalLM'], the model (hf_models.llama_tiny) is "
@@ -337,7 +339,7 @@ class Loaded:
     config: dict
     rows: list[dict]  # matrix.parquet
     tensors: list[dict]  # tensors.parquet
-    records: dict[str, dict]  # checkpoint name -> its import record
+    records: dict[str, ImportRecord]  # checkpoint name -> its import record
 
 
 def change_tensor_bytes(folder: Path, tensor: str) -> None:
@@ -376,8 +378,7 @@ def loaded(tmp_path_factory) -> Loaded:
         records = [p for layout in layouts for p in grid.load_outputs(cfg, grid.RESULTS, layout)]
         run_cli("aggregate", "--matrix", "m.parquet", "--tensors", "t.parquet", *records)
         imported = {
-            n: json.loads(Path(grid.existing_record_path(n)).read_text())
-            for n in cfg["checkpoints"]
+            n: read_checked(grid.existing_record_path(n), ImportRecord) for n in cfg["checkpoints"]
         }
         rows, tensors = (pq.read_table(p).to_pylist() for p in ("m.parquet", "t.parquet"))
         return Loaded(folder / "hf", cfg, rows, tensors, imported)
@@ -395,15 +396,15 @@ def test_hf_folders_load_bit_for_bit_under_every_layout(loaded):
     for name in PASSING:
         record, found = loaded.records[name], cells(loaded, name)
         assert set(found) == set(LAYOUTS), name
-        assert record["model_only"] and record["unplaced_entries"] == [], name
+        assert record.model_only and record.unplaced_entries == [], name
         for layout, row in found.items():
             assert (row["status"], row["reason"]) == ("pass", ""), (name, layout)
-            assert row["entries_checked"] == len(record["entries"]) > 20, (name, layout)
+            assert row["entries_checked"] == len(record.entries) > 20, (name, layout)
             assert row["resume_optimizer"] == "fresh" and row["resume_max_rel_diff"] <= 1e-5
             assert row["save_framework"] == "existing" and len(row["source_metadata_sha256"]) == 64
-    assert len(loaded.records["llama_sharded"]["files"]) == 4
+    assert len(loaded.records["llama_sharded"].files) == 4
     tied = {"model.user_model.lm_head.weight": "model.user_model.model.embed_tokens.weight"}
-    assert loaded.records["qwen2_tied"]["tied_entries"] == tied
+    assert loaded.records["qwen2_tied"].tied_entries == tied
     compared = {
         (t["save_layout"], t["load_layout"], t["entry"]) for t in loaded.tensors if t["load_equal"]
     }

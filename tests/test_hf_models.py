@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -457,12 +458,13 @@ def test_hf_export_logits_must_equal_the_savers(tmp_path):
 
 def test_a_failed_hf_export_fails_the_cell():
     from pipeline_lib.verify.records import verdict
+    from pipeline_lib.verify.results import ExportCheck, LoadResult, SaveResult
 
-    save = {"status": "ok", "state_check": {}, "files_check": {}, "resume_losses": [1.0],
-            "dropped_entries": [], "hf_export": {"loads": True, "reason": ""}}  # fmt: skip
-    load = {"status": "ok", "entries": {}, "resume_losses": [1.0]}
+    save = SaveResult(status="ok", reason="", state_check={}, files_check={}, resume_losses=[1.0],
+                      dropped_entries=[], hf_export=ExportCheck(True))  # fmt: skip
+    load = LoadResult(status="ok", reason="", entries={}, resume_losses=[1.0])
     assert verdict(save, load, 1e-5) == ("pass", "")
-    save["hf_export"] = {"loads": False, "reason": "tensor lm_head.weight differs"}
+    save = replace(save, hf_export=ExportCheck(False, "tensor lm_head.weight differs"))
     assert verdict(save, load, 1e-5) == ("fail", "hf export: tensor lm_head.weight differs")
 
 

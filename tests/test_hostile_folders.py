@@ -38,8 +38,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from pipeline_lib.verify.results import ImportRecord, LoadRecord
 from tests import procs
 from tests.conftest import REPO
+from tests.record_schemas import read_checked
 
 SPARSE_BYTES = 5 * 2**30 // 4  # 1.25 GiB: above every bound a read has (1 GiB of .metadata)
 IMPORT_DEADLINE_S = 60  # generous on a loaded 2-core machine (measured: under 1 s each)
@@ -285,7 +287,7 @@ def imported(runner, plan: dict, tmp_path: Path, base: Path, outside: Path) -> d
     assert not result["hung"] and result["exit"] == 0, (plan, result)
     child = json.loads((work / "child.json").read_text())
     growth = result["peak_rss_mb"] - child["start_rss"] / 2**20
-    record = json.loads((work / spec["record"]).read_text())
+    record = read_checked(work / spec["record"], ImportRecord)
     return {**result, **child, "growth_mb": growth, "record": record, "markers": markers,
             "folder": folder}  # fmt: skip
 
@@ -307,7 +309,7 @@ def test_hostile_folders_give_an_error_record_and_nothing_else(runner, tmp_path,
     @given(plans())
     def check(plan):
         found = imported(runner, plan, tmp_path, base, outside)
-        status, reason = found["record"]["status"], found["record"]["reason"]
+        status, reason = found["record"].status, found["record"].reason
         assert status in ("ok", "error") and (status == "error" or not must_fail(plan)), plan
         assert one_printable_line(reason), reason
         assert found["opened"] == [], plan  # nothing outside the folder opened
@@ -357,7 +359,7 @@ def load_cells(folders: list[Path], work: Path) -> None:
         assert proc.returncode == 0, proc.stderr[-2000:]
     spec = grid.load_job_spec(cfg, grid.RESULTS, "single")
     cli("load", spec)
-    cells = [c for item in spec.items for c in json.loads(Path(item.record).read_text())["cells"]]
+    cells = [c for item in spec.items for c in read_checked(item.record, LoadRecord).cells]
     assert len(cells) == len(folders)
     for cell in cells:
         assert cell["status"] in ("error", "fail"), cell

@@ -16,7 +16,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from pipeline_lib import models
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.common.errors import Incompatible
 from pipeline_lib.job import hf_export
 from pipeline_lib.models import _lora
@@ -24,6 +23,8 @@ from pipeline_lib.plan import config, grid
 from pipeline_lib.plan.axes import Variant
 from pipeline_lib.plan.config import ConfigError
 from pipeline_lib.verify.live import Anatomy, live_state
+from pipeline_lib.verify.results import ExportCheck, LoadRecord, SaveRecord
+from tests.record_schemas import read_checked
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64,
@@ -257,9 +258,12 @@ def fsdp2_to_single(tmp_path_factory):
         cli("save", save)
         load = narrowed(grid.load_job_spec(cfg, grid.RESULTS, "single"))
         cli("load", load)
-        saves = {(i.model, i.variant.id): read_json(i.record) for i in save.items}
+        saves = {(i.model, i.variant.id): read_checked(i.record, SaveRecord) for i in save.items}
         return {
-            (i.model, i.variant.id): (saves[i.model, i.variant.id], read_json(i.record)["cells"][0])
+            (i.model, i.variant.id): (
+                saves[i.model, i.variant.id],
+                read_checked(i.record, LoadRecord).cells[0],
+            )
             for i in load.items
         }
 
@@ -275,21 +279,21 @@ def test_adapter_only_and_full_state_load_under_another_layout(fsdp2_to_single):
         save, row = fsdp2_to_single["lora", variant]
         assert (row["status"], row["reason"]) == ("pass", ""), (variant, row["reason"])
         assert row["resume_max_rel_diff"] <= 1e-5 and row["frozen_params"] in ("ignored", "saved")
-        models_ = [n for n in save["entries"] if n.startswith("model.")]
+        models_ = [n for n in save.entries if n.startswith("model.")]
         adapters = [n for n in models_ if any(p in n for p in (".lora_A.", ".lora_B."))]
         assert len(adapters) == 2 * ADAPTED
         if variant == "frozen_params-saved":
             assert any(".base_layer." in n for n in models_) and len(models_) > len(adapters)
         else:  # trainable entries only, and their optimizer state
-            assert models_ == adapters and not save["frozen_saved"]
-            states = {n.rpartition(".")[0] for n in save["entries"] if n.startswith("optim.state.")}
+            assert models_ == adapters and not save.frozen_saved
+            states = {n.rpartition(".")[0] for n in save.entries if n.startswith("optim.state.")}
             assert states == {f"optim.state.{n.removeprefix('model.')}" for n in adapters}
 
 
 @pytest.mark.torchrun
 def test_the_merged_model_exports_for_hugging_face(fsdp2_to_single):
     save, row = fsdp2_to_single["lora", "format-hf_export"]
-    assert save["hf_export"] == {"loads": True, "reason": ""}
+    assert save.hf_export == ExportCheck(loads=True, reason="")
     assert row["status"] == "pass", row["reason"]
 
 

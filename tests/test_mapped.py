@@ -146,12 +146,12 @@ def test_check_1_compares_mapped_chunks_and_still_fails_on_a_change(saved, tmp_p
     entries = {}
     compared = checks._mapped_vs(str(folder), reference, entries)
     assert all(compared(n) for n in ("w", "t", "h", "s", "e")) and not compared("lr")
-    assert all(e["equal"] for e in entries.values()), entries
+    assert all(e.equal for e in entries.values()), entries
     path, at = _data_offset(folder, metadata, "h")
     raw = bytearray(path.read_bytes())
     raw[at] ^= 0x01
     path.write_bytes(bytes(raw))
-    assert compared("h") and entries["h"]["note"] == "bytes differ"
+    assert compared("h") and entries["h"].note == "bytes differ"
 
 
 def test_a_full_state_file_is_compared_through_torch_loads_own_mapping(tmp_path):

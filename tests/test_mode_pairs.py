@@ -15,6 +15,7 @@ from pipeline_lib.results import reproducer
 from pipeline_lib.verify import faults, records
 from pipeline_lib.verify.entries import UNEXPECTED_ENTRY
 from pipeline_lib.verify.reference import Reference, load_form_dir
+from pipeline_lib.verify.results import LoadResult, SaveResult
 from tests.jobs import run_grid
 from tests.test_torchrun import DDP_TO_FSDP2
 
@@ -113,7 +114,11 @@ NAMED = 'RuntimeError: Error(s) in loading state_dict for MLP: Unexpected key(s)
     ],
 )
 def test_the_unexpected_entry_account(mode, load, expected):
-    assert records.verdict(ADDED, load, 1e-5, mode) == expected
+    save, load = (
+        SaveResult.from_dict({"reason": "", **ADDED}),
+        LoadResult.from_dict({"reason": "", **load}),
+    )
+    assert records.verdict(save, load, 1e-5, mode) == expected
 
 
 def test_check_2_reads_the_reference_in_the_loaders_form(tmp_path):

@@ -118,3 +118,32 @@ def test_the_check_sees_an_upward_import(tmp_path):
         "    from pipeline_lib.job.training import Item\n"
     )
     assert runtime_imports(guarded) == set()
+
+
+# Where a dict with a "status" key may be written: the matrix row the verdict makes
+# (verify/records.py, its Parquet columns). Results and records are types (verify/results.py).
+STATUS_DICTS_AT = {"pipeline_lib.verify.records"}
+
+
+def status_dicts(path: Path) -> list[int]:
+    """The lines of ``path`` with a dict literal that has a ``status`` key."""
+    tree = ast.parse(path.read_text())
+    return [
+        node.lineno for node in ast.walk(tree)
+        if isinstance(node, ast.Dict)
+        and any(isinstance(k, ast.Constant) and k.value == "status" for k in node.keys)
+    ]  # fmt: skip
+
+
+def test_results_and_records_are_typed_not_dicts_with_a_status():
+    found = {
+        f"{m}:{line}" for m, p in MODULES.items() if m not in STATUS_DICTS_AT
+        for line in status_dicts(p)
+    }  # fmt: skip
+    assert found == set(), f"dict literals with a status key outside the record types: {found}"
+
+
+def test_the_check_sees_a_dict_with_a_status(tmp_path):
+    fake = tmp_path / "m.py"
+    fake.write_text('def f():\n    return {"status": "ok", "reason": ""}\n')
+    assert status_dicts(fake) == [2]

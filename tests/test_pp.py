@@ -14,6 +14,7 @@ from pipeline_lib.models import mlp, transformer
 from pipeline_lib.plan import config, grid
 from pipeline_lib.verify import faults
 from pipeline_lib.verify.reference import compare_list_part
+from pipeline_lib.verify.results import EntryComparison
 from tests import procs
 from tests.jobs import run_matrix
 
@@ -181,9 +182,8 @@ def test_the_savers_list_is_the_union_of_the_stages_and_their_parts_must_cover_i
     assert not reference.compare(name, ["a", "b"]).equal
     assert reference.compare(name, ["a", "b"], part=True).equal  # a stage's part
     assert _uncovered(reference, [{name: ["a"]}, {name: ["c"]}]) == {
-        name: {"equal": False, "max_abs_diff": None,
-               "note": "the stages' parts lack 1 of 3 items; first 'b'"}
-    }  # fmt: skip
+        name: EntryComparison(False, None, "the stages' parts lack 1 of 3 items; first 'b'")
+    }
     assert _uncovered(reference, [{name: ["a", "b"]}, {name: ["c"]}]) == {}
 
 
@@ -197,10 +197,8 @@ def test_a_rank_whose_param_group_lacks_a_setting_fails_though_another_holds_it(
     whole = {f"{group}.lr", f"{group}.params"}
     assert _group_gaps(reference, [whole, whole], "the loader's state") == {}
     found = _group_gaps(reference, [{f"{group}.params"}, whole], "the loader's state")
-    assert found == {
-        f"{group}.lr": {"equal": False, "max_abs_diff": None,
-                        "note": f"missing on rank 0 in the loader's state (its group {group})"}
-    }  # fmt: skip
+    note = f"missing on rank 0 in the loader's state (its group {group})"
+    assert found == {f"{group}.lr": EntryComparison(False, None, note)}
     # A rank without that group at all (a full state dict on rank 0 only) is not a gap.
     assert _group_gaps(reference, [whole, set()], "the loader's state") == {}
 

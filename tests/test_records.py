@@ -1,20 +1,30 @@
 """Verdicts and rows: pure logic, every status and every reason; rows -> Parquet."""
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline_lib.common.atomic import write_json
+from pipeline_lib.common.layout import Layout
 from pipeline_lib.plan.axes import Variant
 from pipeline_lib.plan.specs import ItemSpec
 from pipeline_lib.results.aggregate import TOKEN_KEY, aggregate
 from pipeline_lib.verify import records
+from pipeline_lib.verify.results import (
+    EntryComparison,
+    EntryInfo,
+    Env,
+    ImportRecord,
+    LoadResult,
+    SaveRecord,
+    Timing,
+)
 
-LAYOUT_A = {"name": "a", "framework": "ddp", "mesh": [2], "world_size": 2}
-LAYOUT_B = {"name": "b", "framework": "hsdp", "mesh": [2, 2], "world_size": 4}
+LAYOUT_A = Layout("a", "ddp", (2,), ("dp",), None)
+LAYOUT_B = Layout("b", "hsdp", (2, 2), ("replicate", "shard"), None)
 VARIANT = Variant()
 SPEC = ItemSpec(
     kind="load",
@@ -29,38 +39,53 @@ SPEC = ItemSpec(
     record="r.json",
     verify={"resume_rtol": 1e-5, "resume_rtol_bfloat16": 1e-3},
 )
+LOAD_TORCH = "2.13.0"
+ENV = Env("2.13.0", "3.11.7", "gloo", "cpu", "host", 1, "exec")
 
 
-def ok(equal=True):
-    return {
-        "equal": equal,
-        "max_abs_diff": 0.0 if equal else 0.5,
-        "note": "" if equal else "bytes differ",
-    }
+def ok(equal=True) -> EntryComparison:
+    return EntryComparison(equal, 0.0 if equal else 0.5, "" if equal else "bytes differ")
 
 
-def save_record(**overrides):
+def save_record(**overrides) -> SaveRecord:
     record = {
         "status": "ok", "reason": "", "layout": LAYOUT_A, "files_error": "",
         "state_check": {"model.w": ok(), "optim.state.w.step": ok()},
         "files_check": {"model.w": ok(), "optim.state.w.step": ok()},
-        "entries": {"model.w": {"kind": "param", "dtype": "float32", "shape": [2, 2]},
-                    "optim.state.w.step": {"kind": "optim.step", "dtype": "float32", "shape": []}},
-        "resume_losses": [1.0, 0.5], "timing": {"save_s": 0.1}, "checkpoint_bytes": 10,
-        "checkpoint_files": 3, "env": {"torch_version": "2.13.0", "backend": "gloo", "device": "cpu"},
+        "entries": {"model.w": EntryInfo("param", "float32", [2, 2]),
+                    "optim.state.w.step": EntryInfo("optim.step", "float32", [])},
+        "resume_losses": [1.0, 0.5], "timing": Timing(save_s=0.1), "checkpoint_bytes": 10,
+        "checkpoint_files": 3, "env": ENV,
+        "model": "mlp", "checkpoint": "c", "reference": "r", "config_hash": "abc",
+        "created_at": "2026-01-01T00:00:00Z", "torch_version": "2.13.0",
     }  # fmt: skip
     record.update(overrides)
-    return record
+    return SaveRecord(**record)
 
 
-def load_result(**overrides):
+def load_result(**overrides) -> LoadResult:
     result = {
-        "status": "ok", "reason": "", "layout": LAYOUT_B,
+        "status": "ok", "reason": "",
         "entries": {"model.w": ok(), "optim.state.w.step": ok()},
-        "resume_losses": [1.0, 0.5], "timing": {"load_s": 0.2, "verify_s": 0.01},
+        "resume_losses": [1.0, 0.5], "timing": Timing(load_s=0.2, verify_s=0.01),
     }  # fmt: skip
     result.update(overrides)
-    return result
+    return LoadResult(**result)
+
+
+def import_record(**overrides) -> ImportRecord:
+    """An existing checkpoint's import record (its save side)."""
+    saved = save_record()
+    facts = {f.name: getattr(saved, f.name) for f in fields(SaveRecord)}
+    return ImportRecord(**{**facts, "source_folder": "/x", **overrides})
+
+
+def cell_row(save, load, spec=SPEC):
+    return records.cell_row("mlp", save, load, spec, LOAD_TORCH)
+
+
+def tensor_rows(save, load):
+    return records.tensor_rows("mlp", save, load, SPEC, LOAD_TORCH)
 
 
 def verdict(save=None, load=None):
@@ -94,7 +119,7 @@ def test_unreadable_checkpoint_fails_even_if_load_errors():
 
 
 def test_loader_mismatch_counts_entries():
-    entries = {"model.w": {"equal": False, "max_abs_diff": None, "note": "missing in the loader's state"},
+    entries = {"model.w": EntryComparison(False, None, "missing in the loader's state"),
                "optim.state.w.step": ok(False)}  # fmt: skip
     status, reason = verdict(load=load_result(entries=entries))
     assert status == "fail"
@@ -129,11 +154,9 @@ def test_job_failures_keep_their_status(status):
 
 
 def test_a_state_dict_that_differs_from_the_live_state_fails_first():
-    shared = {
-        **ok(False),
-        "max_abs_diff": None,
-        "note": "shares storage with optim.state.w.exp_avg_sq, which the model does not tie",
-    }
+    shared = EntryComparison(
+        False, None, "shares storage with optim.state.w.exp_avg_sq, which the model does not tie"
+    )
     save = save_record(state_check={"model.w": ok(), "optim.state.w.exp_avg": shared},
                        files_check={"model.w": ok(False), "optim.state.w.step": ok()})  # fmt: skip
     status, reason = verdict(save=save)
@@ -142,10 +165,10 @@ def test_a_state_dict_that_differs_from_the_live_state_fails_first():
         "state dict vs live: 1 of 2 entries differ; first optim.state.w.exp_avg: shares storage "
         "with optim.state.w.exp_avg_sq, which the model does not tie; files vs saver: 1 of 2"
     )
-    row = records.cell_row("mlp", save, load_result(), SPEC)
+    row = cell_row(save, load_result())
     assert (row["state_entries_mismatched"], row["entries_mismatched"]) == (1, 2)
     assert row["entries_checked"] == 3
-    rows = {r["entry"]: r for r in records.tensor_rows("mlp", save, load_result(), VARIANT)}
+    rows = {r["entry"]: r for r in tensor_rows(save, load_result())}
     exp_avg = rows["optim.state.w.exp_avg"]
     assert (exp_avg["equal"], exp_avg["state_equal"], exp_avg["file_equal"]) == (False, False, None)
     assert exp_avg["note"].startswith("state: shares storage with optim.state.w.exp_avg_sq")
@@ -161,9 +184,7 @@ def test_skip_wins():
 
 def test_cell_row_matches_schema_and_counts():
     save = save_record(files_check={"model.w": ok(False), "optim.state.w.step": ok()})
-    row = records.cell_row(
-        "mlp", save, load_result(entries={"model.w": ok(False), "optim.state.w.step": ok()}), SPEC
-    )
+    row = cell_row(save, load_result(entries={"model.w": ok(False), "optim.state.w.step": ok()}))
     table = pa.Table.from_pylist([row], schema=records.MATRIX_SCHEMA)
     assert table.num_rows == 1
     assert set(row) == set(records.MATRIX_SCHEMA.names)
@@ -174,15 +195,13 @@ def test_cell_row_matches_schema_and_counts():
 
 
 def test_failed_cell_row_has_no_check_columns():
-    row = records.cell_row(
-        "mlp", save_record(status="crash", reason="r"), load_result(status="not_run"), SPEC
-    )
+    row = cell_row(save_record(status="crash", reason="r"), load_result(status="not_run"))
     assert row["status"] == "crash" and row["entries_checked"] == 2
 
 
 def test_tensor_rows():
     save = save_record(files_check={"model.w": ok(False), "optim.state.w.step": ok()})
-    rows = records.tensor_rows("mlp", save, load_result(), VARIANT)
+    rows = tensor_rows(save, load_result())
     table = pa.Table.from_pylist(rows, schema=records.TENSORS_SCHEMA)
     assert table.num_rows == 2
     w = next(r for r in rows if r["entry"] == "model.w")
@@ -197,9 +216,7 @@ def test_tensor_rows():
 
 
 def test_tensor_rows_of_a_cell_whose_load_never_ran_are_not_equal_or_unequal():
-    rows = records.tensor_rows(
-        "mlp", save_record(), load_result(status="skip", entries={}), VARIANT
-    )
+    rows = tensor_rows(save_record(), load_result(status="skip", entries={}))
     assert [r["equal"] for r in rows] == [None, None]
     assert [r["file_equal"] for r in rows] == [True, True]
 
@@ -228,7 +245,7 @@ def test_non_strict_load_must_report_exactly_the_missing_entry():
     status, reason = records.verdict(save, load_result(missing_entries=[]), 1e-5, "non_strict")
     assert status == "fail"
     assert reason == "non-strict load: reported missing [], the saver left out [model.a.bias]"
-    row = records.cell_row("mlp", save, load, replace(SPEC, variant=Variant(mode="non_strict")))
+    row = cell_row(save, load, replace(SPEC, variant=Variant(mode="non_strict")))
     assert row["missing_entries"] == "model.a.bias" and row["resume_max_rel_diff"] is None
     assert row["mode"] == "non_strict" and row["format"] == "dcp"
 
@@ -251,8 +268,8 @@ def test_aggregate_writes_the_rows_of_every_record(tmp_path):
         (save_record(status="crash", reason="r", files_check={}, entries={}), not_run),
     ]
     first = {
-        "cells": [records.cell_row("mlp", save, load, SPEC) for save, load in cells],
-        "tensors": [r for s, ld in cells for r in records.tensor_rows("mlp", s, ld, VARIANT)],
+        "cells": [cell_row(save, load) for save, load in cells],
+        "tensors": [r for s, ld in cells for r in tensor_rows(s, ld)],
         "launches": 2,
         "fault": {"kind": "kill"},
     }

@@ -18,16 +18,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.job import launcher
 from pipeline_lib.plan import config as config_mod
 from pipeline_lib.plan import grid
 from pipeline_lib.plan.axes import AXES, DEFAULT, Variant
 from pipeline_lib.results import baseline, inline, reproducer, reproducer_run
 from pipeline_lib.verify.records import CELL_KEYS
+from pipeline_lib.verify.results import EntryComparison, LoadRecord
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli, cli_all
+from tests.record_schemas import read_checked
 
 CONFIG = {
     "models": ["mlp", "tied_embedding", "transformer"],
@@ -186,7 +187,7 @@ def test_a_cell_that_cannot_be_written_does_not_stop_the_others(tmp_path, monkey
     real = reproducer.script_of
 
     def broken(cell):
-        if cell["key"]["model"] == "transformer":
+        if cell.key["model"] == "transformer":
             raise RuntimeError("no room\nfor this one")
         return real(cell)
 
@@ -298,10 +299,13 @@ def test_a_change_to_the_pipeline_changes_the_script(tmp_path):
     assert "ENTRIES DIFFER" in changed.text and "ENTRIES DIFFER" not in ours.text
     assert "cpu_offload=False," in changed.text and "cpu_offload=False," not in ours.text
     summarize = _load(changed, "pipeline_lib.verify.records:summarize")
-    reason = summarize("files vs saver", {"a": {"equal": False, "note": "x"}})[1]
+    reason = summarize("files vs saver", {"a": EntryComparison(False, None, "x")})[1]
     assert reason == "files vs saver: 1 of 1 ENTRIES DIFFER a: x"
     original = _load(ours, "pipeline_lib.verify.records:summarize")
-    assert "entries differ; first a" in original("files vs saver", {"a": {"equal": False}})[1]
+    assert (
+        "entries differ; first a"
+        in original("files vs saver", {"a": EntryComparison(False, None)})[1]
+    )
     # every definition of a script is one of the package's (its docstring is there too)
     package_docstrings = {
         ast.get_docstring(n, clean=False)
@@ -452,7 +456,7 @@ def _pipeline_rows(cfg: dict) -> dict[str, dict]:
     load = grid.job_spec(cfg, "load", "single", "results/work/load/single", loads)
     cli("load", load)
     return {
-        kind: read_json(item.record)["cells"][0]
+        kind: read_checked(item.record, LoadRecord).cells[0]
         for kind, item in zip(CELLS, load.items, strict=True)
     }
 

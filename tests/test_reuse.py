@@ -20,13 +20,14 @@ import psutil
 import pytest
 import yaml
 
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.job import reuse
 from pipeline_lib.plan import grid
 from pipeline_lib.plan.config import validate
 from pipeline_lib.plan.specs import JobSpec
+from pipeline_lib.verify.results import CellRows, LoadRecord
 from tests.conftest import REPO
 from tests.jobs import cli, cli_all
+from tests.record_schemas import read_checked
 from tests.test_snakemake import BIN, snakemake
 
 
@@ -178,7 +179,7 @@ def test_a_store_that_does_not_read_reuses_nothing_and_still_keeps(small_config,
     Path(item.record).write_text('{"status": "ok"}\n')
     reading, writing = reuse.Store(in_tmp / "reuse"), reuse.Store(in_tmp / "reuse", read=False)
     writing.keep_saved(item)
-    writing.keep_cell("k", {"cell": {}, "tensors": []})
+    writing.keep_cell("k", CellRows(cell={}, tensors=[]))
     assert reading.saved_record(item) == '{"status": "ok"}\n' and reading.cell("k")
     assert writing.saved_record(item) is None and writing.cell("k") is None
     spec = JobSpec("save", {}, {}, "w", (), reuse_dir="r")
@@ -433,7 +434,7 @@ def test_a_checkpoint_changed_after_its_cells_ran_is_verified_again(in_tmp):
         log = cli("load", load)
         rows = {}
         for model in raw["models"]:
-            for row in read_json(grid.load_record_path(model, "single"))["cells"]:
+            for row in read_checked(grid.load_record_path(model, "single"), LoadRecord).cells:
                 rows[model, row["save_layout"]] = row
         return log, rows
 

@@ -10,13 +10,14 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.job import sequence_steps
 from pipeline_lib.plan import config, grid
 from pipeline_lib.plan.axes import Variant
 from pipeline_lib.plan.specs import CheckpointPaths
 from pipeline_lib.verify import faults, records
+from pipeline_lib.verify.results import EntryComparison, LoadRecord, LoadResult, SaveResult
 from tests.jobs import cli
+from tests.record_schemas import read_checked
 
 LAST, FIRST = Variant(save_sequence="load_last"), Variant(save_sequence="load_first")
 TRAIN = {"steps": 2, "resume_steps": 2}
@@ -78,43 +79,47 @@ def test_steps_and_folders_of_a_sequence():
 
 
 def test_the_loader_resumes_from_the_step_it_loaded():
-    class Item:
-        variant, train = LAST, {**TRAIN, "lr": 0.1}
+    from pipeline_lib.job.training import Item
+    from tests.test_records import SPEC
 
-    loaded = sequence_steps.as_loaded(Item())
+    item = Item(replace(SPEC, variant=LAST, train={**TRAIN, "lr": 0.1}), model_module=None)
+    loaded = sequence_steps.as_loaded(item)
     assert loaded.train == {"steps": 4, "resume_steps": 2, "lr": 0.1}
-    assert Item.train["steps"] == 2  # the item's own settings are left as they were
-    Item.variant = FIRST
-    assert sequence_steps.as_loaded(Item()).train["steps"] == 2
+    assert loaded.spec.train is loaded.train  # one item: what it runs is its spec's
+    assert item.train["steps"] == 2  # the item's own settings are left as they were
+    assert sequence_steps.as_loaded(item.changed(variant=FIRST)).train["steps"] == 2
+    flat = item.in_mode("flattened_optim")  # an existing checkpoint's mode: the spec's too
+    assert flat.variant is flat.spec.variant and flat.variant.mode == "flattened_optim"
+    assert item.variant.mode == "sharded"
 
 
 def test_an_entry_the_saver_changed_must_differ_between_consecutive_checkpoints():
     changed = {"model.a": True, "model.b": True, "optim.param_groups.0.lr": False}
     same = {"model.a": False, "model.b": True, "optim.param_groups.0.lr": True}
     entries = sequence_steps.unchanged(changed, same, (2, 4))
-    assert [n for n, e in entries.items() if not e["equal"]] == ["model.b"]
-    note = entries["model.b"]["note"]
+    assert [n for n, e in entries.items() if not e.equal] == ["model.b"]
+    note = entries["model.b"].note
     assert note == "equal in the checkpoints of steps 2 and 4, though the saver's state changed"
     assert all(
-        e["equal"]
+        e.equal
         for e in sequence_steps.unchanged(changed, dict.fromkeys(same, False), (2, 4)).values()
     )
 
 
 def test_the_verdict_names_each_checkpoint_by_its_step():
-    ok = {"equal": True, "max_abs_diff": 0.0, "note": ""}
-    bad = {"equal": False, "max_abs_diff": 0.5, "note": "bytes differ"}
+    ok = EntryComparison(True, 0.0)
+    bad = EntryComparison(False, 0.5, "bytes differ")
     stuck = sequence_steps.unchanged({"model.a": True}, {"model.a": True}, (2, 4))
-    save = {
-        "status": "ok", "state_check": {"model.a": ok}, "files_check": {"model.a": bad},
-        "files_error": "", "resume_losses": [1.0], "save_step": 4,
-        "sequence": [
-            sequence_steps.sequence_check("state dict vs live at step 2", {"model.a": ok}),
-            sequence_steps.sequence_check("files vs saver at step 2", {"model.a": ok}),
-            sequence_steps.sequence_check(sequence_steps.CONSECUTIVE, stuck),
-        ],
-    }  # fmt: skip
-    load = {"status": "ok", "entries": {"model.a": ok}, "resume_losses": [1.0]}
+    checks = [
+        sequence_steps.sequence_check("state dict vs live at step 2", {"model.a": ok}),
+        sequence_steps.sequence_check("files vs saver at step 2", {"model.a": ok}),
+        sequence_steps.sequence_check(sequence_steps.CONSECUTIVE, stuck),
+    ]
+    save = SaveResult(
+        status="ok", reason="", state_check={"model.a": ok}, files_check={"model.a": bad},
+        files_error="", resume_losses=[1.0], save_step=4, sequence=checks,
+    )  # fmt: skip
+    load = LoadResult(status="ok", reason="", entries={"model.a": ok}, resume_losses=[1.0])
     status, reason = records.verdict(save, load, 1e-5)
     assert status == "fail"
     assert reason == (
@@ -122,21 +127,18 @@ def test_the_verdict_names_each_checkpoint_by_its_step():
         "(max_abs_diff 0.5); save sequence: 1 of 1 entries differ; first model.a: equal in the "
         "checkpoints of steps 2 and 4, though the saver's state changed"
     )
-    save["sequence"][1] = sequence_steps.sequence_check(
-        "files vs saver at step 2", {}, "cannot read"
-    )
-    assert "; cannot read; " in records.verdict(save, load, 1e-5)[1]
+    checks[1] = sequence_steps.sequence_check("files vs saver at step 2", {}, "cannot read")
+    assert "; cannot read; " in records.verdict(replace(save, sequence=checks), load, 1e-5)[1]
 
 
 def test_save_step_is_the_loaded_checkpoints_step():
-    from tests.test_records import SPEC, load_result, save_record
+    from tests.test_records import SPEC, cell_row, import_record, load_result, save_record
 
     spec = replace(SPEC, train=TRAIN, variant=LAST)
-    assert records.cell_row("mlp", save_record(save_step=4), load_result(), spec)["save_step"] == 4
+    assert cell_row(save_record(save_step=4), load_result(), spec)["save_step"] == 4
     once = replace(spec, variant=Variant())
-    assert records.cell_row("mlp", save_record(), load_result(), once)["save_step"] == 2
-    existing = save_record(existing=True)
-    assert records.cell_row("mlp", existing, load_result(), once)["save_step"] is None
+    assert cell_row(save_record(), load_result(), once)["save_step"] == 2
+    assert cell_row(import_record(), load_result(), once)["save_step"] is None
 
 
 def test_the_report_counts_a_check_named_with_its_step():
@@ -184,7 +186,7 @@ def run_sequences() -> dict[tuple[str, str], dict]:
     records_ = grid.load_outputs(cfg, *load_job)
     rows = {}
     for (variant, model), record in zip(grid.items(cfg), records_, strict=True):
-        (row,) = read_json(record)["cells"]
+        (row,) = read_checked(record, LoadRecord).cells
         rows[variant.id, model] = row
     return rows
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.plan import config, grid
 from pipeline_lib.verify import faults, records, seal_file
+from pipeline_lib.verify.results import LoadRecord, LoadResult, SaveRecord, SaveResult
 from tests.conftest import REPO
+from tests.record_schemas import read_checked
 from tests.test_snakemake import snakemake
 
 
@@ -123,8 +124,9 @@ def test_files_are_read_by_part_and_compared_bit_for_bit(tmp_path):
 
 
 def test_a_broken_seal_fails_the_cell_whatever_else_held():
-    save = {"status": "ok", "state_check": {}, "files_check": {}, "resume_losses": [1.0]}
-    load = {"status": "ok", "seal_ok": False, "seal_error": "seal: .metadata changed since …"}
+    save = SaveResult(status="ok", reason="", state_check={}, files_check={}, resume_losses=[1.0])
+    broken = "seal: .metadata changed since …"
+    load = LoadResult(status="ok", reason="", seal_ok=False, seal_error=broken)
     assert records.verdict(save, load, 1e-5) == ("fail", "seal: .metadata changed since …")
 
 
@@ -175,13 +177,13 @@ def assert_sealed_campaign(run: Path) -> None:
         assert found and row.caught, (fault, row.reason)
         if faults.FAULTS[fault].stage == "sealed":
             cell = grid.FaultCell(fault, "mlp", "ddp_2", "fsdp2_2")
-            save = read_json(run / grid.save_record_path("mlp", "ddp_2", cell.root))
-            assert (save["status"], save["files_check"][ENTRY]["equal"]) == ("ok", True)
-            assert found.group(1) in save["fault_applied"], (fault, save["fault_applied"])
+            save = read_checked(run / grid.save_record_path("mlp", "ddp_2", cell.root), SaveRecord)
+            assert (save.status, save.files_check[ENTRY].equal) == ("ok", True)
+            assert found.group(1) in save.fault_applied, (fault, save.fault_applied)
     # The clean cell: no reference written, the seal beside the checkpoint, and it passes.
     save_dir = run / grid.save_dir("mlp", "fsdp1_2")
     assert not (save_dir / "reference").exists() and (save_dir / "checkpoint.seal.json").exists()
-    (cell,) = read_json(run / grid.load_record_path("mlp", "fsdp2_2"))["cells"]
+    (cell,) = read_checked(run / grid.load_record_path("mlp", "fsdp2_2"), LoadRecord).cells
     assert (cell["status"], cell["reference_mode"], cell["seal_ok"]) == ("pass", "sealed", True)
     assert cell["entries_checked"] == 52 and cell["seal_seconds"] is not None
 

@@ -9,11 +9,12 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline_lib.common.atomic import read_json
 from pipeline_lib.plan import config, grid
+from pipeline_lib.verify.results import LoadRecord, SaveRecord
 from tests import procs
 from tests.conftest import REPO
 from tests.jobs import cli, run_matrix, tensors
+from tests.record_schemas import read_checked
 
 pytestmark = pytest.mark.torchrun
 
@@ -56,9 +57,9 @@ def test_cross_layout_cells_pass_bit_for_bit(in_tmp, monkeypatch):
     assert entries["optim.state.block.fc1.weight.step"]["kind"] == "optim.step"
     assert all(t["equal"] for t in entries.values())
     # The launcher shares the job's 2 threads among its 2 ranks, served by the fork server.
-    save = read_json(grid.save_record_path("tied_embedding", "fsdp1_hybrid_1x2"))
-    assert save["env"]["threads_per_rank"] == 1
-    assert save["env"]["rank_start"] == "forkserver"
+    save = read_checked(grid.save_record_path("tied_embedding", "fsdp1_hybrid_1x2"), SaveRecord)
+    assert save.env.threads_per_rank == 1
+    assert save.env.rank_start == "forkserver"
 
 
 def test_ranks_started_as_fresh_processes_pass_too(in_tmp, monkeypatch):
@@ -72,8 +73,8 @@ def test_ranks_started_as_fresh_processes_pass_too(in_tmp, monkeypatch):
     assert (rows["ddp_2", "ddp_2"]["status"], rows["ddp_2", "ddp_2"]["reason"]) == (
         "crash", "load: rank 1 killed by SIGKILL during cell ddp_2",
     )  # fmt: skip
-    save = read_json(grid.save_record_path("mlp", "ddp_2"))
-    assert save["env"] == {**save["env"], "rank_start": "exec", "threads_per_rank": 1}
+    save = read_checked(grid.save_record_path("mlp", "ddp_2"), SaveRecord)
+    assert (save.env.rank_start, save.env.threads_per_rank) == ("exec", 1)
 
 
 # The fork server started with one environment; the job changes it before it launches.
@@ -161,10 +162,14 @@ def test_a_crashed_item_keeps_the_other_items_of_its_job(in_tmp):
     killed = replace(save.items[0], fault="kill_rank_save")
     cli("save", replace(save, items=(killed, *save.items[1:])))
     cli("load", grid.load_job_spec(cfg, grid.RESULTS, "single"))
-    first, second = (read_json(grid.load_record_path(m, "single")) for m in cfg["models"])
-    ((crashed,), (passed,)) = first["cells"], second["cells"]
+    first, second = (
+        read_checked(grid.load_record_path(m, "single"), LoadRecord) for m in cfg["models"]
+    )
+    ((crashed,), (passed,)) = first.cells, second.cells
     assert (crashed["model"], crashed["status"], crashed["reason"]) == (
         "mlp", "crash", "save: rank 1 killed by SIGKILL during save",
     )  # fmt: skip
     assert (passed["model"], passed["status"], passed["reason"]) == ("mlp_uneven", "pass", "")
-    assert read_json(grid.save_record_path("mlp_uneven", "ddp_2"))["status"] == "ok"
+    assert read_checked(grid.save_record_path("mlp_uneven", "ddp_2"), SaveRecord).status == "ok"
+    killed = read_checked(grid.save_record_path("mlp", "ddp_2"), SaveRecord)
+    assert (killed.status, killed.checkpoint_bytes, killed.state_check) == ("crash", None, None)

@@ -23,9 +23,11 @@ import pytest
 from pipeline_lib.plan import config, grid
 from pipeline_lib.plan.config import ConfigError
 from pipeline_lib.verify import checkpoint_names
+from pipeline_lib.verify.results import ImportRecord, LoadResult
 from tests import procs
 from tests.conftest import REPO
 from tests.outside.torchtitan_manifest import FIXTURE
+from tests.record_schemas import read_checked
 
 TITAN = checkpoint_names.Naming("torchtitan")
 HAS_TORCHTITAN = importlib.util.find_spec("torchtitan") is not None
@@ -176,8 +178,8 @@ WRITTEN = ("llama3_debug", "llama3_debug_unfused")
 class Titan:
     folder: Path  # the writer's output: <name>/checkpoint/step-2, <name>/writer.json
     rows: dict[str, dict]  # checkpoint name -> its tp_2 cell
-    records: dict[str, dict]  # checkpoint name -> its import record
-    loads: dict[str, dict]  # checkpoint name -> its load result
+    records: dict[str, ImportRecord]  # checkpoint name -> its import record
+    loads: dict[str, LoadResult]  # checkpoint name -> its load result
 
 
 def titan_config(folder: Path) -> dict:
@@ -227,9 +229,9 @@ def titan(tmp_path_factory) -> Titan:
         records = grid.load_outputs(cfg, grid.RESULTS, "tp_2")
         run_cli("aggregate", "--matrix", "m.parquet", "--tensors", "t.parquet", *records)
         rows = {r["save_layout"]: r for r in pq.read_table("m.parquet").to_pylist()}
-        imported = {n: json.loads(Path(grid.existing_record_path(n)).read_text()) for n in WRITTEN}
+        imported = {n: read_checked(grid.existing_record_path(n), ImportRecord) for n in WRITTEN}
         loads = {
-            n: json.loads(p.read_text())
+            n: read_checked(p, LoadResult)
             for n in WRITTEN
             for p in Path(spec.work_dir).glob(f"results/*.{n}.json")
         }
@@ -263,13 +265,13 @@ def test_a_torchtitan_folder_loads_bit_for_bit_into_torchtitans_model(titan):
     assert (row["status"], row["reason"]) == ("pass", ""), row["reason"]
     assert row["entries_checked"] > 900 and row["entries_mismatched"] == 0
     record = titan.records["llama3_debug_unfused"]
-    assert "LRSchedulersContainer saves last_epoch only" in record["uncompared"]
-    assert record["writer_manifest"]["stand_ins"]["attention"].startswith("torchtitan's")
-    assert record["entries"]["scheduler.last_epoch"]["kind"] != ""
+    assert "LRSchedulersContainer saves last_epoch only" in record.uncompared
+    assert record.writer_manifest["stand_ins"]["attention"].startswith("torchtitan's")
+    assert record.entries["scheduler.last_epoch"].kind != ""
     load = titan.loads["llama3_debug_unfused"]
-    assert load["entries"]["scheduler.last_epoch"]["equal"]
-    assert "scheduler.base_lrs" in load["uncompared_entries"]
-    assert "scheduler.last_epoch" not in load["uncompared_entries"]
+    assert load.entries["scheduler.last_epoch"].equal
+    assert "scheduler.base_lrs" in load.uncompared_entries
+    assert "scheduler.last_epoch" not in load.uncompared_entries
 
 
 @needs_torchtitan
@@ -280,7 +282,7 @@ def test_torchtitans_fused_projection_breaks_torchs_state_dict_api(titan):
     row = titan.rows["llama3_debug"]
     assert row["status"] == "error"
     assert "'FusedQKVLinear' object has no attribute 'wq'" in row["reason"]
-    assert titan.records["llama3_debug"]["unplaced_entries"] == []  # the naming placed it all
+    assert titan.records["llama3_debug"].unplaced_entries == []  # the naming placed it all
 
 
 # --- torchtitan <-> Hugging Face -------------------------------------------------------------

@@ -24,6 +24,8 @@ from pipeline_lib.plan.axes import DEFAULT, Variant
 from pipeline_lib.plan.specs import CheckpointPaths
 from pipeline_lib.verify import faults
 from pipeline_lib.verify.readers import checkpoint_entries
+from pipeline_lib.verify.results import ImportRecord, LoadRecord, SaveRecord
+from tests.record_schemas import read_checked
 
 
 class RunsCode:
@@ -189,17 +191,20 @@ def test_a_save_record_cannot_point_the_loader_at_another_reference(in_tmp, monk
     spec = grid.load_job_spec(cfg, "results", "single")
     (source,) = spec.items[0].sources
     assert source.paths.reference == "results/save/mlp/single/reference"
-    record = {"status": "ok", "layout": spec.layout, "files_check": {},
-              "checkpoint": source.paths.checkpoint, "reference": "/elsewhere/reference"}  # fmt: skip
+    record = SaveRecord(
+        status="ok", reason="", files_check={}, model="mlp", layout=source.layout,
+        checkpoint=source.paths.checkpoint, reference="/elsewhere/reference", config_hash="x",
+        created_at="2026-01-01T00:00:00Z", torch_version="2.13.0",
+    )  # fmt: skip
     Path(source.save_record).parent.mkdir(parents=True)
-    Path(source.save_record).write_text(json.dumps(record))
+    Path(source.save_record).write_text(json.dumps(record.to_dict()))
     launched = []
     real = driver.run_units
     monkeypatch.setattr(
         driver, "run_units", lambda s, w, p, *c: launched.append(p) or real(s, w, p, *c)
     )
     driver.run_load_job(spec)
-    (cell,) = json.loads(Path(spec.items[0].record).read_text())["cells"]
+    (cell,) = read_checked(spec.items[0].record, LoadRecord).cells
     assert cell["status"] == "error"
     assert "names another reference ('/elsewhere/reference', expected " in cell["reason"]
     assert launched == [[]]  # nothing to run
@@ -449,5 +454,5 @@ def test_an_entry_named_like_a_command_never_runs(in_tmp, naming, command, why):
     spec = existing_spec(checkpoint, naming)
     import_checkpoint(spec)
     assert not (in_tmp / "PWNED").exists() and (in_tmp / "kept").is_dir()
-    record = json.loads(Path(spec.record).read_text())
-    assert record["status"] == "error" and why in record["reason"], record["reason"]
+    record = read_checked(spec.record, ImportRecord)
+    assert record.status == "error" and why in record.reason, record.reason

@@ -10,7 +10,7 @@ import pytest
 from pipeline_lib import frameworks
 from pipeline_lib.verify import records
 from tests.jobs import run_matrix
-from tests.test_records import LAYOUT_A, SPEC, load_result, save_record
+from tests.test_records import LAYOUT_A, LOAD_TORCH, SPEC, load_result, save_record
 
 
 def test_every_wrapper_framework_is_registered_without_importing_torch():
@@ -22,12 +22,12 @@ def test_every_wrapper_framework_is_registered_without_importing_torch():
 
 
 def test_mixed_precision_cells_are_judged_with_the_bfloat16_tolerance():
-    mixed = {**LAYOUT_A, "framework": "fsdp2_mixed_precision"}
+    mixed = replace(LAYOUT_A, framework="fsdp2_mixed_precision")
     save = save_record(layout=mixed, resume_losses=[1.0, 0.5])
     load = load_result(resume_losses=[1.0, 0.5002])  # 4e-4 relative: above 1e-5, below 1e-3
-    row = records.cell_row("mlp", save, load, SPEC)
+    row = records.cell_row("mlp", save, load, SPEC, LOAD_TORCH)
     assert (row["status"], row["resume_rtol"]) == ("pass", 1e-3)
-    plain = records.cell_row("mlp", save_record(resume_losses=[1.0, 0.5]), load, SPEC)
+    plain = records.cell_row("mlp", save_record(resume_losses=[1.0, 0.5]), load, SPEC, LOAD_TORCH)
     assert plain["status"] == "fail" and plain["resume_rtol"] == 1e-5
     assert "above resume_rtol 1e-05" in plain["reason"]
     assert replace(SPEC).verify["resume_rtol_bfloat16"] == 1e-3

@@ -20,6 +20,7 @@ from pipeline_lib.common.errors import Incompatible, one_line
 from pipeline_lib.plan.axes import Variant
 from pipeline_lib.plan.specs import CheckpointPaths
 from pipeline_lib.verify import faults
+from pipeline_lib.verify.results import Timing
 from pipeline_lib.verify.untrusted import SafeLoadPlanner
 
 
@@ -68,7 +69,7 @@ def stager(variant: Variant):
     return DefaultStager(StagingOptions(True, True, True, True))
 
 
-def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict, keeper=None):
+def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: Timing, keeper=None):
     """Write ``state``; returns a wait() to call once the training loop has moved on, which waits
     for an async save to complete. ``timing``: ``save_blocked_s``, the time the training loop was
     blocked, and ``save_s``, until the checkpoint was written. ``keeper``: a save sequence's
@@ -103,7 +104,7 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict, k
     else:
         writer = keeper.writer if keeper else None
         dcp.save(state, checkpoint_id=paths.checkpoint, storage_writer=writer)
-    timing["save_blocked_s"] = timing["save_s"] = time.perf_counter() - t
+    timing.save_blocked_s = timing.save_s = time.perf_counter() - t
     if pending is None:
         return lambda: None
     # torch returns a Future, or an AsyncSaveResponse holding one for the upload.
@@ -111,7 +112,7 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: dict, k
     written = threading.Event()
 
     def on_written(_) -> None:
-        timing["save_s"] = time.perf_counter() - t
+        timing.save_s = time.perf_counter() - t
         written.set()
 
     future.add_done_callback(on_written)

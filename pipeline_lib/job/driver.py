@@ -20,7 +20,7 @@ import contextlib
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
@@ -31,6 +31,17 @@ from pipeline_lib.common.name_rule import inside
 from pipeline_lib.job import reuse
 from pipeline_lib.job.launcher import Outcome, launch
 from pipeline_lib.plan.specs import ItemSpec, JobSpec, Source
+from pipeline_lib.verify.results import (
+    CellRows,
+    ImportRecord,
+    LoadRecord,
+    LoadResult,
+    SaveRecord,
+    SaveResult,
+    result_type,
+)
+
+Result = SaveResult | LoadResult
 
 
 def fresh_dir(path: Path) -> Path:
@@ -85,7 +96,7 @@ def _run_worker(spec: JobSpec, work: Path, attempt: int, clock: JobClock) -> Out
     run = spec.run
     with clock.launch():
         outcome = launch(
-            spec.layout["world_size"],
+            spec.layout.world_size,
             [str(spec_path)],
             work,
             run["cell_timeout_s"],
@@ -93,7 +104,7 @@ def _run_worker(spec: JobSpec, work: Path, attempt: int, clock: JobClock) -> Out
         )
     job_file = work / "results" / "job.json"
     if job_file.exists() and outcome.status == "error":
-        reason = read_json(job_file)["reason"]
+        reason = result_type(spec.kind).from_dict(read_json(job_file)).reason
         outcome.reason = f"{reason} (during {outcome.step or 'start-up'})"
     job_file.unlink(missing_ok=True)
     return outcome
@@ -101,19 +112,19 @@ def _run_worker(spec: JobSpec, work: Path, attempt: int, clock: JobClock) -> Out
 
 def run_units(
     spec: JobSpec, work: Path, pending: list[str], clock: JobClock | None = None
-) -> tuple[dict[str, dict], int]:
+) -> tuple[dict[str, Result], int]:
     """A result for every pending unit of the job, and the number of launches it took. One
     launch runs them all; after a crash or hang, the unit in progress is recorded as such and
     the units not reached run again in a fresh launch."""
-    results: dict[str, dict] = {}
-    attempt, clock = 0, clock or JobClock()
+    results: dict[str, Result] = {}
+    attempt, clock, typed = 0, clock or JobClock(), result_type(spec.kind)
     while pending:
         attempt += 1
         outcome = _run_worker(spec.narrowed(set(pending)), work, attempt, clock)
         for unit in pending:
             path = work / "results" / f"{unit}.json"
             if path.exists():
-                results[unit] = read_json(path)
+                results[unit] = typed.from_dict(read_json(path))
         left = [unit for unit in pending if unit not in results]
         if not left:
             break
@@ -121,9 +132,9 @@ def run_units(
         if status == "ok":
             status, reason = "error", "worker ended without a result for this cell"
         if outcome.unit in left:
-            results[outcome.unit] = {"status": status, "reason": reason}
+            results[outcome.unit] = typed(status=status, reason=reason)
         else:  # failed before its first unit: every unit not reached shares the failure
-            results.update({unit: {"status": status, "reason": reason} for unit in left})
+            results.update({unit: typed(status=status, reason=reason) for unit in left})
         pending = [unit for unit in left if unit not in results]
     return results, attempt
 
@@ -156,39 +167,34 @@ def run_save_job(spec: JobSpec, reuse_units: bool = True) -> None:
         reuse.announce("save items", len(kept), len(spec.items), store)
     for item in to_run.items:
         fresh_dir(Path(item.save_dir))
-    skipped = {i.id: {"status": "skip", "reason": i.skip} for i in to_run.items if i.skip}
+    skipped = {i.id: SaveResult(status="skip", reason=i.skip) for i in to_run.items if i.skip}
     pending = [i.id for i in to_run.items if not i.skip]
     if no_room := room_error(to_run, work):
-        results = {unit: {"status": "error", "reason": no_room} for unit in pending}
+        results = {unit: SaveResult(status="error", reason=no_room) for unit in pending}
     else:
         results, _ = run_units(to_run, work, pending, clock)
     for item in spec.items:
         if item.id in kept:
             write_text(item.record, kept[item.id])
             continue
-        write_json(item.record, save_record_of(item, skipped.get(item.id) or results[item.id]))
+        record = save_record_of(item, skipped.get(item.id) or results[item.id])
+        write_json(item.record, record.to_dict())
         if store:
             store.keep_saved(item)
     clock.report()
 
 
-def save_record_of(item: ItemSpec, result: dict) -> dict:
+def save_record_of(item: ItemSpec, result: SaveResult) -> SaveRecord:
     """The record of one save item from the worker's result (or the job's failure)."""
-    record = {
-        "model": item.model,
-        "layout": item.layout,
-        "checkpoint": item.paths.checkpoint,
-        "reference": item.paths.reference,
-        "config_hash": item.config_hash,
-        "created_at": timestamps.now(),
-        "torch_version": torch_version(),
-        **result,
-    }
-    if record["status"] != "ok":
-        return record
-    read = item.paths.read_by(item.variant)
-    record["checkpoint_bytes"], record["checkpoint_files"] = checkpoint_size(Path(read))
-    return record
+    size = (None, None)
+    if result.status == "ok":
+        size = checkpoint_size(Path(item.paths.read_by(item.variant)))
+    return SaveRecord.of(
+        result, model=item.model, layout=item.layout, checkpoint=item.paths.checkpoint,
+        reference=item.paths.reference, config_hash=item.config_hash,
+        created_at=timestamps.now(), torch_version=torch_version(),
+        checkpoint_bytes=size[0], checkpoint_files=size[1],
+    )  # fmt: skip
 
 
 # --- load jobs ------------------------------------------------------------------------------
@@ -211,7 +217,8 @@ def run_load_job(spec: JobSpec, reuse_units: bool = True) -> None:
     to_run = to_run.narrowed(set(to_run.units()) - set(kept))
     pending = to_run.units()
     if no_room := room_error(to_run, work):
-        launched, launches = {unit: {"status": "error", "reason": no_room} for unit in pending}, 0
+        launched = {unit: LoadResult(status="error", reason=no_room) for unit in pending}
+        launches = 0
     else:
         launched, launches = run_units(to_run, work, pending, clock)
     results.update(launched)
@@ -232,7 +239,7 @@ def _cell_keys(spec: JobSpec, store: reuse.Store | None) -> dict[str, str]:
 
 
 def _write_load_record(
-    item: ItemSpec, launches: int, rows: dict[str, dict], store, keys: dict, kept: dict
+    item: ItemSpec, launches: int, rows: dict[str, CellRows], store, keys: dict, kept: dict
 ) -> None:
     """The item's record from its cells' ``rows``; the stored text instead when every cell
     was kept. New cells go into the store."""
@@ -240,14 +247,14 @@ def _write_load_record(
     if store and set(rows) <= set(kept) and (text := store.load_record(record_key)):
         write_text(item.record, text)
         return
-    write_json(item.record, load_record_of(item, list(rows.values()), launches))
+    write_json(item.record, load_record_of(item, list(rows.values()), launches).to_dict())
     if store:
         for unit in set(rows) - set(kept):
             store.keep_cell(keys[unit], rows[unit])
         store.keep_load_record(record_key, item)
 
 
-def _read_sources(spec: JobSpec) -> tuple[dict[str, dict], dict[str, dict], JobSpec]:
+def _read_sources(spec: JobSpec) -> tuple[dict[str, SaveRecord], dict[str, LoadResult], JobSpec]:
     """(save record of every cell, result of every cell that is not to run, the job with only
     the cells to run). A cell runs when its save job succeeded, wrote its checkpoint where the
     spec says and the item is not skipped."""
@@ -255,52 +262,58 @@ def _read_sources(spec: JobSpec) -> tuple[dict[str, dict], dict[str, dict], JobS
     for item in spec.items:
         for source in item.sources:
             unit = item.unit(source)
-            save = saves[unit] = read_json(source.save_record)
-            if save["status"] != "ok" and source.naming is not None:
-                results[unit] = {"status": "error", "reason": f"import: {save['reason']}"}
-            elif save["status"] != "ok":
-                results[unit] = {"status": "not_run", "reason": "the save job failed"}
+            save = saves[unit] = read_saved(source)
+            if save.status != "ok" and source.naming is not None:
+                results[unit] = LoadResult(status="error", reason=f"import: {save.reason}")
+            elif save.status != "ok":
+                results[unit] = LoadResult(status="not_run", reason="the save job failed")
             elif moved := _moved(source, save):
-                results[unit] = {"status": "error", "reason": moved}
+                results[unit] = LoadResult(status="error", reason=moved)
             elif item.skip:
-                results[unit] = {"status": "skip", "reason": item.skip}
+                results[unit] = LoadResult(status="skip", reason=item.skip)
             else:
                 to_run.add(unit)
     return saves, results, spec.narrowed(to_run)
 
 
-def _moved(source: Source, save: dict) -> str | None:
+def read_saved(source: Source) -> SaveRecord:
+    """The record a cell of ``source`` reads: its save record, or an existing checkpoint's
+    import record (ImportRecord)."""
+    typed = SaveRecord if source.naming is None else ImportRecord
+    return typed.from_dict(read_json(source.save_record))
+
+
+def _moved(source: Source, save: SaveRecord) -> str | None:
     """Why a save record names other folders than the spec (grid.source), or None."""
     for key in ("checkpoint", "reference"):
-        expected = getattr(source.paths, key)
-        if save.get(key, expected) != expected:
+        expected, named = getattr(source.paths, key), getattr(save, key)
+        if named != expected:
             return (
                 f"the save record {source.save_record} names another {key} "
-                f"({save[key]!r}, expected {expected!r})"
+                f"({named!r}, expected {expected!r})"
             )
     return None
 
 
-def cell_rows(item: ItemSpec, source: Source, saves: dict, results: dict) -> dict:
-    """{"cell": matrix row (with its verdict), "tensors": its tensor rows} of one cell, from
-    its save record and load result."""
+def cell_rows(
+    item: ItemSpec, source: Source, saves: dict[str, SaveRecord], results: dict[str, LoadResult]
+) -> CellRows:
+    """The matrix row (with its verdict) and tensor rows of one cell, from its save record and
+    load result."""
     from pipeline_lib.verify.records import cell_row, tensor_rows
 
-    unit = item.unit(source)
-    load = {**results[unit], "layout": item.layout, "torch_version": torch_version()}
-    return {
-        "cell": cell_row(item.model, saves[unit], load, item),
-        "tensors": tensor_rows(item.model, saves[unit], load, item.variant),
-    }
+    unit, torch = item.unit(source), torch_version()
+    return CellRows(
+        cell=cell_row(item.model, saves[unit], results[unit], item, torch),
+        tensors=tensor_rows(item.model, saves[unit], results[unit], item, torch),
+    )
 
 
-def load_record_of(item: ItemSpec, rows: list[dict], launches: int) -> dict:
+def load_record_of(item: ItemSpec, rows: list[CellRows], launches: int) -> LoadRecord:
     """The record of one load item: its cells' matrix rows and tensor rows (cell_rows)."""
-    record = {
-        "cells": [r["cell"] for r in rows],
-        "tensors": [t for r in rows for t in r["tensors"]],
-        "launches": launches,
-    }
-    if item.fault_tag is not None:
-        record["fault"] = asdict(item.fault_tag)
-    return record
+    return LoadRecord(
+        cells=[r.cell for r in rows],
+        tensors=[t for r in rows for t in r.tensors],
+        launches=launches,
+        fault=item.fault_tag,
+    )

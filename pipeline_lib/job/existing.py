@@ -30,9 +30,10 @@ from pipeline_lib.plan.specs import ExistingSpec
 from pipeline_lib.verify import hf_folder, untrusted
 from pipeline_lib.verify.checkpoint_names import EntryMap, Naming, partial_scheduler, place
 from pipeline_lib.verify.checkpoint_names import uncompared as uncompared_names
-from pipeline_lib.verify.entries import describe, entry_kind, flatten, leaves
+from pipeline_lib.verify.entries import entry_table, flatten, leaves
 from pipeline_lib.verify.readers import checkpoint_entries
 from pipeline_lib.verify.reference import Reference
+from pipeline_lib.verify.results import ImportRecord
 from pipeline_lib.verify.untrusted import SafeFileSystemReader, SafeLoadPlanner
 
 
@@ -81,27 +82,26 @@ def import_checkpoint(
         return
     fresh_dir(Path(spec.save_dir))
     record = _import(spec, progress)
-    write_json(spec.record, record)
-    if store and record["status"] == "ok":
+    write_json(spec.record, record.to_dict())
+    if store and record.status == "ok":
         store.keep_imported(spec)
 
 
-def _import(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
+def _import(spec: ExistingSpec, progress: Callable[[str], None]) -> ImportRecord:
     """The record of one import (its reference written when the checkpoint reads)."""
-    record = base_record(spec)
+    found = {}
     try:
         if spec.format == hf_folder.FORMAT:
-            record.update(_read_hf_folder(spec, progress), status="ok", reason="")
-            return record
+            return base_record(spec, "ok", **_read_hf_folder(spec, progress))
         progress("hashing .metadata")
-        record["metadata_sha256"] = metadata_sha256(spec.path)
-        record.update(_read(spec, progress), status="ok", reason="")
+        found["metadata_sha256"] = metadata_sha256(spec.path)
+        found.update(_read(spec, progress))
         if spec.manifest:
-            record["writer_manifest"] = writer_manifest(spec.manifest)
+            found["writer_manifest"] = writer_manifest(spec.manifest)
+        return base_record(spec, "ok", **found)
     except (Exception, CheckpointException) as exc:
         reason = printable(f"reading {spec.path}: {one_line(exc)}")
-        record.update(status="error", reason=reason)
-    return record
+        return base_record(spec, "error", reason, **found)
 
 
 PARTIAL_SCHEDULER = (
@@ -151,12 +151,8 @@ def _read(spec: ExistingSpec, progress: Callable[[str], None]) -> dict:
         flat.update(flatten({ours: places.value(ours, value)}))
     progress("writing the reference")
     Reference.write(spec.reference, flat, rank=0)
-    entries = {}
-    for name, value in flat.items():
-        dtype, shape = describe(value)
-        entries[name] = {"kind": entry_kind(name, params), "dtype": dtype, "shape": shape}
     return {
-        "entries": entries,
+        "entries": entry_table(flat, params),
         "excluded_entries": list(places.excluded),
         "unplaced_entries": list(places.unplaced),
         "flattened_optim": places.flattened_optim,
@@ -293,16 +289,12 @@ def _read_hf_folder(spec: ExistingSpec, progress: Callable[[str], None]) -> dict
     flat.update({alias: flat[first] for alias, first in tied.items()})
     progress("writing the reference")
     Reference.write(spec.reference, flat, rank=0)
-    entries = {}
-    for name, value in flat.items():
-        dtype, shape = describe(value)
-        entries[name] = {"kind": entry_kind(name, anatomy[2]), "dtype": dtype, "shape": shape}
     return {
         "metadata_sha256": folder.digest(),
         "format": hf_folder.FORMAT,
         "files": list(folder.files),
         "config_json": hf_folder.summary(found),
-        "entries": entries,
+        "entries": entry_table(flat, anatomy[2]),
         "excluded_entries": list(places.excluded),
         "unplaced_entries": list(places.unplaced),
         "tied_entries": tied,

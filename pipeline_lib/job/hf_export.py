@@ -19,7 +19,6 @@ Imports torch; transformers only through models._hf (HF models only).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,22 +31,12 @@ from pipeline_lib.common.errors import Incompatible, one_line
 from pipeline_lib.models import HF_KEY
 from pipeline_lib.models._common import step_generator
 from pipeline_lib.verify import faults
+from pipeline_lib.verify.results import ExportCheck
 
 FOLDER = "hf_export"
 PREFIX = "user_model."  # models._user.UserModel's attribute: not in the exported names
 LOGITS_STEP = 10**6  # the fixed batch: the step generator of a step no training reaches
 LOGITS_BATCH = 2
-
-
-@dataclass(frozen=True)
-class ExportCheck:
-    """Whether the export loads with from_pretrained equal to the saver ("" reason) or why not."""
-
-    loads: bool
-    reason: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def refuse_unless_hf(item) -> None:

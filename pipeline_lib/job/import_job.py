@@ -26,6 +26,7 @@ from pipeline_lib.common import timestamps
 from pipeline_lib.common.atomic import read_json, write_json
 from pipeline_lib.common.errors import printable
 from pipeline_lib.plan.specs import ExistingSpec
+from pipeline_lib.verify.results import ImportRecord
 
 # A child's marks are written at most this often (the same step repeated: reading entries).
 MARK_EVERY_S = 0.2
@@ -47,22 +48,25 @@ class Marks:
         write_json(self.path, {"step": step, "at": time.time()})
 
 
-def base_record(spec: ExistingSpec) -> dict:
-    """What every import record holds, whatever the import's outcome."""
+def base_record(spec: ExistingSpec, status: str, reason: str = "", **facts) -> ImportRecord:
+    """The import record of ``spec`` with ``status``, ``reason`` and ``facts`` (what the import
+    found), and what every import record holds, whatever the import's outcome."""
     from pipeline_lib.job.driver import torch_version
     from pipeline_lib.plan.grid import existing_layout
 
-    return {
-        "model": spec.model,
-        "layout": existing_layout(spec.name),
-        "checkpoint": spec.path,
-        "reference": spec.reference,
-        "config_hash": spec.config_hash,
-        "created_at": timestamps.now(),
-        "torch_version": torch_version(),
-        "existing": True,
-        "source_folder": str(Path(spec.path).resolve()),
-    }
+    return ImportRecord(
+        status=status,
+        reason=reason,
+        model=spec.model,
+        layout=existing_layout(spec.name),
+        checkpoint=spec.path,
+        reference=spec.reference,
+        config_hash=spec.config_hash,
+        created_at=timestamps.now(),
+        torch_version=torch_version(),
+        source_folder=str(Path(spec.path).resolve()),
+        **facts,
+    )
 
 
 def run(
@@ -97,6 +101,6 @@ def run(
         status, reason = "error", f"import exited with code {returncode} {where} (see its log)"
     else:
         return  # the child wrote the record
-    record = {**base_record(spec), "status": status, "reason": printable(reason)}
-    write_json(spec.record, record)
-    print(f"dcp-matrix: import of {spec.name}: {status}: {record['reason']}", file=sys.stderr)
+    record = base_record(spec, status, printable(reason))
+    write_json(spec.record, record.to_dict())
+    print(f"dcp-matrix: import of {spec.name}: {status}: {record.reason}", file=sys.stderr)

@@ -48,13 +48,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import psutil
 
 from pipeline_lib.common.atomic import read_json, write_json
+from pipeline_lib.common.json_form import checked_keys
 
 POLL_S = 0.1
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)\b.*)$")
@@ -160,19 +161,34 @@ def kill_children() -> None:
                 child.send_signal(signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class EndMark:
+    """A rank's end of its part of a launch (``work_dir/ENDED_DIR/rank-<rank>.json``): ok, or
+    error and why; the rank's process and when (time.time)."""
+
+    status: str
+    reason: str
+    pid: int
+    at: float
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EndMark:
+        return cls(**checked_keys(cls, data, every=True))
+
+
 def mark_ended(work_dir: str | Path, rank: int, status: str, reason: str = "") -> None:
     """Rank ``rank``'s part of the launch is over (``status`` ok, or error and why): every
     result it writes is written. Read by the launcher's watchdog (:class:`ExitWatch`)."""
-    mark = {"status": status, "reason": reason, "pid": os.getpid(), "at": time.time()}
-    write_json(Path(work_dir) / ENDED_DIR / f"rank-{rank}.json", mark)
+    mark = EndMark(status, reason, os.getpid(), time.time())
+    write_json(Path(work_dir) / ENDED_DIR / f"rank-{rank}.json", asdict(mark))
 
 
-def read_ends(work_dir: str | Path) -> dict[int, dict]:
+def read_ends(work_dir: str | Path) -> dict[int, EndMark]:
     """The end marks of the ranks of the current launch: {rank: mark}."""
     ends = {}
     for path in (Path(work_dir) / ENDED_DIR).glob("rank-*.json"):
         with contextlib.suppress(OSError, ValueError):  # a mark being replaced: next poll
-            ends[int(path.stem.removeprefix("rank-"))] = read_json(path)
+            ends[int(path.stem.removeprefix("rank-"))] = EndMark.from_dict(read_json(path))
     return ends
 
 
@@ -185,10 +201,10 @@ class ExitWatch:
     world_size: int
     grace_s: float = EXIT_GRACE_S
 
-    def due(self) -> dict[int, dict] | None:
+    def due(self) -> dict[int, EndMark] | None:
         """The marks, when they say the launch should be over; else None."""
         ends = read_ends(self.work_dir)
-        if len(ends) >= self.world_size or any(e["status"] != "ok" for e in ends.values()):
+        if len(ends) >= self.world_size or any(e.status != "ok" for e in ends.values()):
             return ends
         return None
 
@@ -214,7 +230,7 @@ class Watchdog(threading.Thread):
         self.kill = kill or kill_children
         self.exits = exits
         self.fired = False
-        self.hung_at_exit: dict[int, dict] | None = None
+        self.hung_at_exit: dict[int, EndMark] | None = None
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -518,7 +534,7 @@ class _SrunLauncher:
         return "error", f"srun exited with code {returncode}", "see the job log"
 
 
-def _ended_outcome(ends: dict[int, dict], grace_s: float, step: str, unit: str) -> Outcome:
+def _ended_outcome(ends: dict[int, EndMark], grace_s: float, step: str, unit: str) -> Outcome:
     """The outcome of a launch killed ``grace_s`` after its ranks' end marks (``ends``) said
     it was over: what the marks say (ok; or error, the first failing rank's reason), never a
     timeout or crash. The job's log tells."""
@@ -528,12 +544,12 @@ def _ended_outcome(ends: dict[int, dict], grace_s: float, step: str, unit: str) 
         "at exit inside torch: docs/torch-notes.md)",
         file=sys.stderr, flush=True,
     )  # fmt: skip
-    failed = sorted((rank, end) for rank, end in ends.items() if end["status"] != "ok")
+    failed = sorted((rank, end) for rank, end in ends.items() if end.status != "ok")
     if not failed:
         return Outcome("ok", "", step, unit)
     rank, end = failed[0]
     where = f"during {step}" if step else "during start-up"
-    return Outcome("error", f"rank {rank} raised {where}: {end['reason']}", step, unit)
+    return Outcome("error", f"rank {rank} raised {where}: {end.reason}", step, unit)
 
 
 def launch(

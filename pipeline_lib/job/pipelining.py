@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed.checkpoint import CheckpointException
 
 from pipeline_lib.common.errors import Incompatible, one_line
+from pipeline_lib.common.layout import Layout
 from pipeline_lib.models._common import split_batch
 
 
@@ -43,14 +44,14 @@ class PipelineSettings:
     group: Any  # ProcessGroup
 
     @classmethod
-    def of(cls, layout: dict, mesh, pp_dim: str) -> PipelineSettings:
+    def of(cls, layout: Layout, mesh, pp_dim: str) -> PipelineSettings:
         from pipeline_lib.frameworks import DEFAULT_MICROBATCHES, DEFAULT_PP_SCHEDULE
 
         return cls(
             stage=mesh.get_local_rank(pp_dim),
             stages=mesh[pp_dim].size(),
-            schedule=layout.get("schedule") or DEFAULT_PP_SCHEDULE,
-            microbatches=layout.get("microbatches") or DEFAULT_MICROBATCHES,
+            schedule=layout.schedule or DEFAULT_PP_SCHEDULE,
+            microbatches=layout.microbatches or DEFAULT_MICROBATCHES,
             group=mesh[pp_dim].get_group(),
         )
 

@@ -38,7 +38,9 @@ from pathlib import Path
 
 from pipeline_lib.common.atomic import read_json, write_json
 from pipeline_lib.common.fingerprint import code_version, digest, environment
+from pipeline_lib.common.json_form import FormError
 from pipeline_lib.plan.specs import ExistingSpec, ItemSpec, JobSpec, Source
+from pipeline_lib.verify.results import CellRows
 
 
 def _item_inputs(item: ItemSpec) -> dict:
@@ -152,12 +154,17 @@ class Store:
         reads = cell_reads(item, source)
         return self._key("cell", _item_inputs(item), source.to_dict(), record_hash, reads)
 
-    def cell(self, key: str) -> dict | None:
-        """{"cell": matrix row, "tensors": tensor rows} of an unchanged cell, else None."""
-        return self._read("cell", key)
+    def cell(self, key: str) -> CellRows | None:
+        """The rows of an unchanged cell, else None (also for rows of another form: the cell
+        runs again)."""
+        rows = self._read("cell", key)
+        try:
+            return None if rows is None else CellRows.from_dict(rows)
+        except FormError:
+            return None
 
-    def keep_cell(self, key: str, rows: dict) -> None:
-        write_json(self._path("cell", key), rows)
+    def keep_cell(self, key: str, rows: CellRows) -> None:
+        write_json(self._path("cell", key), rows.to_dict())
 
     def record_key(self, item: ItemSpec, cell_keys: list[str]) -> str:
         return self._key("load", _item_inputs(item), cell_keys)

@@ -24,6 +24,7 @@ from pipeline_lib.verify import checks, faults
 from pipeline_lib.verify.bitwise import compare
 from pipeline_lib.verify.readers import checkpoint_entries
 from pipeline_lib.verify.reference import Reference
+from pipeline_lib.verify.results import CheckResult, SaveResult, Timing
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Checkpointer:
         self.held: tuple | None = None  # ... past the next optimizer step
         self.pending: Callable[[], None] = lambda: None
 
-    def save(self, state: dict, paths, timing: dict) -> None:
+    def save(self, state: dict, paths, timing: Timing) -> None:
         self.pending()
         if faults.stale_save(self.fault):
             if self.first is None:
@@ -82,34 +83,34 @@ class Checkpointer:
 
 def run(job, item: Item, startup_s: float, steps: SaverSteps) -> None:
     """One save item of a sequence (``job``: the worker's Job)."""
-    unit, timing = item.id, {"startup_s": startup_s}
+    unit, timing = item.id, Timing(startup_s=startup_s)
     folders = sequence_steps.paths_by_step(item.variant, item.spec.paths, item.train)
     by_step = {step: sequence_steps.with_paths(item, paths) for step, paths in folders.items()}
     loaded = sequence_steps.loaded_step(item.variant, item.train)
     trainee, losses, saved = _train_and_save(job, item, by_step, steps, timing)
     with job.phase("files check", unit):
         files = job.convert_then_break(by_step[loaded])
-    if "error" in files:
-        job.write_result(unit, {"status": "error", "reason": files["error"]})
+    if files.error:
+        job.write_result(unit, SaveResult(status="error", reason=files.error))
         return
     with job.phase("files check", unit, timing, "files_check_s"):
         checked = {step: checks.files_vs_saver(by_step[step]) for step in by_step}
         pairs = list(itertools.pairwise(by_step))
         consecutive = [_consecutive(by_step[a], by_step[b], (a, b)) for a, b in pairs]
     flat, state_check, save_timing = saved[loaded]
-    timing.update(save_timing, convert_s=files.get("convert_s", 0.0))
-    done = {"state_check": state_check, "files_check": checked[loaded][0]}
-    done["files_error"] = checked[loaded][1]
-    if "fault_applied" in files:
-        done["fault_applied"] = files["fault_applied"]
-    result = steps.save_result(job, trainee, flat, ([], []), done, losses[loaded], timing)
-    result.update(save_step=loaded, save_steps=list(by_step))
+    timing.add(save_timing)
+    timing.convert_s = files.convert_s
     others = [step for step in by_step if step != loaded]
-    result["sequence"] = _other_checks(saved, checked, others) + consecutive
-    job.write_result(unit, result)
+    facts = SaveResult(
+        status="ok", reason="", state_check=state_check, files_check=checked[loaded][0],
+        files_error=checked[loaded][1], fault_applied=files.fault_applied, **losses[loaded],
+        timing=timing, save_step=loaded, save_steps=list(by_step),
+        sequence=_other_checks(saved, checked, others) + consecutive,
+    )  # fmt: skip
+    job.write_result(unit, steps.save_result(job, trainee, flat, ([], []), facts))
 
 
-def _train_and_save(job, item: Item, by_step: dict, steps: SaverSteps, timing: dict):
+def _train_and_save(job, item: Item, by_step: dict, steps: SaverSteps, timing: Timing):
     """Build, train, and at each step of ``by_step`` (step -> the item at that step's folders)
     the reference, check 0 and a save with the one checkpointer, training on between the saves
     and after the last. (trainee, the losses as the cells of each step see them: {step:
@@ -147,7 +148,7 @@ def _train_on(item: Item, trainee: Trainee, job, keeper: Checkpointer, start: in
 def _save_at(job, item: Item, trainee: Trainee, keeper: Checkpointer, steps: SaverSteps):
     """The saver's reference at this step (``item``'s paths), check 0, the save; (the saved
     state flattened, check 0, the save's timing)."""
-    unit, timing = item.id, {}
+    unit, timing = item.id, Timing()
     with job.phase("reference", unit):
         _, live_shared = steps.write_reference(item, job.placement, trainee, ([], {}), job.rank)
     with job.phase("state dict", unit):
@@ -158,7 +159,7 @@ def _save_at(job, item: Item, trainee: Trainee, keeper: Checkpointer, steps: Sav
     return flat, state_check, timing
 
 
-def _other_checks(saved: dict, checked: dict, others: list[int]) -> list[dict]:
+def _other_checks(saved: dict, checked: dict, others: list[int]) -> list[CheckResult]:
     """Checks 0 and 1 of the checkpoints the cells do not load, named with their step."""
     found = []
     for step in others:
@@ -169,11 +170,11 @@ def _other_checks(saved: dict, checked: dict, others: list[int]) -> list[dict]:
     return found
 
 
-def _consecutive(earlier: Item, later: Item, steps: tuple[int, int]) -> dict:
+def _consecutive(earlier: Item, later: Item, steps: tuple[int, int]) -> CheckResult | None:
     """The consecutive-checkpoints check of two checkpoints of the sequence: every rank reads a
     share of the later checkpoint's entries and the same entries of the earlier one (no process
     group), and compares the two with each other and the saver's references of the two steps
-    with each other. Rank 0 gets the check (sequence_steps.unchanged; {} on the other ranks)."""
+    with each other. Rank 0 gets the check (sequence_steps.unchanged; None on the other ranks)."""
     refs = [Reference(i.spec.paths.reference) for i in (earlier, later)]
     share = (dist.get_rank(), dist.get_world_size())
     changed, same, error = {}, {}, ""
@@ -191,7 +192,7 @@ def _consecutive(earlier: Item, later: Item, steps: tuple[int, int]) -> dict:
     every_rank = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object((changed, same, error), every_rank, dst=0)
     if every_rank is None:
-        return {}
+        return None
     errors = [e for _, _, e in every_rank if e]
     changed = {n: c for part, _, _ in every_rank for n, c in part.items()}
     same = {n: s for _, part, _ in every_rank for n, s in part.items()}

@@ -15,12 +15,11 @@ consecutive-checkpoints check from the facts the save job gathered.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import replace
 from typing import Any
 
 from pipeline_lib.plan.axes import Variant
 from pipeline_lib.plan.specs import CheckpointPaths
+from pipeline_lib.verify.results import CheckResult, EntryComparison
 
 # The saves of a sequence (the first and the last; more would check nothing new here).
 LENGTH = 2
@@ -58,10 +57,8 @@ def at_step(paths: CheckpointPaths, step: int) -> CheckpointPaths:
 
 
 def with_paths(item, paths: CheckpointPaths):
-    """A copy of a save item (training.Item) that writes and checks at ``paths``."""
-    other = copy.copy(item)
-    other.spec = replace(item.spec, paths=paths)
-    return other
+    """The save item (training.Item) that writes and checks at ``paths``."""
+    return item.changed(paths=paths)
 
 
 def as_loaded(item):
@@ -69,9 +66,7 @@ def as_loaded(item):
     checkpoint the cell loads, so that the resume trains on from there."""
     if not item.variant.saves_sequence:
         return item
-    other = copy.copy(item)
-    other.train = {**item.train, "steps": loaded_step(item.variant, item.train)}
-    return other
+    return item.changed(train={**item.train, "steps": loaded_step(item.variant, item.train)})
 
 
 def check_at(check: str, step: int) -> str:
@@ -79,22 +74,24 @@ def check_at(check: str, step: int) -> str:
     return f"{check} at step {step}"
 
 
-def unchanged(changed: dict[str, bool], same: dict[str, bool], steps: tuple[int, int]) -> dict:
+def unchanged(
+    changed: dict[str, bool], same: dict[str, bool], steps: tuple[int, int]
+) -> dict[str, EntryComparison]:
     """The consecutive-checkpoints check: per entry compared, ``changed`` (the saver's
     references at the two steps differ) and ``same`` (the two checkpoints hold equal values).
     An entry the saver changed that the checkpoints hold equal fails (a stale or repeated
     save), naming both steps; one the saver did not change (a learning rate, a frozen
-    parameter) may be equal. Entries as records.summarize reads them."""
+    parameter) may be equal."""
     first, then = steps
     note = f"equal in the checkpoints of steps {first} and {then}, though the saver's state changed"
     entries = {}
     for name in sorted(changed):
         stuck = changed[name] and same[name]
-        entries[name] = {"equal": not stuck, "max_abs_diff": None, "note": note if stuck else ""}
+        entries[name] = EntryComparison(not stuck, None, note if stuck else "")
     return entries
 
 
-def sequence_check(check: str, entries: dict, error: str = "") -> dict:
-    """One more check of a sequence's save record (``sequence``; records.verdict reads it):
+def sequence_check(check: str, entries: dict, error: str = "") -> CheckResult:
+    """One more check of a sequence's save result (``sequence``; records.verdict reads it):
     its name as the reason gives it, its entries, or why it could not run."""
-    return {"check": check, "entries": entries, "error": error}
+    return CheckResult(check, entries, error)

@@ -7,7 +7,6 @@ state seen two ways: through torch's state-dict API (``state_dict``) and from th
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,6 +19,7 @@ from pipeline_lib.common.errors import Incompatible
 from pipeline_lib.frameworks import Framework
 from pipeline_lib.job import checkpoint_io, optimizers, pipelining
 from pipeline_lib.models._common import batch_to, split_batch
+from pipeline_lib.plan.axes import Variant
 from pipeline_lib.plan.specs import ItemSpec
 from pipeline_lib.verify import faults
 from pipeline_lib.verify.entries import UNEXPECTED_ENTRY, flatten
@@ -29,18 +29,39 @@ from pipeline_lib.verify.live import Anatomy, live_state
 LOADER_SEED_OFFSET = 1_000_003
 
 
+@dataclass(frozen=True)
 class Item:
-    """One (variant, model) of a job as a rank runs it: its spec and the model's module."""
+    """One (variant, model) of a job as a rank runs it: its spec and the model's module. What
+    the worker changes for a step (an existing checkpoint's mode, a save sequence's paths and
+    loaded step) is a new item of a changed spec (``changed``): ``variant``, ``train`` and
+    ``id`` are always the spec's."""
 
-    def __init__(self, spec: ItemSpec):
-        self.spec, self.id, self.train, self.variant = spec, spec.id, spec.train, spec.variant
-        self.model_module = models.get(spec.model, spec.model_kwargs)
+    spec: ItemSpec
+    model_module: Any  # models.get's answer: has build(**model_kwargs)
+
+    @classmethod
+    def of(cls, spec: ItemSpec) -> Item:
+        return cls(spec, models.get(spec.model, spec.model_kwargs))
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def train(self) -> dict:
+        return self.spec.train
+
+    @property
+    def variant(self) -> Variant:
+        return self.spec.variant
+
+    def changed(self, **spec_fields) -> Item:
+        """This item with ``spec_fields`` of its spec replaced."""
+        return replace(self, spec=replace(self.spec, **spec_fields))
 
     def in_mode(self, mode: str) -> Item:
         """This item with the state-dict mode ``mode`` (an existing checkpoint's own)."""
-        other = copy.copy(self)
-        other.variant = replace(self.variant, mode=mode)
-        return other
+        return self.changed(variant=replace(self.variant, mode=mode))
 
 
 @dataclass(frozen=True)

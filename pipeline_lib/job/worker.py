@@ -18,6 +18,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import astuple, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from pipeline_lib import frameworks
 from pipeline_lib.common import timestamps
 from pipeline_lib.common.atomic import read_json, write_json
 from pipeline_lib.common.errors import Incompatible, log_traceback, one_line, whole_line
+from pipeline_lib.common.layout import Layout
 from pipeline_lib.job import (
     checkpoint_io,
     existing,
@@ -46,9 +48,10 @@ from pipeline_lib.plan.axes import layout_conflict
 from pipeline_lib.plan.specs import JobSpec, Source
 from pipeline_lib.verify import checks, faults, seal_file, sealed_mode
 from pipeline_lib.verify.bitwise import shared_storage
-from pipeline_lib.verify.entries import describe, entry_kind, flatten
+from pipeline_lib.verify.entries import entry_table, flatten
 from pipeline_lib.verify.hf_folder import FORMAT as HF_FOLDER
 from pipeline_lib.verify.reference import Reference, load_form_dir
+from pipeline_lib.verify.results import Env, LoadResult, SaveResult, Timing, result_type
 
 
 class Job:
@@ -67,31 +70,31 @@ class Job:
         dist.init_process_group(backend, timeout=timedelta(seconds=spec.run["cell_timeout_s"] * 2))
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.placement = _placement(spec.layout, device_type, device)
-        self.env = {
-            "torch_version": torch.__version__,
-            "python_version": platform.python_version(),
-            "backend": backend,
-            "device": device_type,
-            "hostname": platform.node(),
-            "threads_per_rank": torch.get_num_threads(),
-            "rank_start": "forkserver" if os.environ.get(launcher.SERVED_ENV) else "exec",
-        }
+        self.env = Env(
+            torch_version=torch.__version__,
+            python_version=platform.python_version(),
+            backend=backend,
+            device=device_type,
+            hostname=platform.node(),
+            threads_per_rank=torch.get_num_threads(),
+            rank_start="forkserver" if os.environ.get(launcher.SERVED_ENV) else "exec",
+        )
 
     def progress(self, step: str, unit: str) -> None:
         if self.rank == 0:
             write_json(self.work / "progress.json", {"step": step, "unit": unit, "at": time.time()})
 
     @contextlib.contextmanager
-    def phase(self, step: str, unit: str, timing: dict | None = None, key: str = ""):
-        """One phase of a unit: rank 0's progress mark (the watchdog's), then ``timing[key]``
+    def phase(self, step: str, unit: str, timing: Timing | None = None, key: str = ""):
+        """One phase of a unit: rank 0's progress mark (the watchdog's), then ``timing.<key>``
         = its seconds (when given)."""
         self.progress(step, unit)
         with timed(timing, key):
             yield
 
-    def write_result(self, name: str, result: dict) -> None:
+    def write_result(self, name: str, result: SaveResult | LoadResult) -> None:
         if self.rank == 0:
-            write_json(self.work / "results" / f"{name}.json", result)
+            write_json(self.work / "results" / f"{name}.json", result.to_dict())
 
     def inject(self, phase: str, fault: str | None) -> None:
         faults.inject(phase, fault, self.rank, self.world_size)
@@ -101,34 +104,50 @@ class Job:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return round(float(peak), 1)
 
-    def convert_then_break(self, item: Item) -> dict:
+    def convert_then_break(self, item: Item) -> FilesAccount:
         """Rank 0, once the checkpoint is written: the offline conversion of the variant's
         format, then the item's checkpoint fault, before any check reads the files. Every rank
-        gets rank 0's account: ``convert_s``, ``fault_applied`` or an ``error``."""
-        account, fault, paths = {}, item.spec.fault, item.spec.paths
+        gets rank 0's account (the other ranks wait in the broadcast)."""
+        account = FilesAccount()
         if self.rank == 0:
-            started = time.perf_counter()
-            try:
-                checkpoint_io.convert(item.variant, paths)
-                account["convert_s"] = time.perf_counter() - started
-                applied = faults.apply_to_checkpoint(fault, Path(paths.checkpoint))
-                if applied is not None:
-                    account["fault_applied"] = applied
-            except Exception as exc:  # the other ranks wait in the broadcast below
-                step = "conversion" if "convert_s" not in account else f"checkpoint fault {fault}"
-                account["error"] = f"{step}: {one_line(exc)}"
-        shared = [account]
+            account = _convert_then_break(item.variant, item.spec.paths, item.spec.fault)
+        shared = [astuple(account)]  # plain values: this module may run as __main__
         dist.broadcast_object_list(shared, src=0)
-        return shared[0]
+        return FilesAccount(*shared[0])
+
+
+@dataclass(frozen=True)
+class FilesAccount:
+    """What happened to the files between the save and check 1 (rank 0's account): the
+    offline conversion's seconds, what the campaign's checkpoint fault changed, or why either
+    failed."""
+
+    convert_s: float = 0.0
+    fault_applied: str | None = None
+    error: str = ""
+
+
+def _convert_then_break(variant, paths, fault: str | None) -> FilesAccount:
+    started = time.perf_counter()
+    try:
+        checkpoint_io.convert(variant, paths)
+    except Exception as exc:
+        return FilesAccount(error=f"conversion: {one_line(exc)}")
+    convert_s = time.perf_counter() - started
+    try:
+        applied = faults.apply_to_checkpoint(fault, Path(paths.checkpoint))
+    except Exception as exc:
+        return FilesAccount(convert_s, error=f"checkpoint fault {fault}: {one_line(exc)}")
+    return FilesAccount(convert_s, applied)
 
 
 @contextlib.contextmanager
-def timed(timing: dict | None, key: str):
-    """``timing[key]`` = the seconds the block took (nothing when ``timing`` is None)."""
+def timed(timing: Timing | None, key: str):
+    """``timing.<key>`` = the seconds the block took (nothing when ``timing`` is None)."""
     started = time.perf_counter()
     yield
     if timing is not None:
-        timing[key] = time.perf_counter() - started
+        setattr(timing, key, time.perf_counter() - started)
 
 
 def _device_and_backend(run: dict) -> tuple[str, str]:
@@ -141,16 +160,14 @@ def _device_and_backend(run: dict) -> tuple[str, str]:
     return device, backend
 
 
-def _placement(layout: dict, device_type: str, device: torch.device) -> Placement:
-    framework = frameworks.get(layout["framework"])
-    mesh = init_device_mesh(
-        device_type, tuple(layout["mesh"]), mesh_dim_names=tuple(layout["mesh_dims"])
-    )
+def _placement(layout: Layout, device_type: str, device: torch.device) -> Placement:
+    framework = frameworks.get(layout.framework)
+    mesh = init_device_mesh(device_type, layout.mesh, mesh_dim_names=layout.mesh_dims)
     dp_rank, dp_size = 0, 1
     for dim in framework.data_parallel_dims:
         dp_rank = dp_rank * mesh[dim].size() + mesh.get_local_rank(dim)
         dp_size *= mesh[dim].size()
-    tp_degree = mesh[layout["tp_dim"]].size() if layout["tp_dim"] else 1
+    tp_degree = mesh[layout.tp_dim].size() if layout.tp_dim else 1
     pipeline = None
     if framework.pp_dim:
         pipeline = PipelineSettings.of(layout, mesh, framework.pp_dim)
@@ -163,7 +180,7 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
         steps = sequence_saver.SaverSteps(write_reference, saved_state, save_result)
         return sequence_saver.run(job, item, startup_s, steps)
     paths, settings, variant, fault = item.spec.paths, item.train, item.variant, item.spec.fault
-    at, unit, timing = job.placement, item.id, {"startup_s": startup_s}
+    at, unit, timing = job.placement, item.id, Timing(startup_s=startup_s)
     if variant.exports_hf:
         hf_export.refuse_unless_hf(item)
     with job.phase("build", unit, timing, "build_s"):
@@ -194,40 +211,45 @@ def run_save(job: Job, item: Item, startup_s: float) -> None:
             item, at, trainee, settings["steps"], settings["resume_steps"]
         )
     wait()
-    if sealed is None:
-        with job.phase("files check", unit):
-            files = job.convert_then_break(item)
-        if "error" not in files:
-            with job.phase("files check", unit, timing, "files_check_s"):
-                files_check, files_error = checks.files_vs_saver(item)
-    else:
-        files, files_check, files_error = sealed
-    if "error" in files:
-        job.write_result(unit, {"status": "error", "reason": files["error"]})
+    files, files_check, files_error = sealed or check_files(job, item, timing)
+    if files.error:
+        job.write_result(unit, SaveResult(status="error", reason=files.error))
         return
-    timing["convert_s"] = files.get("convert_s", 0.0)
-    checks_done = {"state_check": state_check, "files_check": files_check}
-    checks_done["files_error"] = files_error
-    if export is not None:
-        checks_done["hf_export"] = export.to_dict()
-    if "fault_applied" in files:
-        checks_done["fault_applied"] = files["fault_applied"]
-    losses = {"train_losses": train_losses, "resume_losses": resume_losses}
-    losses["loss_source"] = training.loss_source(trainee)
+    timing.convert_s = files.convert_s
+    facts = SaveResult(
+        status="ok", reason="", state_check=state_check, files_check=files_check,
+        files_error=files_error, hf_export=export, fault_applied=files.fault_applied,
+        train_losses=train_losses, resume_losses=resume_losses,
+        loss_source=training.loss_source(trainee), timing=timing,
+    )  # fmt: skip
     changed = (dropped, sorted(f"model.{k}" for k in added))
-    job.write_result(unit, save_result(job, trainee, flat, changed, checks_done, losses, timing))
+    job.write_result(unit, save_result(job, trainee, flat, changed, facts))
     with job.phase("reload", unit):
         reload_in_saver(job, item, trainee)
 
 
-def check_and_seal(job: Job, item: Item, live: dict, timing: dict) -> tuple[dict, dict, str]:
+def check_files(job: Job, item: Item, timing: Timing) -> tuple[FilesAccount, dict, str]:
+    """Once the save completed: the conversion and checkpoint fault (``convert_then_break``),
+    then check 1 of the files against the saver's reference. (account, check 1, reason the
+    files cannot be read)."""
+    with job.phase("files check", item.id):
+        files = job.convert_then_break(item)
+    if files.error:
+        return files, {}, ""
+    with job.phase("files check", item.id, timing, "files_check_s"):
+        return (files, *checks.files_vs_saver(item))
+
+
+def check_and_seal(
+    job: Job, item: Item, live: dict, timing: Timing
+) -> tuple[FilesAccount, dict, str]:
     """Sealed mode, before the resume changes the live state: the conversion and checkpoint
     fault (``convert_then_break``), check 1 of the files against the live state, then the seal
     (and a sealed fault after it). (account, check 1, reason the files cannot be read)."""
     paths, variant, unit = item.spec.paths, item.variant, item.id
     with job.phase("files check", unit):
         files = job.convert_then_break(item)
-    if "error" in files:
+    if files.error:
         return files, {}, ""
     with job.phase("files check", unit, timing, "files_check_s"):
         files_check, files_error = sealed_mode.files_vs_live(variant, paths, live)
@@ -236,7 +258,7 @@ def check_and_seal(job: Job, item: Item, live: dict, timing: dict) -> tuple[dict
     if job.rank == 0 and (
         broken := faults.apply_after_seal(item.spec.fault, Path(paths.read_by(variant)))
     ):
-        files["fault_applied"] = broken
+        files = replace(files, fault_applied=broken)
     return files, files_check, files_error
 
 
@@ -261,25 +283,22 @@ def saved_state(item: Item, trainee: Trainee, changed, live_shared) -> tuple[dic
     return state, flat, state_check
 
 
-def save_result(job: Job, t: Trainee, flat: dict, changed, checks_done, losses, timing) -> dict:
-    """A save item's result (rank 0's; the driver makes it the save record)."""
-    return {
-        "status": "ok",
-        "reason": "",
-        **checks_done,
-        **losses,
-        "entries": entry_table(flat, t) if job.rank == 0 else {},
+def save_result(job: Job, t: Trainee, flat: dict, changed, facts: SaveResult) -> SaveResult:
+    """A save item's result (rank 0's; the driver makes it the save record): ``facts``, its
+    checks, losses and timing, with what every save item reports besides."""
+    return replace(
+        facts,
+        entries=entry_table(flat, t.param_names) if job.rank == 0 else {},
         # The entries the saver left out and added on purpose.
-        "dropped_entries": changed[0],
-        "added_entries": changed[1],
+        dropped_entries=changed[0],
+        added_entries=changed[1],
         # ignore_frozen_params: none of these may be in the state the saver wrote.
-        "frozen_saved": sorted(
+        frozen_saved=sorted(
             n for n in flat if t.ignores_frozen and n.removeprefix("model.") in t.frozen
         ),
-        "timing": timing,
-        "peak_rss_mb": job.peak_rss_mb(),
-        "env": job.env,
-    }
+        peak_rss_mb=job.peak_rss_mb(),
+        env=job.env,
+    )
 
 
 def write_reference(item: Item, at: Placement, t: Trainee, changed: tuple, rank: int):
@@ -303,15 +322,6 @@ def write_reference(item: Item, at: Placement, t: Trainee, changed: tuple, rank:
     return live, notes
 
 
-def entry_table(flat: dict, t: Trainee) -> dict:
-    """Kind, dtype and shape of every entry of the saved state (tensors.parquet)."""
-    table = {}
-    for name, value in flat.items():
-        dtype, shape = describe(value)
-        table[name] = {"kind": entry_kind(name, t.param_names), "dtype": dtype, "shape": shape}
-    return table
-
-
 def reload_in_saver(job: Job, item: Item, trainee: Trainee) -> None:
     """load_process saver: the saver's process loads its checkpoint right after the save into
     its own model and optimizer (trained ``resume_steps`` on since), checks it and resumes, as
@@ -322,16 +332,16 @@ def reload_in_saver(job: Job, item: Item, trainee: Trainee) -> None:
         return
     paths, fault = item.spec.paths, item.spec.fault
     source = Source(id=item.id, layout=item.spec.layout, paths=paths, save_record="", fault=fault)
-    timing: dict = {}
+    timing = Timing()
     try:
         with timed(timing, "build_s"):
             state = training.state_dict(item, trainee, fault=fault, side="load")
         result = load_into(job, item, trainee, state, source, timing)
     except (Exception, CheckpointException) as exc:
         log_traceback(f"reload of {item.id} in the saver", exc)
-        result = {"status": "error", "reason": f"reload in the saver: {one_line(exc)}"}
+        result = LoadResult(status="error", reason=f"reload in the saver: {one_line(exc)}")
     if job.rank == 0:
-        write_json(saver_reload_path(paths.reference), result)
+        write_json(saver_reload_path(paths.reference), result.to_dict())
 
 
 def saver_reload_path(reference: str) -> str:
@@ -339,16 +349,16 @@ def saver_reload_path(reference: str) -> str:
     return f"{os.path.dirname(reference)}/saver_reload.json"
 
 
-def saver_reload(job: Job, source: Source) -> dict:
+def saver_reload(job: Job, source: Source) -> LoadResult:
     """The cell of load_process saver: the result the saver's process wrote, for the cell of its
     own layout; any other load layout is ``skip``."""
-    if source.layout["name"] != job.spec.layout["name"]:
+    if source.layout.name != job.spec.layout.name:
         reason = "load_process saver: the saver's own process loads under its own layout only"
-        return {"status": "skip", "reason": reason}
-    return read_json(saver_reload_path(source.paths.reference))
+        return LoadResult(status="skip", reason=reason)
+    return LoadResult.from_dict(read_json(saver_reload_path(source.paths.reference)))
 
 
-def load_one(job: Job, item: Item, source: Source) -> dict:
+def load_one(job: Job, item: Item, source: Source) -> LoadResult:
     """One load cell: build with another init, load, check 2, resume (load_process saver: the
     saver's process did so, ``saver_reload``)."""
     if item.variant.load_process == "saver":
@@ -361,7 +371,7 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
         places = find(source.paths.checkpoint, source.naming, spec.model, spec.model_kwargs)
         item = item.in_mode("flattened_optim" if places.flattened_optim else "sharded")
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
-    timing: dict = {}
+    timing = Timing()
     with timed(timing, "build_s"):
         seed, meta = settings["seed"] + LOADER_SEED_OFFSET, variant.load_init == "meta"
         base_seed = training.base_seed(item)
@@ -371,41 +381,32 @@ def load_one(job: Job, item: Item, source: Source) -> dict:
 
 
 def load_into(
-    job: Job, item: Item, trainee: Trainee, state: dict, source: Source, timing, places=None
-) -> dict:
+    job: Job,
+    item: Item,
+    trainee: Trainee,
+    state: dict,
+    source: Source,
+    timing: Timing,
+    places=None,
+) -> LoadResult:
     """Load ``source`` into ``trainee`` (``state``: its state dict in the loader's mode; an
     existing checkpoint's under its ``places``), check 2, resume; the cell's result (``timing``
     gets load_s, verify_s, resume_s)."""
     settings, fault, variant, at = item.train, source.fault, item.variant, job.placement
-    report = checkpoint_io.LoadReport()
     sealed = sealed_mode.sealed_source(item, source)
     if sealed:
         with timed(timing, "seal_s"):
             broken = sealed_mode.check_seal(source.paths.read_by(variant))
         if broken:
-            return {"status": "ok", "reason": "", "seal_ok": False, "seal_error": broken,
-                    "timing": timing}  # fmt: skip
+            return LoadResult(
+                status="ok", reason="", seal_ok=False, seal_error=broken, timing=timing
+            )
     with timed(timing, "load_s"):
-        job.inject("load", fault)
-        try:
-            if fault == "skip_load":
-                pass
-            elif places is not None:
-                opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
-                load = existing.load_hf_folder if source.format == HF_FOLDER else existing.load
-                load(trainee, state, source.paths.checkpoint, places, opts)
-                report = checkpoint_io.LoadReport(uncompared=existing.uncompared(source, state))
-            else:
-                with stages_agree(at.pipeline is not None):
-                    report = checkpoint_io.read(variant, trainee, state, source.paths, fault)
-        except (CheckpointException, RuntimeError) as exc:
-            if not _expected_failure(variant, exc):
-                raise
-            # The expected outcome of a strict load of a checkpoint with an entry left out
-            # (dcp.load's CheckpointException) or added (set_state_dict's RuntimeError).
-            error = one_line(exc) if isinstance(exc, CheckpointException) else whole_line(exc)
-            result = {"status": "ok", "reason": "", "strict_error": error, "timing": timing}
-            return {**result, **({"seal_ok": True} if sealed else {})}
+        report, strict_error = read_source(job, item, trainee, state, source, places)
+    if strict_error is not None:
+        return LoadResult(
+            status="ok", reason="", strict_error=strict_error, timing=timing, seal_ok=sealed or None
+        )
     model_only = places is not None and places.model_only
     with timed(timing, "verify_s"):
         through_api, from_live = training.loaded_state(item, at, trainee, fault)
@@ -421,20 +422,47 @@ def load_into(
             resume = training.train(item, at, trainee, settings["steps"], settings["resume_steps"])
     except (Exception, CheckpointException) as exc:  # check 2's findings stay in the record
         log_traceback(f"resume of cell {source.id}", exc)
-        return {"status": "error", "reason": f"resume: {one_line(exc)}", "entries": entries,
-                "timing": timing}  # fmt: skip
-    return {
-        "status": "ok",
-        "reason": "",
-        "entries": entries,
-        "missing_entries": report.missing,
-        "unexpected_entries": report.unexpected,
-        **({"uncompared_entries": report.uncompared} if report.uncompared else {}),
-        "resume_losses": resume,
-        "resume_optimizer": "fresh" if model_only else "loaded",
-        "timing": timing,
-        **({"seal_ok": True} if sealed else {}),
-    }
+        reason = f"resume: {one_line(exc)}"
+        return LoadResult(status="error", reason=reason, entries=entries, timing=timing)
+    return LoadResult(
+        status="ok",
+        reason="",
+        entries=entries,
+        missing_entries=report.missing,
+        unexpected_entries=report.unexpected,
+        uncompared_entries=report.uncompared or None,
+        resume_losses=resume,
+        resume_optimizer="fresh" if model_only else "loaded",
+        timing=timing,
+        seal_ok=sealed or None,
+    )
+
+
+def read_source(
+    job: Job, item: Item, trainee: Trainee, state: dict, source: Source, places
+) -> tuple[checkpoint_io.LoadReport, str | None]:
+    """The load of ``source`` into ``trainee`` the variant's way (an existing checkpoint's
+    under its ``places``): (the non-strict load's account, None), or (an empty account, the
+    error of a strict load that failed as its mode expects)."""
+    variant, fault = item.variant, source.fault
+    job.inject("load", fault)
+    try:
+        if fault == "skip_load":
+            return checkpoint_io.LoadReport(), None
+        if places is not None:
+            opts = checkpoint_io.options(variant, bool(trainee.frozen), False, side="load")
+            load = existing.load_hf_folder if source.format == HF_FOLDER else existing.load
+            load(trainee, state, source.paths.checkpoint, places, opts)
+            return checkpoint_io.LoadReport(uncompared=existing.uncompared(source, state)), None
+        with stages_agree(job.placement.pipeline is not None):
+            return checkpoint_io.read(variant, trainee, state, source.paths, fault), None
+    except (CheckpointException, RuntimeError) as exc:
+        if not _expected_failure(variant, exc):
+            raise
+        # The expected outcome of a strict load of a checkpoint with an entry left out
+        # (dcp.load's CheckpointException) or added (set_state_dict's RuntimeError).
+        error = one_line(exc) if isinstance(exc, CheckpointException) else whole_line(exc)
+        return checkpoint_io.LoadReport(), error
 
 
 def _expected_failure(variant, exc: BaseException) -> bool:
@@ -455,10 +483,12 @@ def run_load(job: Job, item: Item, startup_s: float) -> None:
             raise
         except (Exception, CheckpointException) as exc:
             log_traceback(f"cell {source.id}", exc)
-            result = {"status": "error", "reason": one_line(exc)}
-        result["timing"] = {**result.get("timing", {}), "startup_s": startup_s}
-        result.update(peak_rss_mb=job.peak_rss_mb(), env=job.env, created_at=timestamps.now())
-        job.write_result(unit, result)
+            result = LoadResult(status="error", reason=one_line(exc))
+        timing = replace(result.timing or Timing(), startup_s=startup_s)
+        job.write_result(unit, replace(
+            result, timing=timing, peak_rss_mb=job.peak_rss_mb(), env=job.env,
+            created_at=timestamps.now(),
+        ))  # fmt: skip
 
 
 def run_item(job: Job, item: Item, startup_s: float) -> None:
@@ -470,7 +500,7 @@ def run_item(job: Job, item: Item, startup_s: float) -> None:
         if job.spec.kind == "load":
             units = [item.spec.unit(source) for source in item.spec.sources]
         for unit in units:
-            job.write_result(unit, {"status": "skip", "reason": str(exc)})
+            job.write_result(unit, result_type(job.spec.kind)(status="skip", reason=str(exc)))
 
 
 @record
@@ -481,9 +511,9 @@ def main(argv: list[str] | None = None) -> None:
     startup_s = time.time() - spec.launched_at
     try:
         for item in spec.items:
-            run_item(job, Item(item), startup_s)
+            run_item(job, Item.of(item), startup_s)
     except (Exception, CheckpointException) as exc:
-        job.write_result("job", {"status": "error", "reason": one_line(exc)})
+        job.write_result("job", result_type(spec.kind)(status="error", reason=one_line(exc)))
         launcher.mark_ended(job.work, job.rank, "error", one_line(exc))
         raise
     else:

@@ -149,7 +149,7 @@ def job_bytes(spec: JobSpec, unbuildable_ok: bool = False) -> Estimate:
     ``unbuildable_ok``: an item whose model cannot be built counts nothing (its ranks fail
     building it and record why) instead of raising ModelBuildError."""
     estimate = Estimate({"records": PER_JOB})
-    world = spec.layout["world_size"]
+    world = spec.layout.world_size
     for item in spec.items:
         if item.skip:
             continue
@@ -213,6 +213,6 @@ def room_error(spec: JobSpec, folder: str | Path) -> str | None:
     if free >= need.total * REFUSE_BELOW:
         return None
     return (
-        f"not enough disk space: the {spec.kind} job of {spec.layout['name']} needs "
+        f"not enough disk space: the {spec.kind} job of {spec.layout.name} needs "
         f"{need}, {human_bytes(free)} free on the filesystem of {folder}; nothing was run"
     )

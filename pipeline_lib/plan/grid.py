@@ -10,11 +10,11 @@ start-up of a launch costs more than most of its cells.)
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 from pipeline_lib import frameworks, models
 from pipeline_lib.common import name_rule
+from pipeline_lib.common.layout import Layout
 from pipeline_lib.plan.axes import DEFAULT, Variant, conflict, layout_conflict, variants
 from pipeline_lib.plan.schema import config_hash
 from pipeline_lib.plan.specs import (
@@ -28,31 +28,6 @@ from pipeline_lib.plan.specs import (
 from pipeline_lib.verify import faults
 
 RESULTS = "results"
-
-
-@dataclass(frozen=True)
-class Layout:
-    name: str
-    framework: str
-    mesh: tuple[int, ...]
-    mesh_dims: tuple[str, ...]
-    tp_dim: str | None
-    # Pipeline-parallel frameworks only (None for others): the schedule and its microbatches.
-    schedule: str | None = None
-    microbatches: int | None = None
-
-    @property
-    def world_size(self) -> int:
-        return math.prod(self.mesh)
-
-    @property
-    def tp_degree(self) -> int:
-        return dict(zip(self.mesh_dims, self.mesh, strict=True))[self.tp_dim] if self.tp_dim else 1
-
-    def to_dict(self) -> dict:
-        """The layout as job specs and records hold it (JSON's lists for the tuples)."""
-        data = {**asdict(self), "world_size": self.world_size}
-        return {**data, "mesh": list(self.mesh), "mesh_dims": list(self.mesh_dims)}
 
 
 @dataclass(frozen=True)
@@ -240,7 +215,7 @@ def _item(config: dict, kind: str, model: str, layout: str, record: str, variant
         kind=kind,
         id="0",
         model=model,
-        layout=on.to_dict(),
+        layout=on,
         variant=variant,
         skip=skip_reason(variant, kind, on),
         train=config["train"],
@@ -279,7 +254,7 @@ def source(config: dict, model: str, layout: str, root: str, version: str | None
     return Source(
         # Unique within the job: the same layout may come from two torch versions.
         id=layout if version is None else f"{version}.{layout}",
-        layout=layouts(config)[layout].to_dict(),
+        layout=layouts(config)[layout],
         paths=checkpoint_paths(model, layout, root),
         save_record=save_record_path(model, layout, root),
     )
@@ -314,7 +289,7 @@ def job_spec(
     an item's ``id`` is its index."""
     return JobSpec(
         kind=kind,
-        layout=layouts(config)[layout].to_dict(),
+        layout=layouts(config)[layout],
         run=config["run"],
         work_dir=work_dir,
         items=tuple(replace(item, id=str(i)) for i, item in enumerate(items)),
@@ -415,11 +390,10 @@ def existing_spec(config: dict, name: str) -> ExistingSpec:
     )
 
 
-def existing_layout(name: str) -> dict:
+def existing_layout(name: str) -> Layout:
     """An existing checkpoint in the save layout's place (columns save_layout, save_framework):
     its name; the layout that wrote it is not known."""
-    return {"name": name, "framework": "existing", "mesh": [], "mesh_dims": [], "tp_dim": None,
-            "world_size": None}  # fmt: skip
+    return Layout.existing(name)
 
 
 def existing_conflict(variant: Variant) -> str | None:

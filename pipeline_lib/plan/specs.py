@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from pipeline_lib.common.layout import Layout
 from pipeline_lib.plan.axes import Variant
+from pipeline_lib.verify.results import FaultTag
 
 
 class SpecError(ValueError):
@@ -49,7 +51,7 @@ class Source:
     """A checkpoint a load item verifies: a save layout (and save torch version)."""
 
     id: str  # unique within the job: "<layout>" or "<torch version>.<layout>"
-    layout: dict
+    layout: Layout
     paths: CheckpointPaths
     save_record: str
     fault: str | None = None  # a load- or state-stage fault of the campaign
@@ -64,10 +66,12 @@ class Source:
     def from_dict(cls, data: dict) -> Source:
         data = dict(data)
         paths = CheckpointPaths.pop_from(data)
+        data["layout"] = Layout.from_dict(data["layout"])
         return cls(paths=paths, **_take(data, cls))
 
     def to_dict(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k != "paths"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "paths"}
+        data["layout"] = self.layout.to_dict()
         return {**{k: v for k, v in data.items() if v is not None}, **asdict(self.paths)}
 
 
@@ -98,15 +102,6 @@ class ExistingSpec:
 
 
 @dataclass(frozen=True)
-class FaultTag:
-    """A fault-campaign load item's account of its fault (selftest reads it from the record)."""
-
-    name: str
-    expect: str
-    id: str
-
-
-@dataclass(frozen=True)
 class ItemSpec:
     """One (variant, model) of a job: a save item writes ``paths``; a load item verifies every
     one of its ``sources``."""
@@ -114,7 +109,7 @@ class ItemSpec:
     kind: str  # save or load
     id: str  # its index in the job
     model: str
-    layout: dict
+    layout: Layout
     variant: Variant
     skip: str | None  # why the variant cannot run on this layout (every unit is ``skip``)
     train: dict
@@ -137,8 +132,9 @@ class ItemSpec:
         else:
             data["sources"] = tuple(Source.from_dict(s) for s in data.get("sources", ()))
             if isinstance(data.get("fault"), dict):
-                data["fault_tag"] = FaultTag(**data.pop("fault"))
+                data["fault_tag"] = FaultTag.from_dict(data.pop("fault"))
         data["variant"] = Variant(**data["variant"])
+        data["layout"] = Layout.from_dict(data["layout"])
         return cls(**_take(data, cls))
 
     def to_dict(self) -> dict:
@@ -146,7 +142,7 @@ class ItemSpec:
             "kind": self.kind,
             "id": self.id,
             "model": self.model,
-            "layout": self.layout,
+            "layout": self.layout.to_dict(),
             "variant": self.variant.to_dict(),
             "skip": self.skip,
             "train": self.train,
@@ -161,7 +157,7 @@ class ItemSpec:
         else:
             data.update(verify=self.verify, sources=[s.to_dict() for s in self.sources])
             if self.fault_tag is not None:
-                data["fault"] = asdict(self.fault_tag)
+                data["fault"] = self.fault_tag.to_dict()
         if self.model_kwargs:
             data["model_kwargs"] = self.model_kwargs
         return data
@@ -181,7 +177,7 @@ class JobSpec:
     """One torchrun launch of ``layout`` running ``items`` in order."""
 
     kind: str  # save or load
-    layout: dict
+    layout: Layout
     run: dict
     work_dir: str
     items: tuple[ItemSpec, ...]
@@ -194,11 +190,13 @@ class JobSpec:
     def from_dict(cls, data: dict) -> JobSpec:
         data = dict(data)
         data["items"] = tuple(ItemSpec.from_dict(item) for item in data["items"])
+        data["layout"] = Layout.from_dict(data["layout"])
         return cls(**_take(data, cls))
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["items"] = [item.to_dict() for item in self.items]
+        data["layout"] = self.layout.to_dict()
         return {k: v for k, v in data.items() if v is not None}
 
     def narrowed(self, units: set[str]) -> JobSpec:

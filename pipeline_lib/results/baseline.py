@@ -133,23 +133,26 @@ def planned_skip(row: dict) -> tuple[str, str] | None:
     values and world sizes alone (pipeline_lib.plan.axes), as the grid decides it for the jobs."""
     from pipeline_lib.plan.axes import Variant, conflict, layout_conflict
     from pipeline_lib.verify.records import verdict
+    from pipeline_lib.verify.results import LoadResult, SaveResult
 
     variant = Variant(**{axis: row[axis] for axis in AXIS_COLUMNS})
-    results = {}
+    reasons = []
     for side in ("save", "load"):
         world_size = row.get(f"{side}_world_size")
         # An existing checkpoint's side is its import job, which skips nothing.
         existing = side == "save" and row.get("save_framework") == "existing"
-        reason = (
+        reasons.append(
             None
             if existing
             else conflict(variant) or layout_conflict(variant, side, _int(world_size))
         )
-        results[side] = {"status": "skip", "reason": reason} if reason else {"status": "pass"}
-    if all(r["status"] == "pass" for r in results.values()):
+    if not any(reasons):
         return None
-    side = "save" if results["save"]["status"] == "skip" else "load"
-    return side, verdict(results["save"], results["load"], 0.0)[1]
+    save, load = (
+        typed(status="skip" if why else "ok", reason=why or "")
+        for typed, why in zip((SaveResult, LoadResult), reasons, strict=True)
+    )
+    return "save" if reasons[0] else "load", verdict(save, load, 0.0)[1]
 
 
 def _int(value) -> int | None:

@@ -1,6 +1,7 @@
-"""One Python file made of the pipeline's own code: the functions, classes and constants that a set
-of roots reaches, copied from their modules' source (comments kept), so that the file runs what the
-pipeline runs and changes when the pipeline does (a reproducer: pipeline_lib.results.reproducer).
+"""One Python file made of the pipeline's own code: the functions, classes and constants that a
+set of roots reaches, copied from their modules' source (comments kept), so that the file runs
+what the pipeline runs and changes when the pipeline does (a reproducer:
+pipeline_lib.results.reproducer).
 
 What a definition names is found in its syntax tree, scope by scope (a function's own variables
 are left alone): a definition of its module, a name imported from another pipeline_lib module,

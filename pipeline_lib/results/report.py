@@ -610,42 +610,60 @@ def collapse(group: pd.DataFrame, matrix: pd.DataFrame) -> str:
     return f"{', '.join(parts)} ({n} cell{'s' if n != 1 else ''})"
 
 
-def finding_groups(cells: pd.DataFrame, reproducers: str = "results/reproducers") -> list[dict]:
-    """Non-pass cells grouped by status and reason signature, problems first, skips last."""
-    from pipeline_lib.results.reproducer import cell_id
+@dataclass(frozen=True)
+class FindingGroup:
+    """One row of the report's findings: the non-pass cells of one status and reason
+    signature, in words (collapse), their torch releases, an example reason, the first cell's
+    reproducer ("" for skips and existing checkpoints) and, with a baseline, the comparisons."""
 
+    status: str
+    signature: str
+    count: int
+    cells: str
+    releases: str
+    example: str
+    reproducer: str
+    comparison: str
+
+
+def finding_groups(
+    cells: pd.DataFrame, reproducers: str = "results/reproducers"
+) -> list[FindingGroup]:
+    """Non-pass cells grouped by status and reason signature, problems first, skips last."""
     cells = cells.copy()
     if "signature" not in cells:
         cells["signature"] = [signature(r) for r in cells.reason]
-    groups = []
     keys = ["status", "signature"] + (["baseline_finding"] if "baseline_finding" in cells else [])
-    for key, group in cells[cells.status != "pass"].groupby(keys, sort=False):
-        status, sig = key[0], key[1]
-        releases = sorted(set(group.save_torch_version) | set(group.load_torch_version))
-        first = group.iloc[0].to_dict()
-        groups.append(
-            {
-                "status": status,
-                "signature": sig,
-                "count": len(group),
-                "cells": collapse(group, cells),
-                "releases": ", ".join(map(str, releases)),
-                "example": str(first["reason"]),
-                # An existing checkpoint's cells have none: the checkpoint is the reproducer.
-                "reproducer": ""
-                if status == "skip" or first.get("save_framework") == "existing"
-                else f"{reproducers}/{cell_id(first)}/repro.py",
-                "comparison": ", ".join(
-                    f"{c} {n}" for c, n in group.comparison.value_counts().items()
-                )
-                if "comparison" in group
-                else "",
-            }
-        )
+    groups = [
+        _finding_group(key[0], key[1], group, cells, reproducers)
+        for key, group in cells[cells.status != "pass"].groupby(keys, sort=False)
+    ]
     # A status this version does not know (a newer record) sorts last.
     rank = {status: i for i, status in enumerate(STATUSES)}
-    groups.sort(key=lambda g: (rank.get(g["status"], len(rank)), -g["count"]))
+    groups.sort(key=lambda g: (rank.get(g.status, len(rank)), -g.count))
     return groups
+
+
+def _finding_group(
+    status: str, sig: str, group: pd.DataFrame, cells: pd.DataFrame, reproducers: str
+) -> FindingGroup:
+    from pipeline_lib.results.reproducer import cell_id
+
+    releases = sorted(set(group.save_torch_version) | set(group.load_torch_version))
+    first = group.iloc[0].to_dict()
+    # An existing checkpoint's cells have none: the checkpoint is the reproducer.
+    no_reproducer = status == "skip" or first.get("save_framework") == "existing"
+    counts = group.comparison.value_counts().items() if "comparison" in group else ()
+    return FindingGroup(
+        status=status,
+        signature=sig,
+        count=len(group),
+        cells=collapse(group, cells),
+        releases=", ".join(map(str, releases)),
+        example=str(first["reason"]),
+        reproducer="" if no_reproducer else f"{reproducers}/{cell_id(first)}/repro.py",
+        comparison=", ".join(f"{c} {n}" for c, n in counts),
+    )
 
 
 def machine() -> list[tuple[str, str]]:

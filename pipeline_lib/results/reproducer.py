@@ -2,12 +2,13 @@
 ``README.txt``, and ``<out>/index.md`` listing them (and why a cell has none).
 
 The script is the pipeline's own code for the cell and the cell as data. The code: what
-pipeline_lib.results.reproducer_run.main reaches (the pipeline's driver, launcher, worker, training,
-checkpoint I/O and checks, the cell's model and frameworks), copied from the package by
-pipeline_lib.results.inline, with the few seams of ``SEAMS``; it imports torch and the standard
-library only. The data: the cell's save job and load job as pipeline_lib.plan.grid makes them from
-the config (never from the matrix: a row naming a model or layout the config lacks gets an error
-line and no script), and the run's status and reason. Values go into the script as Python literals
+pipeline_lib.results.reproducer_run.main reaches (the pipeline's driver, launcher, worker,
+training, checkpoint I/O and checks, the cell's model and frameworks), copied from the package
+by pipeline_lib.results.inline, with the few seams of ``SEAMS``; it imports torch and the
+standard library only. The data (results.reproducer_cell.Cell): the cell's save job and load job
+as pipeline_lib.plan.grid makes them from the config (never from the matrix: a row naming a
+model or layout the config lacks gets an error line and no script), and the run's status and
+reason. Values go into the script as Python literals
 (``repr``), never as code. ``python repro.py`` runs both jobs as the pipeline does and prints
 ``STATUS: <status>: <reason>``, the verdict of pipeline_lib.verify.records.
 
@@ -37,6 +38,7 @@ from pipeline_lib.plan import grid
 from pipeline_lib.plan.axes import AXES, DEFAULT, Variant
 from pipeline_lib.results import inline
 from pipeline_lib.results.inline import Ref, Seam
+from pipeline_lib.results.reproducer_cell import Cell
 from pipeline_lib.verify.records import AXIS_COLUMNS, CELL_KEYS
 
 REPRODUCED = ("fail", "error", "crash", "timeout")
@@ -150,7 +152,7 @@ def row_variant(row: dict) -> Variant:
     return Variant(**values)
 
 
-def cell_data(row: dict, config: dict) -> dict:
+def cell_data(row: dict, config: dict) -> Cell:
     """What a script holds of its cell: the save job and the load job as pipeline_lib.plan.grid
     makes them from the config (exact mode, paths under ``results/`` of the script's folder),
     and the cell's key, status and reason in the run."""
@@ -172,27 +174,29 @@ def cell_data(row: dict, config: dict) -> dict:
     root = grid.job_root(None, variant)
     save_item = grid.save_spec(config, model, save, root, variant)
     load_item = grid.load_spec(config, model, load, [(save, None)], root, variant)
-    jobs = {
-        "save_job": grid.job_spec(config, "save", save, f"{root}/work/save/{save}", [save_item]),
-        "load_job": grid.job_spec(config, "load", load, f"{root}/work/load/{load}", [load_item]),
-    }
     key = {k: None if _missing(row.get(k)) else row.get(k) for k in CELL_KEYS}
-    cell = {
-        "key": {**key, **variant.to_dict()},
-        "status": _text(row.get("status")),
-        "reason": _text(row.get("reason")),
-        **{name: job.to_dict() for name, job in jobs.items()},
-    }
-    if json.loads(json.dumps(cell, allow_nan=False)) != cell:
+    cell = Cell(
+        key={**key, **variant.to_dict()},
+        status=_text(row.get("status")),
+        reason=_text(row.get("reason")),
+        save_job=grid.job_spec(config, "save", save, f"{root}/work/save/{save}", [save_item]),
+        load_job=grid.job_spec(config, "load", load, f"{root}/work/load/{load}", [load_item]),
+    )
+    data = cell.to_dict()
+    if json.loads(json.dumps(data, allow_nan=False)) != data:
         raise NotReproduced("the cell's data is not plain JSON")
     return cell
 
 
 # --- the script --------------------------------------------------------------------------------
-def roots(cell: dict) -> list[str]:
+def _frameworks(cell: Cell) -> list[str]:
+    return sorted({job.layout.framework for job in (cell.save_job, cell.load_job)})
+
+
+def roots(cell: Cell) -> list[str]:
     """What a script starts from: reproducer_run.main, the cell's frameworks, its model."""
-    frameworks = sorted({cell[j]["layout"]["framework"] for j in ("save_job", "load_job")})
-    model = cell["key"]["model"]
+    frameworks = _frameworks(cell)
+    model = cell.key["model"]
     found = [f"{RUN}:main", *(f"pipeline_lib.frameworks.{f}:FRAMEWORK" for f in frameworks)]
     if models.is_import_path(model):
         return [*found, "pipeline_lib.models._user:load"]
@@ -215,13 +219,14 @@ def script(row: dict, config: dict) -> str:
     return script_of(cell_data(row, config))
 
 
-def script_of(cell: dict) -> str:
+def script_of(cell: Cell) -> str:
     """The reproducer of a cell (``cell_data``)."""
     code = _bundle(tuple(roots(cell)))
-    frameworks = sorted({cell[j]["layout"]["framework"] for j in ("save_job", "load_job")})
-    table = (f"{f!r}: {code.name(f'pipeline_lib.frameworks.{f}:FRAMEWORK')}" for f in frameworks)
+    table = (
+        f"{f!r}: {code.name(f'pipeline_lib.frameworks.{f}:FRAMEWORK')}" for f in _frameworks(cell)
+    )
     fill = [f"{code.name(f'{RUN}:FRAMEWORKS')}.update({{{', '.join(table)}}})"]
-    model = cell["key"]["model"]
+    model = cell.key["model"]
     if models.is_import_path(model):
         made = f"{code.name('pipeline_lib.models._user:load')}({model!r})"
     else:
@@ -234,7 +239,7 @@ def script_of(cell: dict) -> str:
             _describe(cell),
             "from __future__ import annotations\n",
             *code.imports,
-            "\nCELL = " + pprint.pformat(cell, sort_dicts=False, width=99),
+            "\nCELL = " + pprint.pformat(cell.to_dict(), sort_dicts=False, width=99),
             "\n",
             code.text,
             "# --- the cell's frameworks and model, by name (pipeline_lib/results/reproducer.py)",
@@ -262,18 +267,17 @@ script.
 """'''
 
 
-def _describe(cell: dict) -> str:
+def _describe(cell: Cell) -> str:
     """Comment lines naming the cell (values as ``ascii`` reprs: one line each, no code)."""
-    key = cell["key"]
-    lines = [f"# {k}: {v!a}" for k, v in key.items() if v is not None]
-    lines.append(f"# status in the run: {cell['status']!a}")
-    lines.append(f"# reason: {cell['reason'][:300]!a}")
+    lines = [f"# {k}: {v!a}" for k, v in cell.key.items() if v is not None]
+    lines.append(f"# status in the run: {cell.status!a}")
+    lines.append(f"# reason: {cell.reason[:300]!a}")
     return "\n".join(lines) + "\n"
 
 
-def readme(cell: dict) -> str:
+def readme(cell: Cell) -> str:
     """README.txt of a cell's reproducer."""
-    key = cell["key"]
+    key = cell.key
     saver, loader = key.get("save_torch_version"), key.get("load_torch_version")
     if saver and loader and saver != loader:
         versions = (
@@ -284,10 +288,10 @@ def readme(cell: dict) -> str:
     else:
         versions = f"torch {saver or 'as the run'}"
     described = ", ".join(f"{k} {v}" for k, v in key.items() if v is not None)
-    reason = " ".join(cell["reason"].split())
+    reason = " ".join(cell.reason.split())
     return (
         f"Reproducer of a dcp-matrix cell ({described}).\n"
-        f"Status in the run: {cell['status']}: {reason}\n\n"
+        f"Status in the run: {cell.status}: {reason}\n\n"
         f"Needs torch only ({versions}). In a fresh folder:\n\n"
         "  python repro.py\n\n"
         "runs the cell's save job and load job (torchrun, one process per rank) with the\n"

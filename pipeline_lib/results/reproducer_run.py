@@ -1,6 +1,6 @@
 """What a reproducer script runs: ``main`` and what it reaches, copied into the script by
-pipeline_lib.results.reproducer (pipeline_lib.results.inline), so that it runs the pipeline's own
-code.
+pipeline_lib.results.reproducer (pipeline_lib.results.inline), so that it runs the pipeline's
+own code.
 
 ``python repro.py`` runs the cell's save job and load job with the pipeline's driver
 (pipeline_lib.job.driver: launches, records and the verdict, records.cell_row) and prints the
@@ -29,7 +29,8 @@ from types import SimpleNamespace
 
 from pipeline_lib.common.atomic import read_json
 from pipeline_lib.job import driver, worker
-from pipeline_lib.plan.specs import JobSpec
+from pipeline_lib.results.reproducer_cell import Cell
+from pipeline_lib.verify.results import LoadRecord
 
 # In the environment of the script's run and of every process it starts (kept when set: a
 # caller that marks the run can kill what is left of it, kill_run).
@@ -51,24 +52,23 @@ def main(cell: dict, argv: list[str]) -> None:
     elif argv in ([], ["save"], ["load"]):
         os.environ.setdefault(LAUNCH_ENV, uuid.uuid4().hex)
         try:
-            run_cell(cell, argv[0] if argv else "")
+            run_cell(Cell.from_dict(cell), argv[0] if argv else "")
         finally:
             kill_ranks()  # a rank its agent left behind
     else:
         sys.exit(USAGE)
 
 
-def run_cell(cell: dict, side: str = "") -> None:
+def run_cell(cell: Cell, side: str = "") -> None:
     """The cell's jobs as the pipeline runs them (``side``: only that one), then its status
     and reason from the load record."""
     if side in ("", "save"):
-        driver.run_save_job(JobSpec.from_dict(cell["save_job"]))
+        driver.run_save_job(cell.save_job)
     if side in ("", "load"):
-        load = JobSpec.from_dict(cell["load_job"])
-        driver.run_load_job(load)
-        row = read_json(load.items[0].record)["cells"][0]
+        driver.run_load_job(cell.load_job)
+        row = LoadRecord.from_dict(read_json(cell.load_job.items[0].record)).cells[0]
         print(f"STATUS: {row['status']}: {row['reason']}", flush=True)
-        print(f"(the cell's status in the run: {cell['status']}: {cell['reason']})", flush=True)
+        print(f"(the cell's status in the run: {cell.status}: {cell.reason})", flush=True)
 
 
 def rank_program() -> list[str]:

@@ -7,6 +7,7 @@ verifier: ``check`` says so loudly and fails the run, after ``summarize`` kept t
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import pandas as pd
@@ -14,31 +15,42 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline_lib.common.atomic import read_json, write_text, write_with
+from pipeline_lib.verify.results import LoadRecord
 
-COLUMNS = [
-    "fault", "model", "save_layout", "load_layout", "reference_mode", "expected", "status",
-    "caught", "reason",
-]  # fmt: skip
+
+@dataclass(frozen=True)
+class FaultRow:
+    """One row of the campaign's table: a fault, its cell, the status it expects and got, and
+    whether the verifier caught it (that status, with a reason)."""
+
+    fault: str
+    model: str
+    save_layout: str
+    load_layout: str
+    reference_mode: str
+    expected: str
+    status: str
+    caught: bool
+    reason: str
+
+    @classmethod
+    def of(cls, record: LoadRecord) -> FaultRow:
+        """The row of a fault item's record (one cell)."""
+        fault, (cell,) = record.fault, record.cells
+        status, reason = cell["status"], cell["reason"]
+        return cls(
+            fault=fault.name, model=cell["model"], save_layout=cell["save_layout"],
+            load_layout=cell["load_layout"],
+            reference_mode=cell.get("reference_mode", "exact"), expected=fault.expect,
+            status=status, caught=status == fault.expect and bool(reason), reason=reason,
+        )  # fmt: skip
+
+
+COLUMNS = [f.name for f in fields(FaultRow)]
 
 
 def summarize(record_paths: list[str], table_path: str, markdown_path: str) -> None:
-    rows = []
-    for path in record_paths:
-        record = read_json(path)
-        fault, (cell,) = record["fault"], record["cells"]
-        rows.append(
-            {
-                "fault": fault["name"],
-                "model": cell["model"],
-                "save_layout": cell["save_layout"],
-                "load_layout": cell["load_layout"],
-                "reference_mode": cell.get("reference_mode", "exact"),
-                "expected": fault["expect"],
-                "status": cell["status"],
-                "caught": cell["status"] == fault["expect"] and bool(cell["reason"]),
-                "reason": cell["reason"],
-            }
-        )
+    rows = [asdict(FaultRow.of(LoadRecord.from_dict(read_json(path)))) for path in record_paths]
     frame = pd.DataFrame(rows, columns=COLUMNS)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     write_with(table_path, lambda tmp: pq.write_table(table, tmp))

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from pipeline_lib.verify.entries import FlatPiece
-
-
-@dataclass
-class EntryComparison:
-    equal: bool
-    max_abs_diff: float | None
-    note: str = ""
+from pipeline_lib.verify.results import EntryComparison
 
 
 class ParamNames(list):
@@ -91,10 +84,10 @@ def merge(parts: list[EntryComparison]) -> EntryComparison:
     )
 
 
-def unmatched(note: str) -> dict:
-    """The record of an entry only one side holds, or that could not be read: not equal, with
-    no difference to measure."""
-    return vars(EntryComparison(False, None, note))
+def unmatched(note: str) -> EntryComparison:
+    """The comparison of an entry only one side holds, or that could not be read: not equal,
+    with no difference to measure."""
+    return EntryComparison(False, None, note)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

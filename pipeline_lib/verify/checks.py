@@ -6,6 +6,7 @@ the merged comparisons ({} on the other ranks). Imports torch; collectives on al
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch.distributed as dist
@@ -43,7 +44,7 @@ def against_reference(
     form: str | None = None,
     against=None,
     stage: bool = False,
-) -> dict:
+) -> dict[str, EntryComparison]:
     """Every rank's part of every entry of ``flat`` (a state of ``side``: "the saver's state
     dict", "the loader's state", ...) vs the saver's reference; entries sharing storage the
     model does not tie fail too. ``skip``: entries not to compare; ``drop_first`` (fault
@@ -68,7 +69,7 @@ def against_reference(
     if every_rank is None:
         return {}
     entries = {
-        name: vars(merge([part[name] for part, *_ in every_rank if name in part]))
+        name: merge([part[name] for part, *_ in every_rank if name in part])
         for name in sorted(set().union(*(part for part, *_ in every_rank)))
     }
     entries.update(_uncovered(reference, [held for *_, held in every_rank]))
@@ -114,7 +115,7 @@ def _uncovered(reference: Reference, every_rank: list[dict]) -> dict:
     return found
 
 
-def files_vs_saver(item: Item) -> tuple[dict, str]:
+def files_vs_saver(item: Item) -> tuple[dict[str, EntryComparison], str]:
     """Read back what the load jobs will read, every rank a share of the entries in a
     process-group-free reader (as a process without the saving ranks reads it), and compare
     each bit for bit with the saver's reference. Rank 0 gets the entries' comparisons, or a
@@ -137,7 +138,7 @@ def files_vs_saver(item: Item) -> tuple[dict, str]:
             elif name not in reference:
                 entries[name] = unmatched("not in the saver's state")
             else:
-                entries[name] = vars(reference.compare(name, value))
+                entries[name] = reference.compare(name, value)
     except (Exception, CheckpointException) as exc:
         error = f"files vs saver: cannot read checkpoint {path}: {one_line(exc)}"
     every_rank = _gather((entries, error))
@@ -169,7 +170,7 @@ def _mapped_vs(path: str, reference: Reference, entries: dict):
         with mapped_reader.open_parts(path, metadata, name) as chunks:
             if chunks is None:
                 return False
-            entries[name] = vars(merge([reference.compare_part(name, c) for c in chunks]))
+            entries[name] = merge([reference.compare_part(name, c) for c in chunks])
         return True
 
     return compared
@@ -178,7 +179,7 @@ def _mapped_vs(path: str, reference: Reference, entries: dict):
 def loader_vs_saver(
     item: Item, state: dict, live: dict, anatomy: Anatomy, source: Source, report, *,
     sealed: bool = False, stage: bool = False, model_only: bool = False,
-) -> dict:  # fmt: skip
+) -> dict[str, EntryComparison]:  # fmt: skip
     """The loader's state, twice: ``state``, as get_state_dict gives it in the loader's mode
     (flat, in the variant's format), and ``live``, read from its live objects
     (pipeline_lib.verify.live), each against the saver's reference in that form. An entry is
@@ -212,8 +213,8 @@ def loader_vs_saver(
         form=form, against=files, stage=stage,
     )  # fmt: skip
     for name, found in from_live.items():
-        if not found["equal"] and through_api.get(name, {"equal": True})["equal"]:
-            through_api[name] = {**found, "note": f"live: {found['note']}"}
+        if not found.equal and (name not in through_api or through_api[name].equal):
+            through_api[name] = replace(found, note=f"live: {found.note}")
     return through_api
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from pipeline_lib.verify.results import EntryInfo
+
 
 def flatten(state: Mapping, prefix: str = "") -> dict[str, Any]:
     """Flatten nested dicts (and lists holding dicts, lists or tensors) into 'a.b.0.c' keys,
@@ -57,6 +59,11 @@ def describe(value: Any) -> tuple[str, list[int] | None]:
     if isinstance(value, torch.Tensor):
         return str(value.dtype).removeprefix("torch."), list(value.shape)
     return type(value).__name__, None
+
+
+def entry_table(flat: dict, param_names: set[str]) -> dict[str, EntryInfo]:
+    """Kind, dtype and shape of every entry of a saved state (tensors.parquet)."""
+    return {n: EntryInfo(entry_kind(n, param_names), *describe(v)) for n, v in flat.items()}
 
 
 @dataclass(frozen=True)

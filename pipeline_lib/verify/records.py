@@ -19,10 +19,18 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from pipeline_lib.common.errors import printable
+from pipeline_lib.common.layout import Layout
 from pipeline_lib.verify.axis_table import AXIS_TABLE
+from pipeline_lib.verify.results import (
+    EntryComparison,
+    ImportRecord,
+    LoadResult,
+    SaveRecord,
+    SaveResult,
+    Timing,
+)
 
 if TYPE_CHECKING:
-    from pipeline_lib.plan.axes import Variant
     from pipeline_lib.plan.specs import ItemSpec
 
 STATUSES = ("pass", "fail", "error", "crash", "timeout", "skip")
@@ -127,15 +135,15 @@ TENSORS_SCHEMA = pa.schema(
 )
 
 
-def summarize(check: str, entries: dict[str, dict]) -> tuple[int, str]:
-    """(mismatch count, reason) of one comparison: entry name -> {equal, note, max_abs_diff}."""
-    bad = [name for name, e in entries.items() if not e["equal"]]
+def summarize(check: str, entries: dict[str, EntryComparison]) -> tuple[int, str]:
+    """(mismatch count, reason) of one check's comparisons (entry name -> EntryComparison)."""
+    bad = [name for name, e in entries.items() if not e.equal]
     if not bad:
         return 0, ""
     first = entries[bad[0]]
-    detail = first.get("note") or "differs"
-    if first.get("max_abs_diff") is not None and detail == "bytes differ":
-        detail += f" (max_abs_diff {first['max_abs_diff']:.3g})"
+    detail = first.note or "differs"
+    if first.max_abs_diff is not None and detail == "bytes differ":
+        detail += f" (max_abs_diff {first.max_abs_diff:.3g})"
     return len(
         bad
     ), f"{check}: {len(bad)} of {len(entries)} entries differ; first {bad[0]}: {detail}"
@@ -152,72 +160,84 @@ def _rel_diffs(saver: list[float], loader: list[float]) -> list[float]:
     return [abs(a - b) / max(abs(a), 1e-30) for a, b in zip(saver, loader, strict=True)]
 
 
-def verdict(save: dict, load: dict, rtol: float, mode: str = "sharded") -> tuple[str, str]:
-    """The status and one-line reason of a cell from its save record and load result.
+def verdict(
+    save: SaveResult, load: LoadResult, rtol: float, mode: str = "sharded"
+) -> tuple[str, str]:
+    """The status and one-line reason of a cell from its save record (an ImportRecord for an
+    existing checkpoint) and load result.
 
     A check that found a difference makes the cell ``fail`` even when the load then errored
     (a corrupt checkpoint is a finding); a job that died with no check failed names its status.
     Modes strict and non_strict (the saver left an entry out on purpose) check the load's
     account of the missing entry instead of the resumed losses, which differ by design;
     strict_unexpected and non_strict_unexpected (the saver added one) the account of the
-    unexpected entry, besides the resumed losses (the model's own state loads whole). One
-    function on purpose: the order of its steps is the order of the reason's parts. The reason
-    is one printable line (errors.printable): it quotes entry names and messages that come from
-    a checkpoint, which may hold newlines and terminal escapes.
+    unexpected entry, besides the resumed losses (the model's own state loads whole). The
+    order of its steps is the order of the reason's parts. The reason is one printable line
+    (errors.printable): it quotes entry names and messages that come from a checkpoint, which
+    may hold newlines and terminal escapes.
     """
     status, reason = _verdict(save, load, rtol, mode)
     return status, printable(reason)
 
 
-def _verdict(save: dict, load: dict, rtol: float, mode: str) -> tuple[str, str]:
+def _verdict(save: SaveResult, load: LoadResult, rtol: float, mode: str) -> tuple[str, str]:
     for side, result in (("save", save), ("load", load)):
-        if result["status"] == "skip":
-            return "skip", f"{side} layout: {result['reason']}"
-    if save["status"] in JOB_FAILURES:
-        side = "import" if save.get("existing") else "save"
-        return save["status"], f"{side}: {save['reason']}"
-    at = f" at step {save['save_step']}" if "save_step" in save else ""  # a save_sequence
-    reasons = [
-        summarize(f"state dict vs live{at}", save.get("state_check", {}))[1],
-        save.get("files_error") or summarize(f"files vs saver{at}", save["files_check"])[1],
-        # save_sequence: the other checkpoints' checks and consecutive ones' (sequences.py)
-        *(c["error"] or summarize(c["check"], c["entries"])[1] for c in save.get("sequence", [])),
-    ]
-    if "hf_export" in save and not save["hf_export"]["loads"]:
-        reasons.append(f"hf export: {save['hf_export']['reason']}")
-    if save.get("frozen_saved"):
-        reasons.append(
-            f"ignore_frozen_params: the saver's state holds {len(save['frozen_saved'])} frozen "
-            f"parameter(s); first {save['frozen_saved'][0]}"
-        )
-    if load["status"] in JOB_FAILURES:
+        if result.status == "skip":
+            return "skip", f"{side} layout: {result.reason}"
+    if save.status in JOB_FAILURES:
+        side = "import" if isinstance(save, ImportRecord) else "save"
+        return save.status, f"{side}: {save.reason}"
+    reasons = _save_reasons(save)
+    if load.status in JOB_FAILURES:
         # a resume that failed after check 2 ran (worker.load_into) keeps its entries
-        reasons.append(summarize("loader vs saver", load.get("entries", {}))[1])
+        reasons.append(summarize("loader vs saver", load.entries or {})[1])
         if not any(reasons):
-            return load["status"], f"load: {load['reason']}"
-        return "fail", "; ".join(
-            [*filter(None, reasons), f"load {load['status']}: {load['reason']}"]
-        )
-    if load.get("seal_error"):  # sealed mode: the files changed since the save; not loaded
-        return "fail", "; ".join([*filter(None, reasons), load["seal_error"]])
+            return load.status, f"load: {load.reason}"
+        return "fail", "; ".join([*filter(None, reasons), f"load {load.status}: {load.reason}"])
+    if load.seal_error:  # sealed mode: the files changed since the save; not loaded
+        return "fail", "; ".join([*filter(None, reasons), load.seal_error])
     if mode in ("strict", "strict_unexpected"):
-        reasons.append(strict_load_reason(_changed(save, mode), load.get("strict_error"), mode))
-        return ("fail", "; ".join(filter(None, reasons))) if any(reasons) else ("pass", "")
-    reasons.append(summarize("loader vs saver", load["entries"])[1])
-    rel = resume_rel_diff(save["resume_losses"], load["resume_losses"])
-    if save.get("existing"):
-        pass  # no saver's losses: the load layouts must agree (agree_across_layouts)
-    elif mode == "non_strict":
-        reasons.append(missing_reason(save["dropped_entries"], load["missing_entries"]))
+        reasons.append(strict_load_reason(_changed(save, mode), load.strict_error, mode))
     else:
-        if mode == "non_strict_unexpected":
-            reported = load.get("unexpected_entries", [])
-            reasons.append(unexpected_reason(save["added_entries"], reported))
-        reasons.append(_resume_reason(save["resume_losses"], load["resume_losses"], rel, rtol))
+        reasons += _loaded_reasons(save, load, rtol, mode)
     reasons = [r for r in reasons if r]
-    if reasons:
-        return "fail", "; ".join(reasons)
-    return "pass", ""
+    return ("fail", "; ".join(reasons)) if reasons else ("pass", "")
+
+
+def _save_reasons(save: SaveResult) -> list[str]:
+    """What the save side's checks found (checks 0 and 1, a save sequence's other checks, the
+    HF export, frozen parameters saved); '' for a check that found nothing."""
+    at = f" at step {save.save_step}" if save.save_step is not None else ""  # a save_sequence
+    reasons = [
+        summarize(f"state dict vs live{at}", save.state_check or {})[1],
+        save.files_error or summarize(f"files vs saver{at}", save.files_check)[1],
+        # save_sequence: the other checkpoints' checks and consecutive ones' (sequences.py)
+        *(c.error or summarize(c.check, c.entries)[1] for c in save.sequence or []),
+    ]
+    if save.hf_export is not None and not save.hf_export.loads:
+        reasons.append(f"hf export: {save.hf_export.reason}")
+    if save.frozen_saved:
+        reasons.append(
+            f"ignore_frozen_params: the saver's state holds {len(save.frozen_saved)} frozen "
+            f"parameter(s); first {save.frozen_saved[0]}"
+        )
+    return reasons
+
+
+def _loaded_reasons(save: SaveResult, load: LoadResult, rtol: float, mode: str) -> list[str]:
+    """What check 2 found, then the non-strict load's account of the entry the saver left out
+    or added, and the resumed losses against the saver's (not an existing checkpoint's: its
+    load layouts must agree instead, agree_across_layouts)."""
+    reasons = [summarize("loader vs saver", load.entries)[1]]
+    rel = resume_rel_diff(save.resume_losses, load.resume_losses)
+    if isinstance(save, ImportRecord):
+        return reasons
+    if mode == "non_strict":
+        return [*reasons, missing_reason(save.dropped_entries, load.missing_entries)]
+    if mode == "non_strict_unexpected":
+        reported = load.unexpected_entries or []
+        reasons.append(unexpected_reason(save.added_entries, reported))
+    return [*reasons, _resume_reason(save.resume_losses, load.resume_losses, rel, rtol)]
 
 
 def _resume_reason(saver: list[float], loader: list[float], rel, rtol: float) -> str:
@@ -233,9 +253,9 @@ def _resume_reason(saver: list[float], loader: list[float], rel, rtol: float) ->
     return ""
 
 
-def _changed(save: dict, mode: str) -> list[str]:
+def _changed(save: SaveResult, mode: str) -> list[str]:
     """The entries the saver left out (strict) or added (strict_unexpected) on purpose."""
-    return save["added_entries" if mode.endswith("unexpected") else "dropped_entries"]
+    return save.added_entries if mode.endswith("unexpected") else save.dropped_entries
 
 
 def strict_load_reason(changed: list[str], error: str | None, mode: str = "strict") -> str:
@@ -282,103 +302,135 @@ def _max(values) -> float | None:
     return max(values) if values else None
 
 
-def cell_row(model: str, save: dict, load: dict, spec: ItemSpec) -> dict[str, Any]:
-    """One matrix.parquet row. ``save`` is the save job's record, ``load`` the load result of
-    this cell (pipeline_lib.job.driver); ``spec`` the load item's spec. Long for a reason: one flat
-    literal with a line per MATRIX_SCHEMA column, in schema order, reads against the schema."""
+def cell_row(
+    model: str, save: SaveRecord, load: LoadResult, spec: ItemSpec, load_torch: str
+) -> dict[str, Any]:
+    """One matrix.parquet row. ``save`` is the save job's record (an existing checkpoint's
+    import record), ``load`` the load result of this cell (pipeline_lib.job.driver); ``spec``
+    the load item's spec, ``load_torch`` the load job's torch version. Columns in groups, each
+    group in MATRIX_SCHEMA's order."""
     variant, verify = spec.variant, spec.verify
-    low = variant.param_dtype == "bfloat16" or _mixed_precision(save["layout"], load["layout"])
+    low = variant.param_dtype == "bfloat16" or _mixed_precision(save.layout, spec.layout)
     rtol = verify["resume_rtol_bfloat16" if low else "resume_rtol"]
     status, reason = verdict(save, load, rtol, variant.mode)
-    checked = save.get("state_check", {}), save.get("files_check", {}), load.get("entries", {})
-    stated, files, loaded = checked
-    mismatched = {n for check in checked for n, e in check.items() if not e["equal"]}
-    st, lt = save.get("timing", {}), load.get("timing", {})
-    env = load.get("env") or save.get("env") or {}
-    save_layout, load_layout = save["layout"], load["layout"]
+    imported = save if isinstance(save, ImportRecord) else None
+    env = load.env or save.env
     return {
         "model": model,
-        "save_layout": save_layout["name"],
-        "save_framework": save_layout["framework"],
-        "save_mesh": "x".join(map(str, save_layout["mesh"])),
-        "save_world_size": save_layout["world_size"],
-        "save_pp_schedule": save_layout.get("schedule"),
-        "save_microbatches": save_layout.get("microbatches"),
-        "load_layout": load_layout["name"],
-        "load_framework": load_layout["framework"],
-        "load_mesh": "x".join(map(str, load_layout["mesh"])),
-        "load_world_size": load_layout["world_size"],
-        "load_pp_schedule": load_layout.get("schedule"),
-        "load_microbatches": load_layout.get("microbatches"),
+        **_layout_columns("save", save.layout),
+        **_layout_columns("load", spec.layout),
         **{axis: getattr(variant, axis) for axis in AXIS_COLUMNS},
         # The training step of the checkpoint the cell loaded (save_sequence: which one).
-        "save_step": save.get(
-            "save_step", None if save.get("existing") else spec.train.get("steps")
-        ),
+        "save_step": _save_step(save, spec),
         "reference_mode": verify.get("reference", "exact"),
         "status": status,
         "reason": reason,
-        "entries_checked": len(set().union(*checked)),
-        "entries_mismatched": len(mismatched),
-        "state_entries_mismatched": sum(not e["equal"] for e in stated.values()),
-        "files_entries_mismatched": sum(not e["equal"] for e in files.values()),
-        "load_entries_mismatched": sum(not e["equal"] for e in loaded.values()),
-        "max_abs_diff": _max(e.get("max_abs_diff") for check in checked for e in check.values()),
-        # The resumed losses of a run that lost an entry on purpose differ by design; those of
-        # an existing checkpoint are compared across its load layouts (agree_across_layouts).
-        "resume_max_rel_diff": None
-        if variant.mode in ("strict", "non_strict", "strict_unexpected") or save.get("existing")
-        else resume_rel_diff(save.get("resume_losses", []), load.get("resume_losses", [])),
-        "resume_rtol": rtol,
-        "resume_losses": load.get("resume_losses"),
-        # fresh: a checkpoint of model weights only; the resume made a new optimizer (and LR
-        # scheduler) after the load. loaded: the checkpoint's. None: no resume ran.
-        "resume_optimizer": load.get("resume_optimizer"),
-        # model (its own loss), user (the module's loss) or fallback (pipeline_lib.models._user).
-        "loss_source": save.get("loss_source"),
+        **_check_columns(save, load),
+        **_resume_columns(save, load, variant.mode, rtol),
         # Format hf_export: the export loads with from_pretrained equal to the saver's model.
-        "hf_export_loads": save["hf_export"]["loads"] if "hf_export" in save else None,
-        "missing_entries": ", ".join(load.get("missing_entries", [])) or None,
-        "unexpected_entries": ", ".join(load.get("unexpected_entries", [])) or None,
+        "hf_export_loads": save.hf_export.loads if save.hf_export is not None else None,
+        "missing_entries": ", ".join(load.missing_entries or []) or None,
+        "unexpected_entries": ", ".join(load.unexpected_entries or []) or None,
         # Sealed mode: the load job found the seal intact (False: seal_error in the reason).
-        "seal_ok": load.get("seal_ok"),
-        "save_seconds": st.get("save_s"),
-        "save_blocked_seconds": st.get("save_blocked_s"),
-        "load_seconds": lt.get("load_s"),
-        "verify_seconds": lt.get("verify_s"),
-        "files_check_seconds": st.get("files_check_s"),
-        "seal_seconds": st.get("seal_s"),
-        "seal_check_seconds": lt.get("seal_s"),
-        "save_job_startup_seconds": st.get("startup_s"),
-        "save_train_seconds": st.get("train_s"),
-        "load_job_startup_seconds": lt.get("startup_s"),
-        "load_build_seconds": lt.get("build_s"),
-        "resume_seconds": lt.get("resume_s"),
-        "checkpoint_bytes": save.get("checkpoint_bytes"),
-        "checkpoint_files": save.get("checkpoint_files"),
-        "save_peak_rss_mb": save.get("peak_rss_mb"),
-        "load_peak_rss_mb": load.get("peak_rss_mb"),
-        "torch_version": env.get("torch_version"),
-        "save_torch_version": save.get("torch_version"),
-        "load_torch_version": load.get("torch_version"),
-        "backend": env.get("backend"),
-        "device": env.get("device"),
+        "seal_ok": load.seal_ok,
+        **_cost_columns(save, load),
+        "torch_version": env and env.torch_version,
+        "save_torch_version": save.torch_version,
+        "load_torch_version": load_torch,
+        "backend": env and env.backend,
+        "device": env and env.device,
         "config_hash": spec.config_hash,
         "git_commit": None,
-        "created_at": load.get("created_at") or save.get("created_at"),
-        "source_folder": save.get("source_folder"),
-        "source_metadata_sha256": save.get("metadata_sha256"),
+        "created_at": load.created_at or save.created_at,
+        "source_folder": imported and imported.source_folder,
+        "source_metadata_sha256": imported and imported.metadata_sha256,
     }
 
 
-def _mixed_precision(*layouts: dict) -> bool:
+def _save_step(save: SaveRecord, spec: ItemSpec) -> int | None:
+    """The step of the checkpoint a cell loads: a save sequence's chosen one, else the saver's
+    last training step (unknown for an existing checkpoint)."""
+    if save.save_step is not None:
+        return save.save_step
+    return None if isinstance(save, ImportRecord) else spec.train.get("steps")
+
+
+def _layout_columns(side: str, layout: Layout) -> dict[str, Any]:
+    """The columns of a cell's save or load layout (``side``)."""
+    return {
+        f"{side}_layout": layout.name,
+        f"{side}_framework": layout.framework,
+        f"{side}_mesh": "x".join(map(str, layout.mesh)),
+        f"{side}_world_size": layout.world_size,
+        f"{side}_pp_schedule": layout.schedule,
+        f"{side}_microbatches": layout.microbatches,
+    }
+
+
+def _check_columns(save: SaveResult, load: LoadResult) -> dict[str, Any]:
+    """The entries checks 0, 1 and 2 compared and found different."""
+    checked = save.state_check or {}, save.files_check or {}, load.entries or {}
+    stated, files, loaded = checked
+    mismatched = {n for check in checked for n, e in check.items() if not e.equal}
+    return {
+        "entries_checked": len(set().union(*checked)),
+        "entries_mismatched": len(mismatched),
+        "state_entries_mismatched": sum(not e.equal for e in stated.values()),
+        "files_entries_mismatched": sum(not e.equal for e in files.values()),
+        "load_entries_mismatched": sum(not e.equal for e in loaded.values()),
+        "max_abs_diff": _max(e.max_abs_diff for check in checked for e in check.values()),
+    }
+
+
+def _resume_columns(save: SaveResult, load: LoadResult, mode: str, rtol: float) -> dict:
+    """The loader's resume: its losses, how far they are from the saver's, the optimizer it
+    resumed with, where the loss came from."""
+    return {
+        # The resumed losses of a run that lost an entry on purpose differ by design; those of
+        # an existing checkpoint are compared across its load layouts (agree_across_layouts).
+        "resume_max_rel_diff": None
+        if mode in ("strict", "non_strict", "strict_unexpected") or isinstance(save, ImportRecord)
+        else resume_rel_diff(save.resume_losses or [], load.resume_losses or []),
+        "resume_rtol": rtol,
+        "resume_losses": load.resume_losses,
+        # fresh: a checkpoint of model weights only; the resume made a new optimizer (and LR
+        # scheduler) after the load. loaded: the checkpoint's. None: no resume ran.
+        "resume_optimizer": load.resume_optimizer,
+        # model (its own loss), user (the module's loss) or fallback (pipeline_lib.models._user).
+        "loss_source": save.loss_source,
+    }
+
+
+def _cost_columns(save: SaveRecord, load: LoadResult) -> dict[str, Any]:
+    """What the cell cost: the seconds of each phase, the checkpoint's size, peak memory."""
+    st, lt = save.timing or Timing(), load.timing or Timing()
+    return {
+        "save_seconds": st.save_s,
+        "save_blocked_seconds": st.save_blocked_s,
+        "load_seconds": lt.load_s,
+        "verify_seconds": lt.verify_s,
+        "files_check_seconds": st.files_check_s,
+        "seal_seconds": st.seal_s,
+        "seal_check_seconds": lt.seal_s,
+        "save_job_startup_seconds": st.startup_s,
+        "save_train_seconds": st.train_s,
+        "load_job_startup_seconds": lt.startup_s,
+        "load_build_seconds": lt.build_s,
+        "resume_seconds": lt.resume_s,
+        "checkpoint_bytes": save.checkpoint_bytes,
+        "checkpoint_files": save.checkpoint_files,
+        "save_peak_rss_mb": save.peak_rss_mb,
+        "load_peak_rss_mb": load.peak_rss_mb,
+    }
+
+
+def _mixed_precision(*layouts: Layout) -> bool:
     """A layout computes in a lower precision than its parameters' (Framework.compute_dtype)."""
     from pipeline_lib import frameworks
 
     known = frameworks.names()
     return any(
-        lay["framework"] in known and frameworks.get(lay["framework"]).compute_dtype
-        for lay in layouts
+        lay.framework in known and frameworks.get(lay.framework).compute_dtype for lay in layouts
     )
 
 
@@ -414,49 +466,47 @@ def _disagreement(median: list[float], row: dict[str, Any], layouts: int) -> str
     )
 
 
-def _all_equal(*checks: dict | None) -> bool | None:
+def _all_equal(*checks: EntryComparison | None) -> bool | None:
     """False if a check found this entry different, True if every check ran and found it
     equal, None (unknown) otherwise."""
-    ran = [c["equal"] for c in checks if c is not None]
+    ran = [c.equal for c in checks if c is not None]
     if False in ran:
         return False
     return True if len(ran) == len(checks) else None
 
 
-def tensor_rows(model: str, save: dict, load: dict, variant: Variant) -> list[dict[str, Any]]:
-    """tensors.parquet rows of one cell: one per state entry seen by any check."""
-    stated, files, loaded, meta = (
-        save.get("state_check", {}),
-        save.get("files_check", {}),
-        load.get("entries", {}),
-        save.get("entries", {}),
-    )
+def tensor_rows(
+    model: str, save: SaveRecord, load: LoadResult, spec: ItemSpec, load_torch: str
+) -> list[dict[str, Any]]:
+    """tensors.parquet rows of one cell: one per state entry seen by any check (arguments as
+    cell_row's)."""
+    stated, files, loaded = save.state_check or {}, save.files_check or {}, load.entries or {}
+    meta = save.entries or {}
+    cell = {
+        "model": model,
+        "save_layout": save.layout.name,
+        "load_layout": spec.layout.name,
+        "save_torch_version": save.torch_version,
+        "load_torch_version": load_torch,
+        **{axis: getattr(spec.variant, axis) for axis in AXIS_COLUMNS},
+    }
     rows = []
     for name in sorted(set(stated) | set(files) | set(loaded) | set(meta)):
-        s, f, ld, m = stated.get(name), files.get(name), loaded.get(name), meta.get(name, {})
-        notes = [
-            f"{check}: {c['note']}"
-            for check, c in (("state", s), ("files", f), ("load", ld))
-            if c and c.get("note")
-        ]
+        s, f, ld, m = stated.get(name), files.get(name), loaded.get(name), meta.get(name)
+        found = (("state", s), ("files", f), ("load", ld))
         rows.append(
             {
-                "model": model,
-                "save_layout": save["layout"]["name"],
-                "load_layout": load["layout"]["name"],
-                "save_torch_version": save.get("torch_version"),
-                "load_torch_version": load.get("torch_version"),
-                **{axis: getattr(variant, axis) for axis in AXIS_COLUMNS},
+                **cell,
                 "entry": name,
-                "kind": m.get("kind"),
-                "dtype": m.get("dtype"),
-                "shape": m.get("shape"),
+                "kind": m and m.kind,
+                "dtype": m and m.dtype,
+                "shape": m and m.shape,
                 "equal": _all_equal(s, f, ld),
-                "state_equal": s["equal"] if s else None,
-                "file_equal": f["equal"] if f else None,
-                "load_equal": ld["equal"] if ld else None,
-                "max_abs_diff": _max([(c or {}).get("max_abs_diff") for c in (s, f, ld)]),
-                "note": "; ".join(notes),
+                "state_equal": s and s.equal,
+                "file_equal": f and f.equal,
+                "load_equal": ld and ld.equal,
+                "max_abs_diff": _max([c.max_abs_diff for c in (s, f, ld) if c]),
+                "note": "; ".join(f"{check}: {c.note}" for check, c in found if c and c.note),
             }
         )
     return rows

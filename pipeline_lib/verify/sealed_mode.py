@@ -261,7 +261,7 @@ def _files(variant, paths) -> Files:
     return Files(path, variant.format.startswith("safetensors"), variant.reads_full_state)
 
 
-def files_vs_live(variant, paths, live: dict) -> tuple[dict, str]:
+def files_vs_live(variant, paths, live: dict) -> tuple[dict[str, EntryComparison], str]:
     """Check 1 of sealed mode, in the save job before the training goes on: every rank's own
     parts of the saver's live state (one copy of replicas) vs the files, bit for bit, reading
     only those parts. Rank 0 gets the entries' comparisons, or a reason the checkpoint cannot be
@@ -275,7 +275,7 @@ def files_vs_live(variant, paths, live: dict) -> tuple[dict, str]:
         files = _files(variant, paths)
         names = set(files)
         present = {n: v for n, v in mine.items() if n in files}
-        entries = {n: vars(c) for n, c in files.compare_many(present, False).items()}
+        entries = files.compare_many(present, False)
     except (Exception, CheckpointException) as exc:
         error = f"files vs saver: cannot read checkpoint {paths.read_by(variant)}: {one_line(exc)}"
     every_rank = [None] * dist.get_world_size() if rank == 0 else None
@@ -286,8 +286,7 @@ def files_vs_live(variant, paths, live: dict) -> tuple[dict, str]:
         return {}, errors[0]
     merged = {}
     for name in sorted({n for part, _, _ in every_rank for n in part}):
-        found = [EntryComparison(**part[name]) for part, _, _ in every_rank if name in part]
-        merged[name] = vars(merge(found))
+        merged[name] = merge([part[name] for part, _, _ in every_rank if name in part])
     # A rank holds no part of some entries (FSDP1's flat shards): the names of every rank's.
     live = set().union(*(held for _, _, held in every_rank))
     for name in sorted(live - names):
@@ -297,7 +296,7 @@ def files_vs_live(variant, paths, live: dict) -> tuple[dict, str]:
     return merged, ""
 
 
-def sharing_only(live_shared: dict, flat_shared: dict) -> dict:
+def sharing_only(live_shared: dict, flat_shared: dict) -> dict[str, EntryComparison]:
     """Check 0 of sealed mode: the entries of the saver's state dict (or its live state) that
     share storage the model does not tie; values are checked by check 1 (files vs live)."""
     return {name: unmatched(note) for name, note in {**live_shared, **flat_shared}.items()}
