@@ -23,13 +23,12 @@ Routing is deterministic on the CPU: top-k of the same scores gives the same exp
 grouped by expert with a stable sort, outputs summed with ``index_add_`` in that order.
 """
 
+import functools
+
 import torch
 from torch import nn
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-from pipeline_lib.models._common import cross_entropy_sum, token_batch
-from pipeline_lib.models.transformer import Attention, FeedForward
+from pipeline_lib.models.transformer import Attention, FeedForward, Transformer
 
 LOAD_BALANCE_COEFF = 1e-3
 
@@ -109,38 +108,18 @@ class MoEBlock(nn.Module):
         return x + self.moe(self.moe_norm(x))
 
 
-class MoEDecoder(nn.Module):
+class MoEDecoder(Transformer):
+    """transformer's decoder with MoEBlock layers: the same names but ``ffn`` (``moe``)."""
+
+    COLWISE = ("attention.wq", "attention.wk", "attention.wv", "moe.shared_expert.w1")
+    ROWWISE = ("attention.wo", "moe.shared_expert.w2")
+
     def __init__(
         self, vocab=64, dim=16, heads=2, hidden=16, layers=2, seq_len=8, experts=8, top_k=2
     ):
-        super().__init__()
-        self.vocab, self.heads, self.hidden, self.seq_len = vocab, heads, hidden, seq_len
+        block = functools.partial(MoEBlock, num_experts=experts, top_k=top_k)
+        super().__init__(vocab, dim, heads, hidden, layers, seq_len, block=block)
         self.num_layers, self.num_experts = layers, experts
-        self.tok_embeddings = nn.Embedding(vocab, dim)
-        self.pos_embeddings = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
-        self.layers = nn.ModuleList(
-            MoEBlock(dim, heads, hidden, experts, top_k) for _ in range(layers)
-        )
-        self.norm = nn.RMSNorm(dim)
-        self.output = nn.Linear(dim, vocab, bias=False)
-
-    def forward(self, tokens):
-        # A pipeline stage holds some of the parts (the others are None), as in transformer.
-        x = tokens
-        if self.tok_embeddings is not None:
-            x = self.tok_embeddings(tokens) + self.pos_embeddings[: tokens.shape[1]]
-        for layer in self.layers:
-            x = layer(x)
-        return x if self.output is None else self.output(self.norm(x))
-
-    def make_batch(self, step: int, global_batch: int, seed: int):
-        return token_batch(step, global_batch, seed, self.vocab, self.seq_len)
-
-    def loss_sum(self, outputs, targets):
-        return cross_entropy_sum(outputs, targets)
-
-    def fsdp_units(self):
-        return list(self.layers)
 
     def ep_plan(self):
         """Expert parallelism: every layer's packed experts (models._expert_parallel)."""
@@ -161,28 +140,6 @@ class MoEDecoder(nn.Module):
         tokens = sum_over_ranks(tokens)
         for i, layer in held.items():
             layer.moe.balance(tokens[int(i)])
-
-    def tp_plan(self):
-        plan = {
-            "tok_embeddings": RowwiseParallel(
-                input_layouts=Replicate(), output_layouts=Replicate()
-            ),
-            "output": ColwiseParallel(output_layouts=Replicate()),
-        }
-        for i, _ in self.layers.named_children():
-            for name in ("attention.wq", "attention.wk", "attention.wv", "moe.shared_expert.w1"):
-                plan[f"layers.{i}.{name}"] = ColwiseParallel()
-            for name in ("attention.wo", "moe.shared_expert.w2"):
-                plan[f"layers.{i}.{name}"] = RowwiseParallel()
-        return plan
-
-    def pipeline_split(self):
-        return "layers", ["tok_embeddings", "pos_embeddings"], ["norm", "output"]
-
-    def tp_dims(self):
-        """The attention views each rank's projections as whole heads: the TP degree must
-        divide them. Any other size is torch's to shard unevenly."""
-        return {"heads": self.heads}
 
 
 def build(**dims) -> MoEDecoder:

@@ -52,12 +52,21 @@ class DecoderBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, vocab=64, dim=32, heads=4, hidden=64, layers=2, seq_len=8):
+    """The decoder's scaffolding; ``block(dim, heads, hidden)`` makes each layer (models.moe
+    passes its mixture-of-experts block). The blocks' TP plan names their projections in
+    COLWISE and ROWWISE."""
+
+    COLWISE = ("attention.wq", "attention.wk", "attention.wv", "ffn.w1")
+    ROWWISE = ("attention.wo", "ffn.w2")
+
+    def __init__(
+        self, vocab=64, dim=32, heads=4, hidden=64, layers=2, seq_len=8, block=DecoderBlock
+    ):
         super().__init__()
         self.vocab, self.heads, self.hidden, self.seq_len = vocab, heads, hidden, seq_len
         self.tok_embeddings = nn.Embedding(vocab, dim)
         self.pos_embeddings = nn.Parameter(torch.randn(seq_len, dim) * 0.02)
-        self.layers = nn.ModuleList(DecoderBlock(dim, heads, hidden) for _ in range(layers))
+        self.layers = nn.ModuleList(block(dim, heads, hidden) for _ in range(layers))
         self.norm = nn.RMSNorm(dim)
         self.output = nn.Linear(dim, vocab, bias=False)
 
@@ -88,9 +97,9 @@ class Transformer(nn.Module):
             "output": ColwiseParallel(output_layouts=Replicate()),
         }
         for i, _ in self.layers.named_children():  # a pipeline stage's layers keep their index
-            for name in ("attention.wq", "attention.wk", "attention.wv", "ffn.w1"):
+            for name in self.COLWISE:
                 plan[f"layers.{i}.{name}"] = ColwiseParallel()
-            for name in ("attention.wo", "ffn.w2"):
+            for name in self.ROWWISE:
                 plan[f"layers.{i}.{name}"] = RowwiseParallel()
         return plan
 
