@@ -210,6 +210,47 @@ def test_a_save_record_cannot_point_the_loader_at_another_reference(in_tmp, monk
     assert launched == [[]]  # nothing to run
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [("{not json", "JSONDecodeError"), ('{"status": "ok"}', "reason"), ("[1, 2]", "")],
+)
+def test_an_unreadable_save_record_is_an_error_cell_and_the_others_go_on(
+    in_tmp, monkeypatch, text, named
+):
+    """A save record edited under results/ (not JSON, a key missing, another form) makes its
+    cells errors naming the file; the job's other source still runs and writes its cell."""
+    layouts = {"single": {"framework": "single", "mesh": [1]},
+               "single_b": {"framework": "single", "mesh": [1]}}  # fmt: skip
+    cfg = config.validate({"models": ["mlp"], "layouts": layouts})
+    spec = grid.load_job_spec(cfg, "results", "single")
+    sources = {s.layout.name: s for s in spec.items[0].sources}
+    good = sources["single_b"]
+    record = SaveRecord(
+        status="error", reason="the save failed", model="mlp", layout=good.layout,
+        checkpoint=good.paths.checkpoint, reference=good.paths.reference, config_hash="x",
+        created_at="2026-01-01T00:00:00Z", torch_version="2.13.0",
+    )  # fmt: skip
+    for source, body in ((good, json.dumps(record.to_dict())), (sources["single"], text)):
+        Path(source.save_record).parent.mkdir(parents=True, exist_ok=True)
+        Path(source.save_record).write_text(body)
+    launched = []
+    real = driver.run_units
+    monkeypatch.setattr(
+        driver, "run_units", lambda s, w, p, *c: launched.append(p) or real(s, w, p, *c)
+    )
+    driver.run_load_job(spec)
+    assert launched == [[]]  # nothing to run
+    cells = {c["save_layout"]: c for c in read_checked(spec.items[0].record, LoadRecord).cells}
+    assert (cells["single_b"]["status"], cells["single_b"]["reason"]) == (
+        "error", "save: the save failed"
+    )  # fmt: skip
+    bad = cells["single"]
+    assert bad["status"] == "error"
+    path = sources["single"].save_record
+    assert bad["reason"].startswith(f"save: the record {path} cannot be read"), bad["reason"]
+    assert named in bad["reason"] and "\n" not in bad["reason"]
+
+
 # --- what a checkpoint folder can make the reader run, block on or allocate ----------------------
 
 

@@ -262,7 +262,12 @@ def _read_sources(spec: JobSpec) -> tuple[dict[str, SaveRecord], dict[str, LoadR
     for item in spec.items:
         for source in item.sources:
             unit = item.unit(source)
-            save = saves[unit] = read_saved(source)
+            try:
+                save = saves[unit] = read_saved(source)
+            except UnreadableRecord as error:
+                saves[unit] = error.stand_in(item.model, source)
+                results[unit] = LoadResult(status="error", reason=str(error))
+                continue
             if save.status != "ok" and source.naming is not None:
                 results[unit] = LoadResult(status="error", reason=f"import: {save.reason}")
             elif save.status != "ok":
@@ -276,11 +281,31 @@ def _read_sources(spec: JobSpec) -> tuple[dict[str, SaveRecord], dict[str, LoadR
     return saves, results, spec.narrowed(to_run)
 
 
+class UnreadableRecord(Exception):
+    """A save or import record that cannot be read (edited, truncated, of another form): its
+    cells are errors naming the file; the job's other cells go on."""
+
+    def __init__(self, path: str, error: Exception):
+        why = " ".join(f"{type(error).__name__}: {error}".split())
+        super().__init__(f"the record {path} cannot be read ({why})")
+
+    def stand_in(self, model: str, source: Source) -> SaveRecord:
+        """The record the cell's row takes its save-side columns from."""
+        where = {"checkpoint": source.paths.checkpoint, "reference": source.paths.reference}
+        return SaveRecord(
+            status="error", reason=str(self), model=model, layout=source.layout, **where,
+            config_hash="", created_at="", torch_version="",
+        )  # fmt: skip
+
+
 def read_saved(source: Source) -> SaveRecord:
     """The record a cell of ``source`` reads: its save record, or an existing checkpoint's
     import record (ImportRecord)."""
     typed = SaveRecord if source.naming is None else ImportRecord
-    return typed.from_dict(read_json(source.save_record))
+    try:
+        return typed.from_dict(read_json(source.save_record))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UnreadableRecord(source.save_record, error) from error
 
 
 def _moved(source: Source, save: SaveRecord) -> str | None:
