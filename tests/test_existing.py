@@ -186,6 +186,7 @@ def run_cli(*args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.torchrun
 def test_a_torchtitan_checkpoint_loads_bit_for_bit_under_every_layout(in_tmp):
     write_torchtitan_checkpoint(in_tmp / "titan")
     rows = run_existing(_config(str(in_tmp / "titan")))
@@ -203,6 +204,7 @@ def test_a_torchtitan_checkpoint_loads_bit_for_bit_under_every_layout(in_tmp):
     assert record.excluded_entries == ["dataloader.dp_rank_0", "train_state.step"]
 
 
+@pytest.mark.torchrun
 def test_broken_on_purpose_the_cells_fail_naming_why(in_tmp):
     write_torchtitan_checkpoint(in_tmp / "titan", extra=True)
     raw = _config(str(in_tmp / "titan"))
@@ -217,6 +219,7 @@ def test_broken_on_purpose_the_cells_fail_naming_why(in_tmp):
     assert skipped["entries_mismatched"] > 10
 
 
+@pytest.mark.torchrun
 def test_resumed_losses_must_agree_across_load_layouts(in_tmp):
     write_torchtitan_checkpoint(in_tmp / "titan")
     rows = run_existing(_config(str(in_tmp / "titan")), load_faults={"tp_2": "skew_resume_lr"})
@@ -239,6 +242,7 @@ def test_a_naming_of_your_own_is_a_function_by_import_path(in_tmp):
     assert "cannot import 'missing_module'" in checkpoint_names.naming_error("missing_module:f")
 
 
+@pytest.mark.torchrun
 def test_a_folder_that_would_run_code_is_an_error_for_its_cells_and_runs_nothing(in_tmp):
     from tests.test_untrusted import tamper
 
@@ -253,6 +257,7 @@ def test_a_folder_that_would_run_code_is_an_error_for_its_cells_and_runs_nothing
     assert "refused to unpickle posix.system" in rows["single"]["reason"]
 
 
+@pytest.mark.torchrun
 def test_a_checkpoint_this_tool_wrote_loads_as_an_existing_one(in_tmp):
     """A model of yours: this tool's own checkpoint of it carries the wrapper's names
     (``model.user_model.…``), taken as they are under naming dcp_matrix."""
@@ -278,6 +283,7 @@ def test_a_checkpoint_this_tool_wrote_loads_as_an_existing_one(in_tmp):
     assert not any("user_model.user_model" in entry for entry in record.entries)
 
 
+@pytest.mark.torchrun
 def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, capsys):
     """An import whose inputs did not change (adding a model to the config runs the import
     job again) writes its record again byte for byte and leaves its reference alone; a
@@ -318,6 +324,7 @@ def test_an_unchanged_import_is_reused_and_a_changed_checkpoint_is_not(in_tmp, c
     assert "reused 1 of 1 imports" in imported()[0]
 
 
+@pytest.mark.torchrun
 def test_a_folder_that_reads_outside_itself_is_an_error_for_its_cells(in_tmp):
     """A .metadata that places an entry's data outside the folder (DCP reads it there:
     docs/torch-notes.md) is refused by the import, naming the entry; no cell loads it."""
