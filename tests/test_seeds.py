@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline_lib import frameworks, models
-from pipeline_lib.frameworks import fsdp2_compile
+from pipeline_lib.frameworks import fsdp2_compile, fsdp2_compile_wrapped
 from pipeline_lib.frameworks._activation_checkpoint import checkpoint_blocks
 from pipeline_lib.job import optimizers
 from pipeline_lib.verify import faults
@@ -17,7 +17,7 @@ from pipeline_lib.verify.live import Anatomy, live_state
 from tests.jobs import run_matrix
 
 NEW = {"ddp_activation_checkpoint": ("replicate",), "fsdp1_activation_checkpoint": ("shard",),
-       "fsdp2_compile": ("shard",)}  # fmt: skip
+       "fsdp2_compile": ("shard",), "fsdp2_compile_wrapped": ("shard",)}  # fmt: skip
 NOTES = ("model.input_note._extra_state", "model.output_note._extra_state.label")
 
 
@@ -119,3 +119,13 @@ def test_checkpointed_layouts_and_object_extra_state_load_exactly(in_tmp):
     assert broken["status"] == "fail"
     assert "loader vs saver: 1 of " in broken["reason"]
     assert "first model.input_note._extra_state: value 'init-" in broken["reason"]
+
+
+def test_blocks_compiled_by_torch_compile_gain_orig_mod_in_the_tree_not_the_live_state():
+    model = built("mlp", 0)
+    anatomy = Anatomy.of(model)
+    compiled = fsdp2_compile_wrapped.compile_blocks(model)
+    assert [type(block).__name__ for block in compiled] == ["OptimizedModule"] * 2
+    assert list(model.blocks) == compiled
+    assert "blocks.0._orig_mod.fc1.weight" in model.state_dict()
+    assert sorted(live(model, anatomy)) == sorted(live(built("mlp", 0), anatomy))
