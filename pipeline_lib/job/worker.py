@@ -403,6 +403,7 @@ def load_into(
             )
     with timed(timing, "load_s"):
         report, strict_error = read_source(job, item, trainee, state, source, places)
+        faults.change_extra_state(fault, trainee.model)
     if strict_error is not None:
         return LoadResult(
             status="ok", reason="", strict_error=strict_error, timing=timing, seal_ok=sealed or None

@@ -337,6 +337,36 @@ def keep_rank0_adapter_shard(fault: str | None, state: dict, model, full: bool) 
             state["model"][name] = rank0.to(state["model"][name].device)
 
 
+# Faults that mean something for a model whose extra state is not a tensor only, hence not in
+# the campaign: tests/test_seeds.py injects them into a cell of mlp_object_state.
+OBJECT_STATE_FAULTS = {
+    # After the load, a module's extra state (a string, or a dict holding one) is set again with
+    # its first string changed: a load that restored it wrong.
+    "change_extra_state": "fail",
+}
+
+
+def change_extra_state(fault: str | None, model) -> None:
+    """change_extra_state, on the loader after its load: the first module (in module order)
+    whose ``get_extra_state`` holds a string gets it back with that string prefixed."""
+    if fault != "change_extra_state":
+        return
+    from torch import nn
+
+    for module in model.modules():
+        if type(module).get_extra_state is nn.Module.get_extra_state:
+            continue
+        state = module.get_extra_state()
+        if isinstance(state, str):
+            module.set_extra_state(f"changed-{state}")
+            return
+        items = state.items() if isinstance(state, dict) else ()
+        texts = [key for key, value in items if isinstance(value, str)]
+        if texts:
+            module.set_extra_state({**state, texts[0]: f"changed-{state[texts[0]]}"})
+            return
+
+
 def drop_last_stage(fault: str | None, model_state: dict, pipeline, side: str) -> None:
     """drop_last_stage: on the saver's last pipeline stage, the model state holds nothing."""
     if fault == "drop_last_stage" and side == "save" and pipeline and pipeline.is_last:
