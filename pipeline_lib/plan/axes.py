@@ -269,6 +269,15 @@ def _async_conflict(variant: Variant) -> str | None:
     return None
 
 
+def _history_conflict(variant: Variant) -> str | None:
+    if variant.history == "group_added_midway" and variant.optimizer == "adam_lr_warmup":
+        return (
+            "history group_added_midway: optimizer adam_lr_warmup's LR scheduler is built for "
+            "the param groups it was given; a group added later has no schedule"
+        )
+    return None
+
+
 # In this order: a variant's skip reason is the first rule's that refuses it.
 RULES = (
     Rule(("load_mode", "mode", "format"), _load_mode_conflict),
@@ -277,6 +286,7 @@ RULES = (
     Rule(("format", "optimizer"), _scheduler_conflict),
     Rule(("save_sequence", "mode", "format", "load_mode", "load_process"), _sequence_conflict),
     Rule(("async_save", "format", "mode"), _async_conflict),
+    Rule(("history", "optimizer"), _history_conflict),
 )
 
 
