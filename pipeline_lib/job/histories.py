@@ -57,11 +57,19 @@ def check(history: str, framework, train: dict, frozen: frozenset, pipeline: boo
             f"history {history}: the model has frozen parameters of its own (the frozen_params "
             "axis is their history)"
         )
-    if history == GROUP_ADDED_MIDWAY and framework.name == "ddp":
-        raise Incompatible(
-            "history group_added_midway: DDP reduces only the parameters that require grad when "
-            "it is built; one unfrozen later would not be averaged (the ranks would diverge)"
-        )
+    if framework.name == "ddp":
+        raise Incompatible(f"history {history}: {_DDP[history]}")
+
+
+# Why DDP cannot take a history (it fixes the parameters it reduces when it is built; a user
+# changing them wraps the model again, or passes find_unused_parameters=True).
+_DDP = {
+    FROZEN_MIDWAY: "DDP expects a gradient of every parameter that required grad when it was "
+    "built; one frozen later leaves its reduction unfinished (DDP's documented error at the "
+    "next step: 'Expected to have finished reduction in the prior iteration')",
+    GROUP_ADDED_MIDWAY: "DDP reduces only the parameters that required grad when it was built; "
+    "one unfrozen later would not be averaged (the ranks would diverge)",
+}
 
 
 def at_start(history: str, base) -> None:
