@@ -21,6 +21,11 @@ class Axis:
     values: tuple[str, ...]
     doc: str  # one line: the docs' table and the config schema's description
     old_key: str | None = None  # its config key before the rule (refused, naming ``name``)
+    # False: where a grid gives the axis its default alone, pairwise covering arrays leave it
+    # out and give every row the default. An axis at one value adds no pair to cover, but
+    # covertable's rows depend on every axis it is given (it orders the pairs by position): an
+    # axis declared after the shipped pairwise grids were measured keeps their rows so.
+    in_covering_at_default: bool = True
 
     @property
     def default(self) -> str:
@@ -143,5 +148,6 @@ AXIS_TABLE: tuple[Axis, ...] = (
         ("plain", "frozen_midway", "group_added_midway"),
         "what happened before the save: plain training, some parameters frozen halfway (kept in "
         "the optimizer), or some unfrozen and added as a param group halfway",
+        in_covering_at_default=False,
     ),
 )
