@@ -20,6 +20,7 @@ optimizer state has the saver's keys for every parameter.
 """
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -85,6 +86,9 @@ def main() -> int:
         saver, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
     reloaded = state_keys(saver, optimizer)
+    dist.barrier()  # every rank has read the checkpoint: rank 0 removes it
+    if rank == 0:
+        shutil.rmtree(folder[0])
     dist.destroy_process_group()
     bad = {
         side: sorted(set(expected) - set(got)) + [n for n in got if got[n] != expected.get(n)]

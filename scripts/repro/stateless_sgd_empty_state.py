@@ -18,6 +18,7 @@ device to be set`` (the loader's own optimizer state has no tensor to take a dev
 """
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -90,6 +91,9 @@ def main() -> int:
         failed = f"{type(exc).__name__}: {exc}"
     else:
         failed = ""
+    dist.barrier()  # every rank has read the checkpoint: rank 0 removes it
+    if rank == 0:
+        shutil.rmtree(folder[0])
     dist.destroy_process_group()
     gained = {where: got for where, got in seen.items() if got}
     if rank == 0:
