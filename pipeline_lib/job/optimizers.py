@@ -32,6 +32,8 @@ def make(name: str, model: torch.nn.Module, lr: float):
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.01), None
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9), None
+    if name == "sgd_plain":  # no momentum: no per-parameter state at all
+        return torch.optim.SGD(params, lr=lr), None
     if name == "adamw_param_groups":
         # Matrices decay at lr; biases and norms do not, at lr / 10 (two groups, two lrs).
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -17,12 +17,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from pipeline_lib import models
 from pipeline_lib.common.errors import Incompatible
 from pipeline_lib.frameworks import Framework
-from pipeline_lib.job import checkpoint_io, optimizers, pipelining
+from pipeline_lib.job import checkpoint_io, histories, optimizers, pipelining
 from pipeline_lib.models._common import batch_to, split_batch
 from pipeline_lib.plan.axes import Variant
 from pipeline_lib.plan.specs import ItemSpec
 from pipeline_lib.verify import faults
-from pipeline_lib.verify.entries import UNEXPECTED_ENTRY, flatten
+from pipeline_lib.verify.entries import UNEXPECTED_ENTRY, flatten_with_empty
 from pipeline_lib.verify.live import Anatomy, live_state
 
 # The loader's model starts from a different init, so an entry the load misses cannot pass.
@@ -105,11 +105,19 @@ class Trainee:
 
 
 def build(
-    item: Item, at: Placement, seed: int, meta: bool = False, fault=None, base_seed=None
+    item: Item,
+    at: Placement,
+    seed: int,
+    meta: bool = False,
+    fault=None,
+    base_seed=None,
+    loader: bool = False,
 ) -> Trainee:
     """The item's model, of its variant's dtype, under the layout, its optimizer and scheduler.
     ``meta``: built on the meta device and materialized empty (no values until a load).
-    ``base_seed``: the seed of a LoRA model's base where it is not ``seed`` (``base_seed``)."""
+    ``base_seed``: the seed of a LoRA model's base where it is not ``seed`` (``base_seed``).
+    ``loader``: brought to the saver's parameters and param groups at its save (its history,
+    pipeline_lib.job.histories)."""
     torch.manual_seed(seed)
     # model_kwargs (benchmarks only) resize a model, e.g. a 1 GB mlp.
     kwargs = dict(item.spec.model_kwargs)
@@ -123,6 +131,8 @@ def build(
     check_param_groups(at.framework, item.variant.optimizer)
     anatomy = Anatomy.of(base)
     check_frozen(item, anatomy, meta)
+    history = item.variant.history
+    histories.check(history, at.framework, item.train, anatomy.frozen, at.pipeline is not None)
     base.to(getattr(torch, item.variant.param_dtype))
     if not meta:
         base.to(at.device)
@@ -131,7 +141,10 @@ def build(
     model = at.framework.parallelize(base, at.mesh)
     if meta and at.framework.shards_meta_model:
         model.to_empty(device=at.device)
+    histories.at_start(history, base)
     optimizer, scheduler = optimizers.make(item.variant.optimizer, model, item.train["lr"])
+    if loader:
+        histories.as_at_save(history, base, optimizer)
     trainee = Trainee(model, base, optimizer, scheduler, anatomy)
     if hasattr(base, "load_balance"):  # router state (models.moe): updated before each step
         optimizer.register_step_pre_hook(lambda *_: base.load_balance(_summed_over_ranks(at)))
@@ -204,6 +217,8 @@ def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) ->
     dtype = getattr(torch, item.variant.param_dtype)
     losses = []
     for step in range(first_step, first_step + steps):
+        if step == histories.midway_step(settings) and item.variant.history != histories.PLAIN:
+            histories.at_midway(item.variant.history, t.base, t.optimizer)
         inputs, targets = t.base.make_batch(step, settings["global_batch"], settings["seed"])
         x = batch_to(split_batch(inputs, at.dp_size, at.dp_rank), at.device, dtype)
         y = batch_to(split_batch(targets, at.dp_size, at.dp_rank), at.device, torch.float32)
@@ -323,7 +338,7 @@ def loaded_state(item: Item, at: Placement, t: Trainee, fault=None) -> tuple[dic
     its live state, read after."""
     state = state_dict(item, t, fault=fault, side="load")
     parts = checkpoint_io.stateful_as_dicts(checkpoint_io.part_in_format(item.variant, state))
-    return flatten(parts), live(item, at, t, side="load")
+    return flatten_with_empty(parts), live(item, at, t, side="load")
 
 
 def dropped_entries(item: Item, t: Trainee) -> list[str]:

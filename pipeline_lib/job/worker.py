@@ -48,7 +48,7 @@ from pipeline_lib.plan.axes import layout_conflict
 from pipeline_lib.plan.specs import JobSpec, Source
 from pipeline_lib.verify import checks, faults, seal_file, sealed_mode
 from pipeline_lib.verify.bitwise import shared_storage
-from pipeline_lib.verify.entries import entry_table, flatten
+from pipeline_lib.verify.entries import entry_table, flatten_with_empty
 from pipeline_lib.verify.hf_folder import FORMAT as HF_FOLDER
 from pipeline_lib.verify.reference import Reference, load_form_dir
 from pipeline_lib.verify.results import Env, LoadResult, SaveResult, Timing, result_type
@@ -271,7 +271,7 @@ def saved_state(item: Item, trainee: Trainee, changed, live_shared) -> tuple[dic
     for name in dropped:
         del state["model"][name.removeprefix("model.")]
     state["model"].update(added)
-    flat = flatten(checkpoint_io.stateful_as_dicts(state))
+    flat = flatten_with_empty(checkpoint_io.stateful_as_dicts(state))
     if seal_file.is_sealed(item.spec.verify):  # no reference: values are check 1's (files vs live)
         shared = shared_storage(flat, trainee.anatomy.canonical)
         return state, flat, sealed_mode.sharing_only(live_shared, shared)
@@ -375,7 +375,9 @@ def load_one(job: Job, item: Item, source: Source) -> LoadResult:
     with timed(timing, "build_s"):
         seed, meta = settings["seed"] + LOADER_SEED_OFFSET, variant.load_init == "meta"
         base_seed = training.base_seed(item)
-        trainee = training.build(item, at, seed, meta=meta, fault=fault, base_seed=base_seed)
+        trainee = training.build(
+            item, at, seed, meta=meta, fault=fault, base_seed=base_seed, loader=True
+        )
         state = training.state_dict(item, trainee, fault=fault, side="load")
     return load_into(job, item, trainee, state, source, timing, places)
 
@@ -408,6 +410,7 @@ def load_into(
         return LoadResult(
             status="ok", reason="", strict_error=strict_error, timing=timing, seal_ok=sealed or None
         )
+    faults.break_loaded_optim_state(fault, trainee.optimizer)
     model_only = places is not None and places.model_only
     with timed(timing, "verify_s"):
         through_api, from_live = training.loaded_state(item, at, trainee, fault)

@@ -170,7 +170,23 @@ def _pairwise(values: tuple[tuple[str, tuple[str, ...]], ...]) -> list[dict]:
     grid's variants many times)."""
     from pipeline_lib.plan.pairwise import covering_rows
 
-    return covering_rows(dict(values), [(rule.reads, rule.allows) for rule in RULES])
+    given = dict(values)
+    # Axes at their default alone that stay out of the array (Axis.in_covering_at_default).
+    fixed = {
+        axis.name: axis.default
+        for axis in AXIS_TABLE
+        if not axis.in_covering_at_default and given[axis.name] == (axis.default,)
+    }
+    covered = {axis: vals for axis, vals in given.items() if axis not in fixed}
+    constraints = [
+        (tuple(a for a in rule.reads if a not in fixed), _given(rule, fixed)) for rule in RULES
+    ]
+    return [{**row, **fixed} for row in covering_rows(covered, constraints)]
+
+
+def _given(rule: Rule, fixed: dict[str, str]) -> Callable[[dict[str, str]], bool]:
+    """``rule.allows`` with the axes left out of a covering array at their fixed values."""
+    return lambda values: rule.allows({**values, **fixed})
 
 
 @dataclass(frozen=True)
@@ -269,6 +285,15 @@ def _async_conflict(variant: Variant) -> str | None:
     return None
 
 
+def _history_conflict(variant: Variant) -> str | None:
+    if variant.history == "group_added_midway" and variant.optimizer == "adam_lr_warmup":
+        return (
+            "history group_added_midway: optimizer adam_lr_warmup's LR scheduler is built for "
+            "the param groups it was given; a group added later has no schedule"
+        )
+    return None
+
+
 # In this order: a variant's skip reason is the first rule's that refuses it.
 RULES = (
     Rule(("load_mode", "mode", "format"), _load_mode_conflict),
@@ -277,6 +302,7 @@ RULES = (
     Rule(("format", "optimizer"), _scheduler_conflict),
     Rule(("save_sequence", "mode", "format", "load_mode", "load_process"), _sequence_conflict),
     Rule(("async_save", "format", "mode"), _async_conflict),
+    Rule(("history", "optimizer"), _history_conflict),
 )
 
 

@@ -21,6 +21,11 @@ class Axis:
     values: tuple[str, ...]
     doc: str  # one line: the docs' table and the config schema's description
     old_key: str | None = None  # its config key before the rule (refused, naming ``name``)
+    # False: where a grid gives the axis its default alone, pairwise covering arrays leave it
+    # out and give every row the default. An axis at one value adds no pair to cover, but
+    # covertable's rows depend on every axis it is given (it orders the pairs by position): an
+    # axis declared after the shipped pairwise grids were measured keeps their rows so.
+    in_covering_at_default: bool = True
 
     @property
     def default(self) -> str:
@@ -89,7 +94,7 @@ AXIS_TABLE: tuple[Axis, ...] = (
     # pipeline_lib.job.optimizers
     Axis(
         "optimizer",
-        ("adam", "adamw", "sgd", "adamw_param_groups", "adam_lr_warmup"),
+        ("adam", "adamw", "sgd", "adamw_param_groups", "adam_lr_warmup", "sgd_plain"),
         "the optimizer recipe the saver trains with and the loader resumes with",
         old_key="train.optimizer",
     ),
@@ -132,5 +137,17 @@ AXIS_TABLE: tuple[Axis, ...] = (
         "frozen_params",
         ("ignored", "saved"),
         "a model's frozen parameters left out of the state saved and loaded, or saved with it",
+    ),
+    # pipeline_lib.job.histories: plain: every parameter trains to the save; frozen_midway: the
+    # first module's parameters train for half of train.steps, then are frozen and stay in the
+    # optimizer; group_added_midway: they are frozen and out of the optimizer at the start, then
+    # unfrozen and added as a param group halfway. The loader rebuilds the saver's parameters
+    # and param groups at its save before it loads.
+    Axis(
+        "history",
+        ("plain", "frozen_midway", "group_added_midway"),
+        "what happened before the save: plain training, some parameters frozen halfway (kept in "
+        "the optimizer), or some unfrozen and added as a param group halfway",
+        in_covering_at_default=False,
     ),
 )

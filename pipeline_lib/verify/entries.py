@@ -19,6 +19,34 @@ def flatten(state: Mapping, prefix: str = "") -> dict[str, Any]:
     return {name: holder[key] for name, (holder, key) in leaves(state, prefix).items()}
 
 
+# The key that names a parameter's optimizer state that exists and is empty ({}):
+# ``optim.state.<fqn>.{}``. ``flatten`` leaves an empty dict out (it has no leaves), so a state
+# {} would look like no state at all; an optimizer that gains (or loses) such entries in a load
+# holds other state keys than the saver's (torch's Optimizer.state_dict lists them).
+EMPTY_STATE = "{}"
+EMPTY_STATE_VALUE = "empty"
+
+
+def empty_states(optim_state: Any) -> dict[str, str]:
+    """``optim.state.<fqn>.{}`` for each parameter whose entry in an optimizer state dict's
+    ``state`` (by fqn) is an empty dict ({} for a flattened optimizer state dict: its empty
+    entries are gone in torch's own flattening)."""
+    state = optim_state.get("state") if isinstance(optim_state, Mapping) else None
+    if not isinstance(state, Mapping):
+        return {}
+    return {
+        f"optim.state.{fqn}.{EMPTY_STATE}": EMPTY_STATE_VALUE
+        for fqn, value in state.items()
+        if isinstance(value, Mapping) and not value
+    }
+
+
+def flatten_with_empty(parts: Mapping) -> dict[str, Any]:
+    """``flatten`` of a checkpoint's parts (model, optim, ...), with the optimizer state's empty
+    entries named (``empty_states``)."""
+    return {**flatten(parts), **empty_states(parts.get("optim"))}
+
+
 def leaves(state: Mapping | list, prefix: str = "") -> dict[str, tuple[Any, Any]]:
     """Every entry of ``flatten(state)`` -> (the dict or list holding it, its key there): where
     to put a new value of the entry."""

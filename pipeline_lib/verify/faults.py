@@ -284,6 +284,33 @@ EXPERT_FAULTS = {
 }
 
 
+# Faults about the optimizer state a load leaves, hence not in the campaign (an empty state
+# needs a stateless optimizer): tests/test_histories.py injects them into a cell's load, after
+# the load and before check 2 reads the loader.
+HISTORY_FAULTS = {
+    # The first parameter with optimizer state loses it (a load that drops a parameter's
+    # state, as torch's of a parameter trained then frozen: pytorch #192202).
+    "drop_loaded_optim_state": "fail",
+    # The first parameter without optimizer state gains an empty one, {} (a stateless
+    # optimizer gaining entries in a load: pytorch #192225).
+    "add_empty_optim_state": "fail",
+}
+
+
+def break_loaded_optim_state(fault: str | None, optimizer) -> None:
+    """drop_loaded_optim_state / add_empty_optim_state on the loader's optimizer (in place)."""
+    if fault not in HISTORY_FAULTS:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if fault == "drop_loaded_optim_state":
+        del optimizer.state[next(p for p in params if p in optimizer.state)]
+    else:
+        stateless = [p for p in params if p not in optimizer.state]
+        if not stateless:
+            raise ValueError("add_empty_optim_state: every parameter has optimizer state")
+        optimizer.state[stateless[0]] = {}
+
+
 def keep_local_experts(fault: str | None, model_state: dict, side: str) -> None:
     """keep_local_experts: on the saver, every expert entry (a DTensor sharded over the ``ep``
     mesh dim) becomes this rank's local tensor."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.frameworks import FlatMember
-from pipeline_lib.verify.entries import FlatPiece, flatten
+from pipeline_lib.verify.entries import EMPTY_STATE, EMPTY_STATE_VALUE, FlatPiece, flatten
 
 # Module names a wrapper inserts between a model's own names.
 WRAPPER_NAMES = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
@@ -150,8 +150,13 @@ def optimizer_entries(optimizer, names: dict, anatomy: Anatomy, flat: _Flat, fla
         fqns: list[str] = []
         for param in group["params"]:
             state = optimizer.state.get(param, {})
-            fqns += _member_names(names[id(param)], param, flat)
+            members = _member_names(names[id(param)], param, flat)
+            fqns += members
             entries.update(_state_entries(state, names[id(param)], param, anatomy, flat))
+            if param in optimizer.state and not state:  # a state that exists and is empty
+                entries.update(
+                    {f"optim.state.{m}.{EMPTY_STATE}": EMPTY_STATE_VALUE for m in members}
+                )
         settings = {k: v for k, v in group.items() if k != "params"}
         if flattened:
             for fqn in fqns:
