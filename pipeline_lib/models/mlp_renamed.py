@@ -8,10 +8,11 @@ get_state_dict looks a key's names up as attributes). Public hooks only
 
 Exercises the live state's naming (pipeline_lib.verify.live.Anatomy): a checkpoint entry is
 named by its state-dict key, its value is the parameter the key's value is.
-``build(lossy_load=True)``: the load hook drops the mapping and keeps the layer's own values (a
-mapping lost without an error: a strict load still sees every key it wants); its cells must
-fail naming the renamed entries (tests/test_legacy.py)."""
+``build(lossy_load=True)``: the load hook drops the mapping (a
+mapping lost without an error: a strict load still sees every key it wants) and resets the
+layer; its cells must fail naming the renamed entries (tests/test_legacy.py)."""
 
+import torch
 from torch import nn
 
 from pipeline_lib.models import mlp
@@ -52,10 +53,13 @@ def _rename_on_load(module, state_dict, prefix, *_args) -> None:
 
 
 def _lose_on_load(module, state_dict, prefix, *_args) -> None:
+    # The renamed entry dropped, the layer reset in its place (DCP loads in place into the
+    # parameters a state dict shares with the model: keeping the layer's own values would keep
+    # what dcp.load wrote).
     for name in NAMES:
         if state_dict.pop(prefix + name, None) is not None:
             own = getattr(module.base_layer, name)
-            state_dict[f"{prefix}base_layer.{name}"] = own.detach().clone()
+            state_dict[f"{prefix}base_layer.{name}"] = torch.zeros_like(own.detach())
 
 
 class RenamedMLP(mlp.MLP):
