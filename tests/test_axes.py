@@ -41,7 +41,7 @@ def test_defaults_are_one_variant_with_the_plain_paths(small_config):
 
 
 def test_one_at_a_time_varies_each_axis_alone(small_config):
-    more = {"load_mode": list(axes.AXES["load_mode"])}
+    more = {"mode": list(axes.AXES["mode"]), "load_mode": list(axes.AXES["load_mode"])}
     more["load_process"] = list(axes.AXES["load_process"])
     more["save_sequence"] = list(axes.AXES["save_sequence"])
     more["frozen_params"] = list(axes.AXES["frozen_params"])
