@@ -6,6 +6,7 @@ Every function here runs on all ranks of a job; collectives happen in the same o
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -26,10 +27,12 @@ from pipeline_lib.verify.untrusted import SafeLoadPlanner
 
 def options(variant: Variant, frozen: bool, full: bool, side: str = "save") -> StateDictOptions:
     """The state-dict options of a variant on one side ("save" or "load"); ``frozen``: the model
-    has frozen parameters; ``full``: the full state dict on rank 0 (CPU)."""
+    has frozen parameters; ``full``: the full state dict on rank 0 (CPU). Modes full_dcp and
+    full_dcp_rank0 make the save side's full too: on every rank, or on rank 0 (cpu_offload)."""
+    full_dcp, rank0 = variant.full_dcp(side)
     return StateDictOptions(
-        full_state_dict=full,
-        cpu_offload=full,
+        full_state_dict=full or full_dcp,
+        cpu_offload=full or rank0,
         ignore_frozen_params=variant.ignores_frozen(frozen),
         flatten_optimizer_state_dict=variant.flattened(side),
     )
@@ -148,6 +151,12 @@ def read(variant: Variant, trainee, state: dict, paths: CheckpointPaths, fault=N
         return LoadReport()
     if variant.reads_full_state:
         _distribute_full_state(trainee, state, paths, opts)
+        return LoadReport()
+    if variant.legacy("load"):
+        from pipeline_lib.job import legacy_fsdp
+
+        reader = functools.partial(_reader, variant, paths)
+        legacy_fsdp.load(trainee.model, trainee.optimizer, state, reader, SafeLoadPlanner)
         return LoadReport()
     return _read_sharded(variant, trainee, state, paths, opts, fault)
 

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from pipeline_lib import models
 from pipeline_lib.common.errors import Incompatible
 from pipeline_lib.frameworks import Framework
-from pipeline_lib.job import checkpoint_io, histories, optimizers, pipelining
+from pipeline_lib.job import checkpoint_io, histories, legacy_fsdp, optimizers, pipelining
 from pipeline_lib.models._common import batch_to, split_batch
 from pipeline_lib.plan.axes import Variant
 from pipeline_lib.plan.specs import ItemSpec
@@ -96,7 +96,8 @@ class Trainee:
 
     @property
     def param_names(self) -> set[str]:
-        return set(self.anatomy.shapes)
+        """Parameter names and the model state keys that hold a parameter (a renamed one's)."""
+        return set(self.anatomy.shapes) | self.anatomy.param_keys
 
     @property
     def frozen(self) -> frozenset[str]:
@@ -299,7 +300,10 @@ def state_dict(item: Item, t: Trainee, full: bool = False, fault=None, side="sav
     get_state_dict gives it in the mode of ``side`` (save or load; a state fault corrupts it, on
     both sides)."""
     opts = checkpoint_io.options(item.variant, bool(t.frozen), full, side)
-    model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
+    if item.variant.legacy(side):  # FSDP1's own API (mode / load_mode legacy)
+        model_state, optim_state = legacy_fsdp.state_dict(t.model, t.optimizer)
+    else:
+        model_state, optim_state = get_state_dict(t.model, t.optimizer, options=opts)
     faults.corrupt_state(fault, model_state, optim_state, t.at_build)
     faults.drop_last_stage(fault, model_state, t.pipeline, side)
     faults.keep_local_experts(fault, model_state, side)

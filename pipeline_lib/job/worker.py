@@ -328,7 +328,9 @@ def reload_in_saver(job: Job, item: Item, trainee: Trainee) -> None:
     a fresh loader does; rank 0 writes the cell's result beside the checkpoint for the load job
     of this layout to take (``saver_reload``)."""
     variant = item.variant
-    if variant.load_process != "saver" or layout_conflict(variant, "load", job.world_size):
+    if variant.load_process != "saver" or layout_conflict(
+        variant, "load", job.world_size, job.spec.layout.framework
+    ):
         return
     paths, fault = item.spec.paths, item.spec.fault
     source = Source(id=item.id, layout=item.spec.layout, paths=paths, save_record="", fault=fault)

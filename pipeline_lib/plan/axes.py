@@ -83,6 +83,16 @@ class Variant(_AxisFields):
         broadcasts it (broadcast_from_rank0)."""
         return self.side_mode("load") == "full"
 
+    def legacy(self, side: str) -> bool:
+        """The side uses FSDP1's own state-dict API (FSDP.state_dict_type), not get_state_dict."""
+        return self.side_mode(side) == "legacy"
+
+    def full_dcp(self, side: str) -> tuple[bool, bool]:
+        """(the side's state dict is full and written with dcp.save, only rank 0 holds it with
+        cpu_offload): modes full_dcp and full_dcp_rank0, on the save side (they load sharded)."""
+        mode = self.mode if side == "save" else None
+        return mode in ("full_dcp", "full_dcp_rank0"), mode == "full_dcp_rank0"
+
     @property
     def drops_entry(self) -> bool:
         return self.mode in ("strict", "non_strict")
@@ -109,7 +119,7 @@ class Variant(_AxisFields):
 
 DEFAULT = Variant()
 # The modes a load_mode pairs (the state-dict modes proper; strict ones change entries).
-LOAD_MODES = ("sharded", "full", "flattened_optim")
+LOAD_MODES = ("sharded", "full", "flattened_optim", "legacy")
 
 
 def axis_values(config: dict) -> dict[str, list[str]]:
@@ -306,8 +316,17 @@ RULES = (
 )
 
 
-def layout_conflict(variant: Variant, side: str, world_size: int) -> str | None:
-    """Why a variant cannot run on one side (save or load) of a layout of this world size."""
+def layout_conflict(
+    variant: Variant, side: str, world_size: int, framework: str | None = None
+) -> str | None:
+    """Why a variant cannot run on one side (save or load) of a layout of this world size and
+    framework (None: not known, no rule on it)."""
     if side == "load" and variant.format == "torch_save" and world_size != 1:
         return "format torch_save is loaded in a single-process layout only (world size 1)"
+    if variant.legacy(side) and framework is not None and not framework.startswith("fsdp1"):
+        return (
+            f"{'load_mode' if side == 'load' and variant.load_mode != 'same' else 'mode'} "
+            "legacy: FSDP.state_dict_type is "
+            f"FSDP1's own API (framework {framework})"
+        )
     return None

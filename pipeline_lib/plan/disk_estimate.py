@@ -30,6 +30,7 @@ BUILTIN_STATE = {
     "mlp_extra_state": (2280, 10, 17, 2),
     "mlp_frozen": (2280, 10, 0, 0),
     "mlp_object_state": (2280, 10, 0, 0),
+    "mlp_renamed": (2280, 10, 0, 0),
     "mlp_uneven": (868, 10, 0, 0),
     "moe": (17936, 32, 16, 2),
     "odd_vocab": (12624, 24, 0, 0),

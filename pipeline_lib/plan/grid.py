@@ -205,7 +205,7 @@ def load_record_path(model: str, layout: str, root: str = RESULTS) -> str:
 
 def skip_reason(variant: Variant, side: str, layout: Layout) -> str | None:
     """Why a job cannot run this variant on this layout (its cells are ``skip``), or None."""
-    return conflict(variant) or layout_conflict(variant, side, layout.world_size)
+    return conflict(variant) or layout_conflict(variant, side, layout.world_size, layout.framework)
 
 
 def _item(config: dict, kind: str, model: str, layout: str, record: str, variant: Variant, **more):

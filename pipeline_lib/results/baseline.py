@@ -144,7 +144,8 @@ def planned_skip(row: dict) -> tuple[str, str] | None:
         reasons.append(
             None
             if existing
-            else conflict(variant) or layout_conflict(variant, side, _int(world_size))
+            else conflict(variant)
+            or layout_conflict(variant, side, _int(world_size), row.get(f"{side}_framework"))
         )
     if not any(reasons):
         return None

@@ -39,7 +39,12 @@ AXIS_TABLE: tuple[Axis, ...] = (
     # fail naming it, a non-strict one must report exactly it as missing;
     # strict_unexpected / non_strict_unexpected: the saver adds one model entry the model lacks
     # (UNEXPECTED_ENTRY), a strict load must fail naming it, a non-strict one must report
-    # exactly it as unexpected.
+    # exactly it as unexpected;
+    # legacy: FSDP1's own API, as accelerate writes: FSDP.state_dict_type(SHARDED_STATE_DICT),
+    # model.state_dict() and FSDP.optim_state_dict, saved with dcp.save (FSDP1 layouts only;
+    # load_mode sharded loads it through get_state_dict / set_state_dict);
+    # full_dcp: get_state_dict(full_state_dict=True) on every rank, saved with dcp.save;
+    # full_dcp_rank0: the same with cpu_offload (rank 0 alone holds it); both load sharded.
     Axis(
         "mode",
         (
@@ -50,6 +55,9 @@ AXIS_TABLE: tuple[Axis, ...] = (
             "non_strict",
             "strict_unexpected",
             "non_strict_unexpected",
+            "legacy",
+            "full_dcp",
+            "full_dcp_rank0",
         ),
         "the state-dict mode of the save (and of the load, unless load_mode says otherwise), "
         "or an entry left out or added on purpose",
@@ -59,7 +67,7 @@ AXIS_TABLE: tuple[Axis, ...] = (
     # the loader loads it in this mode (docs/config.md, "Save mode != load mode").
     Axis(
         "load_mode",
-        ("same", "sharded", "full", "flattened_optim"),
+        ("same", "sharded", "full", "flattened_optim", "legacy"),
         "the loader's state-dict mode: the mode's own, or another one",
         old_key="load_modes",
     ),

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from pipeline_lib.verify.entries import FlatPiece
@@ -133,6 +134,8 @@ def shared_storage(flat: Mapping[str, Any], canonical: Callable[[str], str]) -> 
     for name, value in flat.items():
         t = value.data if isinstance(value, FlatPiece) else value
         t = t.to_local() if isinstance(t, DTensor) else t
+        if isinstance(t, ShardedTensor):  # FSDP1 without a device mesh: its one local shard
+            t = t.local_shards()[0].tensor if t.local_shards() else None
         if not isinstance(t, torch.Tensor) or t.numel() == 0 or t.device.type == "meta":
             continue
         first = t.data_ptr()

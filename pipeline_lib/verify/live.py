@@ -12,13 +12,16 @@ scheduler from its own ``state_dict()``. Wrapper names are removed the way the w
 several original ones (FSDP1 ``use_orig_params=False``: ``Framework.flat_members``) and the
 optimizer state flat over it become one entry per original parameter. Which entries a model's
 state holds (persistent buffers, extra state, tied names) comes from the unwrapped module's own
-``nn.Module.state_dict()`` keys, taken once at build (``Anatomy``). Imports torch.
+``nn.Module.state_dict()`` keys, taken once at build (``Anatomy``). A key need not be its
+parameter's name (a module's state-dict hooks may rename it, as PEFT's do): which parameter or
+buffer a key holds is found by identity, the object ``state_dict(keep_vars=True)`` gives for
+it, never from the key's spelling or the hook's own mapping. Imports torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,33 +43,59 @@ class Anatomy:
     shapes: dict[str, torch.Size]  # parameter name -> shape (every name of a tied parameter)
     first_name: dict[str, str]  # parameter name -> the first name of that parameter (ties)
     frozen: frozenset[str]
+    # state-dict key -> the parameter or buffer name it holds, where the two differ (a key
+    # renamed by a module's state-dict hook); found by the value's identity.
+    held: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, module: nn.Module) -> Anatomy:
         params = dict(module.named_parameters(remove_duplicate=False))
         first = {id(p): n for n, p in reversed(list(params.items()))}
+        state = module.state_dict(keep_vars=True)
         return cls(
-            entries=tuple(module.state_dict(keep_vars=True)),
+            entries=tuple(state),
             shapes={n: p.shape for n, p in params.items()},
             first_name={n: first[id(p)] for n, p in params.items()},
             frozen=frozenset(n for n, p in params.items() if not p.requires_grad),
+            held=held_names(module, state),
         )
+
+    def name_of(self, key: str) -> str:
+        """The parameter or buffer name a model state key holds (the key itself unless a hook
+        renamed it)."""
+        return self.held.get(key, key)
+
+    @property
+    def param_keys(self) -> set[str]:
+        """The model state keys that hold a parameter."""
+        return {key for key in self.entries if self.name_of(key) in self.shapes}
 
     def first_entry(self, ignore_frozen: bool) -> str:
         """The first model state key in name order (the entry a strict / non_strict saver
         leaves out on purpose: the same on every rank and layout)."""
-        return min(n for n in self.entries if not (ignore_frozen and n in self.frozen))
+        frozen = self.frozen if ignore_frozen else frozenset()
+        return min(n for n in self.entries if self.name_of(n) not in frozen)
 
     def canonical(self, entry: str) -> str:
         """An entry's name with every tied parameter under its first name: two entries of one
         canonical name may share storage (a tie), any others may not."""
         if entry.startswith("model."):
-            name = entry[len("model.") :]
+            name = self.name_of(entry[len("model.") :])
             return "model." + self.first_name.get(name, name)
         if entry.startswith("optim.state."):
             param, _, key = entry[len("optim.state.") :].rpartition(".")
             return f"optim.state.{self.first_name.get(param, param)}.{key}"
         return entry
+
+
+def held_names(module: nn.Module, state: Mapping[str, Any]) -> dict[str, str]:
+    """state-dict key -> the name of the parameter or buffer its value is (by identity), for
+    the keys that differ from it; a key whose value is neither (extra state) holds itself."""
+    objects = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+    for name, buffer in module.named_buffers(remove_duplicate=False):
+        objects.setdefault(id(buffer), name)
+    held = {key: objects.get(id(value), key) for key, value in state.items()}
+    return {key: name for key, name in held.items() if name != key}
 
 
 def own_name(name: str, ddp: bool) -> str:
@@ -130,17 +159,18 @@ def model_entries(model, anatomy: Anatomy, flat: _Flat, ddp: bool, ignore_frozen
     # The innermost module of a name wins (a wrapper and what it wraps share one own name).
     modules = {own_name(n, ddp): m for n, m in model.named_modules(remove_duplicate=False)}
     entries: dict[str, Any] = {}
-    for name in anatomy.entries:
-        if name.rpartition(".")[2] == EXTRA_STATE:
-            module = modules[name.rpartition(".")[0]]
-            entries.update(flatten({name: module.get_extra_state()}, "model."))
+    for key in anatomy.entries:
+        name = anatomy.name_of(key)  # the parameter or buffer the key holds
+        if key.rpartition(".")[2] == EXTRA_STATE:
+            module = modules[key.rpartition(".")[0]]
+            entries.update(flatten({key: module.get_extra_state()}, "model."))
         elif name in anatomy.shapes:
             # A flat parameter names a tied parameter once: by its first name.
             piece = params[name] if name in params else params[anatomy.first_name[name]]
             if piece is not None and not (ignore_frozen and name in anatomy.frozen):
-                entries[f"model.{name}"] = piece
+                entries[f"model.{key}"] = piece
         else:
-            entries[f"model.{name}"] = buffers[name].detach()
+            entries[f"model.{key}"] = buffers[name].detach()
     return entries
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from pipeline_lib.common.atomic import write_with
@@ -77,11 +78,26 @@ def local_piece(value: Any) -> Part | None:
     if isinstance(value, DTensor):
         (chunk,) = value.__create_chunk_list__()
         return Part(tuple(chunk.offsets), value.to_local().detach().cpu())
+    if isinstance(value, ShardedTensor):  # FSDP1 without a device mesh: one shard, or none
+        return _sharded_tensor_piece(value)
     if isinstance(value, torch.Tensor):
         if type(value) is not torch.Tensor:
             raise TypeError(f"unsupported sharded tensor type {type(value).__name__}")
         return Part((0,) * value.dim(), value.detach().cpu())
     return None
+
+
+def _sharded_tensor_piece(value: ShardedTensor) -> Part:
+    """A ShardedTensor's one local shard at its offsets (its metadata's, which DCP writes); a
+    rank with no shard of it holds an empty box at the origin."""
+    shards = value.local_shards()
+    if len(shards) > 1:
+        raise TypeError(f"a ShardedTensor with {len(shards)} local shards")
+    if not shards:
+        empty = torch.empty((0, *value.size()[1:]), dtype=value.dtype)
+        return Part((0,) * len(value.size()), empty)
+    (shard,) = shards
+    return Part(tuple(shard.metadata.shard_offsets), shard.tensor.detach().cpu())
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
