@@ -225,14 +225,28 @@ def test_a_periodic_fault_cell_is_refused():
 
 def test_variant_ids_are_folder_names():
     import itertools
+    from math import prod
 
     from pipeline_lib.common.name_rule import variant_id_error
     from pipeline_lib.plan.axes import AXES, Variant
 
+    folders = set()
     for values in itertools.product(*AXES.values()):
         variant = Variant(*values)
-        assert variant_id_error(variant.id or "default") is None, variant.id
+        folder = grid.variant_folder(variant.id or "default")
+        assert variant_id_error(folder) is None, variant.id
         assert grid.variant_dir(variant).count("/") in (0, 2)
+        folders.add(folder)
+    assert len(folders) == prod(len(values) for values in AXES.values())  # unique
+
+
+def test_a_variant_id_longer_than_a_folder_name_keeps_its_start_and_a_digest():
+    short = "mode-full+format-torch_save"
+    assert grid.variant_folder(short) == short
+    long_ids = [f"{short}+{'x' * 300}", f"{short}+{'x' * 299}y"]
+    folders = [grid.variant_folder(i) for i in long_ids]
+    assert all(len(f) == 255 and f.startswith(short) for f in folders)
+    assert folders[0] != folders[1]  # the same first 235 characters, other ids
 
 
 def dry_run(workdir: Path, cfg: dict, check: bool = True) -> subprocess.CompletedProcess:

@@ -10,6 +10,7 @@ start-up of a launch costs more than most of its cells.)
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 
 from pipeline_lib import frameworks, models
@@ -102,13 +103,29 @@ def version_roots(config: dict) -> dict[str, str | None]:
     return {version_root(version): version for version in torch_versions(config)}
 
 
+# A folder name holds at most 255 bytes (most file systems): a longer variant id, many axes
+# off their defaults, keeps its first part and a digest of the whole id (unique; every record
+# holds the variant's values themselves).
+FOLDER_MAX = 255
+
+
+def variant_folder(variant_id: str) -> str:
+    """The folder name of a variant id: the id itself, or within FOLDER_MAX its start and
+    ``+id-`` and 16 hex digits of its SHA-256."""
+    if len(variant_id) <= FOLDER_MAX:
+        return variant_id
+    digest = hashlib.sha256(variant_id.encode()).hexdigest()[:16]
+    return f"{variant_id[: FOLDER_MAX - len(digest) - 4]}+id-{digest}"
+
+
 def variant_dir(variant: Variant) -> str:
     """A variant's folder below its version root ('' for the default variant)."""
     if not variant.id:
         return ""
-    if error := name_rule.variant_id_error(variant.id):
+    folder = variant_folder(variant.id)
+    if error := name_rule.variant_id_error(folder):
         raise ValueError(error)
-    return f"/axes/{variant.id}"
+    return f"/axes/{folder}"
 
 
 def job_root(version: str | None, variant: Variant = DEFAULT) -> str:
