@@ -82,7 +82,7 @@ def test_every_value_of_every_axis_is_covered_too(small_config):
     cfg = config.validate({**small_config, **every, "combine_axes": "pairwise"})
     made = axes.variants(cfg)
     assert uncovered(axes.axis_values(cfg), made) == set()
-    assert [v for v in made if axes.conflict(v)] == [] and len(made) == 121  # mode: legacy, full_dcp, full_dcp_rank0 too
+    assert [v for v in made if axes.conflict(v)] == [] and len(made) == 121
 
 
 def test_the_check_sees_a_pair_no_variant_holds(shipped):
