@@ -269,6 +269,37 @@ def _async_conflict(variant: Variant) -> str | None:
     return None
 
 
+# What torch_checkpointing writes (its CheckpointManager, pipeline_lib.job.engines): the axes'
+# defaults only, but for these, which do not depend on the checkpoint library.
+_ENGINE_DEFAULTS = ("mode", "format", "async_save", "load_mode", "load_process", "save_sequence")
+
+# Why a cell saved by one engine cannot be loaded by the other (the evidence: docs/findings.md,
+# "torch-checkpointing", and tests/test_engines.py, which reads each engine's files with the other).
+CROSS_ENGINE = (
+    "torch_checkpointing writes metadata.pkl and <item>_<rank>.pt files (torch.save), DCP "
+    "reads .metadata and its .distcp files: neither engine reads the other's checkpoint"
+)
+
+
+def _engine_conflict(variant: Variant) -> str | None:
+    if variant.engine == "dcp":
+        return None
+    for axis in _ENGINE_DEFAULTS:
+        value, tested = getattr(variant, axis), AXES[axis][0]
+        if value != tested:
+            return f"engine {variant.engine} is tested with {axis} {tested} only ({axis} {value})"
+    return None
+
+
+def _load_engine_conflict(variant: Variant) -> str | None:
+    if variant.load_engine == "same":
+        return None
+    engine, load_engine = variant.engine, variant.load_engine
+    if load_engine == engine:
+        return f"load_engine {load_engine} is engine {engine} itself (load_engine same)"
+    return f"saved by engine {engine}, loaded by {load_engine}: {CROSS_ENGINE}"
+
+
 # In this order: a variant's skip reason is the first rule's that refuses it.
 RULES = (
     Rule(("load_mode", "mode", "format"), _load_mode_conflict),
@@ -277,6 +308,8 @@ RULES = (
     Rule(("format", "optimizer"), _scheduler_conflict),
     Rule(("save_sequence", "mode", "format", "load_mode", "load_process"), _sequence_conflict),
     Rule(("async_save", "format", "mode"), _async_conflict),
+    Rule(("engine", *_ENGINE_DEFAULTS), _engine_conflict),
+    Rule(("load_engine", "engine"), _load_engine_conflict),
 )
 
 
