@@ -10,10 +10,11 @@ Two choices differ from the library's defaults. Its synchronous saver
 saver starts a writer process when it is made (``mp.spawn``: a fresh Python importing torch,
 about 10 s of a 2-core machine per save and per load); the synchronous one runs the same
 ``CheckpointWriter`` in the training process. The asynchronous save is not tested here. And
-direct I/O is off (``LocalFileSystemStorageConfig(use_direct_io=False)``). With it on, the writer opens each file
-with O_DIRECT and writes unaligned buffers through a buffered file object: on ext4 every save
-fails in close() with ``OSError: [Errno 22] Invalid argument`` (docs/findings.md, reproducer
-scripts/repro/torch_checkpointing_direct_io.py); off, it writes with buffered I/O.
+direct I/O is off (``LocalFileSystemStorageConfig(use_direct_io=False)``). With it on, the
+writer opens each file with O_DIRECT and writes unaligned buffers through a buffered file
+object: on ext4 every save fails in close() with ``OSError: [Errno 22] Invalid argument``
+(docs/findings.md, reproducer scripts/repro/torch_checkpointing_direct_io.py); off, it writes
+with buffered I/O.
 """
 
 from __future__ import annotations
