@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline_lib.plan.axes import CROSS_ENGINE, Variant, conflict
+from pipeline_lib.plan.axes import Variant, conflict
 from pipeline_lib.verify import engine_files, faults
 from tests.jobs import run_matrix
 
@@ -29,7 +29,7 @@ def test_engine_dcp_is_the_default_and_the_default_matrix_never_imports_the_libr
     """The library is imported only inside engines.py's functions, and engines.py only inside
     functions (checkpoint_io's branches for engine torch_checkpointing): importing any module
     of the package never imports it."""
-    assert Variant().engine == "dcp" and Variant().load_engine == "same"
+    assert Variant().engine == "dcp"
     assert Variant().id == ""  # every existing variant keeps its id and folder
     at_top = []
     for path in Path("pipeline_lib").rglob("*.py"):
@@ -64,17 +64,15 @@ def test_engine_torch_checkpointing_runs_with_the_other_axes():
         assert conflict(Variant(engine=TC, **kw)) is None, kw
 
 
-def test_cross_engine_cells_are_skip_and_load_engine_equal_to_engine_is_same():
-    assert conflict(Variant(engine=TC, load_engine="dcp")) == (
-        f"saved by engine {TC}, loaded by dcp: {CROSS_ENGINE}"
-    )
-    assert (
-        conflict(Variant(load_engine=TC)) == f"saved by engine dcp, loaded by {TC}: {CROSS_ENGINE}"
-    )
-    assert conflict(Variant(load_engine="dcp")) == (
-        "load_engine dcp is engine dcp itself (load_engine same)"
-    )
-    assert conflict(Variant(engine=TC, load_engine=TC)).startswith(f"load_engine {TC} is engine")
+def test_combine_axes_pairwise_with_engine_torch_checkpointing_is_refused_in_one_line(
+    small_config,
+):
+    from pipeline_lib.plan import config
+    from pipeline_lib.plan.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=r"engine: combine_axes pairwise covers engine dcp only"):
+        config.validate({**small_config, "engine": ["dcp", TC], "combine_axes": "pairwise"})
+    assert config.validate({**small_config, "engine": [TC]})["engine"] == [TC]
 
 
 def write_items(folder, items: dict[str, dict], ranks=(0,)) -> None:
@@ -118,7 +116,7 @@ def test_fault_change_engine_value_changes_one_element_and_names_it(tmp_path):
 
 @needs_library
 def test_neither_engine_reads_the_others_checkpoint(tmp_path):
-    """The evidence for the cross-engine skip: torch-checkpointing writes metadata.pkl and
+    """Why the grid has no cross-engine cell (axes.CROSS_ENGINE): torch-checkpointing writes metadata.pkl and
     model_0.pt, no .metadata, and dcp.load finds no metadata in it; DCP writes .metadata and
     .distcp files, and the library's load looks for model_0.pt. (Its synchronous saver: the
     files are the asynchronous one's, without a writer process.)"""

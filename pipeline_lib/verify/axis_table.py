@@ -136,18 +136,12 @@ AXIS_TABLE: tuple[Axis, ...] = (
     # dcp: torch.distributed.checkpoint (every other axis says how); torch_checkpointing:
     # Meta's torch-checkpointing library (optional extra, requirements-torch-checkpointing.txt):
     # its CheckpointManager with DefaultResharder saves and loads (pipeline_lib.job.engines).
+    # One engine both sides: neither reads the other's files (axes.CROSS_ENGINE), so a cell
+    # saved by one and loaded by the other could only be a skip.
     Axis(
         "engine",
         ("dcp", "torch_checkpointing"),
         "the checkpoint library that saves and loads: DCP, or torch-checkpointing's "
         "CheckpointManager",
-    ),
-    # same: the loader uses the engine that saved; another: a cross-engine cell (saved by one
-    # engine, loaded by the other), a skip: their files do not interoperate (docs/findings.md).
-    Axis(
-        "load_engine",
-        ("same", "dcp", "torch_checkpointing"),
-        "the loader's checkpoint library: the saver's, or the other one (a skip: the formats "
-        "do not interoperate)",
     ),
 )
