@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # Create .venv with the pinned dependencies and the project installed (editable).
-# Usage: bash scripts/setup.sh [--dev] [--torchtitan]
-#   --dev adds the test and lint tools and the optional extras the tests use (torchtitan);
-#   --torchtitan adds torchtitan's models and trainer code (requirements-torchtitan.txt).
+# Usage: bash scripts/setup.sh [--dev] [--torchtitan] [--torch-checkpointing]
+#   --dev adds the test and lint tools and the optional extras the tests use (torchtitan,
+#   torch-checkpointing);
+#   --torchtitan adds torchtitan's models and trainer code (requirements-torchtitan.txt);
+#   --torch-checkpointing adds engine torch_checkpointing's library
+#   (requirements-torch-checkpointing.txt).
 # Re-running is cheap: nothing is installed again unless a requirements file changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 reqs=requirements.txt extras=()
 for arg in "$@"; do
   case "$arg" in
-    --dev) reqs=requirements-dev.txt extras=(requirements-torchtitan.txt) ;;
-    --torchtitan) extras=(requirements-torchtitan.txt) ;;
-    *) echo "setup.sh: unknown option $arg (--dev, --torchtitan)" >&2; exit 2 ;;
+    --dev) reqs=requirements-dev.txt
+      extras=(requirements-torchtitan.txt requirements-torch-checkpointing.txt) ;;
+    --torchtitan) extras+=(requirements-torchtitan.txt) ;;
+    --torch-checkpointing) extras+=(requirements-torch-checkpointing.txt) ;;
+    *) echo "setup.sh: unknown option $arg (--dev, --torchtitan, --torch-checkpointing)" >&2
+      exit 2 ;;
   esac
 done
 stamp=".venv/.installed-$(cat "$reqs" requirements.txt constraints.txt pyproject.toml "${extras[@]}" | sha256sum | cut -c1-16)"

@@ -46,6 +46,7 @@ def test_one_at_a_time_varies_each_axis_alone(small_config):
     more["save_sequence"] = list(axes.AXES["save_sequence"])
     more["frozen_params"] = list(axes.AXES["frozen_params"])
     more["history"] = list(axes.AXES["history"])
+    more["engine"] = list(axes.AXES["engine"])
     cfg = config.validate({**small_config, **EVERY_VALUE, **more})
     variants = axes.variants(cfg)
     others = sum(len(values) - 1 for values in axes.AXES.values())

@@ -78,6 +78,10 @@ def write(variant: Variant, state: dict, paths: CheckpointPaths, timing: Timing,
     blocked, and ``save_s``, until the checkpoint was written. ``keeper``: a save sequence's
     checkpointer (pipeline_lib.job.sequence_saver.Checkpointer), whose storage writer every save of
     the sequence uses, and whose process group and stager every async save."""
+    if variant.engine == "torch_checkpointing":
+        from pipeline_lib.job import engines
+
+        return engines.write(state, paths, timing)
     t = time.perf_counter()
     pending = owned = None
     if variant.writes_full_state:
@@ -146,6 +150,11 @@ def read(variant: Variant, trainee, state: dict, paths: CheckpointPaths, fault=N
     Stateful entries of ``state``, the loader's state dict in its mode), the way the loader's
     mode (``Variant.side_mode("load")``) says, strict unless the mode is a non_strict one."""
     opts = options(variant, bool(trainee.frozen), full=False, side="load")
+    if variant.engine == "torch_checkpointing":
+        from pipeline_lib.job import engines
+
+        engines.read(trainee, state, paths, opts)
+        return LoadReport()
     if variant.loads_full or (variant.reads_full_state and variant.load_mode == "same"):
         _broadcast_full_state(variant, trainee, state, paths, opts)
         return LoadReport()

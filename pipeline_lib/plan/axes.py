@@ -304,6 +304,29 @@ def _history_conflict(variant: Variant) -> str | None:
     return None
 
 
+# What torch_checkpointing writes (its CheckpointManager, pipeline_lib.job.engines): the axes'
+# defaults only, but for these, which do not depend on the checkpoint library.
+_ENGINE_DEFAULTS = ("mode", "format", "async_save", "load_mode", "load_process", "save_sequence")
+
+# Why the grid has no cell saved by one engine and loaded by the other (axis engine names both
+# sides): the evidence, docs/findings.md "torch-checkpointing" and tests/test_engines.py, which
+# reads each engine's files with the other.
+CROSS_ENGINE = (
+    "torch_checkpointing writes metadata.pkl and <item>_<rank>.pt files (torch.save), DCP "
+    "reads .metadata and its .distcp files: neither engine reads the other's checkpoint"
+)
+
+
+def _engine_conflict(variant: Variant) -> str | None:
+    if variant.engine == "dcp":
+        return None
+    for axis in _ENGINE_DEFAULTS:
+        value, tested = getattr(variant, axis), AXES[axis][0]
+        if value != tested:
+            return f"engine {variant.engine} is tested with {axis} {tested} only ({axis} {value})"
+    return None
+
+
 # In this order: a variant's skip reason is the first rule's that refuses it.
 RULES = (
     Rule(("load_mode", "mode", "format"), _load_mode_conflict),
@@ -313,6 +336,7 @@ RULES = (
     Rule(("save_sequence", "mode", "format", "load_mode", "load_process"), _sequence_conflict),
     Rule(("async_save", "format", "mode"), _async_conflict),
     Rule(("history", "optimizer"), _history_conflict),
+    Rule(("engine", *_ENGINE_DEFAULTS), _engine_conflict),
 )
 
 

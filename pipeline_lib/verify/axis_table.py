@@ -158,4 +158,16 @@ AXIS_TABLE: tuple[Axis, ...] = (
         "the optimizer), or some unfrozen and added as a param group halfway",
         in_covering_at_default=False,
     ),
+    # dcp: torch.distributed.checkpoint (every other axis says how); torch_checkpointing:
+    # Meta's torch-checkpointing library (optional extra, requirements-torch-checkpointing.txt):
+    # its CheckpointManager with DefaultResharder saves and loads (pipeline_lib.job.engines).
+    # One engine both sides: neither reads the other's files (axes.CROSS_ENGINE), so a cell
+    # saved by one and loaded by the other could only be a skip.
+    Axis(
+        "engine",
+        ("dcp", "torch_checkpointing"),
+        "the checkpoint library that saves and loads: DCP, or torch-checkpointing's "
+        "CheckpointManager",
+        in_covering_at_default=False,  # pairwise: dcp only (plan.config)
+    ),
 )

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from pipeline_lib.common.errors import one_line
-from pipeline_lib.verify import mapped_reader, sealed_mode
+from pipeline_lib.verify import engine_files, mapped_reader, sealed_mode
 from pipeline_lib.verify.bitwise import (
     EntryComparison,
     ParamNames,
@@ -128,6 +128,8 @@ def files_vs_saver(item: Item) -> tuple[dict[str, EntryComparison], str]:
     try:
         if variant.reads_full_state:
             read = file_entries(path, share)
+        elif variant.engine == "torch_checkpointing":
+            read = engine_files.entries(path, share)
         elif variant.format.startswith("safetensors"):
             read = checkpoint_entries(path, True, share)
         else:  # entries compared on the files' mapped pages, the rest read by dcp.load

@@ -263,6 +263,28 @@ MODE_FAULTS = {
 }
 
 
+# Faults that mean something for engine torch_checkpointing only, hence not in the campaign
+# (whose cells are DCP's): tests/test_engines.py injects them into such a save.
+ENGINE_FAULTS = {
+    # The first model entry's first element changed in rank 0's model file of the library
+    # (model_0.pt, a torch.save of the item), as a write that stored a wrong value.
+    "change_engine_value": "fail",
+}
+
+
+def change_engine_value(checkpoint: Path) -> str:
+    """change_engine_value: in torch_checkpointing's ``model_0.pt`` (a dict of tensors written
+    with torch.save), add 1 to the first element of the first entry, then save it back."""
+    import torch
+
+    path = checkpoint / "model_0.pt"
+    state = torch.load(path, weights_only=True)
+    name = min(state)
+    state[name].view(-1)[0] += 1
+    torch.save(state, path)
+    return f"changed model.{name}[0] in {path.name}"
+
+
 # Faults that mean something under pipeline parallelism only, hence not in the campaign:
 # tests/test_pp.py injects them into a cell whose saver is a pipeline-parallel layout.
 PIPELINE_FAULTS = {
@@ -456,6 +478,8 @@ def skew_resume(fault: str | None, optimizer) -> None:
 
 def apply_to_checkpoint(fault: str | None, checkpoint: Path) -> str | None:
     """Checkpoint faults: change the written files; a description naming file and entry."""
+    if fault == "change_engine_value":
+        return change_engine_value(checkpoint)
     if fault in FAULTS and FAULTS[fault].stage == "checkpoint":
         return FAULTS[fault].apply(checkpoint)
     return None
