@@ -20,25 +20,11 @@ def _reuses(args: argparse.Namespace, config: dict | None) -> bool:
     return not args.no_reuse and (config is None or config.get("reuse", True))
 
 
-def _model_modules(args: argparse.Namespace) -> list[str]:
-    """What the job's models import besides torch (pipeline_lib.models.modules_of), read from
-    its arguments before anything else is."""
-    from pipeline_lib import models
-
-    if args.spec:
-        kwargs = [item.get("model_kwargs", {}) for item in json.loads(args.spec)["items"]]
-    else:
-        config = json.loads(args.grid) if args.grid else {}
-        kwargs = [models.spec_kwargs(config, name).get("model_kwargs", {})
-                  for name in config.get("models", [])]  # fmt: skip
-    return sorted({module for each in kwargs for module in models.modules_of(each)})
-
-
 def _cmd_job(args: argparse.Namespace) -> None:
     """A save or load job: its spec as given (--spec), or expanded from the grid (--grid)."""
     from pipeline_lib.job import launcher
 
-    launcher.start_rank_server(_model_modules(args))  # its imports run while this prepares
+    launcher.start_rank_server()  # its imports run while this process prepares the job
     from pipeline_lib.job import driver
     from pipeline_lib.plan import grid
     from pipeline_lib.plan.specs import JobSpec

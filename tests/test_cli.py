@@ -123,27 +123,3 @@ def test_a_model_that_cannot_be_built_on_meta_is_counted_on_the_cpu(tmp_path, mo
     body = "return torch.nn.Linear(3, int(torch.ones(1).sum().item()) + 1)  # .item(): not on meta"
     model = _user_model(tmp_path, monkeypatch, "cpu_only_build", body)
     assert disk_estimate.model_state(model) == (3 * 2 + 2, 2, 0, 0)
-
-
-def test_a_jobs_fork_server_preloads_what_its_models_import():
-    """transformers and peft cost seconds per rank: a job whose grid or spec has such models
-    has its fork server import their modules once; a job of built-in models, none."""
-    import json
-
-    from pipeline_lib import models
-
-    dims = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "vocab_size": 32,
-            "num_attention_heads": 2, "num_key_value_heads": 2}  # fmt: skip
-    hf = {"architecture": "LlamaForCausalLM", "config": dims}
-    lora = {**hf, "lora": {"rank": 2, "alpha": 4, "target_modules": ["q_proj"]}}
-    raw = {"models": ["mlp", "llama", "llama_lora"], "hf_models": {"llama": hf, "llama_lora": lora},
-           "layouts": {"single": {"framework": "single", "mesh": [1]}}}  # fmt: skip
-    parser = cli.build_parser()
-    grid_args = parser.parse_args(["save", "--grid", json.dumps(raw), "--layout", "single"])
-    expected = ["pipeline_lib.models._hf", "pipeline_lib.models._lora"]
-    assert cli._model_modules(grid_args) == expected
-    spec = {"items": [models.spec_kwargs(raw, name) for name in raw["models"]]}  # as grid's
-    spec_args = parser.parse_args(["save", "--spec", json.dumps(spec)])
-    assert cli._model_modules(spec_args) == expected
-    built_in = {**raw, "models": ["mlp"]}
-    assert cli._model_modules(parser.parse_args(["save", "--grid", json.dumps(built_in)])) == []

@@ -428,11 +428,10 @@ PRELOAD = ["pipeline_lib.job.launcher", "pipeline_lib.job.worker", "torch._dynam
 WORKER = "pipeline_lib.job.worker:main"
 
 
-def start_rank_server(models: list[str] | tuple[str, ...] = ()) -> None:
+def start_rank_server() -> None:
     """Start the fork server now (``forkserver`` rank start only), so that its imports run
-    beside the job's own preparing instead of before its first launch; ``models``: what the
-    job's models import besides (transformers, peft: seconds per rank), preloaded too.
-    Idempotent; a bad ``DCP_MATRIX_RANK_START`` is left to :func:`launch`, which records it."""
+    beside the job's own preparing instead of before its first launch. Idempotent; a bad
+    ``DCP_MATRIX_RANK_START`` is left to :func:`launch`, which records it."""
     try:
         if rank_start() != "forkserver":
             return
@@ -441,7 +440,7 @@ def start_rank_server(models: list[str] | tuple[str, ...] = ()) -> None:
     import multiprocessing
     from multiprocessing import forkserver
 
-    multiprocessing.set_forkserver_preload([*PRELOAD, *models])  # once started, kept
+    multiprocessing.set_forkserver_preload(PRELOAD)
     forkserver.ensure_running()
 
 

@@ -54,15 +54,6 @@ def spec_kwargs(config: dict, name: str) -> dict:
     return {"model_kwargs": {TITAN_KEY: entry}} if entry is not None else {}
 
 
-def modules_of(model_kwargs: dict) -> list[str]:
-    """The modules ``get`` imports for a model with ``model_kwargs`` (those of transformers,
-    peft or torchtitan; a job's fork server preloads them, pipeline_lib.job.launcher)."""
-    if HF_KEY in model_kwargs:
-        lora = model_kwargs[HF_KEY].get("lora")
-        return [f"{__name__}._hf", *([f"{__name__}._lora"] if lora else [])]
-    return [f"{__name__}._torchtitan"] if TITAN_KEY in model_kwargs else []
-
-
 def is_import_path(name: str) -> bool:
     return ":" in name
 
