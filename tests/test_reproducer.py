@@ -224,6 +224,15 @@ def test_the_report_never_waits_for_the_reproducers(tmp_path):
     assert every.index("render_report") < every.index("reproducers")
 
 
+def test_a_cell_of_another_checkpoint_library_gets_no_script():
+    """engine torch_checkpointing: the library writes and reads the checkpoint, a script would
+    import it (not torch only); its code is a stub in every other script."""
+    with pytest.raises(reproducer.NotReproduced, match=r"^engine torch_checkpointing$"):
+        reproducer.script(row(engine="torch_checkpointing"), config())
+    text = reproducer.script(row(), config())
+    assert "from torch_checkpointing" not in text and "import torch_checkpointing" not in text
+
+
 def test_a_script_imports_torch_and_the_standard_library_only():
     """Every framework (saving and loading) and every model a config may name: the script
     compiles and imports nothing else (no pipeline_lib, pandas, psutil, xxhash, yaml)."""

@@ -67,6 +67,8 @@ SEAMS = {
     "pipeline_lib.plan.disk_estimate:room_error": _by("room_error", "no disk estimate"),
     "pipeline_lib.verify.faults:FAULTS": _by("NO_FAULTS", "a reproducer injects no fault"),
     "pipeline_lib.job.hf_export:run": Seam("format hf_export needs an hf_models model"),
+    "pipeline_lib.job.engines:write": Seam("engine torch_checkpointing: not torch only"),
+    "pipeline_lib.job.engines:read": Seam("engine torch_checkpointing: not torch only"),
     "pipeline_lib.job.hf_export:refuse_unless_hf": Seam("format hf_export: hf_models only"),
     "pipeline_lib.job.existing:placement": Seam("an existing checkpoint is not reproduced"),
     "pipeline_lib.job.existing:load": Seam("an existing checkpoint is not reproduced"),
@@ -169,6 +171,8 @@ def cell_data(row: dict, config: dict) -> Cell:
     if model in config.get("torchtitan_models", {}):
         raise NotReproduced("a torchtitan_models model")  # torchtitan builds it
     variant = row_variant(row)
+    if variant.engine != "dcp":  # its library writes and reads the checkpoint: not torch only
+        raise NotReproduced(f"engine {variant.engine}")
     config = copy.deepcopy(config)
     config["verify"]["reference"] = "exact"
     root = grid.job_root(None, variant)
