@@ -218,7 +218,7 @@ def train(item: Item, at: Placement, t: Trainee, first_step: int, steps: int) ->
     dtype = getattr(torch, item.variant.param_dtype)
     losses = []
     for step in range(first_step, first_step + steps):
-        if step == histories.midway_step(settings) and item.variant.history != histories.PLAIN:
+        if step == histories.midway_step(settings):  # plain: no change
             histories.at_midway(item.variant.history, t.base, t.optimizer)
         inputs, targets = t.base.make_batch(step, settings["global_batch"], settings["seed"])
         x = batch_to(split_batch(inputs, at.dp_size, at.dp_rank), at.device, dtype)
