@@ -6,6 +6,9 @@ its value is, found by identity, not by the key's spelling or the hook's mapping
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 import textwrap
 
 import pytest
@@ -18,6 +21,7 @@ from pipeline_lib.plan import grid
 from pipeline_lib.plan.axes import Variant, layout_conflict
 from pipeline_lib.verify.bitwise import compare
 from pipeline_lib.verify.live import Anatomy, live_state
+from tests import procs
 from tests.conftest import REPO
 from tests.jobs import run_grid, tensors
 
@@ -167,3 +171,68 @@ def test_a_load_hook_that_loses_renamed_entries_fails_naming_them(legacy_rows):
     assert "first model.user_model.blocks.0.fc1.bias: bytes differ" in row["reason"]
     differ = {t["entry"] for t in lossy if not t["equal"]}  # the default variant's record
     assert differ == {f"model.user_model.{name}" for name in RENAMED}
+
+
+# Rank r of 2 under fsdp1_no_mesh: each ShardedTensor of mlp's sharded state dict read as the
+# reference reads it (reference.local_piece), every rank's parts placed at their offsets, then
+# compared bit for bit with FSDP1's own full state dict (not read through the reference). The
+# same with a reading that drops the shard's offsets (broken on purpose): the comparison fails.
+SHARDED_TENSOR_PIECES = """
+import torch, torch.distributed as dist
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from pipeline_lib import frameworks
+from pipeline_lib.models import mlp
+from pipeline_lib.verify import reference
+
+def assembled(sharded, full):
+    wrong = []
+    for name, value in sharded.items():
+        if not isinstance(value, ShardedTensor):
+            continue
+        part = reference.local_piece(value)
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (part.offsets, part.data))
+        whole, seen = torch.zeros_like(full[name]), torch.zeros(full[name].shape, dtype=torch.int)
+        for offsets, data in parts:
+            box = tuple(slice(o, o + n) for o, n in zip(offsets, data.shape))
+            whole[box], seen[box] = data, seen[box] + 1
+        exact = torch.equal(whole.view(torch.int32), full[name].view(torch.int32))
+        if not (exact and bool((seen == 1).all())):
+            wrong.append(name)
+    return len([v for v in sharded.values() if isinstance(v, ShardedTensor)]), wrong
+
+def offsets_dropped(value):
+    (shard,) = value.local_shards() or [None]
+    if shard is None:
+        return reference.Part((0,) * value.dim(), torch.empty((0, *value.size()[1:])))
+    return reference.Part((0,) * value.dim(), shard.tensor.detach().cpu())
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = frameworks.get("fsdp1_no_mesh").parallelize(mlp.build(), None)
+sharded = get_model_state_dict(model)
+full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+count, wrong = assembled(sharded, full)
+reference._sharded_tensor_piece = offsets_dropped
+_, broken = assembled(sharded, full)
+if dist.get_rank() == 0:
+    print(f"SHARDED {count} READ {wrong} BROKEN {len(broken)}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.torchrun
+def test_the_reference_reads_a_sharded_tensors_shard_at_its_offsets(tmp_path):
+    script = tmp_path / "pieces.py"
+    script.write_text(textwrap.dedent(SHARDED_TENSOR_PIECES))
+    proc = procs.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("SHARDED "))
+    count, read, broken = re.fullmatch(r"SHARDED (\d+) READ (.*) BROKEN (\d+)", line).groups()
+    assert int(count) == 10 and read == "[]", line  # mlp: 10 tensors, every one exact
+    assert int(broken) == int(count), line  # without the offsets, every entry is wrong
