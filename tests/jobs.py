@@ -147,3 +147,22 @@ def ends_then_hangs(args: list[str]) -> None:
     launcher.mark_ended(args[0], rank, "ok")
     while rank == 1:
         time.sleep(60)
+
+
+def raises_on_one_rank(args: list[str]) -> None:
+    """A served rank in load cell ``u1`` (``args[0]``: the work folder): rank 0 marks its
+    progress there and waits for ever (as in a collective), rank 1 raises inside it, writes
+    that down (launcher.mark_raised) and waits too (the launcher's target in test_launcher.py)."""
+    import time
+
+    from pipeline_lib.common.atomic import write_json
+    from pipeline_lib.job import launcher
+
+    rank = int(os.environ["RANK"])
+    if rank == 0:
+        write_json(Path(args[0]) / "progress.json", {"step": "cell a", "unit": "u1", "at": 0})
+    else:
+        time.sleep(1)
+        launcher.mark_raised(args[0], rank, "u1", "cell a", "ValueError: only on rank 1")
+    while True:
+        time.sleep(60)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from pipeline_lib.plan.axes import Variant, conflict
 from pipeline_lib.verify import engine_files, faults
-from tests.jobs import run_matrix
+from tests.jobs import run_grid, run_matrix
 
 needs_library = pytest.mark.skipif(
     importlib.util.find_spec("torch_checkpointing") is None,
@@ -182,3 +183,26 @@ def test_engine_cells_single_rank_save_into_two_layouts_a_changed_file_and_a_2_r
     multi = rows["fsdp2_2", "tp_2"]
     assert multi["status"] == "error"
     assert "Torch not compiled with CUDA enabled" in multi["reason"], multi["reason"]
+
+
+@needs_library
+@pytest.mark.torchrun
+def test_a_scheduler_item_saved_by_one_rank_fails_a_2_rank_load_on_rank_1_alone(in_tmp):
+    """adam_lr_warmup: the LR scheduler is an item without a resharder, stored per rank; a
+    single-rank save has no scheduler_1.pt, so a 2-rank load raises on rank 1 alone while rank
+    0 loads and goes on (finding torch-checkpointing-rank-item-into-more-ranks). The cell is
+    ``error`` naming rank 1 and the missing file, within the exit grace of the raise, not a
+    timeout of its cell_timeout_s (300 s)."""
+    raw = {"models": ["mlp"], "layouts": {k: LAYOUTS[k] for k in ("single", "fsdp2_2")},
+           "pairs": [["single", "fsdp2_2"]], "optimizer": ["adam_lr_warmup"], "engine": [TC],
+           "run": {"cell_timeout_s": 300}}  # fmt: skip
+    started = time.monotonic()
+    (row,) = run_grid(raw).values()
+    assert row["status"] == "error", row["reason"]
+    assert row["reason"].startswith(
+        "load: rank 1 raised during cell single: FileNotFoundError: Missing file "
+    ), row["reason"]
+    assert "/scheduler_1.pt for checkpoint item 'scheduler'" in row["reason"], row["reason"]
+    waited = "(the other ranks waited: no progress for 20 s; job killed)"
+    assert row["reason"].endswith(waited), row["reason"]
+    assert time.monotonic() - started < 250  # the grace, not the cell's timeout

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from pipeline_lib.common.atomic import write_json
 from pipeline_lib.job import launcher
 from tests import procs
 
@@ -164,3 +165,88 @@ def test_a_rank_that_hangs_after_its_end_mark_does_not_hang_the_job(tmp_path):
     assert out["outcome"] == ["ok", ""] and out["left"] == [], out
     assert 3.0 < out["s"] < 120, out
     assert "launcher: the ranks' work was over (end marks of ranks [0, 1])" in proc.stderr
+
+
+def test_a_rank_that_raised_in_the_unit_in_progress_stops_the_launch_after_the_grace(tmp_path):
+    """A raised mark for the unit in progress and no progress for the exit grace: the watchdog
+    fires (long before its timeout of 600 s); a mark for another unit does not. The lowest
+    raising rank's mark is the unit's."""
+    launcher.mark_raised(tmp_path, 1, "u0", "cell z", "KeyError: 'other'")
+    write_json(tmp_path / "progress.json", {"step": "cell a", "unit": "u1", "at": 0})
+    dog, kills = _watch(tmp_path, world_size=2, grace_s=0.5)
+    time.sleep(1.5)
+    assert kills == [] and not dog.fired  # u0 is not in progress
+    launcher.mark_raised(tmp_path, 3, "u1", "cell a", "ValueError: later")
+    launcher.mark_raised(tmp_path, 1, "u1", "cell a", "ValueError: boom")
+    marked = time.monotonic()
+    while not kills and time.monotonic() - marked < 30:
+        time.sleep(0.05)
+    dog.stop()
+    assert kills and dog.fired and dog.fired_after == 0.5
+    raised = launcher.read_raised(tmp_path)
+    assert raised["u1"].describe() == "rank 1 raised during cell a: ValueError: boom"
+    assert raised["u0"].rank == 1 and set(raised) == {"u0", "u1"}
+
+
+# A launch of two served ranks in load cell u1: rank 1 raises there (its raised mark), rank 0
+# waits for ever, as for a collective rank 1 never joins.
+RAISED_ON_ONE_RANK = """
+import json, sys, time
+from pathlib import Path
+from pipeline_lib.job import launcher
+launcher.EXIT_GRACE_S = 3.0
+work = Path(sys.argv[1])
+started = time.monotonic()
+outcome = launcher.launch(2, [str(work)], work, 300, 300, target="tests.jobs:raises_on_one_rank")
+print(json.dumps({"outcome": [outcome.status, outcome.reason, outcome.unit],
+                  "s": time.monotonic() - started}))
+"""
+
+
+@pytest.mark.torchrun
+def test_a_cell_that_raised_on_one_rank_is_an_error_with_its_reason_not_a_timeout(tmp_path):
+    """Real served ranks under torchrun's agent: the launch ends about EXIT_GRACE_S after the
+    raise (its cell timeout is 300 s), the unit ``error`` naming the rank and its exception."""
+    import json
+
+    from tests.conftest import REPO
+    from tests.procs import run
+
+    command = [sys.executable, "-c", RAISED_ON_ONE_RANK, str(tmp_path)]
+    proc = run(command, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["outcome"] == [
+        "error",
+        "rank 1 raised during cell a: ValueError: only on rank 1 (the other ranks waited: no "
+        "progress for 3 s; job killed)",
+        "u1",
+    ], out
+    assert 3.0 < out["s"] < 120, out
+
+
+def test_a_unit_rank_0_passed_while_another_rank_raised_in_it_is_an_error(tmp_path, monkeypatch):
+    """driver.run_units: rank 0's result says pass, a raised mark of rank 1 says otherwise:
+    the unit is error with rank 1's reason; a unit nobody raised in keeps its result, and one
+    whose own result is already error keeps that."""
+    from types import SimpleNamespace
+
+    from pipeline_lib.job import driver
+    from pipeline_lib.verify.results import LoadResult
+
+    def launched(spec, work, attempt, clock):
+        for unit, status in (("u1", "pass"), ("u2", "pass"), ("u3", "error")):
+            result = LoadResult(status=status, reason=status)
+            write_json(work / "results" / f"{unit}.json", result.to_dict())
+        launcher.mark_raised(work, 1, "u1", "cell a", "ValueError: on rank 1 only")
+        launcher.mark_raised(work, 1, "u3", "cell c", "ValueError: not this one")
+        return launcher.Outcome("ok", "", "cell c", "u3")
+
+    monkeypatch.setattr(driver, "_run_worker", launched)
+    spec = SimpleNamespace(kind="load", narrowed=lambda units: None)
+    results, launches = driver.run_units(spec, tmp_path, ["u1", "u2", "u3"])
+    assert launches == 1
+    assert (results["u1"].status, results["u1"].reason) == (
+        "error", "rank 1 raised during cell a: ValueError: on rank 1 only"
+    )  # fmt: skip
+    assert (results["u2"].status, results["u3"].reason) == ("pass", "error")

@@ -29,7 +29,7 @@ from pipeline_lib.common import timestamps
 from pipeline_lib.common.atomic import read_json, write_json, write_text
 from pipeline_lib.common.name_rule import inside
 from pipeline_lib.job import reuse
-from pipeline_lib.job.launcher import Outcome, launch
+from pipeline_lib.job.launcher import Outcome, launch, read_raised
 from pipeline_lib.plan.specs import ItemSpec, JobSpec, Source
 from pipeline_lib.verify.results import (
     CellRows,
@@ -121,10 +121,14 @@ def run_units(
     while pending:
         attempt += 1
         outcome = _run_worker(spec.narrowed(set(pending)), work, attempt, clock)
+        raised = read_raised(work)
         for unit in pending:
             path = work / "results" / f"{unit}.json"
             if path.exists():
                 results[unit] = typed.from_dict(read_json(path))
+            if unit in results and unit in raised and results[unit].status != "error":
+                # A rank raised in it, rank 0 did not: not its verdict (launcher.RAISED_DIR).
+                results[unit] = typed(status="error", reason=raised[unit].describe())
         left = [unit for unit in pending if unit not in results]
         if not left:
             break

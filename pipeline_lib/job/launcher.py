@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import itertools
 import os
@@ -83,6 +84,13 @@ SRUN_GRACE_S = 15.0
 # machine.
 ENDED_DIR = "ended"
 EXIT_GRACE_S = 20.0
+# A rank that raises inside a load cell writes it down in work_dir/RAISED_DIR (mark_raised)
+# and goes on with the job's next cell. Raised on some ranks only (the others were in a
+# collective, or went on into one, that the raising rank never joins), the launch stops
+# progressing: once the unit in progress has such a mark and EXIT_GRACE_S without progress,
+# the watchdog stops the launch, and the unit is ``error`` with the raising rank's reason (not
+# a timeout). A unit whose result says otherwise is ``error`` all the same (driver.run_units).
+RAISED_DIR = "raised"
 _LAUNCHES = itertools.count(1)
 
 
@@ -192,6 +200,43 @@ def read_ends(work_dir: str | Path) -> dict[int, EndMark]:
     return ends
 
 
+@dataclass(frozen=True)
+class RaisedMark:
+    """A rank's exception inside a unit (``work_dir/RAISED_DIR``): which rank, which unit, the
+    step it was in (``cell <id>``) and the exception as one line."""
+
+    rank: int
+    unit: str
+    step: str
+    reason: str
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RaisedMark:
+        return cls(**checked_keys(cls, data, every=True))
+
+    def describe(self) -> str:
+        return f"rank {self.rank} raised during {self.step}: {self.reason}"
+
+
+def mark_raised(work_dir: str | Path, rank: int, unit: str, step: str, reason: str) -> None:
+    """Rank ``rank`` raised inside ``unit`` (during ``step``) and goes on: see RAISED_DIR."""
+    digest = hashlib.sha256(unit.encode()).hexdigest()[:16]
+    mark = RaisedMark(rank, unit, step, reason)
+    write_json(Path(work_dir) / RAISED_DIR / f"rank-{rank}-{digest}.json", asdict(mark))
+
+
+def read_raised(work_dir: str | Path) -> dict[str, RaisedMark]:
+    """The units in which a rank of the current launch raised: {unit: the lowest rank's mark}."""
+    marks = []
+    for path in (Path(work_dir) / RAISED_DIR).glob("rank-*.json"):
+        with contextlib.suppress(OSError, ValueError, TypeError):  # being written: next read
+            marks.append(RaisedMark.from_dict(read_json(path)))
+    raised: dict[str, RaisedMark] = {}
+    for mark in sorted(marks, key=lambda m: m.rank):
+        raised.setdefault(mark.unit, mark)
+    return raised
+
+
 @dataclass
 class ExitWatch:
     """The end marks of one launch's ranks: once every rank has ended, or one has ended with
@@ -229,7 +274,7 @@ class Watchdog(threading.Thread):
         self.startup_timeout_s = startup_timeout_s
         self.kill = kill or kill_children
         self.exits = exits
-        self.fired = False
+        self.fired, self.fired_after = False, 0.0
         self.hung_at_exit: dict[int, EndMark] | None = None
         self._done = threading.Event()
 
@@ -247,12 +292,25 @@ class Watchdog(threading.Thread):
             mtime = self.progress.stat().st_mtime_ns if self.progress.exists() else None
             if mtime != last_mtime:
                 last_change, last_mtime = time.monotonic(), mtime
-            elif time.monotonic() - last_change > (
-                self.timeout_s if mtime is not None else self.startup_timeout_s
-            ):
-                self.fired = True
+                continue
+            stalled = time.monotonic() - last_change
+            limit = self.timeout_s if mtime is not None else self.startup_timeout_s
+            if stalled <= limit and self._raised_and_stalled(stalled):
+                limit = self.exits.grace_s
+            if stalled > limit:
+                self.fired, self.fired_after = True, limit
                 self.kill()
                 last_change = time.monotonic()
+
+    def _raised_and_stalled(self, stalled: float) -> bool:
+        """Whether a rank raised inside the unit in progress and the launch has not progressed
+        for the exit grace since (RAISED_DIR)."""
+        if self.exits is None or stalled <= self.exits.grace_s:
+            return False
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            unit = read_json(self.progress)["unit"]
+            return unit in read_raised(self.exits.work_dir)
+        return False
 
     def stop(self) -> None:
         self._done.set()
@@ -564,7 +622,8 @@ def launch(
     (``target``: another ``module:function`` a served rank calls, for tests)."""
     progress = work_dir / "progress.json"
     progress.unlink(missing_ok=True)
-    shutil.rmtree(work_dir / ENDED_DIR, ignore_errors=True)  # the marks of an earlier launch
+    for marks in (ENDED_DIR, RAISED_DIR):  # the marks of an earlier launch
+        shutil.rmtree(work_dir / marks, ignore_errors=True)
     try:
         allocation = slurm_allocation()
         rank_start()  # a bad DCP_MATRIX_RANK_START fails here, naming the variable
@@ -590,6 +649,10 @@ def launch(
     if watchdog.hung_at_exit is not None:
         return _ended_outcome(watchdog.hung_at_exit, exits.grace_s, step, unit)
     if watchdog.fired:
+        raised = read_raised(work_dir).get(unit) if step else None
+        if raised is not None:  # some ranks raised, the others waited for them
+            waited = f"the other ranks waited: no progress for {watchdog.fired_after:g} s"
+            return Outcome("error", f"{raised.describe()} ({waited}; job killed)", step, unit)
         limit = timeout_s if step else startup_timeout_s
         return Outcome("timeout", f"no progress for {limit:g} s {where}; job killed", step, unit)
     if status == "ok":

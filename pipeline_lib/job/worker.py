@@ -489,6 +489,9 @@ def run_load(job: Job, item: Item, startup_s: float) -> None:
             raise
         except (Exception, CheckpointException) as exc:
             log_traceback(f"cell {source.id}", exc)
+            # Written down before any collective: raised on this rank alone, the others may
+            # wait for it (launcher.RAISED_DIR).
+            launcher.mark_raised(job.work, job.rank, unit, f"cell {source.id}", one_line(exc))
             result = LoadResult(status="error", reason=one_line(exc))
         timing = replace(result.timing or Timing(), startup_s=startup_s)
         job.write_result(unit, replace(

@@ -7,9 +7,9 @@ once per rank: ``scheduler_<rank>.pt``. A checkpoint saved by 1 rank holds ``sch
 only, so it cannot load into 2 ranks; and the load fails on rank 1 alone: rank 1 raises
 ``FileNotFoundError: Missing file …/scheduler_1.pt for checkpoint item 'scheduler'`` while rank
 0's load returns (DCP's ``dcp.load`` raises its ``CheckpointException`` on every rank). A
-trainer's rank 0 then goes on to its next collective and waits for rank 1: the pipeline's cells
-are ``timeout`` (its watchdog ends them after ``cell_timeout_s``; rank 1's traceback is in the
-job's log). The model item, with the library's ``DefaultResharder``, loads on both ranks.
+trainer's rank 0 then goes on to its next collective and waits for rank 1 (the pipeline's cells:
+``error`` naming rank 1's exception, once its watchdog has seen 20 s without progress). The
+model item, with the library's ``DefaultResharder``, loads on both ranks.
 
 Run from anywhere (CPU, gloo; torch 2.13.0+cpu; `bash scripts/setup.sh --torch-checkpointing`):
     torchrun --nproc-per-node 1 scripts/repro/torch_checkpointing_rank_item.py save DIR
